@@ -1,0 +1,68 @@
+"""MLCD and single-label (UNICOM / Partial FC) losses, as pure functions of cosines and logits.
+
+Per sample, with P the positive classes and N' the sampled negatives (DESIGN.md):
+
+    MLCD:    log(1 + sum_{i in P} exp(-p_i)) + log(1 + sum_{j in N'} exp(n_j))
+    UNICOM:  log(exp(p) + sum_{j in N'} exp(n_j)) - p
+
+The negative sums may span several devices: `log_sum_exp` takes the mesh axes to sum over and
+merges the per-device parts with a pmax and a psum of one number per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+MARGIN_TYPES = ("arcface", "cosface")
+
+
+def positive_logits(cos: jax.Array, *, scale: float, margin: float, margin_type: str) -> jax.Array:
+    """Margin-adjusted positive logits: s·cos(arccos(c) + m) (ArcFace) or s·(c − m) (CosFace)."""
+    c = jnp.clip(cos, -1.0, 1.0)
+    if margin_type == "arcface":
+        # cos(θ + m) = c·cos m − sin θ·sin m with sin θ = sqrt(1 − c²) ≥ 0 for θ ∈ [0, π]. The inner
+        # `where` keeps the gradient finite at c = ±1, where d/dc sqrt(1 − c²) is infinite.
+        one_minus_c2 = 1.0 - c * c
+        positive = one_minus_c2 > 0
+        sin = jnp.where(positive, jnp.sqrt(jnp.where(positive, one_minus_c2, 1.0)), 0.0)
+        return scale * (c * jnp.cos(margin) - sin * jnp.sin(margin))
+    if margin_type == "cosface":
+        return scale * (c - margin)
+    raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
+
+
+def log_sum_exp(logits: jax.Array, mask: jax.Array, extra: jax.Array | float,
+                axes: Sequence[str] = ()) -> jax.Array:
+    """log(exp(extra) + Σ_j mask_j·exp(logits_j)) over the last axis and over the mesh `axes`.
+
+    `extra` (one finite logit per row, the same on every device) keeps the result finite and the
+    gradient NaN-free even when a row has no unmasked logit anywhere.
+    """
+    extra = jnp.broadcast_to(jnp.asarray(extra, logits.dtype), logits.shape[:-1])
+    masked = jnp.where(mask, logits, -jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(masked, axis=-1))
+    if axes:
+        row_max = jax.lax.pmax(row_max, tuple(axes))
+    shift = jnp.maximum(row_max, jax.lax.stop_gradient(extra))
+    total = jnp.sum(jnp.exp(masked - shift[..., None]), axis=-1)
+    if axes:
+        total = jax.lax.psum(total, tuple(axes))
+    return shift + jnp.log(total + jnp.exp(extra - shift))
+
+
+def mlcd_terms(pos_logits: jax.Array, pos_mask: jax.Array, neg_logits: jax.Array,
+               neg_mask: jax.Array, axes: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
+    """Per-sample positive term log(1 + Σ exp(−p)) and negative term log(1 + Σ exp(n))."""
+    pos_term = log_sum_exp(-pos_logits, pos_mask, 0.0)
+    neg_term = log_sum_exp(neg_logits, neg_mask, 0.0, axes)
+    return pos_term, neg_term
+
+
+def unicom_terms(pos_logit: jax.Array, neg_logits: jax.Array, neg_mask: jax.Array,
+                 axes: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
+    """Per-sample log-partition log(exp(p) + Σ exp(n)); the loss is log_partition − p."""
+    log_partition = log_sum_exp(neg_logits, neg_mask, pos_logit, axes)
+    return log_partition, log_partition - pos_logit

@@ -1,0 +1,95 @@
+"""Device mesh from config, and the shardings every module agrees on.
+
+A mesh is given as ordered (axis name, size) pairs, big_vision style: ``[("data", -1)]`` or
+``[("data", 2), ("fsdp", -1)]``; one size may be -1 and takes the devices left over. The batch is
+split over the *batch axes* (the mesh's axes named in ``BATCH_AXES``); the K class centers of the
+head are split over *every* device of the mesh, whatever the axes are called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+# Axes over which the global batch is split. Any other axis (e.g. "model") sees the whole batch.
+BATCH_AXES = ("data", "fsdp")
+
+MeshSpec = Sequence[tuple[str, int]] | Mapping[str, int]
+
+
+def resolve_axis_sizes(axes: MeshSpec, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Names and sizes of the mesh axes, with a -1 size filled by the devices left over."""
+    pairs = list(axes.items()) if isinstance(axes, Mapping) else [tuple(a) for a in axes]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"mesh: expected (axis name, size) pairs such as [('data', -1)], got {axes!r}")
+    names = tuple(str(name) for name, _ in pairs)
+    sizes = [int(size) for _, size in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"mesh: axis names must be distinct, got {names}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh: sizes must be positive or -1 (fill), got {dict(zip(names, sizes))}")
+    fills = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fills) > 1:
+        raise ValueError(f"mesh: at most one axis may have size -1, got {dict(zip(names, sizes))}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if fills:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh: the fixed axis sizes multiply to {fixed}, which does not divide the "
+                f"{num_devices} devices, so axis {names[fills[0]]!r} = -1 cannot be filled; "
+                "change the sizes so that their product divides the device count")
+        sizes[fills[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(
+            f"mesh: axis sizes {dict(zip(names, sizes))} use {fixed} devices but {num_devices} are "
+            "available; make the product equal the device count, or set one size to -1")
+    return names, tuple(sizes)
+
+
+def make_mesh(axes: MeshSpec = (("data", -1),), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with automatic-sharding axes over `devices` (default: all devices of all processes)."""
+    devices = list(jax.devices() if devices is None else devices)
+    names, sizes = resolve_axis_sizes(axes, len(devices))
+    # jax.make_mesh orders devices for the physical topology (ICI rings on TPU); Auto axis types
+    # keep jit's automatic sharding propagation (jax 0.10 defaults to Explicit).
+    return jax.make_mesh(sizes, names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split the global batch, in mesh order."""
+    return tuple(a for a in mesh.axis_names if a in BATCH_AXES)
+
+
+def num_batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def batch_spec(mesh: Mesh) -> P:
+    """Leading (batch) dimension split over the batch axes; other dimensions whole."""
+    axes = batch_axes(mesh)
+    return P(axes if axes else None)
+
+
+def class_spec(mesh: Mesh) -> P:
+    """Leading (class) dimension split over every device of the mesh."""
+    return P(tuple(mesh.axis_names))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(mesh))
+
+
+def class_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, class_spec(mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def padded_num_classes(num_classes: int, num_shards: int) -> int:
+    """Smallest multiple of `num_shards` that holds `num_classes` rows (each shard gets K_local rows)."""
+    return -(-num_classes // num_shards) * num_shards
