@@ -88,7 +88,9 @@ def _shard_loss(features, centers, labels, key, *, kind: str, num_classes: int, 
     num_local = centers.shape[0]
     offset = shard * num_local
     num_valid = jnp.clip(num_classes - offset, 0, num_local)
-    emb = _normalize(features)                                            # (B, D)
+    # Cast the replicated batch to "varying" once, so its cotangent is summed over the devices by
+    # one B × D all-reduce (otherwise each use below would get its own).
+    emb = jax.lax.pcast(_normalize(features), class_axes, to="varying")  # (B, D)
 
     # Positives: the owning shard computes each cosine, the others contribute 0.
     local = labels - offset                                               # (B, l)
