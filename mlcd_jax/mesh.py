@@ -93,3 +93,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def padded_num_classes(num_classes: int, num_shards: int) -> int:
     """Smallest multiple of `num_shards` that holds `num_classes` rows (each shard gets K_local rows)."""
     return -(-num_classes // num_shards) * num_shards
+
+
+# Logical parameter axes (the `logical_axes` metadata of model parameters) → mesh axes. A rule
+# applies only when the mesh has that axis and it divides the dimension; otherwise the dimension is
+# replicated. "embed" over "fsdp" is ZeRO-3 style sharding of every large weight.
+LOGICAL_RULES = (("embed", "fsdp"), ("mlp", "model"), ("heads", "model"))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=LOGICAL_RULES) -> P:
+    """PartitionSpec for a parameter of `shape` whose trailing dimensions are named `axes` (leading
+    extra dimensions, such as the stacked layers of a scanned model, are replicated)."""
+    rules = dict(rules)
+    spec, used = [None] * (len(shape) - len(axes)), set()
+    for name, size in zip(axes, shape[len(shape) - len(axes):]):
+        axis = rules.get(name)
+        ok = axis in mesh.shape and axis not in used and size % mesh.shape[axis] == 0
+        spec.append(axis if ok else None)
+        used.add(axis if ok else None)
+    return P(*spec)
+
+
+def param_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
+    """NamedShardings for an nnx State (abstract or concrete) from its parameters' logical axes."""
+    from flax import nnx
+
+    def one(variable):
+        axes = variable.get_metadata().get("logical_axes", ())
+        return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -1,0 +1,316 @@
+"""Weights in and out of transformers' ``MLCDVisionModel`` and ``CLIPVisionModel`` (no torch needed).
+
+    python -m mlcd_jax.interop.hf import SRC DST   # transformers checkpoint dir → our model dir
+    python -m mlcd_jax.interop.hf export SRC DST   # our model dir → transformers checkpoint dir
+
+A transformers checkpoint directory holds ``config.json`` and ``*.safetensors``. Our model directory
+holds ``vit_config.json`` (the ``ViTConfig``) and ``params/`` (an orbax checkpoint of the parameters).
+Every conversion is a transpose or a stack, so a round trip is bit-exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from mlcd_jax.models import vit
+
+MODEL_TYPES = {"mlcd_vision_model": "rope", "mlcd": "rope",
+               "clip_vision_model": "learned", "clip": "learned"}
+PREFIX = "vision_model."
+PROJECTION_FILE = "mlcd_jax_projection.safetensors"  # MLCDVisionModel has no projection of its own
+IGNORED_SUFFIXES = ("position_ids",)                  # buffers some checkpoints carry
+
+
+def _same(x):
+    return x
+
+
+def _linear(x):  # torch Linear (out, in) ↔ ours (in, out)
+    return np.swapaxes(x, -1, -2)
+
+
+def _conv_in(x):  # torch Conv2d (out, in, kh, kw) → ours (kh, kw, in, out)
+    return np.transpose(x, (2, 3, 1, 0))
+
+
+def _conv_out(x):
+    return np.transpose(x, (3, 2, 0, 1))
+
+
+# (our parameter path, transformers name, ours→theirs, theirs→ours)
+_BLOCK = [
+    (("layer_norm1", "scale"), "layer_norm1.weight", _same, _same),
+    (("layer_norm1", "bias"), "layer_norm1.bias", _same, _same),
+    *[((p, "kernel"), f"self_attn.{p}.weight", _linear, _linear)
+      for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    *[((p, "bias"), f"self_attn.{p}.bias", _same, _same)
+      for p in ("q_proj", "k_proj", "v_proj", "out_proj")],
+    (("layer_norm2", "scale"), "layer_norm2.weight", _same, _same),
+    (("layer_norm2", "bias"), "layer_norm2.bias", _same, _same),
+    *[((p, "kernel"), f"mlp.{p}.weight", _linear, _linear) for p in ("fc1", "fc2")],
+    *[((p, "bias"), f"mlp.{p}.bias", _same, _same) for p in ("fc1", "fc2")],
+]
+
+
+def _top_level(cfg: vit.ViTConfig):
+    entries = [
+        (("class_embedding",), "embeddings.class_embedding", _same, _same),
+        (("patch_embedding", "kernel"), "embeddings.patch_embedding.weight", _conv_out, _conv_in),
+        (("pre_layrnorm", "scale"), "pre_layrnorm.weight", _same, _same),
+        (("pre_layrnorm", "bias"), "pre_layrnorm.bias", _same, _same),
+        (("post_layernorm", "scale"), "post_layernorm.weight", _same, _same),
+        (("post_layernorm", "bias"), "post_layernorm.bias", _same, _same),
+    ]
+    if cfg.pos == "learned":
+        entries.append((("position_embedding",), "embeddings.position_embedding.weight", _same, _same))
+    else:
+        entries.append((("class_pos_emb",), "class_pos_emb", _same, _same))
+    return entries
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict, *, projection_dim: int | None = None, **overrides) -> vit.ViTConfig:
+    """ViTConfig for a transformers config.json (a vision config, or a CLIP config with one)."""
+    model_type = hf.get("model_type")
+    if model_type in ("clip", "mlcd") and "vision_config" in hf:
+        hf = {"model_type": f"{model_type}_vision_model",
+              "projection_dim": hf.get("projection_dim"), **hf["vision_config"]}
+        model_type = hf["model_type"]
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported; expected one of "
+                         f"{sorted(MODEL_TYPES)} (transformers MLCDVisionModel or CLIPVisionModel)")
+    rope = hf.get("rope_parameters") or {}
+    try:
+        fields = dict(
+            width=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
+            mlp_dim=hf["intermediate_size"], patch=hf["patch_size"],
+            image_size=hf.get("image_size", 224), pos=MODEL_TYPES[model_type],
+            act=hf.get("hidden_act", "gelu" if MODEL_TYPES[model_type] == "rope" else "quick_gelu"),
+            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            ln_eps=float(hf.get("layer_norm_eps", 1e-5)), channels=hf.get("num_channels", 3),
+            embed_dim=projection_dim)
+    except KeyError as e:
+        raise ValueError(f"config.json: missing field {e.args[0]!r} for model_type {model_type!r}")
+    if isinstance(fields["image_size"], list):
+        fields["image_size"] = tuple(fields["image_size"])
+    return vit.ViTConfig(**(fields | overrides))
+
+
+def config_to_hf(cfg: vit.ViTConfig) -> dict:
+    common = dict(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
+                  num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+                  patch_size=cfg.patch, num_channels=cfg.channels, hidden_act=cfg.act,
+                  layer_norm_eps=cfg.ln_eps, torch_dtype="float32")
+    if cfg.pos == "rope":
+        h, w = cfg.image_hw
+        return dict(model_type="mlcd_vision_model", architectures=["MLCDVisionModel"],
+                    image_size=h if h == w else [h, w],
+                    rope_parameters={"rope_type": "axial", "rope_theta": cfg.rope_theta}, **common)
+    if cfg.image_hw[0] != cfg.image_hw[1]:
+        raise ValueError(f"CLIPVisionModel needs square images; this model has {cfg.image_hw}")
+    arch = "CLIPVisionModelWithProjection" if cfg.embed_dim else "CLIPVisionModel"
+    return dict(model_type="clip_vision_model", architectures=[arch], image_size=cfg.image_hw[0],
+                projection_dim=cfg.embed_dim or 512, **common)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors
+# ----------------------------------------------------------------------------------------------
+
+def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (expected a transformers "
+                                "checkpoint directory saved with safe_serialization)")
+    tensors = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="np") as f:
+                tensors |= {k: f.get_tensor(k) for k in f.keys()}
+        except TypeError:  # bfloat16 has no numpy dtype: read through jax (ml_dtypes)
+            with safe_open(file, framework="flax") as f:
+                tensors |= {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    return tensors
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def vision_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The vision tower's tensors, named without the ``vision_model.`` prefix (a full CLIPModel
+    checkpoint also holds a text tower, which is dropped)."""
+    return {k.removeprefix(PREFIX): v for k, v in tensors.items()
+            if not k.startswith(("text_model.", "text_projection", "logit_scale"))}
+
+
+def params_from_hf(cfg: vit.ViTConfig, vision: dict[str, np.ndarray],
+                   source: str = "checkpoint") -> dict:
+    """Our parameter tree (a pure dict) from `vision_tensors` of a transformers checkpoint."""
+    expected = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(vit.ViT(cfg, rngs=nnx.Rngs(0)))))
+    used, params = set(), {}
+
+    def take(name, to_ours, want_shape):
+        if name not in vision:
+            raise ValueError(f"{source}: tensor {name!r} (or {PREFIX + name!r}) is missing; the "
+                             f"config describes a {cfg.pos} ViT with {cfg.depth} blocks")
+        value = to_ours(vision[name])
+        if value.shape != tuple(want_shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {vision[name].shape}, which maps "
+                             f"to {value.shape} but the config needs {tuple(want_shape)}; does "
+                             "config.json belong to these weights?")
+        used.add(name)
+        return value
+
+    for path, name, _, to_ours in _top_level(cfg):
+        _set(params, path, take(name, to_ours, _get(expected, path).shape))
+    for path, name, _, to_ours in _BLOCK:
+        layer_shape = _get(expected["blocks"], path).shape[1:]
+        _set(params, ("blocks", *path), np.stack([
+            take(f"encoder.layers.{i}.{name}", to_ours, layer_shape) for i in range(cfg.depth)]))
+    if cfg.embed_dim:
+        _set(params, ("projection", "kernel"),
+             take("visual_projection.weight", _linear, expected["projection"]["kernel"].shape))
+    unexpected = sorted(k for k in vision if k not in used and not k.endswith(IGNORED_SUFFIXES)
+                        and k != "visual_projection.weight")
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensors {unexpected[:5]}"
+                         f"{' …' if len(unexpected) > 5 else ''} for a {cfg.pos} ViT of depth "
+                         f"{cfg.depth}: not an MLCDVisionModel / CLIPVisionModel checkpoint?")
+    return params
+
+
+def params_to_hf(model: vit.ViT) -> dict[str, np.ndarray]:
+    """transformers tensors (``vision_model.`` names, as the released checkpoints) of our model."""
+    cfg, params = model.cfg, nnx.to_pure_dict(nnx.state(model))
+    out = {}
+    for path, name, to_hf, _ in _top_level(cfg):
+        out[PREFIX + name] = to_hf(np.asarray(_get(params, path)))
+    for path, name, to_hf, _ in _BLOCK:
+        stacked = np.asarray(_get(params["blocks"], path))
+        for i in range(cfg.depth):
+            out[f"{PREFIX}encoder.layers.{i}.{name}"] = to_hf(stacked[i])
+    if cfg.embed_dim:
+        out["visual_projection.weight"] = _linear(np.asarray(params["projection"]["kernel"]))
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def _build(cfg: vit.ViTConfig, params: dict) -> vit.ViT:
+    model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
+    nnx.update(model, state)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def load_vision_model(path, **overrides) -> vit.ViT:
+    """Our ViT with the weights of a transformers MLCDVisionModel / CLIPVisionModel directory.
+
+    ``overrides`` set ViTConfig fields that do not change the weights (dtype, scan, remat).
+    Call the model on NHWC float32 pixels: ``.last_hidden_state`` and ``.pooler_output`` equal
+    transformers' outputs for the same (NCHW) pixels.
+    """
+    path = pathlib.Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: expected a transformers checkpoint "
+                                "directory (config.json + *.safetensors)")
+    hf = json.loads(config_file.read_text())
+    vision = vision_tensors(read_safetensors(path))
+    projection = vision.get("visual_projection.weight")
+    cfg = config_from_hf(hf, projection_dim=None if projection is None else projection.shape[0],
+                         **overrides)
+    return _build(cfg, params_from_hf(cfg, vision, source=str(path)))
+
+
+def save_vision_model(model: vit.ViT, path) -> pathlib.Path:
+    """Write `model` as a transformers checkpoint directory that from_pretrained loads with no
+    missing or unexpected keys (MLCDVisionModel, or CLIPVisionModel[WithProjection])."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = params_to_hf(model)
+    if model.cfg.pos == "rope" and model.cfg.embed_dim:  # kept beside, ignored by transformers
+        save_file({"visual_projection.weight": tensors.pop("visual_projection.weight")},
+                  str(path / PROJECTION_FILE), metadata={"format": "pt"})
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
+    return path
+
+
+def save_model_dir(model: vit.ViT, path) -> pathlib.Path:
+    """Our own format: vit_config.json + an orbax checkpoint of the parameters."""
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vit_config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path / "params", nnx.to_pure_dict(nnx.state(model)), force=True)
+    return path
+
+
+def load_model_dir(path, **overrides) -> vit.ViT:
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(path).absolute()
+    config_file = path / "vit_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: expected a model directory written by "
+                                "`python -m mlcd_jax.interop.hf import` (vit_config.json + params/)")
+    fields = json.loads(config_file.read_text())
+    if isinstance(fields.get("image_size"), list):
+        fields["image_size"] = tuple(fields["image_size"])
+    cfg = vit.ViTConfig(**(fields | overrides))
+    target = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(vit.ViT(cfg, rngs=nnx.Rngs(0)))))
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(path / "params", target)
+    return _build(cfg, params)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlcd_jax.interop.hf", description=__doc__)
+    parser.add_argument("command", choices=["import", "export"])
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "import":
+            model = load_vision_model(args.src)
+            out = save_model_dir(model, args.dst)
+        else:
+            model = load_model_dir(args.src)
+            out = save_vision_model(model, args.dst)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cfg = model.cfg
+    print(f"{args.command}: {cfg.pos} ViT width {cfg.width} depth {cfg.depth} heads {cfg.heads} "
+          f"patch {cfg.patch}{f' → {cfg.embed_dim}' if cfg.embed_dim else ''}: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

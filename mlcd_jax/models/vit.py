@@ -1,0 +1,235 @@
+"""Vision Transformers with two position schemes, parameter-compatible with transformers.
+
+* ``pos="rope"``: MLCD's encoder (transformers ``MLCDVisionModel``): no absolute position embedding;
+  2D rotary embedding on q and k (rope dim = head_dim/2; angles [row·inv_freq, col·inv_freq], twice,
+  half-split rotation; a learned ``class_pos_emb`` gives the class token's angles), exact-erf GELU.
+  Any image size that the patch divides works, non-square included.
+* ``pos="learned"``: CLIP's encoder (``CLIPVisionModel``): learned absolute position embedding for
+  one image size, quick-GELU.
+
+Both: bias-free conv patch embedding, learned class token, ``pre_layrnorm`` over all tokens, pre-norm
+blocks with separate q/k/v/out projections, ``post_layernorm`` on the class token (the pooled
+output), and an optional bias-free projection to the embedding width that feeds the MLCD head.
+
+Blocks are stored stacked (a leading ``layers`` axis on every block parameter) and run either by
+``lax.scan`` (``scan=True``: one block compiled, for deep models) or unrolled; ``remat=True``
+recomputes each block's activations in the backward pass. Compute runs in ``dtype`` (bf16 for
+training) with float32 parameters; RoPE and the softmax run in float32. Every parameter carries
+``logical_axes`` metadata (see ``mlcd_jax.mesh.param_shardings``) so it can be FSDP-sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+POSITIONS = ("rope", "learned")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    patch: int
+    image_size: int | tuple[int, int] = 224  # learned positions are made for this size
+    pos: str = "rope"
+    act: str = "gelu"
+    rope_theta: float = 10000.0
+    embed_dim: int | None = None             # bias-free projection width → embed_dim (None: none)
+    ln_eps: float = 1e-5
+    channels: int = 3
+    dtype: str = "float32"                   # compute dtype; parameters are always float32
+    scan: bool = False
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.pos not in POSITIONS:
+            raise ValueError(f"ViTConfig.pos must be one of {POSITIONS}, got {self.pos!r}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"ViTConfig.act must be one of {tuple(ACTIVATIONS)}, got {self.act!r}")
+        if self.width % self.heads:
+            raise ValueError(f"ViTConfig.width {self.width} is not divisible by heads {self.heads}")
+        if self.pos == "rope" and self.head_dim % 4:
+            raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
+        h, w = self.image_hw
+        if h % self.patch or w % self.patch:
+            raise ValueError(f"ViTConfig.image_size {self.image_size} is not divisible by patch "
+                             f"{self.patch}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        s = self.image_size
+        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+
+
+# Named sizes. MLCD's released B/32 and L/14 are CLIP-style; the v2 bigG/14 models use RoPE.
+SIZES = {
+    "B/32": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch=32),
+    "B/16": dict(width=768, depth=12, heads=12, mlp_dim=3072, patch=16),
+    "L/14": dict(width=1024, depth=24, heads=16, mlp_dim=4096, patch=14),
+    "L/14@336": dict(width=1024, depth=24, heads=16, mlp_dim=4096, patch=14, image_size=336),
+    "H/14": dict(width=1280, depth=32, heads=16, mlp_dim=5120, patch=14),
+    "bigG/14": dict(width=1664, depth=48, heads=16, mlp_dim=8192, patch=14),
+    # For tests and the CPU demo.
+    "tiny": dict(width=64, depth=2, heads=4, mlp_dim=128, patch=8, image_size=32),
+    "micro": dict(width=32, depth=2, heads=2, mlp_dim=64, patch=4, image_size=16),
+}
+
+
+def vit_config(name: str, **overrides) -> ViTConfig:
+    """A named size (``SIZES``) with any field overridden, e.g. ``vit_config("B/16", pos="learned")``."""
+    if name not in SIZES:
+        raise ValueError(f"unknown ViT size {name!r}; known sizes: {', '.join(SIZES)}")
+    return ViTConfig(**(SIZES[name] | overrides))
+
+
+class ViTOutput(NamedTuple):
+    last_hidden_state: jax.Array  # (B, 1 + h·w, width), after the last block (as transformers)
+    pooler_output: jax.Array      # (B, width): post_layernorm of the class token
+    embedding: jax.Array          # (B, embed_dim): the projection of pooler_output (or it, if none)
+
+
+def _param(rngs, init, shape, axes):
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
+
+
+def _linear(cfg, n_in, n_out, axes, rngs, *, bias=True):
+    return nnx.Linear(n_in, n_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                      kernel_init=nnx.initializers.normal(0.02),
+                      kernel_metadata={"logical_axes": axes},
+                      bias_metadata={"logical_axes": axes[1:]})
+
+
+def _layer_norm(cfg, rngs):
+    return nnx.LayerNorm(cfg.width, epsilon=cfg.ln_eps, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                         scale_metadata={"logical_axes": ("norm",)},
+                         bias_metadata={"logical_axes": ("norm",)})
+
+
+def rope_angles(cfg: ViTConfig, grid_h: int, grid_w: int, class_pos_emb: jax.Array) -> jax.Array:
+    """Rotation angles (1 + h·w, head_dim) in float32; row 0 is the class token's."""
+    quarter = cfg.head_dim // 4
+    inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(quarter, dtype=jnp.float32) * 2 / (2 * quarter))
+    rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
+    patches = jnp.concatenate([rows.reshape(-1, 1) * inv_freq, cols.reshape(-1, 1) * inv_freq], -1)
+    angles = jnp.concatenate([class_pos_emb.astype(jnp.float32), patches], axis=0)  # (T, hd/2)
+    return jnp.concatenate([angles, angles], axis=-1)
+
+
+def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """x (B, T, N, H) rotated by angles (T, H), half-split, in float32."""
+    xf = x.astype(jnp.float32)
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    half = xf.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        w = cfg.width
+        self.layer_norm1 = _layer_norm(cfg, rngs)
+        self.q_proj = _linear(cfg, w, w, ("embed", "heads"), rngs)
+        self.k_proj = _linear(cfg, w, w, ("embed", "heads"), rngs)
+        self.v_proj = _linear(cfg, w, w, ("embed", "heads"), rngs)
+        self.out_proj = _linear(cfg, w, w, ("heads", "embed"), rngs)
+        self.layer_norm2 = _layer_norm(cfg, rngs)
+        self.fc1 = _linear(cfg, w, cfg.mlp_dim, ("embed", "mlp"), rngs)
+        self.fc2 = _linear(cfg, cfg.mlp_dim, w, ("mlp", "embed"), rngs)
+
+    def __call__(self, x: jax.Array, angles: jax.Array | None) -> jax.Array:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h = self.layer_norm1(x)
+        split = lambda y: y.reshape(b, t, cfg.heads, cfg.head_dim)
+        q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
+        if angles is not None:
+            q, k = apply_rope(q, angles), apply_rope(k, angles)
+        # Fused attention where the backend has it (cuDNN on GPU); the XLA path elsewhere.
+        attn = jax.nn.dot_product_attention(q, k, v).reshape(b, t, cfg.width)
+        x = x + self.out_proj(attn)
+        return x + self.fc2(ACTIVATIONS[cfg.act](self.fc1(self.layer_norm2(x))))
+
+
+class ViT(nnx.Module):
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        w = cfg.width
+        self.patch_embedding = nnx.Conv(
+            cfg.channels, w, (cfg.patch, cfg.patch), strides=cfg.patch, padding="VALID",
+            use_bias=False, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+            kernel_init=nnx.initializers.normal(0.02),
+            kernel_metadata={"logical_axes": (None, None, None, "embed")})
+        self.class_embedding = _param(rngs, nnx.initializers.normal(w ** -0.5), (w,), ("embed",))
+        if cfg.pos == "learned":
+            grid_h, grid_w = (s // cfg.patch for s in cfg.image_hw)
+            self.position_embedding = _param(rngs, nnx.initializers.normal(0.02),
+                                             (1 + grid_h * grid_w, w), (None, "embed"))
+        else:
+            self.class_pos_emb = _param(rngs, nnx.initializers.normal((cfg.head_dim // 2) ** -0.5),
+                                        (1, cfg.head_dim // 2), (None, None))
+        self.pre_layrnorm = _layer_norm(cfg, rngs)
+
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)  # every parameter has a leading (depth,) axis
+        self.post_layernorm = _layer_norm(cfg, rngs)
+        self.projection = (_linear(cfg, w, cfg.embed_dim, ("embed", "proj"), rngs, bias=False)
+                           if cfg.embed_dim else None)
+
+    def __call__(self, pixels: jax.Array) -> ViTOutput:
+        """pixels: (B, H, W, C) normalised images (NHWC); H and W divisible by the patch."""
+        cfg = self.cfg
+        b, height, width, _ = pixels.shape
+        if height % cfg.patch or width % cfg.patch:
+            raise ValueError(f"image size {height}×{width} is not divisible by patch {cfg.patch}")
+        grid_h, grid_w = height // cfg.patch, width // cfg.patch
+        x = self.patch_embedding(pixels.astype(cfg.dtype)).reshape(b, grid_h * grid_w, cfg.width)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, cfg.width))
+        x = jnp.concatenate([cls, x], axis=1)
+        angles = None
+        if cfg.pos == "learned":
+            if (height, width) != cfg.image_hw:
+                raise ValueError(f"this ViT's learned position embedding is for {cfg.image_hw} "
+                                 f"images, got {height}×{width}; use pos='rope' for any size")
+            x = x + self.position_embedding[...].astype(x.dtype)
+        else:
+            angles = rope_angles(cfg, grid_h, grid_w, self.class_pos_emb[...])
+        x = self.pre_layrnorm(x)
+        x = self._run_blocks(x, angles)
+        pooled = self.post_layernorm(x[:, 0])
+        embedding = self.projection(pooled) if self.projection is not None else pooled
+        return ViTOutput(x, pooled, embedding)
+
+    def _run_blocks(self, x: jax.Array, angles: jax.Array | None) -> jax.Array:
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def block(x, params):
+            return nnx.merge(graphdef, params)(x, angles), None
+
+        if self.cfg.remat:
+            block = jax.checkpoint(block, prevent_cse=not self.cfg.scan)
+        if self.cfg.scan:
+            return jax.lax.scan(block, x, stacked)[0]
+        for i in range(self.cfg.depth):
+            x, _ = block(x, jax.tree.map(lambda p: p[i], stacked))
+        return x

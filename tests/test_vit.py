@@ -1,0 +1,139 @@
+"""The ViT family: sizes, execution modes (scan / unrolled / remat / bf16), any-size RoPE, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mlcd_jax import mesh as mesh_lib
+from mlcd_jax.models import vit
+
+
+def make(name="tiny", seed=0, **overrides):
+    return vit.ViT(vit.vit_config(name, **overrides), rngs=nnx.Rngs(seed))
+
+
+def pixels(h=32, w=32, b=2, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(b, h, w, 3)), jnp.float32)
+
+
+def n_params(model):
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def expected_params(width, depth, mlp, patch, channels=3, positions=0, head_dim=0, embed=0):
+    """Counted by hand from the architecture (transformers' layout), independent of the code."""
+    block = 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width) + 4 * width
+    top = patch * patch * channels * width + width + 4 * width  # patch conv, class token, 2 norms
+    return depth * block + top + positions * width + head_dim // 2 + width * embed
+
+
+@pytest.mark.parametrize("name, width, depth, heads, mlp, patch", [
+    ("B/32", 768, 12, 12, 3072, 32), ("B/16", 768, 12, 12, 3072, 16),
+    ("L/14", 1024, 24, 16, 4096, 14), ("L/14@336", 1024, 24, 16, 4096, 14),
+    ("H/14", 1280, 32, 16, 5120, 14), ("bigG/14", 1664, 48, 16, 8192, 14),
+])
+def test_named_sizes(name, width, depth, heads, mlp, patch):
+    for pos in ("rope", "learned"):
+        cfg = vit.vit_config(name, pos=pos, embed_dim=512)
+        assert (cfg.width, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.patch) == (width, depth, heads,
+                                                                            mlp, patch)
+        model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))  # no memory allocated
+        grid = (cfg.image_hw[0] // patch) ** 2
+        want = expected_params(width, depth, mlp, patch, embed=512,
+                               positions=(1 + grid) if pos == "learned" else 0,
+                               head_dim=0 if pos == "learned" else width // heads)
+        assert n_params(model) == want
+
+
+def test_unknown_size_and_bad_config():
+    with pytest.raises(ValueError, match="unknown ViT size 'B/8'; known sizes: B/32"):
+        vit.vit_config("B/8")
+    with pytest.raises(ValueError, match="pos must be one of"):
+        vit.vit_config("tiny", pos="sincos")
+    with pytest.raises(ValueError, match="act must be one of"):
+        vit.vit_config("tiny", act="relu6")
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        vit.vit_config("tiny", heads=5)
+
+
+def test_outputs_and_projection():
+    out = make(embed_dim=24)(pixels())
+    assert out.last_hidden_state.shape == (2, 1 + 16, 64)
+    assert out.pooler_output.shape == (2, 64)
+    assert out.embedding.shape == (2, 24)
+    plain = make()(pixels())
+    np.testing.assert_array_equal(plain.embedding, plain.pooler_output)
+
+
+def test_rope_takes_any_size_learned_does_not():
+    model = make()
+    for h, w in [(32, 32), (32, 48), (56, 16), (8, 8)]:
+        assert model(pixels(h, w)).last_hidden_state.shape == (2, 1 + (h // 8) * (w // 8), 64)
+    with pytest.raises(ValueError, match="not divisible by patch 8"):
+        model(pixels(30, 32))
+    with pytest.raises(ValueError, match="learned position embedding is for"):
+        make(pos="learned")(pixels(32, 48))
+
+
+def test_rope_makes_position_matter():
+    """Permuting patches changes RoPE outputs (positions are encoded), unlike a position-free ViT."""
+    model = make()
+    x = pixels()
+    flipped = x[:, ::-1]  # rows of patches reversed
+    a, b = model(x).pooler_output, model(flipped).pooler_output
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_scan_and_remat_match_unrolled(pos):
+    x = pixels()
+    base = make(pos=pos)
+    state = nnx.state(base)
+
+    def loss_and_grad(cfg_overrides):
+        model = make(pos=pos, **cfg_overrides)
+        nnx.update(model, state)
+        graphdef, params = nnx.split(model)
+        f = lambda p: jnp.sum(nnx.merge(graphdef, p)(x).pooler_output ** 2)
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    want_loss, want_grad = loss_and_grad({})
+    for overrides in ({"scan": True}, {"remat": True}, {"scan": True, "remat": True}):
+        loss, grad = loss_and_grad(overrides)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+        for g, w in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_compute_float32_params():
+    f32 = make()
+    bf16 = make(dtype="bfloat16")
+    nnx.update(bf16, nnx.state(f32))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    out16, out32 = bf16(pixels()), f32(pixels())
+    assert out16.pooler_output.dtype == jnp.bfloat16
+    err = jnp.linalg.norm(out16.pooler_output.astype(jnp.float32) - out32.pooler_output)
+    assert float(err / jnp.linalg.norm(out32.pooler_output)) < 3e-2
+
+
+def test_param_shardings_fsdp(devices):
+    cfg = vit.vit_config("tiny", embed_dim=16, scan=True)
+    abstract = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+    mesh = mesh_lib.make_mesh([("data", 2), ("fsdp", 4)])
+    shardings = mesh_lib.param_shardings(nnx.state(abstract), mesh)
+    specs = {".".join(map(str, k)): v.spec for k, v in nnx.to_flat_state(shardings)}
+    assert specs["blocks.q_proj.kernel"] == jax.P(None, "fsdp", None)   # (layers, embed, heads)
+    assert specs["blocks.fc2.kernel"] == jax.P(None, None, "fsdp")      # (layers, mlp, embed)
+    assert specs["patch_embedding.kernel"] == jax.P(None, None, None, "fsdp")
+    assert specs["pre_layrnorm.scale"] == jax.P(None)
+    # The model runs with its parameters created directly sharded.
+    graphdef, _ = nnx.split(abstract)
+    init = jax.jit(lambda: nnx.state(vit.ViT(cfg, rngs=nnx.Rngs(0))), out_shardings=shardings)
+    params = init()
+    q = params["blocks"]["q_proj"]["kernel"][...]
+    assert {s.data.shape for s in q.addressable_shards} == {(2, 16, 64)}
+    out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x).embedding)(params, pixels(b=8))
+    want = nnx.merge(graphdef, jax.device_get(params))(pixels(b=8)).embedding
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
