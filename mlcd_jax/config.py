@@ -1,0 +1,120 @@
+"""Config defaults, validation and derived quantities (ml_collections).
+
+Every config file's `get_config(arg)` starts from `base_config()`, so every field exists and has a
+documented default; `--config.a.b=value` on the command line overrides, and a misspelt field fails
+at parse time. `validate` checks what depends on the machine (mesh, batch divisibility) before any
+compute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from mlcd_jax import mesh as mesh_lib
+from mlcd_jax.models import vit
+
+LOSSES = ("mlcd", "unicom")
+SOURCES = ("synthetic",)  # the real pipeline (tfds, ArrayRecord, folders) lands with issue 5
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = [("data", -1)]                 # (axis, size) pairs; -1 = the remaining devices
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = "B/16"                   # a name in mlcd_jax.models.vit.SIZES
+    c.model.pos = "rope"                    # "rope" (MLCD) or "learned" (CLIP)
+    c.model.act = ""                        # "" = the default of `pos` (gelu / quick_gelu)
+    c.model.embed_dim = 512                 # projection width fed to the head; 0 = none
+    c.model.image_size = 0                  # 0 = data.image_size
+    c.model.dtype = "bfloat16"              # compute dtype; parameters stay float32
+    c.model.scan = False
+    c.model.remat = False
+    c.model.init_from = ""                  # a model dir (`python -m mlcd_jax.interop.hf import`)
+
+    c.head = ml_collections.ConfigDict()
+    c.head.loss = "mlcd"                    # "mlcd" (multi-label) or "unicom" (single label)
+    c.head.num_classes = 1_000_000
+    c.head.scale = 32.0
+    c.head.margin = 0.3
+    c.head.margin_type = "arcface"
+    c.head.sample_ratio = 0.1
+    c.head.lr_mult = 1.0                    # learning-rate multiplier of the class centers
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"
+    c.data.image_size = 224
+    c.data.num_labels = 8                   # l
+    c.data.num_examples = 1_000_000
+    c.data.noise = 0.5                      # synthetic: noise std around each class template
+
+    c.batch_size = 32_768                   # global
+    c.grad_accum = 1                        # micro-batches per step (batch_size / grad_accum each)
+    c.total_steps = 0                       # steps, or:
+    c.epochs = 0.0                          # epochs over data.num_examples (one of the two)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 2_000
+    c.optim.end_lr_factor = 0.0             # cosine decays to lr × this
+    c.optim.weight_decay = 0.2              # not on norms, biases, embeddings
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.clip_norm = 1.0                 # global-norm clipping; 0 = off
+
+    c.log_every = 50
+    c.checkpoint_every = 1_000
+    c.keep_checkpoints = 3
+    return c
+
+
+def total_steps(c: ml_collections.ConfigDict) -> int:
+    if c.total_steps:
+        return int(c.total_steps)
+    return math.ceil(c.epochs * c.data.num_examples / c.batch_size)
+
+
+def vit_config(c: ml_collections.ConfigDict) -> vit.ViTConfig:
+    overrides = dict(pos=c.model.pos, embed_dim=c.model.embed_dim or None, dtype=c.model.dtype,
+                     scan=c.model.scan, remat=c.model.remat,
+                     image_size=c.model.image_size or c.data.image_size)
+    if c.model.act:
+        overrides["act"] = c.model.act
+    elif c.model.pos == "learned":
+        overrides["act"] = "quick_gelu"
+    return vit.vit_config(c.model.size, **overrides)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raise ValueError naming the field and the fix, before anything is compiled."""
+    def fail(field, message):
+        raise ValueError(f"config.{field}: {message}")
+
+    if bool(c.total_steps) == bool(c.epochs):
+        fail("total_steps", "set exactly one of config.total_steps and config.epochs "
+             f"(got total_steps={c.total_steps}, epochs={c.epochs})")
+    if c.head.loss not in LOSSES:
+        fail("head.loss", f"must be one of {LOSSES}, got {c.head.loss!r}")
+    if c.data.source not in SOURCES:
+        fail("data.source", f"must be one of {SOURCES}, got {c.data.source!r}")
+    if not 0 < c.head.sample_ratio <= 1:
+        fail("head.sample_ratio", f"must be in (0, 1], got {c.head.sample_ratio}")
+    if c.data.num_labels < 1:
+        fail("data.num_labels", f"must be ≥ 1, got {c.data.num_labels}")
+    try:
+        names, sizes = mesh_lib.resolve_axis_sizes(c.mesh, num_devices)
+        vit_config(c)
+    except ValueError as e:
+        raise ValueError(f"config: {e}") from None
+    data_shards = math.prod(s for n, s in zip(names, sizes) if n in mesh_lib.BATCH_AXES)
+    if c.grad_accum < 1 or c.batch_size % c.grad_accum:
+        fail("grad_accum", f"must divide batch_size {c.batch_size}, got {c.grad_accum}")
+    micro = c.batch_size // c.grad_accum
+    if micro % data_shards:
+        fail("batch_size", f"the micro-batch {micro} (batch_size / grad_accum) is not divisible by "
+             f"the {data_shards} batch shards of mesh {dict(zip(names, sizes))}; change the batch "
+             "size, grad_accum or the mesh")

@@ -1,0 +1,208 @@
+"""MLCD pretraining: python -m mlcd_jax.train --config=configs/test_tiny.py --workdir=DIR
+
+Reads top to bottom: mesh → data → model, head and optimizer (abstract first, then created sharded)
+→ one jitted train step → checkpoint (resume if the workdir has one) → loop. SIGTERM (preemption)
+saves a checkpoint at the next step boundary and exits; rerunning the command resumes exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from mlcd_jax import checkpoint, config as config_lib, head, mesh as mesh_lib, optim, reporting
+from mlcd_jax.data import synthetic
+from mlcd_jax.models import vit
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step, print its "
+                                  "per-device memory, and exit: no data, no parameters allocated.")
+
+LOSSES = {"mlcd": head.mlcd_loss, "unicom": head.unicom_loss}
+
+
+def init_state(key, *, model_cfg, num_rows, tx):
+    """The train state, created from `key`: a pure function, so jit can create it sharded."""
+    model_key, centers_key = jax.random.split(key)
+    encoder = nnx.to_pure_dict(nnx.state(vit.ViT(model_cfg, rngs=nnx.Rngs(model_key))))
+    width = model_cfg.embed_dim or model_cfg.width
+    centers = jax.random.normal(centers_key, (num_rows, width), jnp.float32) * width ** -0.5
+    params = {"encoder": encoder, "centers": centers}
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
+    """One optimizer step over `grad_accum` micro-batches; the key folds in the step."""
+    images, labels = batch  # (grad_accum, micro, H, W, 3), (grad_accum, micro, l)
+    key = jax.random.fold_in(jax.random.key(c.seed), state["step"])
+    loss_fn = functools.partial(
+        LOSSES[c.head.loss], scale=c.head.scale, margin=c.head.margin,
+        margin_type=c.head.margin_type, sample_ratio=c.head.sample_ratio, mesh=mesh,
+        num_classes=c.head.num_classes)
+
+    def micro_step(params, images, labels, key):
+        def f(params):
+            embedding = nnx.merge(graphdef, params["encoder"])(images).embedding
+            return loss_fn(embedding, params["centers"], labels, key=key)
+        (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, {"loss": loss, **metrics}
+
+    params = state["params"]
+    if images.shape[0] == 1:
+        grads, metrics = micro_step(params, images[0], labels[0], key)
+    else:
+        def accumulate(carry, xs):
+            i, (img, lab) = xs
+            grads, metrics = micro_step(params, img, lab, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_step, params, images[0],
+                                                            labels[0], key))
+        total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(images.shape[0]), (images, labels)))
+        grads, metrics = jax.tree.map(lambda x: x / images.shape[0], total)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr_schedule(state["step"])}
+    return new_state, metrics
+
+
+def state_shardings(abstract_state, *, abstract_encoder, tx, mesh):
+    """Encoder parameters by their logical axes (FSDP), centers over every device; the optimizer
+    state as sharding propagation lays out tx.init of those parameters (moments like their
+    parameters, counters replicated)."""
+    params = {"encoder": nnx.to_pure_dict(mesh_lib.param_shardings(abstract_encoder, mesh)),
+              "centers": mesh_lib.class_sharding(mesh)}
+    replicated = mesh_lib.replicated(mesh)
+    opt_state = jax.jit(tx.init).lower(
+        checkpoint.abstract_like(abstract_state["params"], params)).compile().output_shardings
+    # Constants (step counters) come back on one device: replicate them over the mesh.
+    opt_state = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, opt_state)
+    return {"params": params, "opt_state": opt_state, "step": replicated}
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
+    c, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value).absolute()
+
+    # Mesh, and every check that can fail before compute.
+    config_lib.validate(c, jax.device_count())
+    mesh = mesh_lib.make_mesh(c.mesh)
+    total_steps = config_lib.total_steps(c)
+    model_cfg = config_lib.vit_config(c)
+    num_rows = mesh_lib.padded_num_classes(c.head.num_classes, mesh.size)
+
+    # Data layout: batch `step` is (grad_accum, micro, ...), micro split over the batch axes.
+    batch_shape = (c.grad_accum, c.batch_size // c.grad_accum)
+    batch_sharding = NamedSharding(mesh, P(None, mesh_lib.batch_axes(mesh) or None))
+    image_shape = (c.data.image_size, c.data.image_size, 3)
+    abstract_batch = (jax.ShapeDtypeStruct(batch_shape + image_shape, jnp.float32,
+                                           sharding=batch_sharding),
+                      jax.ShapeDtypeStruct(batch_shape + (c.data.num_labels,), jnp.int32,
+                                           sharding=batch_sharding))
+
+    # Model, head and optimizer: shapes first, then a jitted init that creates them sharded.
+    tx = optim.make_optimizer(c, total_steps)
+    graphdef, abstract_encoder = nnx.split(nnx.eval_shape(lambda: vit.ViT(model_cfg,
+                                                                         rngs=nnx.Rngs(0))))
+    init = functools.partial(init_state, model_cfg=model_cfg, num_rows=num_rows, tx=tx)
+    abstract_state = jax.eval_shape(init, jax.random.key(0))
+    shardings = state_shardings(abstract_state, abstract_encoder=abstract_encoder, tx=tx, mesh=mesh)
+
+    # The train step: explicit shardings, the state donated.
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx,
+                          lr_schedule=optim.schedule(c, total_steps), mesh=mesh, c=c),
+        in_shardings=(shardings, (batch_sharding, batch_sharding)),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+
+    # Compiled from shapes alone: memory is known before anything is allocated.
+    abstract_sharded_state = checkpoint.abstract_like(abstract_state, shardings)
+    compiled = step_fn.lower(abstract_sharded_state, abstract_batch).compile()
+    mem = compiled.memory_analysis()
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]["encoder"]))
+    summary = (f"{total_steps} steps on {mesh.size} devices {dict(mesh.shape)}; encoder "
+               f"{model_cfg.pos} {c.model.size} {n_params / 1e6:.2f}M params, head "
+               f"{c.head.num_classes:,} × {model_cfg.embed_dim or model_cfg.width} centers; per "
+               f"device: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
+               f"{mem.temp_size_in_bytes / 2**20:.1f} MiB")
+    if _COMPILE_ONLY.value:
+        print(f"compiled: {summary}", flush=True)
+        return
+
+    # Checkpoint: resume from the latest in the workdir, else initialize.
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
+    start = ckpt.latest_step()
+    if start is None:
+        state = jax.jit(init, out_shardings=shardings)(jax.random.key(c.seed))
+        start = 0
+    else:
+        state, data_state = ckpt.restore(abstract_sharded_state, start)
+        if data_state["seed"] != c.seed:
+            raise ValueError(f"config.seed {c.seed} differs from the checkpoint's {data_state['seed']}"
+                             f" in {ckpt.directory}; use the same seed or a new workdir")
+    report = reporting.Reporter(workdir, total_steps=total_steps, batch_size=c.batch_size,
+                                start_step=start)
+    if report.enabled:
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: {summary}")
+
+    # Data: each process makes its rows of the global batch; batch `step` depends on `step` alone.
+    source = synthetic.SyntheticSource(num_classes=c.head.num_classes, num_labels=c.data.num_labels,
+                                       image_size=c.data.image_size, noise=c.data.noise, seed=c.seed)
+    per_process = batch_shape[1] // jax.process_count()
+    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+    def global_batch(step):
+        local = source.batch(step, batch_shape, rows)
+        return tuple(jax.make_array_from_process_local_data(batch_sharding, x) for x in local)
+
+    # Preemption: finish the step in flight, save, exit.
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+
+    def check_finite(step, loss):
+        if not np.isfinite(loss):
+            ckpt.wait()
+            raise FloatingPointError(
+                f"loss is {loss} at step {step}; stopping without saving. The last good checkpoint "
+                f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept: lower config.optim.lr "
+                "or raise config.optim.warmup_steps, then rerun to resume from it")
+
+    try:
+        for step in range(start + 1, total_steps + 1):
+            state, metrics = compiled(state, global_batch(step - 1))
+            if step == start + 1:  # the clock starts after the first step (compile, warm-up)
+                jax.block_until_ready(metrics)
+                report.start_clock(step)
+            if step % c.log_every == 0 or step == total_steps or stop:
+                values = jax.device_get(metrics)
+                report.log(step, values)
+                check_finite(step, values["loss"])
+            if stop or step % c.checkpoint_every == 0 or step == total_steps:
+                check_finite(step, float(metrics["loss"]))
+                ckpt.save(step, state, {"step": step, "seed": c.seed})
+            if stop:
+                ckpt.wait()
+                report.message(f"SIGTERM: saved step {step} to {ckpt.directory}; rerun to resume")
+                break
+    finally:  # an error never loses a save already started
+        ckpt.close()
+        report.close()
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)

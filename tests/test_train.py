@@ -1,0 +1,189 @@
+"""The trainer, run as users run it: `python -m mlcd_jax.train` in a subprocess on simulated devices."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mlcd_jax import checkpoint, config as config_lib, mesh as mesh_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def command(workdir, *overrides):
+    return [sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py",
+            f"--workdir={workdir}", *overrides]
+
+
+def env(devices=8):
+    return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                         "JAX_PLATFORMS": "cpu"}
+
+
+def train(workdir, *overrides, devices=8):
+    result = subprocess.run(command(workdir, *overrides), cwd=REPO, env=env(devices),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(workdir):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def final_state(workdir, step):
+    with ocp.StandardCheckpointer() as ckpt:
+        return ckpt.restore(pathlib.Path(workdir) / "checkpoints" / str(step) / "state")
+
+
+def test_tiny_trains_and_loss_falls(tmp_path):
+    result = train(tmp_path, "--config.log_every=1")
+    assert "encoder rope micro" in result.stdout and "per device: arguments" in result.stdout
+    assert "step 40/40 (100%)" in result.stdout and "img/s" in result.stdout
+    curve = losses(tmp_path)
+    assert sorted(curve) == list(range(1, 41))
+    first, last = np.mean([curve[s] for s in range(1, 4)]), np.mean([curve[s] for s in range(38, 41)])
+    assert last < 0.8 * first, (first, last)
+    assert (tmp_path / "config.json").exists()
+    assert list((tmp_path / "tensorboard").iterdir())
+    assert (tmp_path / "checkpoints" / "40").is_dir()
+
+
+def test_unicom_loss_trains(tmp_path):
+    train(tmp_path, "--config.head.loss=unicom", "--config.total_steps=15", "--config.log_every=5")
+    curve = losses(tmp_path)
+    assert curve[15] < curve[5]
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    steps = ["--config.total_steps=300", "--config.log_every=1", "--config.checkpoint_every=1000"]
+    train(tmp_path / "reference", *steps)
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(command(interrupted, *steps), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = interrupted / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved step" in out
+    stopped_at = checkpoint.Checkpointer(interrupted / "checkpoints").latest_step()
+    assert 20 <= stopped_at < 300  # it really stopped early
+
+    resumed = train(interrupted, *steps)
+    assert f"resuming at step {stopped_at}" in resumed.stdout
+    assert losses(interrupted) == losses(tmp_path / "reference")  # every step, exactly
+    a, b = final_state(interrupted, 300), final_state(tmp_path / "reference", 300)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+    # The same checkpoint resumes on 4 devices (another mesh) and trains on.
+    more = train(interrupted, "--config.total_steps=305", "--config.log_every=1", devices=4)
+    assert "resuming at step 300" in more.stdout and "{'data': 4}" in more.stdout
+    assert all(np.isfinite(losses(interrupted)[s]) for s in range(301, 306))
+
+
+def test_checkpoint_restores_on_fewer_devices(devices, tmp_path):
+    eight = mesh_lib.make_mesh([("data", -1)], devices)
+    four = mesh_lib.make_mesh([("data", -1)], devices[:4])
+    rows = np.arange(24 * 6, dtype=np.float32).reshape(24, 6)
+    state = {"centers": jax.device_put(rows, mesh_lib.class_sharding(eight)),
+             "step": jax.device_put(np.int32(7), mesh_lib.replicated(eight))}
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(7, state, {"step": 7, "seed": 0})
+    ckpt.wait()
+    shardings = {"centers": mesh_lib.class_sharding(four), "step": mesh_lib.replicated(four)}
+    restored, data = ckpt.restore(checkpoint.abstract_like(state, shardings))
+    ckpt.close()
+    np.testing.assert_array_equal(restored["centers"], rows)
+    assert {s.data.shape for s in restored["centers"].addressable_shards} == {(6, 6)}
+    assert len(restored["centers"].sharding.device_set) == 4
+    assert data == {"step": 7, "seed": 0}
+
+
+def test_config_typo_is_a_clear_error(tmp_path):
+    result = subprocess.run(command(tmp_path, "--config.head.sample_rato=0.2"), cwd=REPO,
+                            env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "sample_rato" in result.stderr
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 60, "config.batch_size: the micro-batch 60 .* not divisible by the 8 batch"),
+    ("grad_accum", 3, "config.grad_accum: must divide batch_size 64"),
+    ("mesh", [("data", 3), ("model", -1)], "does not divide the 8 devices"),
+    ("epochs", 2.0, "set exactly one of config.total_steps and config.epochs"),
+    ("head.loss", "arcface", "config.head.loss: must be one of"),
+    ("data.source", "laion", "config.data.source: must be one of"),
+    ("model.size", "B/8", "unknown ViT size 'B/8'"),
+])
+def test_config_validation_names_field_and_fix(field, value, message):
+    sys.path.insert(0, str(REPO / "configs"))
+    import test_tiny
+    c = test_tiny.get_config()
+    parent, _, name = field.rpartition(".")
+    setattr(c[parent] if parent else c, name, value)
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(c, 8)
+
+
+def test_epochs_give_total_steps():
+    c = config_lib.base_config()
+    c.epochs, c.data.num_examples, c.batch_size = 2.5, 1000, 64
+    assert config_lib.total_steps(c) == 40  # ceil(2.5 × 1000 / 64)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    result = subprocess.run(command(tmp_path, "--config.optim.lr=1e30", "--config.optim.clip_norm=0",
+                                    "--config.optim.warmup_steps=0", "--config.log_every=1",
+                                    "--config.checkpoint_every=1"),
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "loss is nan at step" in result.stderr and "last good checkpoint" in result.stderr
+    saved = checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step()
+    assert saved is not None and np.isfinite(losses(tmp_path)[saved])
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    """With every class scored (r = 1) the loss is a mean over samples, so 2 micro-batches of 32
+    give the same steps as one batch of 64."""
+    common = ["--config.total_steps=3", "--config.log_every=1", "--config.head.sample_ratio=1.0"]
+    train(tmp_path / "one", *common)
+    train(tmp_path / "two", *common, "--config.grad_accum=2")
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    for step in (1, 2, 3):
+        assert two[step] == pytest.approx(one[step], rel=1e-5)
+
+
+def test_compile_only_allocates_nothing_and_reports_memory(tmp_path):
+    result = train(tmp_path, "--compile_only")
+    assert "compiled: 40 steps on 8 devices" in result.stdout and "temporaries" in result.stdout
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(devices, tmp_path):
+    mesh = mesh_lib.make_mesh([("data", -1)], devices)
+    state = {"encoder": {"kernel": jax.device_put(np.ones((4, 8), np.float32),
+                                                  mesh_lib.replicated(mesh))}}
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, state, {"step": 1, "seed": 0})
+    ckpt.wait()
+    wrong = {"encoder": {"kernel": jax.ShapeDtypeStruct((4, 16), np.float32,
+                                                        sharding=mesh_lib.replicated(mesh))}}
+    with pytest.raises(ValueError, match=r"\['encoder'\]\['kernel'\] has shape \(4, 8\) but this "
+                                         r"config needs \(4, 16\)"):
+        ckpt.restore(wrong)
+    ckpt.close()
