@@ -9,7 +9,7 @@ from mlcd_jax import config as config_lib
 
 def get_config(arg=None):
     c = config_lib.base_config()
-    c.mesh = [("data", -1)]
+    c.mesh = (("data", -1),)
     c.model.size = "micro"          # width 32, depth 2, patch 4, 16 px
     c.model.embed_dim = 32
     c.model.dtype = "float32"

@@ -24,15 +24,20 @@ def decay_mask(params):
 
 
 def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    lr = schedule(c, total_steps)
-
-    def adamw(learning_rate):
-        return optax.adamw(learning_rate, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
-                           weight_decay=c.optim.weight_decay, mask=decay_mask)
-
+    """clip → AdamW → centers' updates × lr_mult (AdamW's update is −lr·(…), so scaling it equals
+    AdamW with lr × lr_mult for the centers). Adam's moments mirror the params tree exactly."""
     return optax.chain(
         optax.clip_by_global_norm(c.optim.clip_norm) if c.optim.clip_norm else optax.identity(),
-        optax.multi_transform(
-            {"encoder": adamw(lr), "centers": adamw(lambda step: lr(step) * c.head.lr_mult)},
-            {"encoder": "encoder", "centers": "centers"}),  # a prefix of the params tree
+        optax.adamw(schedule(c, total_steps), b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps,
+                    weight_decay=c.optim.weight_decay, mask=decay_mask),
+        optax.masked(optax.scale(c.head.lr_mult), {"encoder": False, "centers": True}),
     )
+
+
+def state_shardings(opt_state, params, param_shardings, replicated):
+    """Shardings of an optimizer state: every subtree shaped like the params (Adam's moments) as
+    the params; everything else (counters) replicated."""
+    params_def = jax.tree.structure(params)
+    return jax.tree.map(
+        lambda x: param_shardings if jax.tree.structure(x) == params_def else replicated,
+        opt_state, is_leaf=lambda x: jax.tree.structure(x) == params_def)

@@ -78,17 +78,14 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
     return new_state, metrics
 
 
-def state_shardings(abstract_state, *, abstract_encoder, tx, mesh):
-    """Encoder parameters by their logical axes (FSDP), centers over every device; the optimizer
-    state as sharding propagation lays out tx.init of those parameters (moments like their
-    parameters, counters replicated)."""
+def state_shardings(abstract_state, *, abstract_encoder, mesh):
+    """Encoder parameters by their logical axes (FSDP), centers over every device, optimizer
+    moments as their parameters, counters replicated."""
     params = {"encoder": nnx.to_pure_dict(mesh_lib.param_shardings(abstract_encoder, mesh)),
               "centers": mesh_lib.class_sharding(mesh)}
     replicated = mesh_lib.replicated(mesh)
-    opt_state = jax.jit(tx.init).lower(
-        checkpoint.abstract_like(abstract_state["params"], params)).compile().output_shardings
-    # Constants (step counters) come back on one device: replicate them over the mesh.
-    opt_state = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated, opt_state)
+    opt_state = optim.state_shardings(abstract_state["opt_state"], abstract_state["params"], params,
+                                      replicated)
     return {"params": params, "opt_state": opt_state, "step": replicated}
 
 
@@ -119,7 +116,7 @@ def main(argv):
                                                                          rngs=nnx.Rngs(0))))
     init = functools.partial(init_state, model_cfg=model_cfg, num_rows=num_rows, tx=tx)
     abstract_state = jax.eval_shape(init, jax.random.key(0))
-    shardings = state_shardings(abstract_state, abstract_encoder=abstract_encoder, tx=tx, mesh=mesh)
+    shardings = state_shardings(abstract_state, abstract_encoder=abstract_encoder, mesh=mesh)
 
     # The train step: explicit shardings, the state donated.
     step_fn = jax.jit(
@@ -142,6 +139,19 @@ def main(argv):
         print(f"compiled: {summary}", flush=True)
         return
 
+    # Data: each process makes its rows of the global batch; batch `step` depends on `step` alone.
+    if c.data.source != "synthetic":
+        raise ValueError(f"config.data.source: {c.data.source!r} is not available yet (the real "
+                         "input pipeline is issue 5); use 'synthetic', or --compile_only")
+    source = synthetic.SyntheticSource(num_classes=c.head.num_classes, num_labels=c.data.num_labels,
+                                       image_size=c.data.image_size, noise=c.data.noise, seed=c.seed)
+    per_process = batch_shape[1] // jax.process_count()
+    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+    def global_batch(step):
+        local = source.batch(step, batch_shape, rows)
+        return tuple(jax.make_array_from_process_local_data(batch_sharding, x) for x in local)
+
     # Checkpoint: resume from the latest in the workdir, else initialize.
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
     start = ckpt.latest_step()
@@ -158,16 +168,6 @@ def main(argv):
     if report.enabled:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: {summary}")
-
-    # Data: each process makes its rows of the global batch; batch `step` depends on `step` alone.
-    source = synthetic.SyntheticSource(num_classes=c.head.num_classes, num_labels=c.data.num_labels,
-                                       image_size=c.data.image_size, noise=c.data.noise, seed=c.seed)
-    per_process = batch_shape[1] // jax.process_count()
-    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-
-    def global_batch(step):
-        local = source.batch(step, batch_shape, rows)
-        return tuple(jax.make_array_from_process_local_data(batch_sharding, x) for x in local)
 
     # Preemption: finish the step in flight, save, exit.
     stop = []

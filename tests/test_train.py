@@ -127,7 +127,6 @@ def test_config_typo_is_a_clear_error(tmp_path):
     ("mesh", [("data", 3), ("model", -1)], "does not divide the 8 devices"),
     ("epochs", 2.0, "set exactly one of config.total_steps and config.epochs"),
     ("head.loss", "arcface", "config.head.loss: must be one of"),
-    ("data.source", "laion", "config.data.source: must be one of"),
     ("model.size", "B/8", "unknown ViT size 'B/8'"),
 ])
 def test_config_validation_names_field_and_fix(field, value, message):
