@@ -78,6 +78,28 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
     return new_state, metrics
 
 
+def encoder_from(path, encoder, shardings):
+    """`encoder` with every parameter that the model dir at `path` has (e.g. a transformers MLCD
+    model imported by `python -m mlcd_jax.interop.hf import`); others (a new projection) stay."""
+    from mlcd_jax.interop import hf
+    loaded = dict(jax.tree_util.tree_flatten_with_path(
+        nnx.to_pure_dict(nnx.state(hf.load_model_dir(path))))[0])
+    taken = []
+
+    def take(key_path, current, sharding):
+        if key_path not in loaded:
+            return current
+        name = jax.tree_util.keystr(key_path)
+        if loaded[key_path].shape != current.shape:
+            raise ValueError(f"config.model.init_from: {path} has {name} of shape "
+                             f"{loaded[key_path].shape}, the configured model needs {current.shape}")
+        taken.append(name)
+        return jax.device_put(loaded[key_path], sharding)
+
+    new = jax.tree_util.tree_map_with_path(take, encoder, shardings)
+    return new, len(taken), len(jax.tree.leaves(encoder))
+
+
 def state_shardings(abstract_state, *, abstract_encoder, mesh):
     """Encoder parameters by their logical axes (FSDP), centers over every device, optimizer
     moments as their parameters, counters replicated."""
@@ -158,6 +180,10 @@ def main(argv):
     if start is None:
         state = jax.jit(init, out_shardings=shardings)(jax.random.key(c.seed))
         start = 0
+        if c.model.init_from:
+            state["params"]["encoder"], taken, total = encoder_from(
+                c.model.init_from, state["params"]["encoder"], shardings["params"]["encoder"])
+            print(f"encoder: {taken} of {total} parameter arrays from {c.model.init_from}")
     else:
         state, data_state = ckpt.restore(abstract_sharded_state, start)
         if data_state["seed"] != c.seed:

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from mlcd_jax import checkpoint, config as config_lib, mesh as mesh_lib
 
@@ -186,3 +187,27 @@ def test_checkpoint_of_another_model_is_a_clear_error(devices, tmp_path):
                                          r"config needs \(4, 16\)"):
         ckpt.restore(wrong)
     ckpt.close()
+
+
+def test_init_from_an_imported_transformers_model(tmp_path):
+    """Continue pretraining from released weights: transformers MLCD → our model dir → trainer."""
+    import transformers
+    from mlcd_jax.interop import hf
+    config = transformers.MLCDVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=16, patch_size=4)
+    transformers.MLCDVisionModel(config).save_pretrained(tmp_path / "hf")
+    model = hf.load_vision_model(tmp_path / "hf")
+    hf.save_model_dir(model, tmp_path / "ours")
+    result = train(tmp_path / "run", f"--config.model.init_from={tmp_path / 'ours'}",
+                   "--config.total_steps=2", "--config.checkpoint_every=1")
+    # 23 arrays from the import; the projection (not in MLCDVisionModel) is newly initialized
+    assert f"encoder: 23 of 24 parameter arrays from {tmp_path / 'ours'}" in result.stdout
+    with ocp.StandardCheckpointer() as ckpt:  # step 1 has moved them only by one small update
+        first = ckpt.restore(tmp_path / "run" / "checkpoints" / "1" / "state")
+    want = nnx.to_pure_dict(nnx.state(model))["class_embedding"]
+    np.testing.assert_allclose(first["params"]["encoder"]["class_embedding"], want, atol=1e-2)
+
+    wrong = subprocess.run(
+        command(tmp_path / "run2", f"--config.model.init_from={tmp_path / 'ours'}",
+                "--config.model.size=tiny"), cwd=REPO, env=env(), capture_output=True, text=True)
+    assert wrong.returncode != 0 and "config.model.init_from" in wrong.stderr
