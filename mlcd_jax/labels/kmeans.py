@@ -1,0 +1,72 @@
+"""Spherical k-means with faiss on a sample of the embeddings, read shard by shard.
+
+The sample is `points_per_center × K` rows drawn uniformly over all shards (only those rows are
+read). `two_level=P` clusters P disjoint parts of the sample into K centers each, then clusters the
+P·K centers into K, as the authors did at LAION scale.
+"""
+
+from __future__ import annotations
+
+import time
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+from mlcd_jax.labels import store
+
+# faiss ClusteringParameters.init_method: random (faiss's default, O(k·d)), k-means++ (O(n·k·d),
+# better seeds, small K only), AFK-MC² (an O(n·d + m·k²·d) approximation of k-means++)
+INITS = {"random": 0, "kmeans++": 1, "afkmc2": 2}
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def sample(shards: store.EmbeddingShards, size: int, seed: int) -> np.ndarray:
+    """`size` rows drawn without replacement over all shards, L2-normalised float32."""
+    size = min(size, shards.total)
+    rows = np.sort(np.random.default_rng(seed).choice(shards.total, size, replace=False))
+    offsets, out, done = shards.offsets(), np.empty((size, shards.dim), np.float32), 0
+    for i in tqdm(range(len(shards.files)), desc="kmeans: reading sample", unit="shard"):
+        lo, hi = np.searchsorted(rows, [offsets[i], offsets[i + 1]])
+        if hi > lo:
+            out[done:done + hi - lo] = shards.load(i)[rows[lo:hi] - offsets[i]]
+            done += hi - lo
+    return normalize(out)
+
+
+def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "random",
+                     nredo: int = 1, verbose: bool = True):
+    if len(x) < k:
+        raise ValueError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower --num_centers "
+                         "or raise --points_per_center")
+    if init not in INITS:
+        raise ValueError(f"kmeans --init must be one of {list(INITS)}, got {init!r}")
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=verbose,
+                      nredo=nredo, max_points_per_centroid=max(1, -(-len(x) // k)))
+    km.cp.init_method = INITS[init]
+    km.train(x)
+    return normalize(km.centroids)
+
+
+def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: int = 256,
+        niter: int = 20, two_level: int = 1, seed: int = 0, init: str = "random",
+        nredo: int = 1) -> tuple[np.ndarray, dict]:
+    """(centers K × D float32, stats) for the embedding shards."""
+    x = sample(shards, num_centers * points_per_center, seed)
+    sample_size = len(x)
+    t = time.perf_counter()
+    if two_level > 1:
+        parts = np.array_split(np.random.default_rng(seed + 1).permutation(len(x)), two_level)
+        firsts = [spherical_kmeans(x[p], num_centers, niter=niter, seed=seed + i, init=init,
+                                   nredo=nredo)
+                  for i, p in enumerate(tqdm(parts, desc="kmeans: level 1", unit="part"))]
+        x = np.concatenate(firsts)
+    centers = spherical_kmeans(x, num_centers, niter=niter, seed=seed, init=init, nredo=nredo)
+    seconds = time.perf_counter() - t
+    return centers, {"sample": sample_size, "niter": niter, "nredo": nredo, "init": init,
+                     "two_level": two_level, "seconds": seconds,
+                     "points_per_s_per_iter": sample_size * niter * nredo / seconds}

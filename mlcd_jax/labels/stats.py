@@ -1,0 +1,49 @@
+"""Cluster sizes of a label store: empty clusters, imbalance, and a histogram PNG."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from mlcd_jax.labels import store
+
+
+def compute(label_dir, chunk: int = 1 << 20) -> dict:
+    s = store.open_label_store(label_dir)
+    k = s.num_classes
+    top1, any_l = np.zeros(k, np.int64), np.zeros(k, np.int64)
+    for start in range(0, len(s.labels), chunk):  # memory stays O(K + chunk)
+        part = np.asarray(s.labels[start:start + chunk])
+        top1 += np.bincount(part[:, 0], minlength=k)
+        any_l += np.bincount(part[part >= 0], minlength=k)
+    nonzero = top1[top1 > 0]
+    return {
+        "num_examples": len(s.labels), "num_classes": k, "num_labels": s.labels.shape[1],
+        "empty_clusters_top1": int((top1 == 0).sum()), "empty_clusters_any": int((any_l == 0).sum()),
+        "size_top1": {"min": int(top1.min()), "median": float(np.median(top1)),
+                      "mean": float(top1.mean()), "max": int(top1.max())},
+        "imbalance_max_over_mean": float(top1.max() / top1.mean()),
+        "coefficient_of_variation": float(top1.std() / top1.mean()),
+        "nonempty_min": int(nonzero.min()) if nonzero.size else 0,
+        "_sizes_top1": top1, "_sizes_any": any_l,
+    }
+
+
+def plot(stats: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("_sizes_top1", "first label"), ("_sizes_any", f"any of {stats['num_labels']}")):
+        sizes = stats[key]
+        bins = np.unique(np.geomspace(1, max(2, sizes.max() + 1), 50).astype(int))
+        ax.hist(np.maximum(sizes, 1), bins=bins, histtype="step", label=label)
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlabel("examples per cluster"), ax.set_ylabel("clusters")
+    ax.set_title(f"K = {stats['num_classes']:,}, N = {stats['num_examples']:,}; "
+                 f"empty (first label): {stats['empty_clusters_top1']:,}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

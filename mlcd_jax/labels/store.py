@@ -1,0 +1,144 @@
+"""On-disk formats of the label pipeline.
+
+Embeddings: a directory of float16 ``.npy`` shards (N_i × D, L2-normalised) with ``manifest.json``
+({"shards": [{"file", "count"}], "dim", "model", "source"}), as `embed` writes it; or clip-retrieval's
+``img_emb/img_emb_{i}.npy`` (LAION's published format), read as is.
+
+Label store: ``labels.npy`` (N × l int32, most similar center first; read memory-mapped) and
+``manifest.json`` (N, K, l, the embeddings' fingerprint and model, the assign index and recall).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import re
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingShards:
+    directory: pathlib.Path
+    files: tuple[pathlib.Path, ...]
+    counts: tuple[int, ...]
+    dim: int
+    model: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def load(self, i: int) -> np.ndarray:
+        """Shard i, memory-mapped (float16 or float32, as stored)."""
+        return np.load(self.files[i], mmap_mode="r")
+
+    def fingerprint(self) -> str:
+        """Identifies the embeddings a label store was made from: shard names, sizes, dim, model."""
+        text = json.dumps([[f.name, c] for f, c in zip(self.files, self.counts)] +
+                          [self.dim, self.model])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+
+def open_embeddings(directory) -> EmbeddingShards:
+    directory = pathlib.Path(directory)
+    manifest = directory / "manifest.json"
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        files = tuple(directory / s["file"] for s in m["shards"])
+        counts = tuple(int(s["count"]) for s in m["shards"])
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{manifest} lists shards that are missing: {missing[:5]}; rerun "
+                                    "`embed` (it redoes only missing shards)")
+        return EmbeddingShards(directory, files, counts, int(m["dim"]), m.get("model", "unknown"))
+    clip = sorted((directory / "img_emb").glob("img_emb_*.npy"),
+                  key=lambda p: int(re.search(r"(\d+)\.npy$", p.name).group(1)))
+    if clip:  # clip-retrieval: counts and dim from the .npy headers, no data read
+        shapes = [np.load(f, mmap_mode="r").shape for f in clip]
+        if len({s[1] for s in shapes}) != 1:
+            raise ValueError(f"{directory}/img_emb: shards differ in width: {sorted({s[1] for s in shapes})}")
+        return EmbeddingShards(directory, tuple(clip), tuple(s[0] for s in shapes), shapes[0][1],
+                               "clip-retrieval")
+    raise FileNotFoundError(f"{directory}: no manifest.json (from `python -m mlcd_jax.labels embed`) "
+                            "and no img_emb/img_emb_*.npy (clip-retrieval); point --embeddings at one")
+
+
+def write_embeddings(directory, shards, *, model: str, source: str = "") -> EmbeddingShards:
+    """Write L2-normalised float16 shards emb_00000.npy, ... and the manifest (last, atomically)."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries, dim = [], None
+    for i, x in enumerate(shards):
+        x = np.asarray(x, np.float32)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        dim = x.shape[1]
+        write_npy_atomic(directory / f"emb_{i:05d}.npy", x.astype(np.float16))
+        entries.append({"file": f"emb_{i:05d}.npy", "count": len(x)})
+    write_json_atomic(directory / "manifest.json",
+                      {"shards": entries, "dim": dim, "model": model, "source": source})
+    return open_embeddings(directory)
+
+
+def write_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+    """Write then rename, so a killed job never leaves a half-written file under the final name."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelStore:
+    labels: np.ndarray  # (N, l) int32, memory-mapped
+    manifest: dict
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+
+def open_label_store(directory, *, num_examples: int | None = None,
+                     num_classes: int | None = None) -> LabelStore:
+    """The label store, checked against what the caller expects (fails early, naming the file)."""
+    directory = pathlib.Path(directory)
+    manifest_file, labels_file = directory / "manifest.json", directory / "labels.npy"
+    for f in (manifest_file, labels_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: run `python -m mlcd_jax.labels assign` first")
+    manifest = json.loads(manifest_file.read_text())
+    labels = np.load(labels_file, mmap_mode="r")
+    n, l, k = manifest["num_examples"], manifest["num_labels"], manifest["num_classes"]
+    if labels.shape != (n, l) or labels.dtype != np.int32:
+        raise ValueError(f"{labels_file}: shape {labels.shape} {labels.dtype}, but {manifest_file} "
+                         f"says ({n}, {l}) int32; the store is damaged, rerun `assign`")
+    if num_examples is not None and n != num_examples:
+        raise ValueError(f"{labels_file} labels {n} examples but the dataset has {num_examples}; "
+                         "was it made from another dataset (or split)?")
+    if num_classes is not None and k != num_classes:
+        raise ValueError(f"{labels_file} uses K = {k} classes but config.head.num_classes = "
+                         f"{num_classes}; set them equal")
+    return LabelStore(labels, manifest)
+
+
+def check_label_range(store: LabelStore, chunk: int = 1 << 20) -> None:
+    """Every id in [-1, K) and every example with a label: a full read, done once before training."""
+    for start in range(0, len(store.labels), chunk):
+        part = np.asarray(store.labels[start:start + chunk])
+        bad = np.flatnonzero((part < -1).any(1) | (part >= store.num_classes).any(1) | (part[:, 0] < 0))
+        if bad.size:
+            row = start + int(bad[0])
+            raise ValueError(f"labels.npy row {row} is {part[bad[0]].tolist()}: ids must lie in "
+                             f"[-1, {store.num_classes}) with the first label ≥ 0")

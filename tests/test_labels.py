@@ -1,0 +1,167 @@
+"""Cluster labels: k-means and assign on synthetic blobs, resumability, process split, bad stores."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mlcd_jax.labels import __main__ as cli, assign, kmeans, stats, store
+
+K, D = 20, 32
+
+
+def blobs(n=4000, k=K, d=D, noise=0.03, seed=0):
+    rng = np.random.default_rng(seed)
+    means = np.linalg.qr(rng.normal(size=(d, d)))[0][:k]  # orthonormal: no two blobs are close
+    truth = rng.integers(0, k, n)
+    return means[truth] + noise * rng.normal(size=(n, d)), truth, means
+
+
+@pytest.fixture
+def embedded(tmp_path):
+    x, truth, means = blobs()
+    shards = store.write_embeddings(tmp_path / "emb", np.array_split(x, 5), model="blobs")
+    return shards, x, truth, means, tmp_path
+
+
+def dense_top_l(x, centers, l):
+    """Reference: float64 cosine similarities, sorted."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x.astype(np.float64) @ centers.astype(np.float64).T
+    return np.argsort(-sims, axis=1, kind="stable")[:, :l], np.sort(sims, axis=1)[:, ::-1][:, :l]
+
+
+def test_kmeans_and_assign_recover_blobs(embedded):
+    shards, x, truth, means, tmp = embedded
+    assert cli.main(["all", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "lab"),
+                     "--num_centers", str(K), "--num_labels", "3", "--niter", "25",
+                     "--init", "kmeans++", "--nredo", "3"]) == 0
+    labels = store.open_label_store(tmp / "lab", num_examples=len(x), num_classes=K).labels
+    # Purity: each found cluster is (almost) one blob, and each blob one cluster.
+    found = np.asarray(labels[:, 0])
+    purity = sum(np.bincount(truth[found == c]).max() for c in np.unique(found)) / len(x)
+    assert purity >= 0.97 and len(np.unique(found)) == K
+    # Top-l order: most similar center first, against a float64 reference (x as stored: float16).
+    centers = np.load(tmp / "lab" / "centers.npy")
+    stored = np.concatenate([shards.load(i) for i in range(len(shards.files))]).astype(np.float64)
+    want, sims = dense_top_l(stored, centers, 3)
+    clear = sims[:, 0] - sims[:, 1] > 1e-4  # ignore near-ties
+    np.testing.assert_array_equal(np.asarray(labels)[clear, 0], want[clear, 0])
+    assert (np.asarray(labels) == want).mean() > 0.99
+    s = json.loads((tmp / "lab" / "stats.json").read_text())
+    assert s["num_examples"] == len(x) and s["empty_clusters_top1"] == 0
+    assert (tmp / "lab" / "cluster_sizes.png").stat().st_size > 5000
+    manifest = json.loads((tmp / "lab" / "manifest.json").read_text())
+    assert manifest["source_fingerprint"] == shards.fingerprint()
+    assert manifest["embedding_model"] == "blobs"
+
+
+def test_two_level_kmeans_also_recovers(embedded):
+    shards, x, truth, _, _ = embedded
+    centers, info = kmeans.fit(shards, K, points_per_center=200, niter=20, two_level=3,
+                               init="kmeans++", nredo=3)
+    assert info["two_level"] == 3
+    found = dense_top_l(x, centers, 1)[0][:, 0]
+    purity = sum(np.bincount(truth[found == c]).max() for c in np.unique(found)) / len(x)
+    assert purity >= 0.95
+
+
+def test_assign_split_over_processes_equals_one_process(embedded):
+    shards, x, _, means, tmp = embedded
+    np.save(tmp / "centers.npy", means.astype(np.float32))
+    assign.run(tmp / "emb", tmp / "centers.npy", tmp / "one", num_labels=4)
+    assign.run(tmp / "emb", tmp / "centers.npy", tmp / "two", num_labels=4, process_index=1,
+               process_count=2)
+    assert not (tmp / "two" / "labels.npy").exists()  # process 1 does its shards only
+    assert len(list((tmp / "two" / "parts").iterdir())) == 2  # shards 1 and 3 of 5
+    assign.run(tmp / "emb", tmp / "centers.npy", tmp / "two", num_labels=4, process_index=0,
+               process_count=2)
+    np.testing.assert_array_equal(np.load(tmp / "two" / "labels.npy"),
+                                  np.load(tmp / "one" / "labels.npy"))
+
+
+def test_ivf_index_reports_recall(embedded):
+    shards, x, _, _, tmp = embedded
+    rng = np.random.default_rng(1)  # centers drawn from the data, as k-means would place them
+    centers = (x[rng.choice(len(x), 400, replace=False)] + 0.01 * rng.normal(size=(400, D)))
+    centers = centers.astype(np.float32)
+    np.save(tmp / "c.npy", centers)
+    result = assign.run(tmp / "emb", tmp / "c.npy", tmp / "ivf", num_labels=5, index_kind="ivf",
+                        nprobe=20, recall_sample=500)
+    assert 0.9 <= result["recall_at_l"] <= 1.0
+    assert json.loads((tmp / "ivf" / "manifest.json").read_text())["recall_at_l"] == result["recall_at_l"]
+    exact = dense_top_l(x, kmeans.normalize(centers), 5)[0]
+    assert (np.load(tmp / "ivf" / "labels.npy")[:, 0] == exact[:, 0]).mean() > 0.9
+
+
+def test_assign_killed_half_way_then_rerun_equals_uninterrupted(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400_000, 64)).astype(np.float32)
+    store.write_embeddings(tmp_path / "emb", np.array_split(x, 80), model="noise")
+    np.save(tmp_path / "centers.npy", rng.normal(size=(4096, 64)).astype(np.float32))
+    args = lambda out: [sys.executable, "-m", "mlcd_jax.labels", "assign", "--embeddings",
+                        str(tmp_path / "emb"), "--centers", str(tmp_path / "centers.npy"),
+                        "--out", str(out), "--num_labels", "4"]
+    subprocess.run(args(tmp_path / "full"), check=True, capture_output=True)
+
+    proc = subprocess.Popen(args(tmp_path / "killed"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parts = tmp_path / "killed" / "parts"
+    deadline = time.time() + 120
+    while not (parts.exists() and len(list(parts.glob("part_*.npy"))) >= 5):
+        assert proc.poll() is None and time.time() < deadline, "assign ended before it was killed"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list(parts.glob("part_*.npy")))
+    assert 5 <= done < 80 and not (tmp_path / "killed" / "labels.npy").exists()
+
+    result = subprocess.run(args(tmp_path / "killed"), check=True, capture_output=True, text=True)
+    assert f'"skipped_shards": {done}' in result.stdout  # finished shards were not redone
+    np.testing.assert_array_equal(np.load(tmp_path / "killed" / "labels.npy"),
+                                  np.load(tmp_path / "full" / "labels.npy"))
+
+
+def test_clip_retrieval_embeddings_are_read(tmp_path):
+    x, _, _ = blobs(n=300)
+    (tmp_path / "img_emb").mkdir()
+    for i, part in enumerate(np.array_split(x, 3)):  # numeric order, not lexical: 0, 1, ..., 10
+        np.save(tmp_path / "img_emb" / f"img_emb_{[0, 1, 10][i]}.npy", part.astype(np.float16))
+    shards = store.open_embeddings(tmp_path)
+    assert shards.total == 300 and shards.dim == D and shards.model == "clip-retrieval"
+    assert [f.name for f in shards.files] == ["img_emb_0.npy", "img_emb_1.npy", "img_emb_10.npy"]
+
+
+def test_bad_label_store_fails_early(embedded):
+    shards, x, _, means, tmp = embedded
+    np.save(tmp / "centers.npy", means.astype(np.float32))
+    assign.run(tmp / "emb", tmp / "centers.npy", tmp / "lab", num_labels=2)
+    with pytest.raises(ValueError, match="labels 4000 examples but the dataset has 3999"):
+        store.open_label_store(tmp / "lab", num_examples=3999)
+    with pytest.raises(ValueError, match="uses K = 20 classes but config.head.num_classes = 21"):
+        store.open_label_store(tmp / "lab", num_classes=21)
+    labels = np.load(tmp / "lab" / "labels.npy")
+    labels[123, 1] = 20
+    np.save(tmp / "lab" / "labels.npy", labels)
+    with pytest.raises(ValueError, match=r"row 123 is \[\d+, 20\]: ids must lie in \[-1, 20\)"):
+        store.check_label_range(store.open_label_store(tmp / "lab"))
+    with pytest.raises(FileNotFoundError, match="run `python -m mlcd_jax.labels assign` first"):
+        store.open_label_store(tmp / "nowhere")
+    np.save(tmp / "wide.npy", np.ones((K, D + 1), np.float32))
+    with pytest.raises(ValueError, match="has width 33 but the embeddings"):
+        assign.run(tmp / "emb", tmp / "wide.npy", tmp / "x", num_labels=2)
+
+
+def test_stats_counts(embedded):
+    shards, x, _, means, tmp = embedded
+    centers = np.concatenate([means, -np.ones((3, D))]).astype(np.float32)  # 3 far-away centers
+    np.save(tmp / "centers.npy", centers)
+    assign.run(tmp / "emb", tmp / "centers.npy", tmp / "lab", num_labels=1)
+    s = stats.compute(tmp / "lab")
+    assert s["_sizes_top1"].sum() == len(x)
+    assert s["empty_clusters_top1"] == 3 and s["num_classes"] == K + 3
