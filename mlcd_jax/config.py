@@ -44,7 +44,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.head.lr_mult = 1.0                    # learning-rate multiplier of the class centers
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"
+    c.data.source = "synthetic"             # synthetic, digits, folder, arrayrecord or tfds
+    c.data.path = ""                        # folder / ArrayRecord glob / tfds data_dir
+    c.data.tfds_name = ""
+    c.data.split = "train"
+    c.data.labels = ""                      # label store dir (`python -m mlcd_jax.labels`); "" =
+                                            # the source's own class as the single label
+    c.data.workers = 0                      # grain worker processes (0 = in the main process)
+    c.data.crop_scale = (0.08, 1.0)         # random-resized-crop area fraction
     c.data.image_size = 224
     c.data.num_labels = 8                   # l
     c.data.num_examples = 1_000_000

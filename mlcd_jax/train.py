@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from mlcd_jax import checkpoint, config as config_lib, head, mesh as mesh_lib, optim, reporting
-from mlcd_jax.data import synthetic
+from mlcd_jax.data import input as input_lib, transforms
 from mlcd_jax.models import vit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
@@ -46,6 +46,8 @@ def init_state(key, *, model_cfg, num_rows, tx):
 def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
     """One optimizer step over `grad_accum` micro-batches; the key folds in the step."""
     images, labels = batch  # (grad_accum, micro, H, W, 3), (grad_accum, micro, l)
+    if images.dtype == jnp.uint8:  # real images travel as uint8: 4× less host → device traffic
+        images = transforms.normalize(images.astype(jnp.float32))
     key = jax.random.fold_in(jax.random.key(c.seed), state["step"])
     loss_fn = functools.partial(
         LOSSES[c.head.loss], scale=c.head.scale, margin=c.head.margin,
@@ -127,7 +129,7 @@ def main(argv):
     batch_shape = (c.grad_accum, c.batch_size // c.grad_accum)
     batch_sharding = NamedSharding(mesh, P(None, mesh_lib.batch_axes(mesh) or None))
     image_shape = (c.data.image_size, c.data.image_size, 3)
-    abstract_batch = (jax.ShapeDtypeStruct(batch_shape + image_shape, jnp.float32,
+    abstract_batch = (jax.ShapeDtypeStruct(batch_shape + image_shape, input_lib.image_dtype(c),
                                            sharding=batch_sharding),
                       jax.ShapeDtypeStruct(batch_shape + (c.data.num_labels,), jnp.int32,
                                            sharding=batch_sharding))
@@ -161,18 +163,8 @@ def main(argv):
         print(f"compiled: {summary}", flush=True)
         return
 
-    # Data: each process makes its rows of the global batch; batch `step` depends on `step` alone.
-    if c.data.source != "synthetic":
-        raise ValueError(f"config.data.source: {c.data.source!r} is not available yet (the real "
-                         "input pipeline is issue 5); use 'synthetic', or --compile_only")
-    source = synthetic.SyntheticSource(num_classes=c.head.num_classes, num_labels=c.data.num_labels,
-                                       image_size=c.data.image_size, noise=c.data.noise, seed=c.seed)
-    per_process = batch_shape[1] // jax.process_count()
-    rows = slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-
-    def global_batch(step):
-        local = source.batch(step, batch_shape, rows)
-        return tuple(jax.make_array_from_process_local_data(batch_sharding, x) for x in local)
+    # Data: synthetic, or a real source through grain joined with its label store (checked now).
+    inputs = input_lib.make_train_input(c, batch_sharding)
 
     # Checkpoint: resume from the latest in the workdir, else initialize.
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
@@ -189,6 +181,7 @@ def main(argv):
         if data_state["seed"] != c.seed:
             raise ValueError(f"config.seed {c.seed} differs from the checkpoint's {data_state['seed']}"
                              f" in {ckpt.directory}; use the same seed or a new workdir")
+        inputs.set_state(data_state["input"])
     report = reporting.Reporter(workdir, total_steps=total_steps, batch_size=c.batch_size,
                                 start_step=start)
     if report.enabled:
@@ -209,17 +202,17 @@ def main(argv):
 
     try:
         for step in range(start + 1, total_steps + 1):
-            state, metrics = compiled(state, global_batch(step - 1))
+            state, metrics = compiled(state, inputs.next())
             if step == start + 1:  # the clock starts after the first step (compile, warm-up)
                 jax.block_until_ready(metrics)
                 report.start_clock(step)
             if step % c.log_every == 0 or step == total_steps or stop:
-                values = jax.device_get(metrics)
+                values = jax.device_get(metrics) | {"skipped_images": inputs.skipped}
                 report.log(step, values)
                 check_finite(step, values["loss"])
             if stop or step % c.checkpoint_every == 0 or step == total_steps:
                 check_finite(step, float(metrics["loss"]))
-                ckpt.save(step, state, {"step": step, "seed": c.seed})
+                ckpt.save(step, state, {"step": step, "seed": c.seed, "input": inputs.get_state()})
             if stop:
                 ckpt.wait()
                 report.message(f"SIGTERM: saved step {step} to {ckpt.directory}; rerun to resume")

@@ -1,5 +1,6 @@
-"""Cluster labels: python -m mlcd_jax.labels {kmeans,assign,stats,all} ...
+"""Cluster labels: python -m mlcd_jax.labels {embed,kmeans,assign,stats,all} ...
 
+    python -m mlcd_jax.labels embed --model MODEL --source folder --path IMAGES --out EMB --image_size 224
     python -m mlcd_jax.labels kmeans --embeddings EMB --out LAB --num_centers 10000
     python -m mlcd_jax.labels assign --embeddings EMB --centers LAB/centers.npy --out LAB --num_labels 8
     python -m mlcd_jax.labels stats --labels LAB
@@ -18,7 +19,20 @@ import sys
 
 import numpy as np
 
-from mlcd_jax.labels import assign, kmeans, stats, store
+from mlcd_jax.labels import assign, embed, kmeans, stats, store
+
+
+def run_embed(a):
+    import types
+    from mlcd_jax.data import sources
+    source = sources.make_source(types.SimpleNamespace(source=a.source, path=a.path,
+                                                       tfds_name=a.tfds_name, split=a.split))
+    model = embed.load_encoder(a.model)
+    result = embed.run(source, model, a.out, model_name=str(a.model), image_size=a.image_size,
+                       batch_size=a.batch_size, shard_size=a.shard_size,
+                       process_index=a.process_index, process_count=a.process_count,
+                       source_name=f"{a.source}:{a.path or a.tfds_name}")
+    print(f"embed: {json.dumps(result)}")
 
 
 def run_kmeans(a):
@@ -75,6 +89,18 @@ def main(argv=None) -> int:
     io = argparse.ArgumentParser(add_help=False)
     io.add_argument("--embeddings", required=True)
     io.add_argument("--out", required=True)
+    p = sub.add_parser("embed")
+    p.add_argument("--model", required=True, help="our model dir, or a transformers checkpoint dir")
+    p.add_argument("--source", required=True, choices=["digits", "folder", "arrayrecord", "tfds"])
+    p.add_argument("--path", default="")
+    p.add_argument("--tfds_name", default="")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--shard_size", type=int, default=100_000)
+    p.add_argument("--process_index", type=int, default=0)
+    p.add_argument("--process_count", type=int, default=1)
     sub.add_parser("kmeans", parents=[io, km])
     p = sub.add_parser("assign", parents=[io, asg])
     p.add_argument("--centers", default=None, help="default: OUT/centers.npy")
@@ -82,6 +108,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("all", parents=[io, km, asg])
     a = parser.parse_args(argv)
     try:
+        if a.step == "embed":
+            run_embed(a)
         if a.step in ("kmeans", "all"):
             run_kmeans(a)
         if a.step == "all":

@@ -1,0 +1,100 @@
+"""The grain input pipeline: source → (index, labels) → global shuffle → this process's share →
+decode + augment → skip corrupt images (counted) → batch → worker processes.
+
+Every random choice is a function of (seed, epoch, position): the shuffle is grain's index
+permutation and each example's augmentation uses grain's per-index generator. So the iterator state
+is small (a position), a resumed run repeats the batches of an uninterrupted one, and the P
+processes of a job read disjoint slices that together cover each epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from mlcd_jax.data import transforms
+
+
+class LabelLookup:
+    """Joins a record with its labels by source index; the label store stays memory-mapped (and is
+    reopened, not copied, in worker processes)."""
+
+    def __init__(self, labels_path: str | None, num_labels: int):
+        self.path, self.num_labels, self._labels = labels_path, num_labels, None
+
+    def __call__(self, index: int, record: dict) -> dict:
+        if self.path is None:  # the source's own class as the single label
+            labels = np.full((self.num_labels,), -1, np.int32)
+            labels[0] = record.get("label", -1)
+        else:
+            if self._labels is None:
+                self._labels = np.load(self.path, mmap_mode="r")
+            labels = np.asarray(self._labels[index], np.int32)
+        return {**record, "index": index, "labels": labels}
+
+    def __getstate__(self):
+        return {"path": self.path, "num_labels": self.num_labels, "_labels": None}
+
+
+def _augment(record: dict, rng: np.random.Generator, *, size: int, scale, train: bool) -> dict:
+    try:
+        image = (transforms.train_transform(record, rng, size, scale) if train
+                 else transforms.eval_transform(record, size))
+    except transforms.CorruptImage as e:
+        return {"corrupt": str(e), "index": record["index"]}
+    return {"image": image, "labels": record["labels"], "index": np.int64(record["index"])}
+
+
+class SkipCorrupt(grain.IterDataset):
+    """Drops corrupt examples; each kept example carries how many were dropped just before it, so
+    a batch's sum is the number skipped while it was assembled (whatever worker made it)."""
+
+    def __init__(self, parent: grain.IterDataset):
+        super().__init__(parent)
+
+    def __iter__(self):
+        return _SkipCorruptIterator(self._parent.__iter__())
+
+
+class _SkipCorruptIterator(grain.DatasetIterator):
+    def __init__(self, parent):
+        super().__init__(parent)
+
+    def __next__(self):
+        skipped = 0
+        while "corrupt" in (record := next(self._parent)):
+            skipped += 1
+        return {**record, "skipped": np.int32(skipped)}
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state)
+
+
+def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: int,
+            labels_path: str | None = None, train: bool = True, crop_scale=(0.08, 1.0),
+            workers: int = 0, process_index: int | None = None,
+            process_count: int | None = None) -> grain.IterDataset:
+    """This process's batches: {"image": uint8 (b, S, S, 3), "labels": int32 (b, l), "index",
+    "skipped"}, b = batch_size / process_count. Training repeats and reshuffles every epoch;
+    evaluation reads each example once, in order (the last partial batch is kept)."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
+    ds = grain.MapDataset.source(source).map_with_index(LabelLookup(labels_path, num_labels))
+    if train:
+        ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
+    ds = ds[process_index::process_count]  # disjoint shares that cover every epoch
+    augment = functools.partial(_augment, size=image_size, scale=tuple(crop_scale), train=train)
+    ds = ds.random_map(augment, seed=seed)
+    it = SkipCorrupt(ds.to_iter_dataset()).batch(batch_size // process_count, drop_remainder=train)
+    if workers > 0:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it

@@ -1,0 +1,68 @@
+"""Decoding and augmentation on the host (uint8 out; normalised on the device, see `normalize`)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+class CorruptImage(Exception):
+    pass
+
+
+def decode(record: dict) -> Image.Image:
+    if "image" in record:
+        return Image.fromarray(np.asarray(record["image"], np.uint8)).convert("RGB")
+    try:
+        image = Image.open(io.BytesIO(record["image_bytes"]))
+        image.load()  # decode now: a truncated file fails here, not later
+        return image.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad files
+        raise CorruptImage(f"{record.get('path', 'record')}: {type(e).__name__}: {e}") from None
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+    """Inception-style crop (area fraction in `scale`, aspect ratio in `ratio`), resized to size²."""
+    w, h = image.size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+            return image.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+    return center_crop(image, size)  # fallback, as torchvision
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size`, then take the central size² square."""
+    w, h = image.size
+    s = size / min(w, h)
+    image = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = image.size
+    x, y = (w - size) // 2, (h - size) // 2
+    return image.crop((x, y, x + size, y + size))
+
+
+def train_transform(record: dict, rng: np.random.Generator, size: int, scale) -> np.ndarray:
+    image = random_resized_crop(decode(record), size, rng, scale)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(image, np.uint8)
+
+
+def eval_transform(record: dict, size: int) -> np.ndarray:
+    return np.asarray(center_crop(decode(record), size), np.uint8)
+
+
+def normalize(images):
+    """uint8 images → float32 with CLIP's mean and std (jax or numpy arrays)."""
+    return (images / 255.0 - CLIP_MEAN) / CLIP_STD

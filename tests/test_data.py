@@ -1,0 +1,200 @@
+"""The grain input pipeline, sources, the ArrayRecord converter, and embed → labels → train."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from mlcd_jax.data import convert, pipeline, sources, transforms
+from mlcd_jax.labels import __main__ as labels_cli, embed, store
+
+flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+
+KW = dict(batch_size=32, image_size=16, num_labels=2, seed=3, process_index=0, process_count=1)
+
+
+def batches(ds, n):
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+def jpeg(value, size=(12, 10), fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.fromarray(np.full(size[::-1] + (3,), value, np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+class Encoded:
+    """Encoded images; records in `corrupt` are truncated (a JPEG cut at a third)."""
+
+    def __init__(self, n=24, corrupt=()):
+        self.n, self.corrupt = n, set(corrupt)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        data = jpeg(i * 10)
+        return {"image_bytes": data[:len(data) // 3] if i in self.corrupt else data,
+                "label": i % 5, "path": f"img{i}.jpg"}
+
+
+def test_deterministic_and_reshuffled_each_epoch():
+    src = sources.DigitsSource()
+    a, b = batches(pipeline.dataset(src, **KW), 60), batches(pipeline.dataset(src, **KW), 60)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+    n = len(src)
+    order = np.concatenate([x["index"] for x in a])
+    first, second = order[:n], order[n:2 * n - 1]
+    assert sorted(first.tolist()) == list(range(n))  # an epoch is a permutation
+    assert not np.array_equal(first[:100], second[:100])  # the next epoch is reshuffled
+    other_seed = batches(pipeline.dataset(src, **KW | {"seed": 4}), 1)[0]["index"]
+    assert not np.array_equal(other_seed, a[0]["index"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_resume_from_state(workers):
+    """Deterministic for a given worker count (grain gives each worker a slice of the data)."""
+    src = sources.DigitsSource()
+    reference = batches(pipeline.dataset(src, **KW, workers=workers), 8)
+    it = iter(pipeline.dataset(src, **KW, workers=workers))
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # survives the JSON checkpoint
+    resumed = iter(pipeline.dataset(src, **KW, workers=workers))
+    resumed.set_state(state)
+    for want in reference[5:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["image"], want["image"])
+        np.testing.assert_array_equal(got["labels"], want["labels"])
+
+
+def test_processes_read_disjoint_shares_that_cover_the_data():
+    src = sources.DigitsSource()
+    n, procs, per = len(src), 3, 5
+    seen = [np.concatenate([b["index"] for b in batches(
+        pipeline.dataset(src, **KW | {"batch_size": per * procs, "process_index": p,
+                                      "process_count": procs}), -(-n // (per * procs)))])[:n // procs]
+        for p in range(procs)]
+    union = np.concatenate(seen)
+    assert len(union) == len(set(union.tolist()))  # disjoint
+    assert len(set(union.tolist())) == n // procs * procs  # ≈ every example once per epoch
+
+
+def test_corrupt_images_are_skipped_and_counted():
+    ds = pipeline.dataset(Encoded(24, corrupt={3, 7, 20}), **KW | {"batch_size": 7})
+    got = batches(ds, 3)  # 21 kept examples = one epoch of 24 less 3 corrupt
+    assert sum(int(b["skipped"].sum()) for b in got) == 3
+    kept = np.concatenate([b["index"] for b in got])
+    assert sorted(kept.tolist()) == sorted(set(range(24)) - {3, 7, 20})
+    for b in got:
+        for image, index in zip(b["image"], b["index"]):
+            assert abs(int(image.mean()) - index * 10) <= 3  # each image is its own record's
+
+
+def test_train_and_eval_transforms():
+    record = {"image": np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3)}
+    rng = np.random.default_rng(0)
+    crops = [transforms.train_transform(record, rng, 16, (0.08, 1.0)) for _ in range(5)]
+    assert all(c.shape == (16, 16, 3) and c.dtype == np.uint8 for c in crops)
+    assert len({c.tobytes() for c in crops}) == 5  # random crops differ
+    a, b = transforms.eval_transform(record, 16), transforms.eval_transform(record, 16)
+    np.testing.assert_array_equal(a, b)
+    ones = transforms.normalize(np.full((1, 3), 255, np.uint8))[0]
+    np.testing.assert_allclose(ones, (1 - transforms.CLIP_MEAN) / transforms.CLIP_STD, rtol=1e-6)
+    with pytest.raises(transforms.CorruptImage, match="img3.jpg"):
+        transforms.decode(Encoded(5, corrupt={3})[3])
+
+
+def test_eval_reads_each_example_once_in_order():
+    got = list(pipeline.dataset(Encoded(10), **KW | {"batch_size": 4}, train=False))
+    assert [b["index"].tolist() for b in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_convert_folder_and_tars_to_arrayrecord(tmp_path):
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    (tmp_path / "imgs" / "dog").mkdir()
+    for i in range(5):
+        (tmp_path / "imgs" / ("cat" if i < 3 else "dog") / f"{i}.png").write_bytes(jpeg(i * 40, fmt="PNG"))
+    shards = convert.convert(str(tmp_path / "imgs"), str(tmp_path / "ar" / "train"), shard_size=2)
+    assert [s.rsplit("/", 1)[1] for s in shards] == [f"train-{i:05d}-of-00003.array_record"
+                                                     for i in range(3)]
+    ar = sources.ArrayRecordSource(str(tmp_path / "ar" / "train-*.array_record"))
+    folder = sources.FolderSource(tmp_path / "imgs")
+    assert len(ar) == len(folder) == 5 and folder[4]["label"] == 1
+    for i in range(5):
+        assert ar[i]["image_bytes"] == folder[i]["image_bytes"]
+    index = [json.loads(l) for l in (tmp_path / "ar" / "train.index.jsonl").read_text().splitlines()]
+    assert index[3] == {"record": 3, "name": "dog/3.png"}
+
+    for t in range(2):  # webdataset shards, as img2dataset writes them
+        with tarfile.open(tmp_path / f"shard-{t:05d}.tar", "w") as tar:
+            for k in range(3):
+                for name, data in ((f"{t}{k}.jpg", jpeg(t * 100 + k)), (f"{t}{k}.txt", b"caption")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    convert.convert(str(tmp_path / "shard-{00000..00001}.tar"), str(tmp_path / "ar" / "web"), 100)
+    web = sources.ArrayRecordSource(str(tmp_path / "ar" / "web-*.array_record"))
+    assert len(web) == 6 and web[4]["image_bytes"] == jpeg(101)
+    assert convert.main(["--input", str(tmp_path / "none"), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_embed_kmeans_assign_then_train_on_digits(tmp_path):
+    """The whole label pipeline on real (bundled) images, then the trainer on its labels."""
+    from flax import nnx
+    from mlcd_jax.interop import hf
+    from mlcd_jax.models import vit
+    model = vit.ViT(vit.vit_config("micro", embed_dim=16), rngs=nnx.Rngs(0))
+    hf.save_model_dir(model, tmp_path / "teacher")
+    src = sources.DigitsSource()
+    result = embed.run(src, embed.load_encoder(tmp_path / "teacher"), tmp_path / "emb",
+                       model_name="micro", image_size=16, batch_size=128, shard_size=500)
+    assert result == {"shards": 4, "embedded_now": 4, "complete": True}
+    shards = store.open_embeddings(tmp_path / "emb")
+    assert shards.total == len(src) and shards.dim == 16
+    again = embed.run(src, model, tmp_path / "emb", model_name="micro", image_size=16,
+                      batch_size=128, shard_size=500)
+    assert again["embedded_now"] == 0  # finished shards are never redone
+    # an embedding equals the model's own output for that image
+    x = transforms.normalize(transforms.eval_transform(src[600], 16)[None].astype(np.float32))
+    e = np.asarray(model(x).embedding[0])
+    np.testing.assert_allclose(shards.load(1)[100], e / np.linalg.norm(e), atol=2e-3)
+
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert labels_cli.main(["all", "--embeddings", str(tmp_path / "emb"), "--out",
+                            str(tmp_path / "lab"), "--num_centers", "24", "--num_labels", "3"]) == 0
+    train = lambda workdir: subprocess.run(
+        [sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py",
+         f"--workdir={workdir}", "--config.data.source=digits",
+         f"--config.data.labels={tmp_path / 'lab'}", "--config.head.num_classes=24",
+         "--config.data.num_labels=3", "--config.total_steps=6", "--config.log_every=3",
+         "--config.checkpoint_every=3", "--config.data.workers=1"],
+        capture_output=True, text=True, env=env)
+    result = train(tmp_path / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 6/6" in result.stdout and "skipped_images" in (tmp_path / "run" / "metrics.jsonl").read_text()
+
+    # Resume from step 3 (the grain iterator state is in the checkpoint): steps 4-6 repeat exactly.
+    import shutil
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "6")
+    again = train(tmp_path / "resumed")
+    assert again.returncode == 0 and "resuming at step 3" in again.stdout, again.stderr[-2000:]
+    logged = lambda d: {r["step"]: (r["loss"], r["skipped_images"]) for r in
+                        map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())}
+    assert logged("resumed") == logged("run") and 6 in logged("run")
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py",
+         f"--workdir={tmp_path / 'run2'}", "--config.data.source=digits",
+         f"--config.data.labels={tmp_path / 'lab'}", "--config.head.num_classes=60"],
+        capture_output=True, text=True)
+    assert bad.returncode != 0 and "uses K = 24 classes but config.head.num_classes = 60" in bad.stderr
