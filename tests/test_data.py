@@ -198,3 +198,15 @@ def test_embed_kmeans_assign_then_train_on_digits(tmp_path):
          f"--config.data.labels={tmp_path / 'lab'}", "--config.head.num_classes=60"],
         capture_output=True, text=True)
     assert bad.returncode != 0 and "uses K = 24 classes but config.head.num_classes = 60" in bad.stderr
+
+
+def test_tfds_data_source_through_the_pipeline():
+    import tensorflow_datasets as tfds
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        src = sources.TfdsSource("mnist", "train")
+        got = batches(pipeline.dataset(src, **KW | {"batch_size": 8}), 5)
+    assert len(src) == 40
+    assert got[0]["image"].shape == (8, 16, 16, 3) and got[0]["image"].dtype == np.uint8
+    labels = np.concatenate([b["labels"] for b in got])
+    assert labels[:, 0].min() >= 0 and labels[:, 0].max() <= 9 and (labels[:, 1] == -1).all()
+    assert sorted(np.concatenate([b["index"] for b in got]).tolist()) == list(range(40))

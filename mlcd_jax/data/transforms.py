@@ -18,7 +18,10 @@ class CorruptImage(Exception):
 
 def decode(record: dict) -> Image.Image:
     if "image" in record:
-        return Image.fromarray(np.asarray(record["image"], np.uint8)).convert("RGB")
+        array = np.asarray(record["image"], np.uint8)
+        if array.ndim == 3 and array.shape[-1] == 1:  # grayscale H × W × 1 (e.g. tfds mnist)
+            array = array[..., 0]
+        return Image.fromarray(array).convert("RGB")
     try:
         image = Image.open(io.BytesIO(record["image_bytes"]))
         image.load()  # decode now: a truncated file fails here, not later
