@@ -1,0 +1,54 @@
+"""Frozen features of a dataset: eval transform, jitted forward in batches split over the mesh."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from mlcd_jax import mesh as mesh_lib
+from mlcd_jax.data import pipeline, transforms
+
+
+def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
+            desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, labels (N,)) of `source` in order; the source's own labels."""
+    graphdef, params = nnx.split(model)
+    sharding = None
+    if mesh is not None:
+        shards = mesh_lib.num_batch_shards(mesh)
+        batch_size = -(-batch_size // shards) * shards
+        sharding = NamedSharding(mesh, mesh_lib.batch_spec(mesh))
+        params = jax.device_put(params, mesh_lib.replicated(mesh))
+
+    @jax.jit
+    def forward(params, images):
+        out = nnx.merge(graphdef, params)(transforms.normalize(images.astype(jnp.float32)))
+        return out.embedding.astype(jnp.float32)
+
+    ds = pipeline.dataset(source, batch_size=batch_size, image_size=image_size, num_labels=1,
+                          seed=0, train=False, process_index=0, process_count=1)
+    feats, labels = [], []
+    with tqdm(total=len(source), desc=desc, unit="img") as bar:
+        for batch in ds:
+            images, n = batch["image"], len(batch["image"])
+            padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
+                                                      images.dtype)])  # one compiled shape
+            if sharding is not None:
+                padded = jax.device_put(padded, sharding)
+            feats.append(np.asarray(forward(params, padded))[:n])
+            labels.append(batch["labels"][:, 0])
+            bar.update(n)
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def pixels(source, *, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw-pixel features (the eval transform's uint8 image, flattened, in [0, 1])."""
+    ds = pipeline.dataset(source, batch_size=512, image_size=image_size, num_labels=1, seed=0,
+                          train=False, process_index=0, process_count=1)
+    batches = list(ds)
+    x = np.concatenate([b["image"].reshape(len(b["image"]), -1) for b in batches]) / 255.0
+    return x.astype(np.float32), np.concatenate([b["labels"][:, 0] for b in batches])

@@ -1,0 +1,47 @@
+"""Linear probe (CLIP protocol) and kNN (DINO protocol) on frozen features."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+
+def _fit_score(c, train_x, train_y, test_x, test_y, max_iter):
+    clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)
+    clf.fit(train_x, train_y)
+    return float((clf.predict(test_x) == test_y).mean())
+
+
+def linear_probe(train_x, train_y, test_x, test_y, *, val_fraction: float = 0.2, seed: int = 0,
+                 max_iter: int = 1000) -> dict:
+    """L-BFGS logistic regression; the inverse L2 strength C is searched on a validation split held
+    out of train (10^-6 … 10^6 by decades, then quarter-decades around the best), then the model is
+    refit on train + validation with that C and scored on test."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(train_x))
+    n_val = max(1, int(len(order) * val_fraction))
+    val, fit = order[:n_val], order[n_val:]
+    score = lambda c: _fit_score(c, train_x[fit], train_y[fit], train_x[val], train_y[val], max_iter)
+    coarse = {c: score(c) for c in 10.0 ** np.arange(-6, 7)}
+    best = max(coarse, key=lambda c: (coarse[c], -abs(np.log10(c))))
+    fine = {c: score(c) for c in best * 10.0 ** np.array([-0.75, -0.5, -0.25, 0.25, 0.5, 0.75])}
+    searched = coarse | fine
+    best = max(searched, key=lambda c: (searched[c], -abs(np.log10(c))))
+    accuracy = _fit_score(best, train_x, train_y, test_x, test_y, max_iter)
+    return {"accuracy": accuracy, "C": float(best), "val_accuracy": searched[best]}
+
+
+def knn(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: float = 0.07) -> dict:
+    """k nearest neighbours by cosine similarity; each votes for its class with weight
+    exp(similarity / temperature)."""
+    norm = lambda x: np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True),
+                                                         1e-12), np.float32)
+    index = faiss.IndexFlatIP(train_x.shape[1])
+    index.add(norm(train_x))
+    sims, idx = index.search(norm(test_x), min(k, len(train_x)))
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    votes = np.zeros((len(test_x), classes))
+    np.add.at(votes, (np.arange(len(test_x))[:, None], train_y[idx]), np.exp(sims / temperature))
+    return {"accuracy": float((votes.argmax(1) == test_y).mean()), "k": k,
+            "temperature": temperature}

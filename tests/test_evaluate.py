@@ -1,0 +1,74 @@
+"""Evaluators: linear probe and kNN against known behaviour, features sharded == unsharded, CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from mlcd_jax import mesh as mesh_lib
+from mlcd_jax.data import sources
+from mlcd_jax.evaluate import __main__ as cli, features, probes
+from mlcd_jax.models import vit
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(x))
+    return x[order[:1200]], y[order[:1200]], x[order[1200:]], y[order[1200:]]
+
+
+def test_linear_probe_on_digits(digits):
+    train_x, train_y, test_x, test_y = digits
+    result = probes.linear_probe(train_x, train_y, test_x, test_y)
+    assert result["accuracy"] >= 0.93  # logistic regression on clean digits: ~0.96
+    assert 1e-6 <= result["C"] <= 1e6
+    shuffled = probes.linear_probe(train_x, np.random.default_rng(1).permutation(train_y),
+                                   test_x, test_y)
+    assert shuffled["accuracy"] < 0.25  # labels unrelated to features: chance is 0.1
+
+
+def test_knn_on_digits_and_vote_by_hand(digits):
+    train_x, train_y, test_x, test_y = digits
+    assert probes.knn(train_x, train_y, test_x, test_y)["accuracy"] >= 0.95
+    # Two neighbours of class 0 at cos 0.6, one of class 1 at cos 0.99: weights exp(s / T) decide.
+    train = np.array([[0.6, 0.8], [0.6, -0.8], [0.99, np.sqrt(1 - 0.99**2)]])
+    query = np.array([[1.0, 0.0]])
+    got = probes.knn(train, np.array([0, 0, 1]), query, np.array([1]), k=3, temperature=0.07)
+    assert got["accuracy"] == 1.0  # 2·e^(0.6/0.07) < e^(0.99/0.07)
+    got = probes.knn(train, np.array([0, 0, 1]), query, np.array([0]), k=3, temperature=10.0)
+    assert got["accuracy"] == 1.0  # at a high temperature the two votes win
+
+
+def test_features_sharded_equal_unsharded(devices):
+    model = vit.ViT(vit.vit_config("micro", embed_dim=8), rngs=nnx.Rngs(0))
+    src = cli.Subset(sources.DigitsSource(), np.arange(100))
+    one, y1 = features.extract(model, src, image_size=16, batch_size=32)
+    many, y8 = features.extract(model, src, image_size=16, batch_size=32,
+                                mesh=mesh_lib.make_mesh([("data", -1)]))
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(y1, sources.DigitsSource().labels[:100])
+    np.testing.assert_array_equal(y8, y1)
+
+
+def test_cli_on_a_training_workdir(tmp_path):
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    train = subprocess.run(
+        [sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py",
+         f"--workdir={tmp_path}", "--config.data.source=digits", "--config.head.num_classes=10",
+         "--config.data.num_labels=1", "--config.total_steps=4"],
+        capture_output=True, text=True, env=env)
+    assert train.returncode == 0, train.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "mlcd_jax.evaluate", f"--workdir={tmp_path}",
+                             "--dataset=digits"], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 <= out["linear_probe"]["accuracy"] <= 1 and 0 <= out["knn"]["accuracy"] <= 1
+    assert out["train"] + out["test"] == 1797 and "step 4" in out["model"]
+    bad = subprocess.run([sys.executable, "-m", "mlcd_jax.evaluate", f"--workdir={tmp_path / 'x'}",
+                          "--dataset=digits"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "must be a training workdir" in bad.stderr
