@@ -47,14 +47,17 @@ class Encoded:
 
 def test_deterministic_and_reshuffled_each_epoch():
     src = sources.DigitsSource()
-    a, b = batches(pipeline.dataset(src, **KW), 60), batches(pipeline.dataset(src, **KW), 60)
+    a, b = batches(pipeline.dataset(src, **KW), 115), batches(pipeline.dataset(src, **KW), 115)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["image"], y["image"])
     n = len(src)
     order = np.concatenate([x["index"] for x in a])
-    first, second = order[:n], order[n:2 * n - 1]
-    assert sorted(first.tolist()) == list(range(n))  # an epoch is a permutation
-    assert not np.array_equal(first[:100], second[:100])  # the next epoch is reshuffled
+    first, second = order[:n], order[n:2 * n]
+    assert sorted(first.tolist()) == list(range(n))  # each epoch is a permutation of the source
+    assert sorted(second.tolist()) == list(range(n))
+    assert not np.array_equal(first, second)  # the next epoch is reshuffled
+    for b in a[-3:]:  # labels of later epochs are still joined by the source index
+        np.testing.assert_array_equal(b["labels"][:, 0], src.labels[b["index"]])
     other_seed = batches(pipeline.dataset(src, **KW | {"seed": 4}), 1)[0]["index"]
     assert not np.array_equal(other_seed, a[0]["index"])
 

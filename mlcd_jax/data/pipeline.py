@@ -23,10 +23,12 @@ class LabelLookup:
     """Joins a record with its labels by source index; the label store stays memory-mapped (and is
     reopened, not copied, in worker processes)."""
 
-    def __init__(self, labels_path: str | None, num_labels: int):
-        self.path, self.num_labels, self._labels = labels_path, num_labels, None
+    def __init__(self, labels_path: str | None, num_labels: int, num_records: int):
+        self.path, self.num_labels, self.num_records = labels_path, num_labels, num_records
+        self._labels = None
 
     def __call__(self, index: int, record: dict) -> dict:
+        index %= self.num_records  # after repeat(), positions run past the source's length
         if self.path is None:  # the source's own class as the single label
             labels = np.full((self.num_labels,), -1, np.int32)
             labels[0] = record.get("label", -1)
@@ -37,7 +39,7 @@ class LabelLookup:
         return {**record, "index": index, "labels": labels}
 
     def __getstate__(self):
-        return {"path": self.path, "num_labels": self.num_labels, "_labels": None}
+        return self.__dict__ | {"_labels": None}
 
 
 def _augment(record: dict, rng: np.random.Generator, *, size: int, scale, train: bool) -> dict:
@@ -88,7 +90,8 @@ def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: 
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
         raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
-    ds = grain.MapDataset.source(source).map_with_index(LabelLookup(labels_path, num_labels))
+    ds = grain.MapDataset.source(source).map_with_index(
+        LabelLookup(labels_path, num_labels, len(source)))
     if train:
         ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
     ds = ds[process_index::process_count]  # disjoint shares that cover every epoch
