@@ -41,7 +41,7 @@ def split(source, test_fraction: float, seed: int = 0):
 
 def load_from_workdir(workdir):
     """The encoder of a trainer workdir: its resolved config.json and latest checkpoint."""
-    import orbax.checkpoint as ocp
+    import jax
     from flax import nnx
     from mlcd_jax import checkpoint, config as config_lib
     from mlcd_jax.models import vit
@@ -50,11 +50,17 @@ def load_from_workdir(workdir):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: --workdir must be a training workdir")
     c = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    step = checkpoint.Checkpointer(workdir / "checkpoints").latest_step()
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
+    step = ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}: train first")
-    with ocp.StandardCheckpointer() as ckpt:
-        state = ckpt.restore(workdir / "checkpoints" / str(step) / "state")
+    # The run may have used another device count: restore every array onto this process's first
+    # device, shapes from the checkpoint's metadata.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          ckpt.manager.item_metadata(step)["state"])
+    state, _ = ckpt.restore(target, step)
+    ckpt.close()
     cfg = config_lib.vit_config(c)
     model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
     graphdef, _ = nnx.split(model)

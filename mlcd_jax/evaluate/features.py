@@ -46,9 +46,10 @@ def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
 
 
 def pixels(source, *, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw-pixel features (the eval transform's uint8 image, flattened, in [0, 1])."""
+    """Raw-pixel features: the eval transform's image in grayscale (mean of the channels),
+    flattened, in [0, 1]."""
     ds = pipeline.dataset(source, batch_size=512, image_size=image_size, num_labels=1, seed=0,
                           train=False, process_index=0, process_count=1)
     batches = list(ds)
-    x = np.concatenate([b["image"].reshape(len(b["image"]), -1) for b in batches]) / 255.0
+    x = np.concatenate([b["image"].mean(-1).reshape(len(b["image"]), -1) for b in batches]) / 255.0
     return x.astype(np.float32), np.concatenate([b["labels"][:, 0] for b in batches])
