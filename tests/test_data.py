@@ -213,3 +213,18 @@ def test_tfds_data_source_through_the_pipeline():
     labels = np.concatenate([b["labels"] for b in got])
     assert labels[:, 0].min() >= 0 and labels[:, 0].max() <= 9 and (labels[:, 1] == -1).all()
     assert sorted(np.concatenate([b["index"] for b in got]).tolist()) == list(range(40))
+
+
+def test_digits_canvas_makes_raw_pixels_weak():
+    """The demo's task: the same digits, but pixels of the canvas carry little of the class."""
+    from mlcd_jax.evaluate import probes
+    train, test = sources.DigitsCanvasSource("train"), sources.DigitsCanvasSource("test")
+    assert len(train) + len(test) == 1797 and not set(train.indices) & set(test.indices)
+    np.testing.assert_array_equal(sources.DigitsCanvasSource("train").images, train.images)
+    assert train.images.shape[1:] == (32, 32, 3) and train.clean.shape[1:] == (8, 8)
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32)
+    canvas = probes.knn(flat(train.images), train.labels, flat(test.images), test.labels)
+    clean = probes.knn(flat(train.clean), train.labels, flat(test.clean), test.labels)
+    assert canvas["accuracy"] < 0.6 and clean["accuracy"] > 0.9
+    with pytest.raises(ValueError, match="must be train or test"):
+        sources.DigitsCanvasSource("validation")

@@ -87,6 +87,7 @@ SIZES = {
     "bigG/14": dict(width=1664, depth=48, heads=16, mlp_dim=8192, patch=14),
     # For tests and the CPU demo.
     "tiny": dict(width=64, depth=2, heads=4, mlp_dim=128, patch=8, image_size=32),
+    "demo": dict(width=64, depth=4, heads=4, mlp_dim=256, patch=4, image_size=32),
     "micro": dict(width=32, depth=2, heads=2, mlp_dim=64, patch=4, image_size=16),
 }
 

@@ -1,0 +1,33 @@
+"""The demo's pretraining run (`make demo` drives it): a small RoPE ViT on digits placed on a 32 × 32
+canvas, labels from clustering the clean digits (the teacher), 8 simulated CPU devices.
+
+    configs/demo.py:mlcd     multi-label (l = 4), MLCD loss
+    configs/demo.py:single   single label (l = 1), UNICOM loss, same budget
+"""
+
+from mlcd_jax import config as config_lib
+
+
+def get_config(arg="mlcd"):
+    c = config_lib.base_config()
+    c.mesh = (("data", -1),)
+    c.model.size = "demo"
+    c.model.embed_dim = 64
+    c.model.dtype = "float32"
+    c.head.loss = "mlcd" if arg == "mlcd" else "unicom"
+    c.head.num_classes = 64
+    c.head.sample_ratio = 1.0       # K is small: every class, exactly
+    c.data.source = "digits_canvas"
+    c.data.split = "train"
+    c.data.image_size = 32
+    c.data.num_labels = 4 if arg == "mlcd" else 1
+    c.data.crop_scale = (0.6, 1.0)
+    c.data.labels = ""              # set by the demo driver
+    c.batch_size = 128
+    c.total_steps = 600
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.05
+    c.log_every = 20
+    c.checkpoint_every = 600
+    return c
