@@ -64,7 +64,7 @@ def main(argv=None):
                           + rng.standard_normal((n, a.dim), dtype=np.float32))
         emb = store.write_embeddings(tmp / "emb", shards, model="bench")
         del shards
-        x = kmeans.normalize(np.concatenate([emb.load(i) for i in range(len(emb.files))]))
+        x = store.normalize(np.concatenate([emb.load(i) for i in range(len(emb.files))]))
 
         ppc = -(-a.points // a.centers)
         (ours_centers, _), ours_km = timed(lambda: kmeans.fit(

@@ -95,7 +95,7 @@ def test_ivf_index_reports_recall(embedded):
                         nprobe=20, recall_sample=500)
     assert 0.9 <= result["recall_at_l"] <= 1.0
     assert json.loads((tmp / "ivf" / "manifest.json").read_text())["recall_at_l"] == result["recall_at_l"]
-    exact = dense_top_l(x, kmeans.normalize(centers), 5)[0]
+    exact = dense_top_l(x, store.normalize(centers), 5)[0]
     assert (np.load(tmp / "ivf" / "labels.npy")[:, 0] == exact[:, 0]).mean() > 0.9
 
 

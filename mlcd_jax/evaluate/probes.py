@@ -6,6 +6,8 @@ import faiss
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
+from mlcd_jax.labels import store
+
 
 def _fit_score(c, train_x, train_y, test_x, test_y, max_iter):
     clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)
@@ -35,8 +37,7 @@ def linear_probe(train_x, train_y, test_x, test_y, *, val_fraction: float = 0.2,
 def knn(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: float = 0.07) -> dict:
     """k nearest neighbours by cosine similarity; each votes for its class with weight
     exp(similarity / temperature)."""
-    norm = lambda x: np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True),
-                                                         1e-12), np.float32)
+    norm = lambda x: np.ascontiguousarray(store.normalize(x))
     index = faiss.IndexFlatIP(train_x.shape[1])
     index.add(norm(train_x))
     sims, idx = index.search(norm(test_x), min(k, len(train_x)))

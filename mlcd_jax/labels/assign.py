@@ -54,7 +54,7 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
         nprobe: int = 64, process_index: int = 0, process_count: int = 1,
         chunk: int = 65_536, recall_sample: int = 10_000, seed: int = 0) -> dict:
     shards = store.open_embeddings(embeddings_dir)
-    centers = kmeans.normalize(np.load(centers_path))
+    centers = store.normalize(np.load(centers_path))
     if centers.shape[1] != shards.dim:
         raise ValueError(f"{centers_path} has width {centers.shape[1]} but the embeddings in "
                          f"{embeddings_dir} have {shards.dim}; were they made by another model?")
@@ -71,7 +71,7 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
             x = shards.load(i)
             labels = np.empty((len(x), num_labels), np.int32)
             for s in range(0, len(x), chunk):
-                _, labels[s:s + chunk] = index.search(kmeans.normalize(x[s:s + chunk]), num_labels)
+                _, labels[s:s + chunk] = index.search(store.normalize(x[s:s + chunk]), num_labels)
                 bar.update(min(chunk, len(x) - s))
             store.write_npy_atomic(out / "parts" / f"part_{i:05d}.npy", labels)
     seconds = time.perf_counter() - t

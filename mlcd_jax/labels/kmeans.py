@@ -20,11 +20,6 @@ from mlcd_jax.labels import store
 INITS = {"random": 0, "kmeans++": 1, "afkmc2": 2}
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def sample(shards: store.EmbeddingShards, size: int, seed: int) -> np.ndarray:
     """`size` rows drawn without replacement over all shards, L2-normalised float32."""
     size = min(size, shards.total)
@@ -35,7 +30,7 @@ def sample(shards: store.EmbeddingShards, size: int, seed: int) -> np.ndarray:
         if hi > lo:
             out[done:done + hi - lo] = shards.load(i)[rows[lo:hi] - offsets[i]]
             done += hi - lo
-    return normalize(out)
+    return store.normalize(out)
 
 
 def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "random",
@@ -49,7 +44,7 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
                       nredo=nredo, max_points_per_centroid=max(1, -(-len(x) // k)))
     km.cp.init_method = INITS[init]
     km.train(x)
-    return normalize(km.centroids)
+    return store.normalize(km.centroids)
 
 
 def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: int = 256,

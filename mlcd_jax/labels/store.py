@@ -70,14 +70,19 @@ def open_embeddings(directory) -> EmbeddingShards:
                             "and no img_emb/img_emb_*.npy (clip-retrieval); point --embeddings at one")
 
 
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows L2-normalised, float32."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def write_embeddings(directory, shards, *, model: str, source: str = "") -> EmbeddingShards:
     """Write L2-normalised float16 shards emb_00000.npy, ... and the manifest (last, atomically)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     entries, dim = [], None
     for i, x in enumerate(shards):
-        x = np.asarray(x, np.float32)
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = normalize(x)
         dim = x.shape[1]
         write_npy_atomic(directory / f"emb_{i:05d}.npy", x.astype(np.float16))
         entries.append({"file": f"emb_{i:05d}.npy", "count": len(x)})
