@@ -13,6 +13,7 @@ import math
 import ml_collections
 
 from mlcd_jax import mesh as mesh_lib
+from mlcd_jax.data import sources
 from mlcd_jax.models import vit
 
 LOSSES = ("mlcd", "unicom")
@@ -44,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.head.lr_mult = 1.0                    # learning-rate multiplier of the class centers
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"             # synthetic, digits, folder, arrayrecord or tfds
+    c.data.source = "synthetic"             # one of mlcd_jax.data.sources.SOURCES
     c.data.path = ""                        # folder / ArrayRecord glob / tfds data_dir
     c.data.tfds_name = ""
     c.data.split = "train"
@@ -105,6 +106,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
              f"(got total_steps={c.total_steps}, epochs={c.epochs})")
     if c.head.loss not in LOSSES:
         fail("head.loss", f"must be one of {LOSSES}, got {c.head.loss!r}")
+    if c.data.source not in sources.SOURCES:
+        fail("data.source", f"must be one of {sources.SOURCES}, got {c.data.source!r}")
     if not 0 < c.head.sample_ratio <= 1:
         fail("head.sample_ratio", f"must be in (0, 1], got {c.head.sample_ratio}")
     if c.data.num_labels < 1:

@@ -129,6 +129,7 @@ def test_config_typo_is_a_clear_error(tmp_path):
     ("epochs", 2.0, "set exactly one of config.total_steps and config.epochs"),
     ("head.loss", "arcface", "config.head.loss: must be one of"),
     ("model.size", "B/8", "unknown ViT size 'B/8'"),
+    ("data.source", "laion", "config.data.source: must be one of"),
 ])
 def test_config_validation_names_field_and_fix(field, value, message):
     sys.path.insert(0, str(REPO / "configs"))

@@ -15,6 +15,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+SOURCES = ("synthetic", "digits", "digits_canvas", "folder", "arrayrecord", "tfds")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -137,5 +138,4 @@ def make_source(data) -> object:
         return ArrayRecordSource(data.path)
     if kind == "tfds":
         return TfdsSource(data.tfds_name, data.split, data.path or None)
-    raise ValueError(f"config.data.source must be one of synthetic, digits, digits_canvas, folder, "
-                     f"tfds; got {kind!r}")
+    raise ValueError(f"config.data.source must be one of {SOURCES}; got {kind!r}")
