@@ -1,23 +1,34 @@
-# `make test` and every other target create .venv from this repo's own files on first use.
+# Every target creates .venv from this repo's own files on first use: `make demo` installs the
+# package, `make test` adds the test extra (torch CPU + transformers, for parity tests only).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+INSTALLED := $(VENV)/.installed
+TEST_INSTALLED := $(VENV)/.installed-test
 
-.PHONY: test bench-head clean
+.PHONY: demo test bench-head clean
 
-$(STAMP): pyproject.toml requirements.txt
+$(INSTALLED): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(INSTALLED)
+
+$(TEST_INSTALLED): $(INSTALLED)
 	$(PY) -m pip install --quiet -e ".[test]"
-	touch $(STAMP)
+	touch $(TEST_INSTALLED)
+
+# The main job on bundled data: cluster → multi-label → pretrain on 8 simulated devices → evaluate.
+# Writes runs/demo/results.json, loss.png, cosine.png (~5 min on 2 CPU cores).
+demo: $(INSTALLED)
+	$(PY) -m mlcd_jax.demo --workdir runs/demo
 
 # The suite runs on 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS before jax loads).
-test: $(STAMP)
+test: $(TEST_INSTALLED)
 	$(PY) -m pytest -n 2 tests
 
 # Per-device memory and step time of the sharded head (default: K = 1,000,000, D = 512, 1 vs 8 devices).
-bench-head: $(STAMP)
+bench-head: $(INSTALLED)
 	$(PY) bench/head.py
 
 clean:

@@ -17,17 +17,25 @@ def get_config(arg="mlcd"):
     c.head.loss = "mlcd" if arg == "mlcd" else "unicom"
     c.head.num_classes = 64
     c.head.sample_ratio = 1.0       # K is small: every class, exactly
+    # ArcFace (the default) trains the MLCD run here, but the single-label run collapses with it (every
+    # embedding opposite every center, pos_cos ≈ -0.8); CosFace trains both, so both use it.
+    c.head.margin_type = "cosface"
     c.data.source = "digits_canvas"
     c.data.split = "train"
     c.data.image_size = 32
     c.data.num_labels = 4 if arg == "mlcd" else 1
     c.data.crop_scale = (0.6, 1.0)
+    c.data.flip = False             # a mirrored digit is another glyph
     c.data.labels = ""              # set by the demo driver
     c.batch_size = 128
-    c.total_steps = 600
-    c.optim.lr = 2e-3
+    c.total_steps = 400
+    c.optim.lr = 5e-3
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.05
     c.log_every = 20
-    c.checkpoint_every = 600
+    c.checkpoint_every = 400
+    c.evals.every = 100             # kNN on the held-out canvases while training
+    c.evals.dataset = "digits_canvas"
+    c.evals.test_split = "test"
+    c.evals.probes = ("knn",)
     return c

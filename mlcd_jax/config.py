@@ -14,6 +14,7 @@ import ml_collections
 
 from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import sources
+from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.models import vit
 
 LOSSES = ("mlcd", "unicom")
@@ -53,6 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
                                             # the source's own class as the single label
     c.data.workers = 0                      # grain worker processes (0 = in the main process)
     c.data.crop_scale = (0.08, 1.0)         # random-resized-crop area fraction
+    c.data.flip = True                      # random horizontal flip (off where it changes the
+                                            # class, e.g. digits)
     c.data.image_size = 224
     c.data.num_labels = 8                   # l
     c.data.num_examples = 1_000_000
@@ -76,6 +79,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1_000
     c.keep_checkpoints = 3
+
+    # Periodic evaluation of the encoder (linear probe / kNN on frozen features), logged to
+    # evals.jsonl and TensorBoard; the same evaluators as `python -m mlcd_jax.evaluate`.
+    c.evals = ml_collections.ConfigDict()
+    c.evals.every = 0                       # steps between evals (and after the last); 0 = off
+    c.evals.dataset = "digits"              # a data source other than synthetic
+    c.evals.path = ""
+    c.evals.tfds_name = ""
+    c.evals.train_split = "train"
+    c.evals.test_split = ""                 # "" = hold out test_fraction of train_split
+    c.evals.test_fraction = 0.3
+    c.evals.probes = ("knn", "linear_probe")
     return c
 
 
@@ -112,6 +127,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         fail("head.sample_ratio", f"must be in (0, 1], got {c.head.sample_ratio}")
     if c.data.num_labels < 1:
         fail("data.num_labels", f"must be ≥ 1, got {c.data.num_labels}")
+    if c.evals.every < 0:
+        fail("evals.every", f"must be ≥ 0 (0 = no evals), got {c.evals.every}")
+    evaluable = tuple(s for s in sources.SOURCES if s != "synthetic")
+    if c.evals.every and c.evals.dataset not in evaluable:
+        fail("evals.dataset", f"must be one of {evaluable}, got {c.evals.dataset!r}")
+    if c.evals.every and (not c.evals.probes or set(c.evals.probes) - set(eval_run.PROBES)):
+        fail("evals.probes", f"must be a non-empty subset of {eval_run.PROBES}, got "
+             f"{c.evals.probes!r}")
     try:
         names, sizes = mesh_lib.resolve_axis_sizes(c.mesh, num_devices)
         vit_config(c)

@@ -12,6 +12,7 @@ teacher. Writes results.json, a table, and loss / cosine curves (PNG) to the wor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -22,17 +23,20 @@ import time
 import numpy as np
 
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import __main__ as evaluate_cli, features, probes
+from mlcd_jax.evaluate import features, probes, run as eval_run
 from mlcd_jax.labels import assign, kmeans, store
 
 K, L = 64, 4
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "demo.py"
 
 
 def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
     """Cluster the teacher's embeddings of the train split; the label store joins by index."""
     emb = train.clean.reshape(len(train), -1).astype(np.float32)
     shards = store.write_embeddings(workdir / "teacher_embeddings", [emb], model="clean-digit-pixels")
-    centers, _ = kmeans.fit(shards, K, points_per_center=256, niter=30, init="kmeans++", nredo=3)
+    centers, _ = kmeans.fit(shards, K, points_per_center=256, niter=30, init="kmeans++", nredo=3,
+                            verbose=False)
     (workdir / "labels").mkdir(parents=True, exist_ok=True)
     np.save(workdir / "labels" / "centers.npy", centers)
     assign.run(shards.directory, workdir / "labels" / "centers.npy", workdir / "labels",
@@ -42,26 +46,31 @@ def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
 
 def pretrain(workdir: pathlib.Path, kind: str, labels: pathlib.Path, overrides=()) -> None:
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    subprocess.run([sys.executable, "-m", "mlcd_jax.train", f"--config=configs/demo.py:{kind}",
+    subprocess.run([sys.executable, "-m", "mlcd_jax.train", f"--config={CONFIG}:{kind}",
                     f"--workdir={workdir / kind}", f"--config.data.labels={labels}", *overrides],
-                   check=True, env=env, cwd=pathlib.Path(__file__).resolve().parents[1])
+                   check=True, env=env, cwd=REPO)
 
 
 def score(train_xy, test_xy) -> tuple[float, float]:
-    (tx, ty), (vx, vy) = train_xy, test_xy
-    return (probes.linear_probe(tx, ty, vx, vy)["accuracy"], probes.knn(tx, ty, vx, vy)["accuracy"])
+    return (probes.linear_probe(*train_xy, *test_xy)["accuracy"],
+            probes.knn(*train_xy, *test_xy)["accuracy"])
 
 
 def plot(workdir: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    runs = {kind: [json.loads(l) for l in (workdir / kind / "metrics.jsonl").read_text().splitlines()]
-            for kind in ("mlcd", "single")}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    read = lambda path: [json.loads(l) for l in path.read_text().splitlines()]
+    runs = {kind: read(workdir / kind / "metrics.jsonl") for kind in ("mlcd", "single")}
+    evals = {kind: read(workdir / kind / "evals.jsonl") for kind in ("mlcd", "single")}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for kind, rows in runs.items():
         ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=kind)
-    ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.legend(), fig.tight_layout()
+    ax.set_xlabel("step"), ax.set_ylabel("training loss"), ax.legend()
+    for kind, rows in evals.items():
+        ax2.plot([r["step"] for r in rows], [r["knn"] for r in rows], "o-", label=kind)
+    ax2.set_xlabel("step"), ax2.set_ylabel("kNN accuracy, held-out canvases"), ax2.legend()
+    fig.tight_layout()
     fig.savefig(workdir / "loss.png", dpi=100)
     fig, ax = plt.subplots(figsize=(6, 4))
     for kind, rows in runs.items():
@@ -96,12 +105,12 @@ def main(argv=None) -> int:
     from flax import nnx
     from mlcd_jax import config as config_lib
     from mlcd_jax.models import vit
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
-    import demo as demo_config
-    encoders = {"random_init": vit.ViT(config_lib.vit_config(demo_config.get_config("mlcd")),
-                                       rngs=nnx.Rngs(0))}
+    spec = importlib.util.spec_from_file_location("demo_config", CONFIG)
+    spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
+    demo_config = module.get_config("mlcd")
+    encoders = {"random_init": vit.ViT(config_lib.vit_config(demo_config), rngs=nnx.Rngs(0))}
     for kind, key in (("single", "single_label"), ("mlcd", "mlcd")):
-        encoders[key] = evaluate_cli.load_from_workdir(workdir / kind)[0]
+        encoders[key] = eval_run.load_from_workdir(workdir / kind)[0]
     results = {"linear_probe": {}, "knn": {}}
 
     def record(name, lp, kn):
@@ -111,8 +120,8 @@ def main(argv=None) -> int:
     record("raw_pixels", *score(features.pixels(train, image_size=32),
                                 features.pixels(test, image_size=32)))
     for name, model in encoders.items():
-        record(name, *score(features.extract(model, train, image_size=32, desc=name),
-                            features.extract(model, test, image_size=32, desc=name)))
+        result = eval_run.evaluate(model, train, test, image_size=32, desc=name)
+        record(name, result["linear_probe"]["accuracy"], result["knn"]["accuracy"])
     clean = lambda s: (s.clean.reshape(len(s), -1) / 255.0, s.labels)
     record("teacher", *score(clean(train), clean(test)))
     results["wall_s"] = time.time() - start

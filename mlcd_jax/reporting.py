@@ -16,6 +16,7 @@ class Reporter:
         self.total, self.batch = total_steps, batch_size
         self.workdir = pathlib.Path(workdir)
         self.jsonl = self.workdir / "metrics.jsonl"
+        self.evals_jsonl = self.workdir / "evals.jsonl"
         self._mark = None  # (time, step) of the last report, set after the first step's compile
         self.tb = None
         if self.enabled:
@@ -26,10 +27,10 @@ class Reporter:
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint: drop their old lines."""
-        if not self.jsonl.exists():
-            return
-        keep = [l for l in self.jsonl.read_text().splitlines() if json.loads(l)["step"] <= step]
-        self.jsonl.write_text("".join(l + "\n" for l in keep))
+        for path in (self.jsonl, self.evals_jsonl):
+            if path.exists():
+                keep = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step]
+                path.write_text("".join(l + "\n" for l in keep))
 
     def start_clock(self, step: int) -> None:
         self._mark = (time.perf_counter(), step)
@@ -56,6 +57,17 @@ class Reporter:
         speed = f" {record['images_per_s']:.1f} img/s" if rate else ""
         print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {shown}{speed} "
               f"ETA {eta}", flush=True)
+
+    def log_eval(self, step: int, accuracies: dict[str, float]) -> None:
+        """Eval accuracies at `step`: evals.jsonl, TensorBoard (eval/NAME) and one line."""
+        if not self.enabled:
+            return
+        with self.evals_jsonl.open("a") as f:
+            f.write(json.dumps({"step": step, **accuracies}) + "\n")
+        for k, v in accuracies.items():
+            self.tb.add_scalar(f"eval/{k}", v, step)
+        print(f"eval at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in accuracies.items()),
+              flush=True)
 
     def message(self, text: str) -> None:
         if self.enabled:

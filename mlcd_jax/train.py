@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from mlcd_jax import checkpoint, config as config_lib, head, mesh as mesh_lib, optim, reporting
 from mlcd_jax.data import input as input_lib, transforms
+from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.models import vit
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
@@ -165,6 +166,11 @@ def main(argv):
 
     # Data: synthetic, or a real source through grain joined with its label store (checked now).
     inputs = input_lib.make_train_input(c, batch_sharding)
+    if c.evals.every:
+        e = c.evals
+        eval_splits = eval_run.dataset_splits(
+            e.dataset, path=e.path, tfds_name=e.tfds_name, train_split=e.train_split,
+            test_split=e.test_split, test_fraction=e.test_fraction)
 
     # Checkpoint: resume from the latest in the workdir, else initialize.
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
@@ -192,6 +198,13 @@ def main(argv):
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
 
+    def run_evals(step):
+        encoder = nnx.merge(graphdef, state["params"]["encoder"])
+        results = eval_run.evaluate(encoder, *eval_splits, image_size=c.data.image_size, mesh=mesh,
+                                    which=c.evals.probes, desc=f"eval at step {step}")
+        report.log_eval(step, {k: v["accuracy"] for k, v in results.items()})
+        report.start_clock(step)  # images/s counts training only
+
     def check_finite(step, loss):
         if not np.isfinite(loss):
             ckpt.wait()
@@ -213,6 +226,8 @@ def main(argv):
             if stop or step % c.checkpoint_every == 0 or step == total_steps:
                 check_finite(step, float(metrics["loss"]))
                 ckpt.save(step, state, {"step": step, "seed": c.seed, "input": inputs.get_state()})
+            if c.evals.every and (step % c.evals.every == 0 or step == total_steps) and not stop:
+                run_evals(step)
             if stop:
                 ckpt.wait()
                 report.message(f"SIGTERM: saved step {step} to {ckpt.directory}; rerun to resume")

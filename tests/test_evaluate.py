@@ -10,7 +10,7 @@ from flax import nnx
 
 from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import __main__ as cli, features, probes
+from mlcd_jax.evaluate import features, probes, run
 from mlcd_jax.models import vit
 
 
@@ -46,7 +46,7 @@ def test_knn_on_digits_and_vote_by_hand(digits):
 
 def test_features_sharded_equal_unsharded(devices):
     model = vit.ViT(vit.vit_config("micro", embed_dim=8), rngs=nnx.Rngs(0))
-    src = cli.Subset(sources.DigitsSource(), np.arange(100))
+    src = run.Subset(sources.DigitsSource(), np.arange(100))
     one, y1 = features.extract(model, src, image_size=16, batch_size=32)
     many, y8 = features.extract(model, src, image_size=16, batch_size=32,
                                 mesh=mesh_lib.make_mesh([("data", -1)]))
@@ -73,3 +73,6 @@ def test_cli_on_a_training_workdir(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mlcd_jax.evaluate", f"--workdir={tmp_path / 'x'}",
                           "--dataset=digits"], capture_output=True, text=True)
     assert bad.returncode == 2 and "must be a training workdir" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "mlcd_jax.evaluate", f"--checkpoint={tmp_path}",
+                              "--step=3", "--dataset=digits"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no checkpoint 3" in missing.stderr and "[4]" in missing.stderr

@@ -130,13 +130,19 @@ def test_config_typo_is_a_clear_error(tmp_path):
     ("head.loss", "arcface", "config.head.loss: must be one of"),
     ("model.size", "B/8", "unknown ViT size 'B/8'"),
     ("data.source", "laion", "config.data.source: must be one of"),
+    ("evals.every", -1, "config.evals.every: must be ≥ 0"),
+    ("evals", {"every": 10, "dataset": "synthetic"}, "config.evals.dataset: must be one of"),
+    ("evals", {"every": 10, "probes": ("knn", "svm")}, "config.evals.probes: must be a non-empty"),
 ])
 def test_config_validation_names_field_and_fix(field, value, message):
     sys.path.insert(0, str(REPO / "configs"))
     import test_tiny
     c = test_tiny.get_config()
-    parent, _, name = field.rpartition(".")
-    setattr(c[parent] if parent else c, name, value)
+    if isinstance(value, dict):
+        c[field].update(value)
+    else:
+        parent, _, name = field.rpartition(".")
+        setattr(c[parent] if parent else c, name, value)
     with pytest.raises(ValueError, match=message):
         config_lib.validate(c, 8)
 
@@ -212,3 +218,21 @@ def test_init_from_an_imported_transformers_model(tmp_path):
         command(tmp_path / "run2", f"--config.model.init_from={tmp_path / 'ours'}",
                 "--config.model.size=tiny"), cwd=REPO, env=env(), capture_output=True, text=True)
     assert wrong.returncode != 0 and "config.model.init_from" in wrong.stderr
+
+
+def test_periodic_evals_match_the_standalone_evaluator(tmp_path):
+    train(tmp_path, "--config.total_steps=6", "--config.evals.every=4",
+          "--config.evals.dataset=digits")
+    evals = [json.loads(l) for l in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [4, 6]  # every 4 steps, and after the last
+    assert all(0 <= e["knn"] <= 1 and 0 <= e["linear_probe"] <= 1 for e in evals)
+    # The same checkpoint through `python -m mlcd_jax.evaluate`: same splits, same sharded
+    # features, same probes, so the same accuracies.
+    result = subprocess.run([sys.executable, "-m", "mlcd_jax.evaluate", f"--checkpoint={tmp_path}",
+                             "--step=6", "--dataset=digits", f"--out={tmp_path / 'e.json'}"],
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    standalone = json.loads((tmp_path / "e.json").read_text())
+    assert "step 6" in standalone["model"]
+    for probe in ("knn", "linear_probe"):
+        assert standalone[probe]["accuracy"] == evals[1][probe], probe

@@ -70,7 +70,8 @@ class GrainInput(_Input):
         self.dataset = pipeline.dataset(
             source, batch_size=c.batch_size, image_size=c.data.image_size,
             num_labels=c.data.num_labels, seed=c.seed, labels_path=labels_path,
-            crop_scale=tuple(c.data.crop_scale), workers=c.data.workers)
+            crop_scale=tuple(c.data.crop_scale), flip=c.data.flip,
+            workers=c.data.workers)
         self.iterator = iter(self.dataset)
 
     def next(self):

@@ -42,9 +42,10 @@ class LabelLookup:
         return self.__dict__ | {"_labels": None}
 
 
-def _augment(record: dict, rng: np.random.Generator, *, size: int, scale, train: bool) -> dict:
+def _augment(record: dict, rng: np.random.Generator, *, size: int, scale, flip: bool,
+             train: bool) -> dict:
     try:
-        image = (transforms.train_transform(record, rng, size, scale) if train
+        image = (transforms.train_transform(record, rng, size, scale, flip) if train
                  else transforms.eval_transform(record, size))
     except transforms.CorruptImage as e:
         return {"corrupt": str(e), "index": record["index"]}
@@ -80,7 +81,7 @@ class _SkipCorruptIterator(grain.DatasetIterator):
 
 
 def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: int,
-            labels_path: str | None = None, train: bool = True, crop_scale=(0.08, 1.0),
+            labels_path: str | None = None, train: bool = True, crop_scale=(0.08, 1.0), flip: bool = True,
             workers: int = 0, process_index: int | None = None,
             process_count: int | None = None) -> grain.IterDataset:
     """This process's batches: {"image": uint8 (b, S, S, 3), "labels": int32 (b, l), "index",
@@ -95,7 +96,8 @@ def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: 
     if train:
         ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
     ds = ds[process_index::process_count]  # disjoint shares that cover every epoch
-    augment = functools.partial(_augment, size=image_size, scale=tuple(crop_scale), train=train)
+    augment = functools.partial(_augment, size=image_size, scale=tuple(crop_scale), flip=flip,
+                                train=train)
     ds = ds.random_map(augment, seed=seed)
     it = SkipCorrupt(ds.to_iter_dataset()).batch(batch_size // process_count, drop_remainder=train)
     if workers > 0:

@@ -55,9 +55,10 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((x, y, x + size, y + size))
 
 
-def train_transform(record: dict, rng: np.random.Generator, size: int, scale) -> np.ndarray:
+def train_transform(record: dict, rng: np.random.Generator, size: int, scale,
+                    flip: bool = True) -> np.ndarray:
     image = random_resized_crop(decode(record), size, rng, scale)
-    if rng.random() < 0.5:
+    if flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     return np.asarray(image, np.uint8)
 

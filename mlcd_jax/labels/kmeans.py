@@ -49,7 +49,7 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
 
 def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: int = 256,
         niter: int = 20, two_level: int = 1, seed: int = 0, init: str = "random",
-        nredo: int = 1) -> tuple[np.ndarray, dict]:
+        nredo: int = 1, verbose: bool = True) -> tuple[np.ndarray, dict]:
     """(centers K × D float32, stats) for the embedding shards."""
     x = sample(shards, num_centers * points_per_center, seed)
     sample_size = len(x)
@@ -57,10 +57,11 @@ def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: i
     if two_level > 1:
         parts = np.array_split(np.random.default_rng(seed + 1).permutation(len(x)), two_level)
         firsts = [spherical_kmeans(x[p], num_centers, niter=niter, seed=seed + i, init=init,
-                                   nredo=nredo)
+                                   nredo=nredo, verbose=verbose)
                   for i, p in enumerate(tqdm(parts, desc="kmeans: level 1", unit="part"))]
         x = np.concatenate(firsts)
-    centers = spherical_kmeans(x, num_centers, niter=niter, seed=seed, init=init, nredo=nredo)
+    centers = spherical_kmeans(x, num_centers, niter=niter, seed=seed, init=init, nredo=nredo,
+                               verbose=verbose)
     seconds = time.perf_counter() - t
     return centers, {"sample": sample_size, "niter": niter, "nredo": nredo, "init": init,
                      "two_level": two_level, "seconds": seconds,

@@ -156,16 +156,20 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, angles: jax.Array | None) -> jax.Array:
         cfg = self.cfg
-        b, t, _ = x.shape
+        b, t, w = x.shape
+        # The dense layers see 2-D (tokens, width): XLA:CPU computes the weight gradient of a dense
+        # layer over (batch, tokens, width) ~4× slower than the same GEMM over (batch·tokens, width).
+        x = x.reshape(b * t, w)
         h = self.layer_norm1(x)
         split = lambda y: y.reshape(b, t, cfg.heads, cfg.head_dim)
         q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
         if angles is not None:
             q, k = apply_rope(q, angles), apply_rope(k, angles)
         # Fused attention where the backend has it (cuDNN on GPU); the XLA path elsewhere.
-        attn = jax.nn.dot_product_attention(q, k, v).reshape(b, t, cfg.width)
+        attn = jax.nn.dot_product_attention(q, k, v).reshape(b * t, w)
         x = x + self.out_proj(attn)
-        return x + self.fc2(ACTIVATIONS[cfg.act](self.fc1(self.layer_norm2(x))))
+        x = x + self.fc2(ACTIVATIONS[cfg.act](self.fc1(self.layer_norm2(x))))
+        return x.reshape(b, t, w)
 
 
 class ViT(nnx.Module):

@@ -1,0 +1,33 @@
+"""The demo (README command 1), shortened to a few steps: every stage runs and results.json has the
+documented shape. The full run's numbers are in README.md (`make demo`)."""
+
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+ENCODERS = {"raw_pixels", "random_init", "single_label", "mlcd", "teacher"}
+
+
+def test_demo_end_to_end_shortened(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlcd_jax.demo", f"--workdir={tmp_path}",
+         "--override=--config.total_steps=6", "--override=--config.evals.every=3"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert set(out) == {"linear_probe", "knn", "wall_s"}
+    for probe in ("linear_probe", "knn"):
+        assert set(out[probe]) == ENCODERS
+        assert all(0 <= v <= 1 for v in out[probe].values())
+    # The teacher (clean digits) is near-perfect; raw canvases are weak: the task is as designed.
+    assert out["linear_probe"]["teacher"] > 0.9 and out["linear_probe"]["raw_pixels"] < 0.4
+    for kind in ("mlcd", "single"):
+        steps = [json.loads(l)["step"] for l in (tmp_path / kind / "evals.jsonl").read_text().splitlines()]
+        assert steps == [3, 6]
+    for png in ("loss.png", "cosine.png"):
+        assert Image.open(tmp_path / png).size[0] > 100
+    labels = json.loads((tmp_path / "labels" / "manifest.json").read_text())
+    assert labels["num_labels"] == 4 and labels["num_classes"] == 64
+    assert "mlcd" in result.stdout and "teacher" in result.stdout
