@@ -18,10 +18,12 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from mlcd_jax import checkpoint, config as config_lib, head, mesh as mesh_lib, optim, reporting
+from mlcd_jax import (checkpoint, config as config_lib, distributed, head, mesh as mesh_lib, optim,
+                      reporting)
 from mlcd_jax.data import input as input_lib, transforms
 from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.models import vit
@@ -30,6 +32,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step, print its "
                                   "per-device memory, and exit: no data, no parameters allocated.")
+# Multi-host: auto-detected on TPU pods, SLURM and Open MPI; else these (or JAX_* variables, as
+# launch/local_multiprocess.sh sets them). See mlcd_jax/distributed.py.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 LOSSES = {"mlcd": head.mlcd_loss, "unicom": head.unicom_loss}
 
@@ -103,6 +110,20 @@ def encoder_from(path, encoder, shardings):
     return new, len(taken), len(jax.tree.leaves(encoder))
 
 
+def restore_input_state(inputs, data_state, report_to) -> None:
+    """Each process resumes its own input iterator. On another process count the per-process
+    positions do not map onto the new shares: identical states (the synthetic input) carry over;
+    a grain pipeline restarts its order, said so."""
+    saved = data_state["inputs"]
+    if len(saved) == jax.process_count():
+        inputs.set_state(saved[jax.process_index()])
+    elif all(s == saved[0] for s in saved):
+        inputs.set_state(saved[0])
+    elif jax.process_index() == 0:
+        report_to(f"warning: the checkpoint was written by {len(saved)} processes, this job has "
+                  f"{jax.process_count()}: the input pipeline starts its shuffled order afresh")
+
+
 def state_shardings(abstract_state, *, abstract_encoder, mesh):
     """Encoder parameters by their logical axes (FSDP), centers over every device, optimizer
     moments as their parameters, counters replicated."""
@@ -118,8 +139,9 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
     c, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value).absolute()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-    # Mesh, and every check that can fail before compute.
+    # Mesh (over every process's devices), and every check that can fail before compute.
     config_lib.validate(c, jax.device_count())
     mesh = mesh_lib.make_mesh(c.mesh)
     total_steps = config_lib.total_steps(c)
@@ -187,16 +209,19 @@ def main(argv):
         if data_state["seed"] != c.seed:
             raise ValueError(f"config.seed {c.seed} differs from the checkpoint's {data_state['seed']}"
                              f" in {ckpt.directory}; use the same seed or a new workdir")
-        inputs.set_state(data_state["input"])
+        restore_input_state(inputs, data_state, report_to=print)
     report = reporting.Reporter(workdir, total_steps=total_steps, batch_size=c.batch_size,
                                 start_step=start)
     if report.enabled:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: {summary}")
 
-    # Preemption: finish the step in flight, save, exit.
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    # Preemption: finish the step in flight, save, exit. Several processes agree on the step through
+    # jax's preemption service (it watches SIGTERM itself); one process watches it here.
+    sigterm = []
+    if jax.process_count() == 1:
+        signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
+    preempted = lambda step: bool(sigterm) or multihost_utils.reached_preemption_sync_point(step)
 
     def run_evals(step):
         encoder = nnx.merge(graphdef, state["params"]["encoder"])
@@ -216,6 +241,7 @@ def main(argv):
     try:
         for step in range(start + 1, total_steps + 1):
             state, metrics = compiled(state, inputs.next())
+            stop = preempted(step)
             if step == start + 1:  # the clock starts after the first step (compile, warm-up)
                 jax.block_until_ready(metrics)
                 report.start_clock(step)
@@ -225,7 +251,8 @@ def main(argv):
                 check_finite(step, values["loss"])
             if stop or step % c.checkpoint_every == 0 or step == total_steps:
                 check_finite(step, float(metrics["loss"]))
-                ckpt.save(step, state, {"step": step, "seed": c.seed, "input": inputs.get_state()})
+                ckpt.save(step, state, {"step": step, "seed": c.seed,
+                                        "inputs": distributed.gather_json(inputs.get_state())})
             if c.evals.every and (step % c.evals.every == 0 or step == total_steps) and not stop:
                 run_evals(step)
             if stop:

@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     try:
+        from mlcd_jax import distributed
         from mlcd_jax.labels import embed
+        distributed.initialize()  # a multi-process job (mlcd_jax/distributed.py) shares the work
         if a.workdir:
             model, step = run.load_from_workdir(a.workdir, a.step)
             what = f"{a.workdir} (step {step})"
@@ -56,6 +58,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     result |= {"model": what, "dataset": a.dataset, "train": len(train), "test": len(test)}
+    import jax
+    if jax.process_index() != 0:  # every process computed the same result; one reports it
+        return 0
     print(f"{what} on {a.dataset} ({len(train)} train / {len(test)} test): linear probe "
           f"{result['linear_probe']['accuracy']:.4f}, kNN {result['knn']['accuracy']:.4f}")
     out = pathlib.Path(a.out or (pathlib.Path(a.workdir) / "eval.json" if a.workdir else "eval.json"))

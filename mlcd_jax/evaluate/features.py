@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,14 +19,15 @@ def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
             desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """(features (N, D) float32, labels (N,)) of `source` in order; the source's own labels."""
     graphdef, params = nnx.split(model)
-    sharding = None
+    sharding, out_sharding = None, None
     if mesh is not None:
         shards = mesh_lib.num_batch_shards(mesh)
         batch_size = -(-batch_size // shards) * shards
         sharding = NamedSharding(mesh, mesh_lib.batch_spec(mesh))
-        params = jax.device_put(params, mesh_lib.replicated(mesh))
+        out_sharding = mesh_lib.replicated(mesh)  # every process reads all features
+        params = jax.device_put(params, out_sharding)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=out_sharding)
     def forward(params, images):
         out = nnx.merge(graphdef, params)(transforms.normalize(images.astype(jnp.float32)))
         return out.embedding.astype(jnp.float32)

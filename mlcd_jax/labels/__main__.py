@@ -19,7 +19,13 @@ import sys
 
 import numpy as np
 
+import jax
+
+from mlcd_jax import distributed
 from mlcd_jax.labels import assign, embed, kmeans, stats, store
+
+PROCESS_HELP = ("this process's share of the shards (default: the multi-process job's, else all); "
+                "several independent processes may also split the work by these flags")
 
 
 def run_embed(a):
@@ -84,8 +90,8 @@ def main(argv=None) -> int:
     asg.add_argument("--num_labels", type=int, default=8)
     asg.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"])
     asg.add_argument("--nprobe", type=int, default=64)
-    asg.add_argument("--process_index", type=int, default=0)
-    asg.add_argument("--process_count", type=int, default=1)
+    asg.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
+    asg.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
     io = argparse.ArgumentParser(add_help=False)
     io.add_argument("--embeddings", required=True)
     io.add_argument("--out", required=True)
@@ -99,8 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--shard_size", type=int, default=100_000)
-    p.add_argument("--process_index", type=int, default=0)
-    p.add_argument("--process_count", type=int, default=1)
+    p.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
+    p.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
     sub.add_parser("kmeans", parents=[io, km])
     p = sub.add_parser("assign", parents=[io, asg])
     p.add_argument("--centers", default=None, help="default: OUT/centers.npy")
@@ -108,15 +114,25 @@ def main(argv=None) -> int:
     p = sub.add_parser("all", parents=[io, km, asg])
     a = parser.parse_args(argv)
     try:
+        # In a multi-process job (mlcd_jax/distributed.py) the shards split by the job's processes.
+        distributed.initialize()
+        if getattr(a, "process_index", 0) is None:
+            a.process_index = jax.process_index()
+        if getattr(a, "process_count", 0) is None:
+            a.process_count = jax.process_count()
+        first = jax.process_index() == 0
         if a.step == "embed":
             run_embed(a)
         if a.step in ("kmeans", "all"):
-            run_kmeans(a)
+            if first:  # one sample, one clustering; the others wait for its centers
+                run_kmeans(a)
+            distributed.barrier("kmeans done")
         if a.step == "all":
             a.centers, a.labels = None, a.out
         if a.step in ("assign", "all"):
             run_assign(a)
-        if a.step in ("stats", "all") and (pathlib.Path(a.labels) / "labels.npy").exists():
+        if (a.step in ("stats", "all") and first
+                and (pathlib.Path(a.labels) / "labels.npy").exists()):
             run_stats(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

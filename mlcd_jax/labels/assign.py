@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from mlcd_jax import distributed
 from mlcd_jax.labels import kmeans, store
 
 # K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at K = 100k
@@ -86,6 +87,7 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
             print(f"assign: WARNING recall@{num_labels} {result['recall_at_l']:.3f} < 0.9: many "
                   "labels differ from exact search; raise --nprobe or use --index flat")
     parts = [out / "parts" / f"part_{i:05d}.npy" for i in range(len(shards.files))]
+    distributed.barrier("assign: parts written")  # in a multi-process job, process 0 then merges
     if process_index == 0:
         if all(p.exists() for p in parts):
             merge(parts, out, shards, centers, num_labels, result)

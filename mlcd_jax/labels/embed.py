@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from mlcd_jax import distributed
 from mlcd_jax.data import pipeline, transforms
 from mlcd_jax.labels import store
 
@@ -77,6 +78,7 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
                 parts.append(np.asarray(embed(params, padded))[:len(images)].astype(np.float16))
                 bar.update(len(images))
             store.write_npy_atomic(out / names[i], np.concatenate(parts))
+    distributed.barrier("embed: shards written")  # in a multi-process job, process 0 then indexes
     done = all((out / f).exists() for f in names)
     if process_index == 0 and done:
         width = int(np.load(out / names[0], mmap_mode="r").shape[1])

@@ -1,0 +1,131 @@
+"""Multi-host, with real processes on 127.0.0.1 (launch/local_multiprocess.sh, gloo collectives):
+2 processes × 4 devices train like 1 process × 8, their checkpoint resumes in 1 process, and
+`assign` split over 2 processes writes the label store of 1."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlcd_jax import distributed
+from mlcd_jax.labels import store
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch" / "local_multiprocess.sh"
+TRAIN = [sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py",
+         "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=1",
+         "--config.head.sample_ratio=0.5"]
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    return env | {"JAX_PLATFORMS": "cpu"} | extra
+
+
+def run(cmd, **env):
+    result = subprocess.run(cmd, cwd=REPO, env=clean_env(**env), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def losses(workdir):
+    rows = map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    run(TRAIN + [f"--workdir={one}"], XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = run(["bash", str(LAUNCH), "-n", "2", "-d", "4", "--logs", str(tmp_path / "logs"), "--",
+               *TRAIN, f"--workdir={two}"])
+    assert "on 8 devices" in out.stdout  # one mesh over both processes' devices
+    logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+    assert "step 4/4" in logs[0] and "step 4/4" not in logs[1]  # only process 0 reports
+    reference = losses(one)
+    assert sorted(reference) == [1, 2, 3, 4]
+    np.testing.assert_allclose([losses(two)[s] for s in range(1, 5)],
+                               [reference[s] for s in range(1, 5)], rtol=1e-5)
+    # The 2-process checkpoint of step 2, resumed by 1 process on 8 devices, redoes steps 3 and 4.
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    out = run(TRAIN + [f"--workdir={resumed}"], XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    assert "resuming at step 2" in out.stdout
+    np.testing.assert_allclose([losses(resumed)[s] for s in (3, 4)],
+                               [reference[s] for s in (3, 4)], rtol=1e-5)
+
+
+def test_assign_split_over_two_processes_writes_the_same_store(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 16)).astype(np.float32)
+    store.write_embeddings(tmp_path / "emb", np.array_split(x, 5), model="random")
+    np.save(tmp_path / "centers.npy", store.normalize(rng.normal(size=(40, 16)).astype(np.float32)))
+    assign = [sys.executable, "-m", "mlcd_jax.labels", "assign", f"--embeddings={tmp_path / 'emb'}",
+              f"--centers={tmp_path / 'centers.npy'}", "--num_labels=3"]
+    run(assign + [f"--out={tmp_path / 'one'}"])
+    run(["bash", str(LAUNCH), "-n", "2", "-d", "1", "--logs", str(tmp_path / "logs"), "--",
+         *assign, f"--out={tmp_path / 'two'}"])
+    logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+    assert "assign (process 0)" in logs[0] and "assign (process 1)" in logs[1]
+    np.testing.assert_array_equal(np.load(tmp_path / "two" / "labels.npy"),
+                                  np.load(tmp_path / "one" / "labels.npy"))
+    parts = sorted(p.name for p in (tmp_path / "two" / "parts").iterdir())
+    assert parts == [f"part_{i:05d}.npy" for i in range(5)]
+
+
+def test_launcher_reports_a_failing_process(tmp_path):
+    result = subprocess.run(
+        ["bash", str(LAUNCH), "-n", "2", "-d", "1", "--logs", str(tmp_path), "--", sys.executable,
+         "-c", "import os, sys; sys.exit(3 if os.environ['JAX_PROCESS_ID'] == '1' else 0)"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3 and "a process failed (exit 3)" in result.stderr
+
+
+def test_dry_run_prints_one_command_per_process():
+    result = subprocess.run(["bash", str(LAUNCH), "-n", "3", "-p", "1234", "--dry-run", "--",
+                             "python", "-m", "mlcd_jax.train", "--workdir=/tmp/x"],
+                            capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 3
+    for i, line in enumerate(lines):
+        assert f"JAX_COORDINATOR_ADDRESS=127.0.0.1:1234 JAX_NUM_PROCESSES=3 JAX_PROCESS_ID={i}" in line
+        assert "python -m mlcd_jax.train --workdir=/tmp/x" in line
+
+
+def test_unreachable_coordinator_is_named(tmp_path):
+    code = ("from mlcd_jax import distributed; "
+            "distributed.initialize('127.0.0.1:9', 2, 1, timeout_s=5)")
+    result = subprocess.run([sys.executable, "-c", code], env=clean_env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "could not join the job at 127.0.0.1:9 within 5 s" in result.stderr
+
+
+@pytest.mark.parametrize("env, cluster", [
+    ({}, None),
+    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "4"}, "slurm"),
+    ({"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, "openmpi"),
+    ({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+    ({"TPU_WORKER_HOSTNAMES": "WARNING: could not determine hostnames, please set it"}, None),
+])
+def test_cluster_detection(monkeypatch, env, cluster):
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE",
+                 "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.detected_cluster() == cluster
+
+
+def test_partial_explicit_settings_are_an_error(monkeypatch):
+    monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+    monkeypatch.delenv("JAX_NUM_PROCESSES", raising=False)
+    with pytest.raises(ValueError, match="needs all three"):
+        distributed.initialize("127.0.0.1:1234", 2, None)
