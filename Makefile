@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.installed-test
 
-.PHONY: demo test bench-head clean
+.PHONY: demo test plan-env bench-head clean
 
 $(INSTALLED): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(INSTALLED)
 # The suite runs on 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS before jax loads).
 test: $(TEST_INSTALLED)
 	$(PY) -m pytest -n 2 tests
+
+# libtpu for `python -m mlcd_jax.plan` (TPU compiles on this CPU), matching the installed jax.
+plan-env: $(INSTALLED)
+	$(PY) -m pip install --quiet "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 
 # Per-device memory and step time of the sharded head (default: K = 1,000,000, D = 512, 1 vs 8 devices).
 bench-head: $(INSTALLED)

@@ -1,7 +1,7 @@
 """Sharded head benchmark: per-device compiled memory and forward + backward step time.
 
     .venv/bin/python bench/head.py                       # K = 1M, D = 512, B = 256, 1 vs 8 devices
-    .venv/bin/python bench/head.py --classes 100000 --ratios 0.01,0.1,1.0 --devices 1,2,4,8
+    .venv/bin/python bench/head.py --classes 10000,100000,1000000 --ratios 0.01,0.1,1.0 --devices 1,2,4,8
 
 Devices are simulated on the host CPU unless a GPU/TPU is present. Simulated devices share the
 host's cores, so on CPU a larger n lowers per-device memory but cannot lower the step time. The
@@ -86,7 +86,7 @@ def run_case(devices, *, classes, dim, batch, labels, ratio, steps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--classes", type=int, default=1_000_000)
+    parser.add_argument("--classes", default="1000000", help="comma-separated K values")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--labels", type=int, default=8, help="l, labels per sample")
@@ -102,27 +102,34 @@ def main(argv=None):
         parser.error(f"--devices asks for {max(counts)} but only {len(all_devices)} exist")
     probe_before = matmul_gflops()
     rows = []
-    cases = [(n, float(r)) for r in args.ratios.split(",") for n in counts]
-    for i, (n, ratio) in enumerate(cases):
-        print(f"[{i + 1}/{len(cases)}] devices={n} r={ratio} ...", flush=True)
-        rows.append(run_case(all_devices[:n], classes=args.classes, dim=args.dim, batch=args.batch,
+    cases = [(int(k), n, float(r)) for k in args.classes.split(",") for r in args.ratios.split(",")
+             for n in counts]
+    for i, (k, n, ratio) in enumerate(cases):
+        print(f"[{i + 1}/{len(cases)}] K={k:,} devices={n} r={ratio} ...", flush=True)
+        rows.append(run_case(all_devices[:n], classes=k, dim=args.dim, batch=args.batch,
                              labels=args.labels, ratio=ratio, steps=args.steps))
     probe_after = matmul_gflops()
 
-    print(f"\nK={args.classes:,} D={args.dim} B={args.batch} l={args.labels} on "
+    print(f"\nD={args.dim} B={args.batch} l={args.labels} on "
           f"{all_devices[0].platform} (simulated devices share the host)")
     print(f"float32 matmul probe: {probe_before:.0f} GFLOP/s before, {probe_after:.0f} after")
-    header = (f"{'dev':>4} {'r':>5} {'neg/shard':>9} {'args MiB':>9} {'out MiB':>8} {'temp MiB':>9} "
-              f"{'total MiB':>10} {'x 1-dev/n':>9} {'step s':>7}")
+    header = (f"{'K':>9} {'dev':>4} {'r':>5} {'neg/shard':>9} {'args MiB':>9} {'out MiB':>8} "
+              f"{'temp MiB':>9} {'total MiB':>10} {'x 1-dev/n':>9} {'step s':>7} {'x r=1':>6}")
     print(header + "\n" + "-" * len(header))
     for row in rows:
-        single = next((r for r in rows if r["devices"] == 1 and r["ratio"] == row["ratio"]), None)
+        same = lambda r, **kw: all(r[k] == row[k] for k in ("classes", "devices", "ratio")
+                                   if k not in kw) and all(r[k] == v for k, v in kw.items())
+        single = next((r for r in rows if same(r, devices=1)), None)
+        full = next((r for r in rows if same(r, ratio=1.0)), None)
         row["vs_single_over_n"] = (row["per_device_mib"] / (single["per_device_mib"] / row["devices"])
                                    if single else None)
+        row["time_vs_r1"] = row["step_s_median"] / full["step_s_median"] if full else None
         ratio = f"{row['vs_single_over_n']:.3f}" if single else "-"
-        print(f"{row['devices']:>4} {row['ratio']:>5} {row['negatives_per_shard']:>9} "
-              f"{row['argument_mib']:>9.1f} {row['output_mib']:>8.1f} {row['temp_mib']:>9.1f} "
-              f"{row['per_device_mib']:>10.1f} {ratio:>9} {row['step_s_median']:>7.3f}")
+        vs_r1 = f"{row['time_vs_r1']:.2f}" if full else "-"
+        print(f"{row['classes']:>9,} {row['devices']:>4} {row['ratio']:>5} "
+              f"{row['negatives_per_shard']:>9} {row['argument_mib']:>9.1f} {row['output_mib']:>8.1f} "
+              f"{row['temp_mib']:>9.1f} {row['per_device_mib']:>10.1f} {ratio:>9} "
+              f"{row['step_s_median']:>7.3f} {vs_r1:>6}")
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "platform": all_devices[0].platform,

@@ -47,6 +47,7 @@ pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap cleanup INT TERM
 for ((i = 0; i < n; i++)); do
+  : > "$logs/process_$i.log"  # exists before tail follows it
   # shellcheck disable=SC2046
   env $(env_for "$i") "$@" > "$logs/process_$i.log" 2>&1 &
   pids+=($!)

@@ -11,6 +11,8 @@ import functools
 import math
 import pathlib
 import signal
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,7 @@ from mlcd_jax.data import input as input_lib, transforms
 from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.models import vit
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step, print its "
                                   "per-device memory, and exit: no data, no parameters allocated.")
@@ -135,15 +137,28 @@ def state_shardings(abstract_state, *, abstract_encoder, mesh):
     return {"params": params, "opt_state": opt_state, "step": replicated}
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
-    c, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value).absolute()
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+class Built(NamedTuple):
+    """What the trainer (and `mlcd_jax.plan`) needs to compile and run the train step on a mesh."""
+    c: Any
+    total_steps: int
+    model_cfg: vit.ViTConfig
+    graphdef: Any
+    init: Callable                # key → state (jit it with out_shardings=shardings)
+    shardings: Any
+    abstract_state: Any           # ShapeDtypeStructs with shardings: compile / restore target
+    batch_sharding: NamedSharding
+    abstract_batch: tuple         # (images, labels), (grad_accum, micro, ...) with shardings
+    step_fn: Callable             # jitted train step, state donated
 
-    # Mesh (over every process's devices), and every check that can fail before compute.
-    config_lib.validate(c, jax.device_count())
-    mesh = mesh_lib.make_mesh(c.mesh)
+    def describe(self) -> str:
+        n = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_state["params"]["encoder"]))
+        return (f"encoder {self.model_cfg.pos} {self.c.model.size} {n / 1e6:.2f}M params, head "
+                f"{self.c.head.num_classes:,} × {self.model_cfg.embed_dim or self.model_cfg.width} "
+                "centers")
+
+
+def build(c, mesh) -> Built:
+    """The model, head, optimizer and jitted train step of config `c` on `mesh`, all abstract."""
     total_steps = config_lib.total_steps(c)
     model_cfg = config_lib.vit_config(c)
     num_rows = mesh_lib.padded_num_classes(c.head.num_classes, mesh.size)
@@ -157,7 +172,7 @@ def main(argv):
                       jax.ShapeDtypeStruct(batch_shape + (c.data.num_labels,), jnp.int32,
                                            sharding=batch_sharding))
 
-    # Model, head and optimizer: shapes first, then a jitted init that creates them sharded.
+    # Model, head and optimizer: shapes first; a jitted init creates them sharded.
     tx = optim.make_optimizer(c, total_steps)
     graphdef, abstract_encoder = nnx.split(nnx.eval_shape(lambda: vit.ViT(model_cfg,
                                                                          rngs=nnx.Rngs(0))))
@@ -171,23 +186,36 @@ def main(argv):
                           lr_schedule=optim.schedule(c, total_steps), mesh=mesh, c=c),
         in_shardings=(shardings, (batch_sharding, batch_sharding)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+    return Built(c, total_steps, model_cfg, graphdef, init, shardings,
+                 checkpoint.abstract_like(abstract_state, shardings), batch_sharding,
+                 abstract_batch, step_fn)
 
-    # Compiled from shapes alone: memory is known before anything is allocated.
-    abstract_sharded_state = checkpoint.abstract_like(abstract_state, shardings)
-    compiled = step_fn.lower(abstract_sharded_state, abstract_batch).compile()
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
+    c, workdir = CONFIG.value, pathlib.Path(_WORKDIR.value).absolute()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+    # Mesh (over every process's devices), and every check that can fail before compute.
+    config_lib.validate(c, jax.device_count())
+    mesh = mesh_lib.make_mesh(c.mesh)
+
+    # Model, head, optimizer and the train step, compiled from shapes alone: memory is known
+    # before anything is allocated (`python -m mlcd_jax.plan` compiles this same step for TPUs).
+    built = build(c, mesh)
+    compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
     mem = compiled.memory_analysis()
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]["encoder"]))
-    summary = (f"{total_steps} steps on {mesh.size} devices {dict(mesh.shape)}; encoder "
-               f"{model_cfg.pos} {c.model.size} {n_params / 1e6:.2f}M params, head "
-               f"{c.head.num_classes:,} × {model_cfg.embed_dim or model_cfg.width} centers; per "
-               f"device: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
+    total_steps, graphdef, shardings = built.total_steps, built.graphdef, built.shardings
+    summary = (f"{total_steps} steps on {mesh.size} devices {dict(mesh.shape)}; {built.describe()}; "
+               f"per device: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
                f"{mem.temp_size_in_bytes / 2**20:.1f} MiB")
     if _COMPILE_ONLY.value:
         print(f"compiled: {summary}", flush=True)
         return
 
     # Data: synthetic, or a real source through grain joined with its label store (checked now).
-    inputs = input_lib.make_train_input(c, batch_sharding)
+    inputs = input_lib.make_train_input(c, built.batch_sharding)
     if c.evals.every:
         e = c.evals
         eval_splits = eval_run.dataset_splits(
@@ -198,14 +226,14 @@ def main(argv):
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
     start = ckpt.latest_step()
     if start is None:
-        state = jax.jit(init, out_shardings=shardings)(jax.random.key(c.seed))
+        state = jax.jit(built.init, out_shardings=shardings)(jax.random.key(c.seed))
         start = 0
         if c.model.init_from:
             state["params"]["encoder"], taken, total = encoder_from(
                 c.model.init_from, state["params"]["encoder"], shardings["params"]["encoder"])
             print(f"encoder: {taken} of {total} parameter arrays from {c.model.init_from}")
     else:
-        state, data_state = ckpt.restore(abstract_sharded_state, start)
+        state, data_state = ckpt.restore(built.abstract_state, start)
         if data_state["seed"] != c.seed:
             raise ValueError(f"config.seed {c.seed} differs from the checkpoint's {data_state['seed']}"
                              f" in {ckpt.directory}; use the same seed or a new workdir")

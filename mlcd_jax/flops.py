@@ -1,0 +1,46 @@
+"""Analytic FLOPs of a training step (matmuls only, 2 per multiply-add), for MFU and planning.
+
+Model FLOPs follow the usual MFU convention: forward + backward = 3 × forward, and recomputation
+under remat is not counted (it is work the hardware does, not work the model needs). XLA's own cost
+analysis counts a `lax.scan` body once, so it undercounts scanned ViTs by their depth.
+"""
+
+from __future__ import annotations
+
+from mlcd_jax import config as config_lib
+from mlcd_jax.head import num_sampled
+from mlcd_jax.mesh import padded_num_classes
+from mlcd_jax.models import vit
+
+
+def encoder_forward(cfg: vit.ViTConfig, height: int, width: int) -> float:
+    """Forward FLOPs of one image: patch embedding, blocks (projections, attention, MLP), projection."""
+    patches = (height // cfg.patch) * (width // cfg.patch)
+    tokens = patches + 1
+    w = cfg.width
+    embed = 2 * patches * cfg.patch ** 2 * cfg.channels * w
+    block = (2 * tokens * 4 * w * w            # q, k, v, out projections
+             + 2 * 2 * tokens * tokens * w     # q·kᵀ and attention·v
+             + 2 * tokens * 2 * w * cfg.mlp_dim)  # fc1, fc2
+    projection = 2 * w * cfg.embed_dim if cfg.embed_dim else 0
+    return float(embed + cfg.depth * block + projection)
+
+
+def head_forward(embed_dim: int, num_classes: int, num_labels: int, sample_ratio: float,
+                 num_devices: int) -> float:
+    """Forward FLOPs of one sample in the head: cosines to the sampled negatives and positives."""
+    local = padded_num_classes(num_classes, num_devices) // num_devices
+    scored = num_devices * num_sampled(local, sample_ratio) + num_labels
+    return float(2 * embed_dim * scored)
+
+
+def train_step(c, num_devices: int) -> dict:
+    """Model FLOPs of one optimizer step of config `c` on `num_devices` devices."""
+    cfg = config_lib.vit_config(c)
+    size = c.data.image_size
+    encoder = encoder_forward(cfg, size, size)
+    head = head_forward(cfg.embed_dim or cfg.width, c.head.num_classes, c.data.num_labels,
+                        c.head.sample_ratio, num_devices)
+    return {"encoder_forward_per_image": encoder, "head_forward_per_sample": head,
+            "per_step": 3.0 * (encoder + head) * c.batch_size,
+            "per_image": 3.0 * (encoder + head)}
