@@ -113,6 +113,6 @@ def gather_json(obj) -> list:
 
 def barrier(name: str) -> None:
     """Wait until every process of the job reaches `name` (nothing to wait for in one process)."""
-    if jax.process_count() > 1:
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)

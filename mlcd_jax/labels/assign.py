@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import pathlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -66,15 +67,28 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
     todo = [i for i in mine if not (out / "parts" / f"part_{i:05d}.npy").exists()]
     points = sum(shards.counts[i] for i in todo)
     t = time.perf_counter()
-    with tqdm(total=points, desc=f"assign (process {process_index})", unit="pt",
-              unit_scale=True) as bar:
-        for i in todo:
-            x = shards.load(i)
-            labels = np.empty((len(x), num_labels), np.int32)
-            for s in range(0, len(x), chunk):
-                _, labels[s:s + chunk] = index.search(store.normalize(x[s:s + chunk]), num_labels)
-                bar.update(min(chunk, len(x) - s))
-            store.write_npy_atomic(out / "parts" / f"part_{i:05d}.npy", labels)
+    for i in todo:
+        if shards.counts[i] == 0:  # nothing to search; the part still marks the shard done
+            store.write_npy_atomic(out / "parts" / f"part_{i:05d}.npy",
+                                   np.empty((0, num_labels), np.int32))
+    chunks = [(i, s) for i in todo for s in range(0, shards.counts[i], chunk)]
+    read = lambda i, s: store.normalize(shards.load(i)[s:s + chunk])
+    # The next chunk is read and normalised in a thread while faiss searches this one (both
+    # release the GIL), so reading float16 shards from disk hides behind the search.
+    with (tqdm(total=points, desc=f"assign (process {process_index})", unit="pt",
+               unit_scale=True) as bar, ThreadPoolExecutor(1) as reader):
+        pending = reader.submit(read, *chunks[0]) if chunks else None
+        labels = {}
+        for n, (i, s) in enumerate(chunks):
+            x = pending.result()
+            if n + 1 < len(chunks):
+                pending = reader.submit(read, *chunks[n + 1])
+            labels[s] = index.search(x, num_labels)[1].astype(np.int32)
+            bar.update(len(x))
+            if n + 1 == len(chunks) or chunks[n + 1][0] != i:  # shard i complete
+                part = np.concatenate([labels[k] for k in sorted(labels)])
+                store.write_npy_atomic(out / "parts" / f"part_{i:05d}.npy", part)
+                labels = {}
     seconds = time.perf_counter() - t
     result = {"index": kind, "assigned_now": points, "seconds": seconds,
               "points_per_s": points / seconds if points else None, "skipped_shards": len(mine) - len(todo)}
