@@ -1,8 +1,10 @@
 """MLCD pretraining: python -m mlcd_jax.train --config=configs/test_tiny.py --workdir=DIR
 
-Reads top to bottom: mesh → data → model, head and optimizer (abstract first, then created sharded)
-→ one jitted train step → checkpoint (resume if the workdir has one) → loop. SIGTERM (preemption)
-saves a checkpoint at the next step boundary and exits; rerunning the command resumes exactly.
+`main` reads top to bottom: join the other processes (multi-host) → mesh → `build`: model, head,
+optimizer and one jitted train step, all abstract (`python -m mlcd_jax.plan` compiles the same for
+TPUs) → compile → data → checkpoint (resume if the workdir has one) or a sharded init → loop, with
+periodic evals. SIGTERM (preemption) saves a checkpoint at the next step boundary and exits;
+rerunning the command resumes exactly.
 """
 
 from __future__ import annotations
