@@ -129,9 +129,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         fail("data.num_labels", f"must be ≥ 1, got {c.data.num_labels}")
     if c.evals.every < 0:
         fail("evals.every", f"must be ≥ 0 (0 = no evals), got {c.evals.every}")
-    evaluable = tuple(s for s in sources.SOURCES if s != "synthetic")
-    if c.evals.every and c.evals.dataset not in evaluable:
-        fail("evals.dataset", f"must be one of {evaluable}, got {c.evals.dataset!r}")
+    if c.evals.every and c.evals.dataset not in sources.LABELLED:
+        fail("evals.dataset", f"must be one of {sources.LABELLED}, got {c.evals.dataset!r}")
     if c.evals.every and (not c.evals.probes or set(c.evals.probes) - set(eval_run.PROBES)):
         fail("evals.probes", f"must be a non-empty subset of {eval_run.PROBES}, got "
              f"{c.evals.probes!r}")

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import features, probes, run as eval_run
+from mlcd_jax.evaluate import features, run as eval_run
 from mlcd_jax.labels import assign, kmeans, store
 
 K, L = 64, 4
@@ -49,11 +49,6 @@ def pretrain(workdir: pathlib.Path, kind: str, labels: pathlib.Path, overrides=(
     subprocess.run([sys.executable, "-m", "mlcd_jax.train", f"--config={CONFIG}:{kind}",
                     f"--workdir={workdir / kind}", f"--config.data.labels={labels}", *overrides],
                    check=True, env=env, cwd=REPO)
-
-
-def score(train_xy, test_xy) -> tuple[float, float]:
-    return (probes.linear_probe(*train_xy, *test_xy)["accuracy"],
-            probes.knn(*train_xy, *test_xy)["accuracy"])
 
 
 def plot(workdir: pathlib.Path) -> None:
@@ -113,17 +108,17 @@ def main(argv=None) -> int:
         encoders[key] = eval_run.load_from_workdir(workdir / kind)[0]
     results = {"linear_probe": {}, "knn": {}}
 
-    def record(name, lp, kn):
+    def record(name, result):
+        lp, kn = result["linear_probe"]["accuracy"], result["knn"]["accuracy"]
         results["linear_probe"][name], results["knn"][name] = lp, kn
         print(f"  {name:<13} linear probe {lp:.3f}   kNN {kn:.3f}", flush=True)
 
-    record("raw_pixels", *score(features.pixels(train, image_size=32),
-                                features.pixels(test, image_size=32)))
+    record("raw_pixels", eval_run.probe(features.pixels(train, image_size=32),
+                                        features.pixels(test, image_size=32)))
     for name, model in encoders.items():
-        result = eval_run.evaluate(model, train, test, image_size=32, desc=name)
-        record(name, result["linear_probe"]["accuracy"], result["knn"]["accuracy"])
+        record(name, eval_run.evaluate(model, train, test, image_size=32, desc=name))
     clean = lambda s: (s.clean.reshape(len(s), -1) / 255.0, s.labels)
-    record("teacher", *score(clean(train), clean(test)))
+    record("teacher", eval_run.probe(clean(train), clean(test)))
     results["wall_s"] = time.time() - start
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     plot(workdir)

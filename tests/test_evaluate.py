@@ -44,12 +44,13 @@ def test_knn_on_digits_and_vote_by_hand(digits):
     assert got["accuracy"] == 1.0  # at a high temperature the two votes win
 
 
-def test_features_sharded_equal_unsharded(devices):
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_features_sharded_equal_unsharded(devices, n):
     model = vit.ViT(vit.vit_config("micro", embed_dim=8), rngs=nnx.Rngs(0))
     src = run.Subset(sources.DigitsSource(), np.arange(100))
     one, y1 = features.extract(model, src, image_size=16, batch_size=32)
     many, y8 = features.extract(model, src, image_size=16, batch_size=32,
-                                mesh=mesh_lib.make_mesh([("data", -1)]))
+                                mesh=mesh_lib.make_mesh([("data", -1)], devices[:n]))
     np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(y1, sources.DigitsSource().labels[:100])
     np.testing.assert_array_equal(y8, y1)

@@ -81,8 +81,8 @@ class _SkipCorruptIterator(grain.DatasetIterator):
 
 
 def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: int,
-            labels_path: str | None = None, train: bool = True, crop_scale=(0.08, 1.0), flip: bool = True,
-            workers: int = 0, process_index: int | None = None,
+            labels_path: str | None = None, train: bool = True, crop_scale=(0.08, 1.0),
+            flip: bool = True, workers: int = 0, process_index: int | None = None,
             process_count: int | None = None) -> grain.IterDataset:
     """This process's batches: {"image": uint8 (b, S, S, 3), "labels": int32 (b, l), "index",
     "skipped"}, b = batch_size / process_count. Training repeats and reshuffles every epoch;

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 SOURCES = ("synthetic", "digits", "digits_canvas", "folder", "arrayrecord", "tfds")
+LABELLED = tuple(s for s in SOURCES if s != "synthetic")  # real images with classes: evaluable
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 

@@ -28,8 +28,7 @@ def main(argv=None) -> int:
                      help="a training workdir (its latest checkpoint, or --step)")
     who.add_argument("--model", help="our model dir or a transformers checkpoint dir")
     p.add_argument("--step", type=int, default=None, help="with --checkpoint: which step")
-    p.add_argument("--dataset", required=True,
-                   choices=[s for s in sources.SOURCES if s != "synthetic"])
+    p.add_argument("--dataset", required=True, choices=sources.LABELLED)
     p.add_argument("--path", default="")
     p.add_argument("--tfds_name", default="")
     p.add_argument("--train_split", default="train")

@@ -54,6 +54,11 @@ def evaluate(model, train, test, *, image_size: int, mesh=None, which=PROBES,
     train_xy = features.extract(model, train, image_size=image_size, mesh=mesh,
                                 desc=f"{desc} (train)")
     test_xy = features.extract(model, test, image_size=image_size, mesh=mesh, desc=f"{desc} (test)")
+    return probe(train_xy, test_xy, which)
+
+
+def probe(train_xy, test_xy, which=PROBES) -> dict:
+    """{probe: result} of the probes in `which` on given (features, labels) pairs."""
     return {name: getattr(probes, name)(*train_xy, *test_xy) for name in which}
 
 

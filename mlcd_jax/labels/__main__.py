@@ -17,8 +17,6 @@ import json
 import pathlib
 import sys
 
-import numpy as np
-
 import jax
 
 from mlcd_jax import distributed

@@ -67,28 +67,26 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
     todo = [i for i in mine if not (out / "parts" / f"part_{i:05d}.npy").exists()]
     points = sum(shards.counts[i] for i in todo)
     t = time.perf_counter()
-    for i in todo:
-        if shards.counts[i] == 0:  # nothing to search; the part still marks the shard done
-            store.write_npy_atomic(out / "parts" / f"part_{i:05d}.npy",
-                                   np.empty((0, num_labels), np.int32))
-    chunks = [(i, s) for i in todo for s in range(0, shards.counts[i], chunk)]
+    # (shard, first row) of every chunk, in order; an empty shard has one empty chunk, so it too
+    # gets its part.
+    chunks = [(i, s) for i in todo for s in range(0, max(shards.counts[i], 1), chunk)]
     read = lambda i, s: store.normalize(shards.load(i)[s:s + chunk])
     # The next chunk is read and normalised in a thread while faiss searches this one (both
     # release the GIL), so reading float16 shards from disk hides behind the search.
     with (tqdm(total=points, desc=f"assign (process {process_index})", unit="pt",
                unit_scale=True) as bar, ThreadPoolExecutor(1) as reader):
         pending = reader.submit(read, *chunks[0]) if chunks else None
-        labels = {}
-        for n, (i, s) in enumerate(chunks):
+        found = []  # the current shard's labels, chunk by chunk
+        for n, (i, _) in enumerate(chunks):
             x = pending.result()
+            shard_ends = n + 1 == len(chunks) or chunks[n + 1][0] != i
             if n + 1 < len(chunks):
                 pending = reader.submit(read, *chunks[n + 1])
-            labels[s] = index.search(x, num_labels)[1].astype(np.int32)
+            found.append(index.search(x, num_labels)[1].astype(np.int32))
             bar.update(len(x))
-            if n + 1 == len(chunks) or chunks[n + 1][0] != i:  # shard i complete
-                part = np.concatenate([labels[k] for k in sorted(labels)])
-                store.write_npy_atomic(out / "parts" / f"part_{i:05d}.npy", part)
-                labels = {}
+            if shard_ends:
+                store.write_npy_atomic(out / "parts" / f"part_{i:05d}.npy", np.concatenate(found))
+                found = []
     seconds = time.perf_counter() - t
     result = {"index": kind, "assigned_now": points, "seconds": seconds,
               "points_per_s": points / seconds if points else None, "skipped_shards": len(mine) - len(todo)}
