@@ -39,7 +39,7 @@ def matmul_gflops(n=2048, reps=5):
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def run_case(devices, *, classes, dim, batch, labels, ratio, steps):
+def run_case(devices, *, classes, dim, batch, labels, ratio, steps, chunk):
     mesh = mesh_lib.make_mesh([("data", -1)], devices)
     rows = mesh_lib.padded_num_classes(classes, mesh.size)
     batch_sh, class_sh = mesh_lib.batch_sharding(mesh), mesh_lib.class_sharding(mesh)
@@ -57,7 +57,7 @@ def run_case(devices, *, classes, dim, batch, labels, ratio, steps):
 
     def loss(features, centers, ids, key):
         return head.mlcd_loss(features, centers, ids, key=key, mesh=mesh, num_classes=classes,
-                              sample_ratio=ratio)
+                              sample_ratio=ratio, chunk=chunk)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
     features, centers, ids = make_inputs(jax.random.key(0))
@@ -92,6 +92,8 @@ def main(argv=None):
     parser.add_argument("--labels", type=int, default=8, help="l, labels per sample")
     parser.add_argument("--ratios", default="0.1", help="comma-separated sample ratios r")
     parser.add_argument("--devices", default="1,8", help="comma-separated device counts")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="classes scored at a time per shard (default: the head's automatic)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default="bench/results/head.json")
     args = parser.parse_args(argv)
@@ -107,7 +109,7 @@ def main(argv=None):
     for i, (k, n, ratio) in enumerate(cases):
         print(f"[{i + 1}/{len(cases)}] K={k:,} devices={n} r={ratio} ...", flush=True)
         rows.append(run_case(all_devices[:n], classes=k, dim=args.dim, batch=args.batch,
-                             labels=args.labels, ratio=ratio, steps=args.steps))
+                             labels=args.labels, ratio=ratio, steps=args.steps, chunk=args.chunk))
     probe_after = matmul_gflops()
 
     print(f"\nD={args.dim} B={args.batch} l={args.labels} on "

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.head.margin_type = "arcface"
     c.head.sample_ratio = 0.1
     c.head.lr_mult = 1.0                    # learning-rate multiplier of the class centers
+    c.head.chunk = 0                        # classes scored at a time per shard; 0 = automatic
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"             # one of mlcd_jax.data.sources.SOURCES
@@ -125,6 +126,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         fail("data.source", f"must be one of {sources.SOURCES}, got {c.data.source!r}")
     if not 0 < c.head.sample_ratio <= 1:
         fail("head.sample_ratio", f"must be in (0, 1], got {c.head.sample_ratio}")
+    if c.head.chunk < 0:
+        fail("head.chunk", f"must be ≥ 0 (0 = automatic), got {c.head.chunk}")
     if c.data.num_labels < 1:
         fail("data.num_labels", f"must be ≥ 1, got {c.data.num_labels}")
     if c.evals.every < 0:

@@ -76,8 +76,88 @@ def _normalize(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
 
 
+# The negatives are scored in chunks of classes so that no B × r·K_local logits are ever held:
+# each chunk is at most this many logits (4 MiB in float32), and at least _MIN_CHUNK classes.
+# (bench/head.py --chunk: on CPU at B = 256, chunks of 4k–100k classes run equally fast.)
+_LOGITS_PER_CHUNK = 1 << 20
+_MIN_CHUNK = 128
+
+
+def _chunk_scores(emb, centers, idx, valid, pos_slot, c, scale):
+    """Chunk c of the drawn classes: normalised rows w, the logits s·cos(emb, w) with every
+    non-negative (padding, or the sample's own positive) at −inf, and what the backward pass needs."""
+    rows = centers[idx[c]].astype(jnp.float32)                            # (chunk, D)
+    sq = jnp.sum(rows * rows, axis=-1, keepdims=True)
+    inv = jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
+    w = rows * inv
+    cos = emb @ w.T                                                       # (B, chunk)
+    size = idx.shape[1]
+    col = pos_slot - c * size                                             # positive's column here
+    col = jnp.where((col >= 0) & (col < size), col, size)                 # size = not in this chunk
+    is_pos = jnp.zeros(cos.shape, bool).at[jnp.arange(cos.shape[0])[:, None], col].set(
+        True, mode="drop")
+    mask = valid[c][None, :] & ~is_pos
+    return w, inv, sq, cos, mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _negatives(emb, centers, idx, valid, pos_slot, scale):
+    """Per sample, log Σ exp(s·cos) over this shard's drawn negatives (−inf if none), with the sum
+    and count of those cosines (for metrics; no gradient).
+
+    emb (B, D) normalised; centers (K_local, D) raw; idx, valid (chunks, chunk) drawn local rows;
+    pos_slot (B, l) each positive's position in the flattened draw (≥ chunks·chunk if not drawn).
+    The backward pass recomputes each chunk's logits from the per-sample log-sum-exp, so memory
+    holds O(B × chunk) logits, never B × r·K_local.
+    """
+    return _negatives_fwd(emb, centers, idx, valid, pos_slot, scale)[0]
+
+
+def _negatives_fwd(emb, centers, idx, valid, pos_slot, scale):
+    def step(c, carry):  # online log-sum-exp: both running sums rescaled to the larger max
+        top, total, cos_sum, count = carry
+        _, _, _, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c, scale)
+        logits = jnp.where(mask, scale * cos, -jnp.inf)
+        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+        shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+        total = (jnp.where(jnp.isfinite(top), total * jnp.exp(top - shift), 0.0)
+                 + jnp.sum(jnp.exp(logits - shift[:, None]), axis=-1))
+        return (new_top, total, cos_sum + jnp.sum(jnp.where(mask, cos, 0.0)),
+                count + jnp.sum(mask, dtype=jnp.float32))
+
+    # *_like(emb) gives the carry emb's device-varying type inside shard_map.
+    per_sample, scalar = jnp.zeros_like(emb[:, 0]), jnp.zeros_like(emb[0, 0])
+    init = (per_sample - jnp.inf, per_sample, scalar, scalar)
+    top, total, cos_sum, count = jax.lax.fori_loop(0, idx.shape[0], step, init)
+    lse = jnp.where(jnp.isfinite(top), top, 0.0) + jnp.log(total)         # log 0 = −inf: no negatives
+    return (lse, cos_sum, count), (emb, centers, idx, valid, pos_slot, lse)
+
+
+def _negatives_bwd(scale, residuals, cotangents):
+    emb, centers, idx, valid, pos_slot, lse = residuals
+    g = cotangents[0]                                                     # d loss / d lse, (B,)
+
+    def step(c, carry):
+        d_emb, d_centers = carry
+        w, inv, sq, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c, scale)
+        # d lse / d cos_j = s · softmax_j; masked entries (and rows with lse = −inf) get 0.
+        d_cos = jnp.where(mask, scale * jnp.exp(scale * cos - lse[:, None]), 0.0) * g[:, None]
+        d_w = d_cos.T @ emb                                               # (chunk, D)
+        # Through w = x / |x|: d x = (d w − w (w · d w)) / |x| (no projection where |x| is clamped).
+        d_rows = inv * (d_w - jnp.where(sq > 1e-24, w * jnp.sum(w * d_w, -1, keepdims=True), 0.0))
+        d_rows = jnp.where(valid[c][:, None], d_rows, 0.0)
+        return d_emb + d_cos @ w, d_centers.at[idx[c]].add(d_rows)
+
+    init = (jnp.zeros_like(emb), jnp.zeros_like(centers, jnp.float32))
+    d_emb, d_centers = jax.lax.fori_loop(0, idx.shape[0], step, init)
+    return d_emb, d_centers.astype(centers.dtype), None, None, None
+
+
+_negatives.defvjp(_negatives_fwd, _negatives_bwd)
+
+
 def _shard_loss(features, centers, labels, key, *, kind: str, num_classes: int, scale: float,
-                margin: float, margin_type: str, sample_ratio: float,
+                margin: float, margin_type: str, sample_ratio: float, chunk: int | None,
                 class_axes: tuple[str, ...], batch_axes: tuple[str, ...]) -> tuple[jax.Array, Metrics]:
     """Loss on one shard of centers (the body of the shard_map; also the whole job for mesh=None)."""
     psum = (lambda x: jax.lax.psum(x, class_axes)) if class_axes else (lambda x: x)
@@ -100,16 +180,19 @@ def _shard_loss(features, centers, labels, key, *, kind: str, num_classes: int, 
     pos_cos = psum(jnp.where(mine, jnp.einsum("bld,bd->bl", pos_rows, emb), 0.0))
     pos_mask = labels >= 0
 
-    # Sampled negatives of this shard, minus each sample's own positives.
+    # Sampled negatives of this shard, minus each sample's own positives, reduced to one
+    # log-sum-exp per sample in chunks of classes (logits recomputed in the backward pass).
     idx, idx_valid = _draw_local_classes(key, shard, num_local, num_valid, sample_ratio)
     m = idx.shape[0]
-    neg_cos = emb @ _normalize(centers[idx]).T                            # (B, m)
     slot = jnp.full((num_local,), m, jnp.int32).at[idx].set(jnp.arange(m, dtype=jnp.int32))
     pos_slot = jnp.where(mine, slot[local], m)                            # m = not drawn here
-    is_pos = jnp.zeros(neg_cos.shape, bool).at[
-        jnp.arange(labels.shape[0])[:, None], pos_slot].set(True, mode="drop")
-    neg_mask = idx_valid[None, :] & ~is_pos
-    neg_logits = scale * neg_cos
+    num_chunks = -(-m // (chunk or max(_MIN_CHUNK, _LOGITS_PER_CHUNK // labels.shape[0])))
+    size = -(-m // num_chunks)                                            # even chunks: little padding
+    pad = num_chunks * size - m
+    idx = jnp.pad(idx, (0, pad)).reshape(-1, size)
+    idx_valid = jnp.pad(idx_valid, (0, pad)).reshape(-1, size)
+    neg_lse, neg_cos_sum, num_neg = _negatives(emb, centers, idx, idx_valid, pos_slot, scale)
+    neg_logits, neg_mask = neg_lse[:, None], jnp.isfinite(neg_lse)[:, None]  # one per shard
 
     pos_logits = losses.positive_logits(pos_cos, scale=scale, margin=margin, margin_type=margin_type)
     if kind == "mlcd":
@@ -121,10 +204,10 @@ def _shard_loss(features, centers, labels, key, *, kind: str, num_classes: int, 
                                                         class_axes)
         terms = {"pos_logit": jnp.mean(pos_logits[:, 0]), "log_partition": jnp.mean(log_partition)}
 
-    num_neg = psum(jnp.sum(neg_mask, dtype=jnp.float32))
+    num_neg = psum(num_neg)
     metrics = {
         "pos_cos": jnp.sum(jnp.where(pos_mask, pos_cos, 0.0)) / jnp.maximum(jnp.sum(pos_mask), 1),
-        "neg_cos": psum(jnp.sum(jnp.where(neg_mask, neg_cos, 0.0))) / jnp.maximum(num_neg, 1.0),
+        "neg_cos": psum(neg_cos_sum) / jnp.maximum(num_neg, 1.0),
         "neg_per_sample": num_neg / labels.shape[0],
         **terms,
     }
@@ -132,7 +215,7 @@ def _shard_loss(features, centers, labels, key, *, kind: str, num_classes: int, 
     return jnp.mean(per_sample), metrics
 
 
-def _check_args(features, centers, labels, *, margin_type, sample_ratio, num_classes, mesh):
+def _check_args(features, centers, labels, *, margin_type, sample_ratio, num_classes, chunk, mesh):
     if features.ndim != 2 or centers.ndim != 2:
         raise ValueError(f"features must be (B, D) and centers (K, D); got features {features.shape}, "
                          f"centers {centers.shape}")
@@ -148,6 +231,9 @@ def _check_args(features, centers, labels, *, margin_type, sample_ratio, num_cla
         raise ValueError(f"margin_type must be one of {losses.MARGIN_TYPES}, got {margin_type!r}")
     if not 0.0 < sample_ratio <= 1.0:
         raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk (classes scored at a time) must be ≥ 1 or None (automatic), got "
+                         f"{chunk}")
     if not 0 < num_classes <= centers.shape[0]:
         raise ValueError(f"num_classes = {num_classes} must be in [1, centers.shape[0] = "
                          f"{centers.shape[0]}] (rows beyond num_classes are padding)")
@@ -158,17 +244,18 @@ def _check_args(features, centers, labels, *, margin_type, sample_ratio, num_cla
 
 
 def _head_loss(kind, features, centers, labels, *, key, scale, margin, margin_type, sample_ratio,
-               mesh: Mesh | None, num_classes: int | None) -> tuple[jax.Array, Metrics]:
-    labels = jnp.asarray(labels)
+               mesh: Mesh | None, num_classes: int | None,
+               chunk: int | None) -> tuple[jax.Array, Metrics]:
+    features, centers, labels = jnp.asarray(features), jnp.asarray(centers), jnp.asarray(labels)
     if kind == "unicom":  # only the first label counts
         labels = labels.reshape(labels.shape[0], -1)[:, :1]
     num_classes = centers.shape[0] if num_classes is None else int(num_classes)
     _check_args(features, centers, labels, margin_type=margin_type, sample_ratio=sample_ratio,
-                num_classes=num_classes, mesh=mesh)
+                num_classes=num_classes, chunk=chunk, mesh=mesh)
     labels = labels.astype(jnp.int32)
     static: dict[str, Any] = dict(kind=kind, num_classes=num_classes, scale=float(scale),
                                   margin=float(margin), margin_type=margin_type,
-                                  sample_ratio=float(sample_ratio))
+                                  sample_ratio=float(sample_ratio), chunk=chunk)
     if mesh is None:
         return _shard_loss(features, centers, labels, key, class_axes=(), batch_axes=(), **static)
 
@@ -188,7 +275,8 @@ def _head_loss(kind, features, centers, labels, *, key, scale, margin, margin_ty
 def mlcd_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax.Array,
               scale: float = 32.0, margin: float = 0.3, margin_type: str = "arcface",
               sample_ratio: float = 0.1, mesh: Mesh | None = None,
-              num_classes: int | None = None) -> tuple[jax.Array, Metrics]:
+              num_classes: int | None = None,
+              chunk: int | None = None) -> tuple[jax.Array, Metrics]:
     """Multi-label cluster-discrimination loss (MLCD, DESIGN.md), mean over the global batch.
 
     Args:
@@ -200,6 +288,8 @@ def mlcd_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key
       sample_ratio: r; each shard draws ceil(r·K_local) negatives. 1.0 = all classes, exact.
       mesh: None for one device; else features/labels are split over its batch axes.
       num_classes: K when `centers` already holds padding rows past K (default: centers.shape[0]).
+      chunk: at most this many classes scored at a time on a shard (default: as many as keep
+        B × chunk ≤ 2^20 logits, at least 128). The loss and gradients do not depend on it; memory and speed do.
 
     Returns:
       (loss, metrics): float32 scalar loss; metrics `pos_cos`, `neg_cos` (mean cosine of positives
@@ -207,13 +297,14 @@ def mlcd_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key
     """
     return _head_loss("mlcd", features, centers, labels, key=key, scale=scale, margin=margin,
                       margin_type=margin_type, sample_ratio=sample_ratio, mesh=mesh,
-                      num_classes=num_classes)
+                      num_classes=num_classes, chunk=chunk)
 
 
 def unicom_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax.Array,
                 scale: float = 32.0, margin: float = 0.3, margin_type: str = "arcface",
-                sample_ratio: float = 0.1, mesh: Mesh | None = None,
-                num_classes: int | None = None) -> tuple[jax.Array, Metrics]:
+              sample_ratio: float = 0.1, mesh: Mesh | None = None,
+                num_classes: int | None = None,
+                chunk: int | None = None) -> tuple[jax.Array, Metrics]:
     """Single-label baseline (UNICOM / Partial FC): softmax cross-entropy over the margin-adjusted
     positive (the first label; `labels` may be (B,) or (B, l)) and the sampled negatives.
 
@@ -222,4 +313,4 @@ def unicom_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, k
     """
     return _head_loss("unicom", features, centers, labels, key=key, scale=scale, margin=margin,
                       margin_type=margin_type, sample_ratio=sample_ratio, mesh=mesh,
-                      num_classes=num_classes)
+                      num_classes=num_classes, chunk=chunk)

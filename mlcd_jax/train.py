@@ -64,7 +64,7 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
     loss_fn = functools.partial(
         LOSSES[c.head.loss], scale=c.head.scale, margin=c.head.margin,
         margin_type=c.head.margin_type, sample_ratio=c.head.sample_ratio, mesh=mesh,
-        num_classes=c.head.num_classes)
+        num_classes=c.head.num_classes, chunk=c.head.chunk or None)
 
     def micro_step(params, images, labels, key):
         def f(params):

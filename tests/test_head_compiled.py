@@ -68,3 +68,11 @@ def test_no_centers_or_logits_cross_devices(devices):
     # Nothing larger than the gathered batch of features moves: no K × D centers, no B × K logits.
     largest = max(size for _, size in collectives)
     assert largest <= B * D, collectives
+
+
+def test_no_whole_logits_in_memory_even_at_r_1(devices):
+    """r = 1 scores all 1M classes, but a chunk at a time, forward and backward (logits recomputed
+    from per-sample log-sum-exps): temporaries stay far below one B × K float32 array (1 GiB)."""
+    compiled = compile_loss_and_grad(devices[:1], ratio=1.0)
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < B * K * 4 / 8, temp / 2**20

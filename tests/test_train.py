@@ -131,6 +131,7 @@ def test_config_typo_is_a_clear_error(tmp_path):
     ("model.size", "B/8", "unknown ViT size 'B/8'"),
     ("data.source", "laion", "config.data.source: must be one of"),
     ("evals.every", -1, "config.evals.every: must be ≥ 0"),
+    ("head.chunk", -1, "config.head.chunk: must be ≥ 0"),
     ("evals", {"every": 10, "dataset": "synthetic"}, "config.evals.dataset: must be one of"),
     ("evals", {"every": 10, "probes": ("knn", "svm")}, "config.evals.probes: must be a non-empty"),
 ])
