@@ -36,6 +36,22 @@ def dense_top_l(x, centers, l):
     return np.argsort(-sims, axis=1, kind="stable")[:, :l], np.sort(sims, axis=1)[:, ::-1][:, :l]
 
 
+@pytest.mark.parametrize("size", [4000, 1500, 7])
+def test_kmeans_sample_is_distinct_normalised_rows_in_order(embedded, size):
+    """All rows (each shard read whole) or a subset (rows picked per shard): distinct rows of the
+    stored float16 embeddings, in stored order, each L2-normalised (float64 reference)."""
+    shards, *_ = embedded
+    stored = np.concatenate([np.asarray(shards.load(i), np.float64) for i in range(5)])
+    ref = stored / np.linalg.norm(stored, axis=1, keepdims=True)
+    got = kmeans.sample(shards, size, seed=3)
+    assert got.shape == (size, D) and got.dtype == np.float32
+    match = np.argmax(got.astype(np.float64) @ ref.T, axis=1)  # which stored row each one is
+    np.testing.assert_allclose(got, ref[match], atol=1e-6)
+    assert np.all(np.diff(match) > 0)  # distinct and in order
+    if size == len(stored):
+        np.testing.assert_array_equal(match, np.arange(len(stored)))
+
+
 def test_kmeans_and_assign_recover_blobs(embedded):
     shards, x, truth, means, tmp = embedded
     assert cli.main(["all", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "lab"),

@@ -28,9 +28,14 @@ def sample(shards: store.EmbeddingShards, size: int, seed: int) -> np.ndarray:
     for i in tqdm(range(len(shards.files)), desc="kmeans: reading sample", unit="shard"):
         lo, hi = np.searchsorted(rows, [offsets[i], offsets[i + 1]])
         if hi > lo:
-            out[done:done + hi - lo] = shards.load(i)[rows[lo:hi] - offsets[i]]
+            shard = shards.load(i)
+            # A shard wholly in the sample is read sequentially, not row by row; each part is
+            # converted to float32 and normalised in place, while it is fresh in memory.
+            part = out[done:done + hi - lo]
+            part[:] = shard if hi - lo == len(shard) else shard[rows[lo:hi] - offsets[i]]
+            store.normalize_in_place(part)
             done += hi - lo
-    return store.normalize(out)
+    return out
 
 
 def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "random",
