@@ -7,8 +7,11 @@ Ours: the trainer's own jitted step (`train.build`: ViT forward + backward, the 
 clipping and AdamW) on one device. PyTorch: transformers' CLIPVisionModel with the same config (a
 bias-free projection to the same embedding width), a straightforward PyTorch MLCD loss over all
 K classes (r = 1, so both compute the same thing), clipping and AdamW. Model FLOPs are analytic
-(`mlcd_jax/flops.py`); MFU is against a float32 (or bf16) matmul probe measured in the same run, on
-the same threads. Needs the test extra (torch, transformers). Prints a table, writes JSON.
+(`mlcd_jax/flops.py`); MFU is against the fastest of float32 (or bf16) matmul probes run between
+the rounds, on the same threads, through XLA and (column "best") the faster of XLA and PyTorch.
+The two sides are timed in alternating rounds, each in a fresh process, and each side's fastest
+step counts, so a drift of this machine's speed (DESIGN.md) cannot favour one side. Needs the
+test extra (torch, transformers). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -34,8 +38,12 @@ def parse():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch's threads; XLA:CPU uses every core, so keep this = cores")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per side per round")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds alternating ours and PyTorch; each side's fastest step counts")
     p.add_argument("--no_torch", action="store_true")
+    p.add_argument("--side", choices=["ours", "torch"], help=argparse.SUPPRESS)  # a child's job
     p.add_argument("--out", default="bench/results/train_step.json")
     return p.parse_args()
 
@@ -49,19 +57,32 @@ import numpy as np  # noqa: E402
 from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, train  # noqa: E402
 
 
-def timed(fn, steps):
-    fn()  # compile / warm up
-    t = time.perf_counter()
+def fastest(fn, steps):
+    """The fastest of `steps` calls of an already warm `fn` (the machine's speed drifts; the
+    fastest call is the one least disturbed)."""
+    times = []
     for _ in range(steps):
+        t = time.perf_counter()
         fn()
-    return (time.perf_counter() - t) / steps
+        times.append(time.perf_counter() - t)
+    return min(times)
 
 
 def matmul_peak(dtype, n=2048, reps=5):
     """Matmul FLOP/s of one device now, in `dtype` (the MFU denominator)."""
     x = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
-    return 2 * n ** 3 / timed(lambda: f(x).block_until_ready(), reps)
+    f(x).block_until_ready()  # compile
+    return 2 * n ** 3 / fastest(lambda: f(x).block_until_ready(), reps)
+
+
+def torch_matmul_peak(dtype, n=2048, reps=5):
+    """The same probe through PyTorch's GEMM (MKL/oneDNN), which can be faster than XLA's."""
+    import torch
+    torch.set_num_threads(ARGS.threads)
+    x = torch.ones((n, n), dtype=torch.float32 if dtype == jnp.float32 else torch.bfloat16)
+    x @ x
+    return 2 * n ** 3 / fastest(lambda: x @ x, reps)
 
 
 def config_for(size):
@@ -89,7 +110,8 @@ def ours(c):
     def step():
         box[0], metrics = compiled(box[0], (images, labels))
         jax.block_until_ready(metrics)
-    return timed(step, ARGS.steps)
+    step()  # warm up
+    return step
 
 
 def pytorch(c):
@@ -130,44 +152,83 @@ def pytorch(c):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-    return timed(step, ARGS.steps)
+    step()  # warm up
+    return step
+
+
+def in_child(side, size):
+    """The fastest of ARGS.steps warm steps of one side on one model, timed in a fresh process."""
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--models", size]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{side} {size} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def main():
+    if ARGS.side:  # a child: time one side, print the result as the last line
+        step = (ours if ARGS.side == "ours" else pytorch)(config_for(ARGS.models))
+        for _ in range(ARGS.warmup):  # a fresh process runs its first steps slower
+            step()
+        print(json.dumps({"seconds": fastest(step, ARGS.steps)}))
+        return
     dtype = jnp.float32 if ARGS.dtype == "float32" else jnp.bfloat16
-    peak_before = matmul_peak(dtype)
+    probes = [matmul_peak(dtype)]
+    torch_probes = [] if ARGS.no_torch else [torch_matmul_peak(dtype)]
     rows = []
     for size in ARGS.models.split(","):
         c = config_for(size)
         model_flops = flops.train_step(c, 1)["per_step"]
-        ours_s = ours(c)
-        torch_s = None if ARGS.no_torch else pytorch(c)
+        # Rounds alternate ours and PyTorch, so that a drift of the machine's speed hits both alike;
+        # each side runs in its own process (in one process, holding both slowed ours ~1.4× at B/16).
+        ours_times, torch_times = [], []
+        for _ in range(ARGS.rounds):
+            ours_times.append(in_child("ours", size))
+            if not ARGS.no_torch:
+                torch_times.append(in_child("torch", size))
+            probes.append(matmul_peak(dtype))
+            if not ARGS.no_torch:
+                torch_probes.append(torch_matmul_peak(dtype))
+        ours_s, torch_s = min(ours_times), min(torch_times) if torch_times else None
         rows.append({"model": size, "image_size": c.data.image_size, "batch": c.batch_size,
                      "dtype": ARGS.dtype, "gflop_per_step": model_flops / 1e9,
                      "ours_s": ours_s, "ours_images_per_s": c.batch_size / ours_s,
                      "ours_tflops": model_flops / ours_s / 1e12,
                      "torch_s": torch_s,
                      "torch_images_per_s": c.batch_size / torch_s if torch_s else None,
-                     "torch_tflops": model_flops / torch_s / 1e12 if torch_s else None})
+                     "torch_tflops": model_flops / torch_s / 1e12 if torch_s else None,
+                     "ours_round_s": ours_times, "torch_round_s": torch_times})
         print(f"  {size}: ours {ours_s:.3f} s/step" + (f", PyTorch {torch_s:.3f} s/step"
                                                        if torch_s else ""), flush=True)
-    peak = max(peak_before, matmul_peak(dtype))
+    peak = max(probes)
+    torch_peak = max(torch_probes) if torch_probes else None
     for r in rows:
         r["peak_tflops"] = peak / 1e12
         r["ours_mfu"] = r["ours_tflops"] * 1e12 / peak
+        r["torch_mfu"] = r["torch_tflops"] * 1e12 / peak if r["torch_s"] else None
+        if torch_peak:  # against the faster of the two GEMMs: the machine's best shown here
+            best = max(peak, torch_peak)
+            r["torch_peak_tflops"] = torch_peak / 1e12
+            r["ours_mfu_vs_best"] = r["ours_tflops"] * 1e12 / best
+            r["torch_mfu_vs_best"] = r["torch_tflops"] * 1e12 / best
         r["ours_over_torch"] = (r["ours_images_per_s"] / r["torch_images_per_s"]
                                 if r["torch_s"] else None)
     device = jax.devices()[0]
+    gemm = f"XLA matmul probe {peak / 1e9:,.0f} GFLOP/s" + (
+        f", PyTorch's {torch_peak / 1e9:,.0f}" if torch_peak else "")
     print(f"\n{device.platform} ({device.device_kind}), {ARGS.threads} threads, {ARGS.dtype}, "
-          f"matmul peak {peak / 1e9:,.0f} GFLOP/s; K = {ARGS.classes:,}, l = {ARGS.labels}, r = 1")
+          f"{gemm}; K = {ARGS.classes:,}, l = {ARGS.labels}, r = 1")
+    print("MFU: against the XLA probe; 'best': against the faster of the two probes")
     print(f"{'model':<6}{'batch':>6}{'GFLOP/step':>12}{'ours img/s':>12}{'ours GFLOP/s':>14}"
-          f"{'MFU':>7}{'torch img/s':>13}{'ours/torch':>12}")
+          f"{'MFU':>6}{'best':>6}{'torch img/s':>13}{'torch MFU':>10}{'best':>6}{'ours/torch':>12}")
     for r in rows:
+        pct = lambda key: f"{r[key]:.0%}" if r.get(key) else "-"
         torch_ips = f"{r['torch_images_per_s']:.1f}" if r["torch_s"] else "-"
         ratio = f"{r['ours_over_torch']:.2f}" if r["torch_s"] else "-"
         print(f"{r['model']:<6}{r['batch']:>6}{r['gflop_per_step']:>12,.0f}"
               f"{r['ours_images_per_s']:>12.1f}{r['ours_tflops'] * 1e3:>14.0f}"
-              f"{r['ours_mfu']:>7.0%}{torch_ips:>13}{ratio:>12}")
+              f"{pct('ours_mfu'):>6}{pct('ours_mfu_vs_best'):>6}{torch_ips:>13}"
+              f"{pct('torch_mfu'):>10}{pct('torch_mfu_vs_best'):>6}{ratio:>12}")
     out = pathlib.Path(ARGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": str(device), "threads": ARGS.threads, "rows": rows}, indent=2))
