@@ -66,6 +66,11 @@ def topology_devices(name: str):
             raise SystemExit(
                 "error: planning for a TPU needs libtpu, which is not installed: run `make "
                 f'plan-env` or `pip install "jax[tpu]=={jax.__version__}"` in this environment')
+        if "lockfile" in message:  # libtpu allows one process per machine
+            raise SystemExit(
+                f"error: {message}\nAnother process on this machine holds libtpu (a jax job "
+                "started without JAX_PLATFORMS=cpu in an environment with libtpu, e.g. training "
+                "or tests). Plan when it has ended, or run that job with JAX_PLATFORMS=cpu.")
         raise SystemExit(f"error: --topology={name!r}: {message}. Names look like v5e:4x4, "
                          "v5p:4x4x4, v4:2x2x2, v6e:8x8 (generation:chips per dimension)")
 
