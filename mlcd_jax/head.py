@@ -83,9 +83,10 @@ _LOGITS_PER_CHUNK = 1 << 20
 _MIN_CHUNK = 128
 
 
-def _chunk_scores(emb, centers, idx, valid, pos_slot, c, scale):
-    """Chunk c of the drawn classes: normalised rows w, the logits s·cos(emb, w) with every
-    non-negative (padding, or the sample's own positive) at −inf, and what the backward pass needs."""
+def _chunk_scores(emb, centers, idx, valid, pos_slot, c):
+    """Chunk c of the drawn classes: normalised rows w (with 1/|x| and |x|², which the backward
+    pass needs), cos(emb, w), and the mask of real negatives (not padding, not the sample's own
+    positive)."""
     rows = centers[idx[c]].astype(jnp.float32)                            # (chunk, D)
     sq = jnp.sum(rows * rows, axis=-1, keepdims=True)
     inv = jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
@@ -106,7 +107,8 @@ def _negatives(emb, centers, idx, valid, pos_slot, scale):
     and count of those cosines (for metrics; no gradient).
 
     emb (B, D) normalised; centers (K_local, D) raw; idx, valid (chunks, chunk) drawn local rows;
-    pos_slot (B, l) each positive's position in the flattened draw (≥ chunks·chunk if not drawn).
+    pos_slot (B, l) each positive's position in the flattened draw (m, the number drawn, if it
+    was not drawn here: a padding column or none).
     The backward pass recomputes each chunk's logits from the per-sample log-sum-exp, so memory
     holds O(B × chunk) logits, never B × r·K_local.
     """
@@ -116,7 +118,7 @@ def _negatives(emb, centers, idx, valid, pos_slot, scale):
 def _negatives_fwd(emb, centers, idx, valid, pos_slot, scale):
     def step(c, carry):  # online log-sum-exp: both running sums rescaled to the larger max
         top, total, cos_sum, count = carry
-        _, _, _, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c, scale)
+        _, _, _, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c)
         logits = jnp.where(mask, scale * cos, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
         shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
@@ -139,7 +141,7 @@ def _negatives_bwd(scale, residuals, cotangents):
 
     def step(c, carry):
         d_emb, d_centers = carry
-        w, inv, sq, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c, scale)
+        w, inv, sq, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c)
         # d lse / d cos_j = s · softmax_j; masked entries (and rows with lse = −inf) get 0.
         d_cos = jnp.where(mask, scale * jnp.exp(scale * cos - lse[:, None]), 0.0) * g[:, None]
         d_w = d_cos.T @ emb                                               # (chunk, D)
@@ -289,7 +291,8 @@ def mlcd_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key
       mesh: None for one device; else features/labels are split over its batch axes.
       num_classes: K when `centers` already holds padding rows past K (default: centers.shape[0]).
       chunk: at most this many classes scored at a time on a shard (default: as many as keep
-        B × chunk ≤ 2^20 logits, at least 128). The loss and gradients do not depend on it; memory and speed do.
+        B × chunk ≤ 2^20 logits, at least 128). The loss and gradients do not depend on it;
+        memory and speed do.
 
     Returns:
       (loss, metrics): float32 scalar loss; metrics `pos_cos`, `neg_cos` (mean cosine of positives
@@ -302,7 +305,7 @@ def mlcd_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key
 
 def unicom_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax.Array,
                 scale: float = 32.0, margin: float = 0.3, margin_type: str = "arcface",
-              sample_ratio: float = 0.1, mesh: Mesh | None = None,
+                sample_ratio: float = 0.1, mesh: Mesh | None = None,
                 num_classes: int | None = None,
                 chunk: int | None = None) -> tuple[jax.Array, Metrics]:
     """Single-label baseline (UNICOM / Partial FC): softmax cross-entropy over the margin-adjusted
