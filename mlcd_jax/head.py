@@ -78,7 +78,8 @@ def _normalize(x: jax.Array) -> jax.Array:
 
 # The negatives are scored in chunks of classes so that no B × r·K_local logits are ever held:
 # each chunk is at most this many logits (4 MiB in float32), and at least _MIN_CHUNK classes.
-# (bench/head.py --chunk: on CPU at B = 256, chunks of 4k–100k classes run equally fast.)
+# (bench/head.py --chunk: on CPU at B = 256, K = 1M, r = 0.1, chunks of 4k–100k classes ran
+# within 11 % of each other, 4k the fastest.)
 _LOGITS_PER_CHUNK = 1 << 20
 _MIN_CHUNK = 128
 
