@@ -12,6 +12,7 @@ from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate import features, probes, run
 from mlcd_jax.models import vit
+from numerics import assert_same_math
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_features_sharded_equal_unsharded(devices, n):
     one, y1 = features.extract(model, src, image_size=16, batch_size=32)
     many, y8 = features.extract(model, src, image_size=16, batch_size=32,
                                 mesh=mesh_lib.make_mesh([("data", -1)], devices[:n]))
-    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-6)
+    assert_same_math(many, one)
     np.testing.assert_array_equal(y1, sources.DigitsSource().labels[:100])
     np.testing.assert_array_equal(y8, y1)
 

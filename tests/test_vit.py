@@ -8,6 +8,7 @@ from flax import nnx
 
 from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.models import vit
+from numerics import assert_same_math
 
 
 def make(name="tiny", seed=0, **overrides):
@@ -88,7 +89,11 @@ def test_rope_makes_position_matter():
 
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_scan_and_remat_match_unrolled(pos):
+    """Same math, other execution: loss and every gradient equal the unrolled model's. The loss is a
+    fixed random projection of the pooled output: sum(pooled²) would be constant under the final
+    layer norm, its gradients pure float cancellation noise (they differed by 17 % between CPUs)."""
     x = pixels()
+    direction = jax.random.normal(jax.random.key(1), (2, 64))
     base = make(pos=pos)
     state = nnx.state(base)
 
@@ -96,15 +101,14 @@ def test_scan_and_remat_match_unrolled(pos):
         model = make(pos=pos, **cfg_overrides)
         nnx.update(model, state)
         graphdef, params = nnx.split(model)
-        f = lambda p: jnp.sum(nnx.merge(graphdef, p)(x).pooler_output ** 2)
+        f = lambda p: jnp.sum(nnx.merge(graphdef, p)(x).pooler_output * direction)
         return jax.jit(jax.value_and_grad(f))(params)
 
     want_loss, want_grad = loss_and_grad({})
     for overrides in ({"scan": True}, {"remat": True}, {"scan": True, "remat": True}):
         loss, grad = loss_and_grad(overrides)
         np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-        for g, w in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad)):
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+        assert_same_math(grad, want_grad, rtol=1e-5)
 
 
 def test_bfloat16_compute_float32_params():
@@ -136,4 +140,4 @@ def test_param_shardings_fsdp(devices):
     assert {s.data.shape for s in q.addressable_shards} == {(2, 16, 64)}
     out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x).embedding)(params, pixels(b=8))
     want = nnx.merge(graphdef, jax.device_get(params))(pixels(b=8)).embedding
-    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    assert_same_math(out, want)
