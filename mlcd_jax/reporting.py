@@ -1,13 +1,100 @@
 """What the user sees of a run: a progress line (step/total, metrics, images/s, ETA), metrics.jsonl
-and TensorBoard events in the workdir. Only process 0 writes."""
+and TensorBoard events in the workdir. Only process 0 writes.
+
+Logging never stops or blocks training: a write that fails (a full disk) is said once, in one line,
+and logging to that file stops while the steps and checkpoints go on. TensorBoard events are
+written synchronously (tensorboardX's own writer queues them to a thread, which on a full disk
+dies and leaves the next `add_scalar` blocked forever).
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import pathlib
+import sys
 import time
 
 import jax
+
+
+class _Log:
+    """Append-only writes to one file that, once they fail, say so once and stop."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path, self.failed = path, False
+
+    def append(self, text: str) -> None:
+        if self.failed:
+            return
+        try:
+            with self.path.open("a") as f:
+                f.write(text)
+        except OSError as e:
+            self.fail(e)
+
+    def fail(self, e: OSError) -> None:
+        self.failed = True
+        print(f"warning: cannot write {self.path} ({e.strerror or e}); training goes on without "
+              "it", file=sys.stderr, flush=True)
+
+
+class _TensorBoard:
+    def __init__(self, directory: pathlib.Path):
+        self.log = _Log(directory)
+        self.writer = None
+        try:
+            from tensorboardX.event_file_writer import EventsWriter
+            directory.mkdir(parents=True, exist_ok=True)
+            self.writer = EventsWriter(str(directory / "events"))
+        except OSError as e:
+            self.log.fail(e)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None or self.log.failed:
+            return
+        from tensorboardX import summary
+        from tensorboardX.proto import event_pb2
+        try:
+            for tag, value in values.items():
+                if not math.isfinite(value):  # kept in metrics.jsonl; TensorBoard plots no NaN
+                    continue
+                self.writer.write_event(event_pb2.Event(
+                    wall_time=time.time(), step=step, summary=summary.scalar(tag, value)))
+            self.writer.flush()
+        except OSError as e:
+            self.log.fail(e)
+
+    def close(self) -> None:
+        if self.writer is not None and not self.log.failed:
+            try:
+                self.writer.close()
+            except OSError:
+                pass
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict]:
+    """The records of a JSON-lines file; a torn line (a kill or a full disk mid-write) is
+    skipped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_jsonl(path: pathlib.Path, after_step: int) -> None:
+    """Keep the records up to `after_step` (a resumed run redoes the later steps), dropping torn
+    lines; rewritten atomically."""
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= after_step]
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
 
 
 class Reporter:
@@ -15,22 +102,18 @@ class Reporter:
         self.enabled = jax.process_index() == 0
         self.total, self.batch = total_steps, batch_size
         self.workdir = pathlib.Path(workdir)
-        self.jsonl = self.workdir / "metrics.jsonl"
-        self.evals_jsonl = self.workdir / "evals.jsonl"
+        self.metrics = _Log(self.workdir / "metrics.jsonl")
+        self.evals = _Log(self.workdir / "evals.jsonl")
         self._mark = None  # (time, step) of the last report, set after the first step's compile
         self.tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            self._truncate_after(start_step)
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(self.workdir / "tensorboard"))
-
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: drop their old lines."""
-        for path in (self.jsonl, self.evals_jsonl):
-            if path.exists():
-                keep = [l for l in path.read_text().splitlines() if json.loads(l)["step"] <= step]
-                path.write_text("".join(l + "\n" for l in keep))
+            for log in (self.metrics, self.evals):
+                try:
+                    truncate_jsonl(log.path, start_step)
+                except OSError as e:
+                    log.fail(e)
+            self.tb = _TensorBoard(self.workdir / "tensorboard")
 
     def start_clock(self, step: int) -> None:
         self._mark = (time.perf_counter(), step)
@@ -46,15 +129,14 @@ class Reporter:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         if rate:
             record["images_per_s"] = rate * self.batch
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if k != "step":
-                self.tb.add_scalar(k, v, step)
+        self.metrics.append(json.dumps(record) + "\n")
+        self.tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
         eta = f"{(self.total - step) / rate / 60:.1f} min" if rate else "?"
         shown = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "pos_cos", "neg_cos", "lr")
                          if k in record)
         speed = f" {record['images_per_s']:.1f} img/s" if rate else ""
+        if record.get("skipped_images"):
+            speed += f" ({record['skipped_images']:.0f} unreadable images skipped)"
         print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {shown}{speed} "
               f"ETA {eta}", flush=True)
 
@@ -62,10 +144,8 @@ class Reporter:
         """Eval accuracies at `step`: evals.jsonl, TensorBoard (eval/NAME) and one line."""
         if not self.enabled:
             return
-        with self.evals_jsonl.open("a") as f:
-            f.write(json.dumps({"step": step, **accuracies}) + "\n")
-        for k, v in accuracies.items():
-            self.tb.add_scalar(f"eval/{k}", v, step)
+        self.evals.append(json.dumps({"step": step, **accuracies}) + "\n")
+        self.tb.scalars(step, {f"eval/{k}": v for k, v in accuracies.items()})
         print(f"eval at step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in accuracies.items()),
               flush=True)
 
