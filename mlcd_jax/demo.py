@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from mlcd_jax import reporting, weights
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate import features, run as eval_run
 from mlcd_jax.labels import assign, kmeans, store
@@ -55,7 +56,7 @@ def plot(workdir: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    read = lambda path: [json.loads(l) for l in path.read_text().splitlines()]
+    read = reporting.read_jsonl
     runs = {kind: read(workdir / kind / "metrics.jsonl") for kind in ("mlcd", "single")}
     evals = {kind: read(workdir / kind / "evals.jsonl") for kind in ("mlcd", "single")}
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
     demo_config = module.get_config("mlcd")
     encoders = {"random_init": vit.ViT(config_lib.vit_config(demo_config), rngs=nnx.Rngs(0))}
     for kind, key in (("single", "single_label"), ("mlcd", "mlcd")):
-        encoders[key] = eval_run.load_from_workdir(workdir / kind)[0]
+        encoders[key] = weights.load_from_workdir(workdir / kind)[0]
     results = {"linear_probe": {}, "knn": {}}
 
     def record(name, result):

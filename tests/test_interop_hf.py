@@ -11,6 +11,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
+from mlcd_jax import weights
 from mlcd_jax.interop import hf
 from mlcd_jax.models import vit
 
@@ -127,7 +128,7 @@ def test_round_trip_is_bit_exact(checkpoint, tmp_path):
     ours = hf.load_vision_model(path)
     exported = hf.vision_tensors(hf.params_to_hf(ours))  # names without vision_model.
     # through our own model directory too (orbax)
-    again = hf.load_model_dir(hf.save_model_dir(ours, tmp_path / "ours"))
+    again = weights.load_model_dir(weights.save_model_dir(ours, tmp_path / "ours"))
     exported_again = hf.vision_tensors(hf.params_to_hf(again))
     for key, value in original.items():
         key = key.removeprefix("vision_model.")
@@ -196,5 +197,54 @@ def test_cli_errors_are_clear(tmp_path):
 
     result = run_cli("import", str(tmp_path / "nowhere"), str(tmp_path / "out"))
     assert result.returncode == 2 and "config.json not found" in result.stderr
-    result = run_cli("export", str(tmp_path / "hf"), str(tmp_path / "out"))
-    assert result.returncode == 2 and "vit_config.json not found" in result.stderr
+    result = run_cli("export", str(tmp_path / "nowhere"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "neither a training workdir" in result.stderr
+
+
+def test_export_a_training_run_to_transformers(tmp_path):
+    """workdir → `export RUN OUT [--step N]` → MLCDVisionModel.from_pretrained: the outputs of the
+    checkpoint's encoder, for each step asked for."""
+    import os
+    from mlcd_jax import checkpoint, weights
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    train = subprocess.run([sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py",
+                            f"--workdir={tmp_path / 'run'}", "--config.total_steps=4",
+                            "--config.checkpoint_every=2", "--config.optim.lr=0.05"],
+                           capture_output=True, text=True, env=env,
+                           cwd=__import__("pathlib").Path(__file__).parents[1])
+    assert train.returncode == 0, train.stderr[-2000:]
+    x = inputs(16, 16)
+    outputs = {}
+    for step, args in ((4, []), (2, ["--step", "2"])):
+        out = tmp_path / f"hf{step}"
+        result = run_cli("export", str(tmp_path / "run"), str(out), *args)
+        assert result.returncode == 0, result.stderr
+        assert "MLCDVisionModel.from_pretrained" in result.stdout
+        reloaded, info = transformers.MLCDVisionModel.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+        ours, _ = weights.load_encoder(tmp_path / "run", step)
+        diffs = max_diff(ours, reloaded.eval(), x)
+        assert all(d <= TOL for d in diffs.values()), diffs
+        outputs[step] = hf_outputs(reloaded.eval(), x)["pooler_output"]
+    assert np.abs(outputs[4] - outputs[2]).max() > 1e-3  # two different steps were exported
+    result = run_cli("export", str(tmp_path / "run"), str(tmp_path / "x"), "--step", "3")
+    assert result.returncode == 2 and "no checkpoint 3" in result.stderr and "[2, 4]" in result.stderr
+    assert checkpoint.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [2, 4]
+
+
+def test_cli_help_keeps_its_lines_and_bad_model_dirs_are_one_line(tmp_path):
+    result = run_cli("--help")
+    assert "\n    python -m mlcd_jax.interop.hf export RUN OUT [--step N]" in result.stdout
+    from mlcd_jax import weights
+    weights.save_model_dir(vit.ViT(vit.vit_config("micro"), rngs=__import__("flax").nnx.Rngs(0)),
+                           tmp_path / "ours")
+    config_file = tmp_path / "ours" / "vit_config.json"
+    good = json.loads(config_file.read_text())
+    for bad, message in (({"ln_eps": float("nan")}, "ln_eps must be a finite positive number"),
+                         ({"width": 0}, "width must be a positive integer"),
+                         ({"heads": -2}, "heads must be a positive integer"),
+                         ({"wdth": 3}, "unexpected keyword argument 'wdth'")):
+        config_file.write_text(json.dumps(good | bad))
+        result = run_cli("export", str(tmp_path / "ours"), str(tmp_path / "out"))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert str(config_file) in result.stderr and message in result.stderr

@@ -57,6 +57,15 @@ def test_unknown_size_and_bad_config():
         vit.vit_config("tiny", act="relu6")
     with pytest.raises(ValueError, match="not divisible by heads"):
         vit.vit_config("tiny", heads=5)
+    for field, value, message in (("width", 0, "width must be a positive integer"),
+                                  ("depth", -1, "depth must be a positive integer"),
+                                  ("ln_eps", float("nan"), "ln_eps must be a finite positive"),
+                                  ("rope_theta", 0.0, "rope_theta must be a finite positive"),
+                                  ("image_size", (32, 0), "image_size must be positive"),
+                                  ("embed_dim", 0, "embed_dim must be None or a positive"),
+                                  ("dtype", "int8", "dtype must be one of")):
+        with pytest.raises(ValueError, match=message):
+            vit.vit_config("tiny", **{field: value})
 
 
 def test_outputs_and_projection():

@@ -1,44 +1,54 @@
-"""Running the evaluators: a dataset's train/test splits, an encoder from a training workdir, and
-linear probe + kNN on their frozen features. Used by `python -m mlcd_jax.evaluate`, by the trainer's
-periodic evals (config `evals`) and by the demo."""
+"""Running the evaluators: a dataset's train/test splits and linear probe + kNN on frozen features.
+Used by `python -m mlcd_jax.evaluate`, by the trainer's periodic evals (config `evals`) and by the
+demo. The test images are never the train images: a dataset's own test split (tfds,
+digits_canvas), a test folder beside a train folder, or a seeded held-out fraction."""
 
 from __future__ import annotations
 
-import json
-import pathlib
 import types
 
-import ml_collections
 import numpy as np
 
+from mlcd_jax.data import sources
 from mlcd_jax.evaluate import features, probes
 
 PROBES = ("linear_probe", "knn")
-
-
-class Subset:
-    def __init__(self, source, indices):
-        self.source, self.indices = source, np.asarray(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.source[int(self.indices[i])]
 
 
 def split(source, test_fraction: float, seed: int = 0):
     """A seeded held-out split of a source without predefined splits."""
     order = np.random.default_rng(seed).permutation(len(source))
     n_test = int(round(len(source) * test_fraction))
-    return Subset(source, np.sort(order[n_test:])), Subset(source, np.sort(order[:n_test]))
+    return (sources.Subset(source, np.sort(order[n_test:])),
+            sources.Subset(source, np.sort(order[:n_test])))
 
 
-def dataset_splits(dataset: str, *, path: str = "", tfds_name: str = "", train_split: str = "train",
-                   test_split: str = "", test_fraction: float = 0.3):
-    """(train, test) sources: the dataset's own test split when `test_split` is given (tfds,
-    digits_canvas), else `test_fraction` of the train split held out with a fixed seed."""
-    from mlcd_jax.data import sources
+def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_name: str = "",
+                   train_split: str = "train", test_split: str = "", test_fraction: float = 0.3,
+                   flag: str = "--"):
+    """(train, test) sources: the dataset's own test split (`test_split`: tfds, digits_canvas),
+    a test folder (`test_path`, for a folder dataset), else `test_fraction` of the train split
+    held out with a fixed seed. `flag` prefixes option names in errors ("--" or "config.evals.")."""
+    if dataset not in sources.LABELLED:
+        raise ValueError(f"{flag}dataset: must be one of {sources.LABELLED} (images with classes), "
+                         f"got {dataset!r}")
+    if test_split and dataset not in sources.WITH_SPLITS:
+        raise ValueError(f"{flag}test_split: {dataset} has no named splits (only "
+                         f"{', '.join(sources.WITH_SPLITS)} do); "
+                         + (f"give the test images as {flag}test_path" if dataset == "folder"
+                            else f"{flag}test_fraction holds out part of it"))
+    if test_path and dataset != "folder":
+        raise ValueError(f"{flag}test_path: only for a folder dataset; {dataset} takes "
+                         f"{flag}test_split or {flag}test_fraction")
+    if dataset == "folder":
+        train = sources.FolderSource(path, field=f"{flag}path")
+        if not train.class_index:
+            raise ValueError(f"{flag}path {path}: no class sub-folders; evaluation needs one "
+                             "sub-folder per class (PATH/CLASS/image.jpg)")
+        if test_path:
+            return train, sources.FolderSource(test_path, classes=train.class_index,
+                                               field=f"{flag}test_path")
+        return split(train, test_fraction)
     spec = lambda s: types.SimpleNamespace(source=dataset, path=path, tfds_name=tfds_name, split=s)
     if test_split:
         return sources.make_source(spec(train_split)), sources.make_source(spec(test_split))
@@ -59,34 +69,10 @@ def evaluate(model, train, test, *, image_size: int, mesh=None, which=PROBES,
 
 def probe(train_xy, test_xy, which=PROBES) -> dict:
     """{probe: result} of the probes in `which` on given (features, labels) pairs."""
+    for what, (_, y) in (("train", train_xy), ("test", test_xy)):
+        if not len(y) or (y < 0).any():
+            raise ValueError(f"the {what} images have no class labels ({int((y < 0).sum())} of "
+                             f"{len(y)} without one); probes need a labelled dataset")
+    if len(np.unique(train_xy[1])) < 2:
+        raise ValueError("the train images are all of one class; probes need two or more")
     return {name: getattr(probes, name)(*train_xy, *test_xy) for name in which}
-
-
-def load_from_workdir(workdir, step: int | None = None):
-    """(encoder, step) of a trainer workdir: its resolved config.json and checkpoint `step`
-    (default: the latest), restored onto this process's first device."""
-    import jax
-    from flax import nnx
-    from mlcd_jax import checkpoint, config as config_lib
-    from mlcd_jax.models import vit
-    workdir = pathlib.Path(workdir).absolute()
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: --checkpoint must be a training workdir")
-    c = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.manager.all_steps():
-        ckpt.close()
-        raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
-                                f"{workdir / 'checkpoints'} (have {list(ckpt.manager.all_steps())})")
-    # The run may have used another device count: restore every array onto this process's first
-    # device, shapes from the checkpoint's metadata.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          ckpt.manager.item_metadata(step)["state"])
-    state, _ = ckpt.restore(target, step)
-    ckpt.close()
-    model = nnx.eval_shape(lambda: vit.ViT(config_lib.vit_config(c), rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(model)
-    return nnx.merge(graphdef, state["params"]["encoder"]), step

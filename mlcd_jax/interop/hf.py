@@ -1,17 +1,19 @@
 """Weights in and out of transformers' ``MLCDVisionModel`` and ``CLIPVisionModel`` (no torch needed).
 
-    python -m mlcd_jax.interop.hf import SRC DST   # transformers checkpoint dir → our model dir
-    python -m mlcd_jax.interop.hf export SRC DST   # our model dir → transformers checkpoint dir
+    python -m mlcd_jax.interop.hf export RUN OUT [--step N]   # a training workdir → transformers
+    python -m mlcd_jax.interop.hf export MODEL_DIR OUT        # our model dir → transformers
+    python -m mlcd_jax.interop.hf import HF_DIR MODEL_DIR     # transformers → our model dir
 
-A transformers checkpoint directory holds ``config.json`` and ``*.safetensors``. Our model directory
-holds ``vit_config.json`` (the ``ViTConfig``) and ``params/`` (an orbax checkpoint of the parameters).
+A transformers checkpoint directory holds ``config.json`` and ``*.safetensors``; it loads with
+``MLCDVisionModel.from_pretrained(OUT)`` (RoPE encoders) or ``CLIPVisionModel[WithProjection]``
+(CLIP-style), which needs ``pip install torch transformers``. Our model directory holds
+``vit_config.json`` (the ``ViTConfig``) and ``params/`` (an orbax checkpoint of the parameters).
 Every conversion is a transpose or a stack, so a round trip is bit-exact.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -216,14 +218,6 @@ def params_to_hf(model: vit.ViT) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def _build(cfg: vit.ViTConfig, params: dict) -> vit.ViT:
-    model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, params))
-    nnx.update(model, state)
-    return model
-
-
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -243,9 +237,12 @@ def load_vision_model(path, **overrides) -> vit.ViT:
     hf = json.loads(config_file.read_text())
     vision = vision_tensors(read_safetensors(path))
     projection = vision.get("visual_projection.weight")
-    cfg = config_from_hf(hf, projection_dim=None if projection is None else projection.shape[0],
-                         **overrides)
-    return _build(cfg, params_from_hf(cfg, vision, source=str(path)))
+    try:
+        cfg = config_from_hf(hf, projection_dim=None if projection is None else projection.shape[0],
+                             **overrides)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
+    return vit.with_params(cfg, params_from_hf(cfg, vision, source=str(path)))
 
 
 def save_vision_model(model: vit.ViT, path) -> pathlib.Path:
@@ -262,53 +259,32 @@ def save_vision_model(model: vit.ViT, path) -> pathlib.Path:
     return path
 
 
-def save_model_dir(model: vit.ViT, path) -> pathlib.Path:
-    """Our own format: vit_config.json + an orbax checkpoint of the parameters."""
-    import orbax.checkpoint as ocp
-    path = pathlib.Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vit_config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path / "params", nnx.to_pure_dict(nnx.state(model)), force=True)
-    return path
-
-
-def load_model_dir(path, **overrides) -> vit.ViT:
-    import orbax.checkpoint as ocp
-    path = pathlib.Path(path).absolute()
-    config_file = path / "vit_config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: expected a model directory written by "
-                                "`python -m mlcd_jax.interop.hf import` (vit_config.json + params/)")
-    fields = json.loads(config_file.read_text())
-    if isinstance(fields.get("image_size"), list):
-        fields["image_size"] = tuple(fields["image_size"])
-    cfg = vit.ViTConfig(**(fields | overrides))
-    target = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(vit.ViT(cfg, rngs=nnx.Rngs(0)))))
-    with ocp.StandardCheckpointer() as ckpt:
-        params = ckpt.restore(path / "params", target)
-    return _build(cfg, params)
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlcd_jax.interop.hf", description=__doc__)
+    from mlcd_jax import weights
+    parser = argparse.ArgumentParser(prog="python -m mlcd_jax.interop.hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["import", "export"])
-    parser.add_argument("src")
+    parser.add_argument("src", help="import: a transformers checkpoint dir; export: a training "
+                        "workdir, our model dir (or a transformers dir)")
     parser.add_argument("dst")
+    parser.add_argument("--step", type=int, default=None,
+                        help="export from a training workdir: this checkpoint step (default: latest)")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":
             model = load_vision_model(args.src)
-            out = save_model_dir(model, args.dst)
+            out = weights.save_model_dir(model, args.dst)
         else:
-            model = load_model_dir(args.src)
+            model, what = weights.load_encoder(args.src, args.step)
             out = save_vision_model(model, args.dst)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cfg = model.cfg
+    kind = "MLCDVisionModel" if cfg.pos == "rope" else "CLIPVisionModel"
     print(f"{args.command}: {cfg.pos} ViT width {cfg.width} depth {cfg.depth} heads {cfg.heads} "
-          f"patch {cfg.patch}{f' → {cfg.embed_dim}' if cfg.embed_dim else ''}: wrote {out}")
+          f"patch {cfg.patch}{f' → {cfg.embed_dim}' if cfg.embed_dim else ''}: wrote {out}"
+          + (f" (transformers.{kind}.from_pretrained)" if args.command == "export" else ""))
     return 0
 
 

@@ -21,6 +21,7 @@ training) with float32 parameters; RoPE and the softmax run in float32. Every pa
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 POSITIONS = ("rope", "learned")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,21 @@ class ViTConfig:
     remat: bool = False
 
     def __post_init__(self):
+        for name in ("width", "depth", "heads", "mlp_dim", "patch", "channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+        if not all(isinstance(s, int) and s >= 1 for s in self.image_hw):
+            raise ValueError(f"ViTConfig.image_size must be positive, got {self.image_size!r}")
+        if self.embed_dim is not None and not (isinstance(self.embed_dim, int) and self.embed_dim >= 1):
+            raise ValueError(f"ViTConfig.embed_dim must be None or a positive integer, got "
+                             f"{self.embed_dim!r}")
+        for name in ("ln_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"ViTConfig.{name} must be a finite positive number, got {value!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ViTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.pos not in POSITIONS:
             raise ValueError(f"ViTConfig.pos must be one of {POSITIONS}, got {self.pos!r}")
         if self.act not in ACTIVATIONS:
@@ -74,7 +91,7 @@ class ViTConfig:
     @property
     def image_hw(self) -> tuple[int, int]:
         s = self.image_size
-        return (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
+        return (s, s) if isinstance(s, int) else tuple(s)
 
 
 # Named sizes. MLCD's released B/32 and L/14 are CLIP-style; the v2 bigG/14 models use RoPE.
@@ -238,3 +255,12 @@ class ViT(nnx.Module):
         for i in range(self.cfg.depth):
             x, _ = block(x, jax.tree.map(lambda p: p[i], stacked))
         return x
+
+
+def with_params(cfg: ViTConfig, params: dict) -> ViT:
+    """A ViT of `cfg` holding `params` (a pure dict of arrays, as `nnx.to_pure_dict` gives)."""
+    model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(model, state)
+    return model
