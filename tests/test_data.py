@@ -126,7 +126,8 @@ def test_convert_folder_and_tars_to_arrayrecord(tmp_path):
     (tmp_path / "imgs" / "dog").mkdir()
     for i in range(5):
         (tmp_path / "imgs" / ("cat" if i < 3 else "dog") / f"{i}.png").write_bytes(jpeg(i * 40, fmt="PNG"))
-    shards = convert.convert(str(tmp_path / "imgs"), str(tmp_path / "ar" / "train"), shard_size=2)
+    shards = convert.convert(str(tmp_path / "imgs"), str(tmp_path / "ar" / "train"),
+                             shard_size=2)["shards"]
     assert [s.rsplit("/", 1)[1] for s in shards] == [f"train-{i:05d}-of-00003.array_record"
                                                      for i in range(3)]
     ar = sources.ArrayRecordSource(str(tmp_path / "ar" / "train-*.array_record"))
@@ -153,14 +154,15 @@ def test_convert_folder_and_tars_to_arrayrecord(tmp_path):
 def test_embed_kmeans_assign_then_train_on_digits(tmp_path):
     """The whole label pipeline on real (bundled) images, then the trainer on its labels."""
     from flax import nnx
-    from mlcd_jax.interop import hf
+    from mlcd_jax import weights
     from mlcd_jax.models import vit
     model = vit.ViT(vit.vit_config("micro", embed_dim=16), rngs=nnx.Rngs(0))
-    hf.save_model_dir(model, tmp_path / "teacher")
+    weights.save_model_dir(model, tmp_path / "teacher")
     src = sources.DigitsSource()
-    result = embed.run(src, embed.load_encoder(tmp_path / "teacher"), tmp_path / "emb",
-                       model_name="micro", image_size=16, batch_size=128, shard_size=500)
-    assert result == {"shards": 4, "embedded_now": 4, "complete": True}
+    assert labels_cli.main(["embed", "--model", str(tmp_path / "teacher"), "--source", "digits",
+                            "--out", str(tmp_path / "emb"), "--image_size", "16", "--batch_size",
+                            "128", "--shard_size", "500"]) == 0
+    assert len(list((tmp_path / "emb").glob("emb_*.npy"))) == 4
     shards = store.open_embeddings(tmp_path / "emb")
     assert shards.total == len(src) and shards.dim == 16
     again = embed.run(src, model, tmp_path / "emb", model_name="micro", image_size=16,
@@ -228,3 +230,107 @@ def test_digits_canvas_makes_raw_pixels_weak():
     assert canvas["accuracy"] < 0.6 and clean["accuracy"] > 0.9
     with pytest.raises(ValueError, match="must be train or test"):
         sources.DigitsCanvasSource("validation")
+
+
+def test_sixteen_bit_png_and_exif_rotation_decode_as_a_viewer_shows_them():
+    gradient = np.linspace(0, 65535, 30 * 40).reshape(30, 40).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, "PNG")  # a 16-bit grayscale PNG
+    decoded = np.asarray(transforms.decode({"image_bytes": buf.getvalue()}), np.float64)
+    np.testing.assert_allclose(decoded[..., 0], gradient / 257, atol=1)  # not clipped to white
+    # A landscape photo stored sideways with EXIF orientation 6 (rotate 90° clockwise to view).
+    stored = np.zeros((10, 30, 3), np.uint8)
+    stored[:, :5] = 255  # a white band at the left of the stored pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "JPEG", exif=exif, quality=95)
+    shown = np.asarray(transforms.decode({"image_bytes": buf.getvalue()}))
+    assert shown.shape == (30, 10, 3)  # upright: portrait
+    assert shown[:5].mean() > 200 and shown[-5:].mean() < 50  # the band is now at the top
+
+
+def unreadable_files(folder):
+    """A folder of 6 good images and 3 that are not: empty, truncated, a text file."""
+    (folder / "cls").mkdir(parents=True)
+    for i in range(6):
+        (folder / "cls" / f"good{i}.png").write_bytes(jpeg(i * 40, size=(40, 40), fmt="PNG"))
+    (folder / "cls" / "empty.jpg").write_bytes(b"")
+    (folder / "cls" / "cut.jpg").write_bytes(jpeg(9, size=(40, 40))[:100])
+    (folder / "cls" / "notes.png").write_text("not an image")
+    (folder / "cls" / "tiny.png").write_bytes(jpeg(5, size=(5, 5), fmt="PNG"))
+
+
+def test_convert_leaves_out_and_lists_unreadable_files_and_refuses_to_mix_runs(tmp_path, capsys):
+    unreadable_files(tmp_path / "imgs")
+    out = str(tmp_path / "ar" / "train")
+    assert convert.main(["--input", str(tmp_path / "imgs"), "--output", out,
+                         "--shard_size", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 3 files that are not readable images" in printed
+    assert "cls/empty.jpg" in printed and "7 images" in printed
+    assert "1 images are smaller than 16 px on a side and will be upscaled: cls/tiny.png (5×5)" in printed
+    skipped = [json.loads(l) for l in open(f"{out}.skipped.jsonl")]
+    assert sorted(s["name"] for s in skipped) == ["cls/cut.jpg", "cls/empty.jpg", "cls/notes.png"]
+    # The README's glob also matches the index and the skipped list: only shards are read.
+    source = sources.ArrayRecordSource(str(tmp_path / "ar" / "train*"))
+    assert len(source) == 7 and len(source.files) == 3
+    assert all(transforms.decode(source[i]) for i in range(7))
+    assert source.name(4) == f"cls/good4.png ({out}-00001-of-00003.array_record[1])"
+    # A second convert into the same prefix would leave 3 old shards beside new ones.
+    assert convert.main(["--input", str(tmp_path / "imgs"), "--output", out]) == 2
+    assert "3 shards of an earlier convert exist" in capsys.readouterr().err
+    assert convert.main(["--input", str(tmp_path / "imgs"), "--output", out, "--overwrite"]) == 0
+    assert len(sources.ArrayRecordSource(f"{out}-*.array_record")) == 7  # not 14
+    assert len(convert.existing_shards(out)) == 1
+
+
+def test_a_damaged_arrayrecord_file_is_named(tmp_path):
+    unreadable_files(tmp_path / "imgs")
+    convert.convert(str(tmp_path / "imgs"), str(tmp_path / "train"), 100)
+    (tmp_path / "train-00001-of-00002.array_record").write_bytes(b"\0" * 1000)  # not riegeli
+    with pytest.raises(ValueError, match="train-00001-of-00002.array_record is not a readable "
+                                         "ArrayRecord file"):
+        sources.ArrayRecordSource(str(tmp_path / "train-*"))
+    with pytest.raises(FileNotFoundError, match="no .array_record files match .*train.index.jsonl"
+                                                "|no \\*.array_record files match"):
+        sources.ArrayRecordSource(str(tmp_path / "train.index*"))
+
+
+def test_unreadable_images_are_named_by_every_stage(tmp_path, capsys):
+    """Features for evaluation leave them out and say which; embed refuses, naming them (every
+    record needs its label row); the pipeline carries their indices."""
+    from flax import nnx
+    from mlcd_jax.evaluate import features
+    from mlcd_jax.models import vit
+    unreadable_files(tmp_path / "imgs")
+    folder = sources.FolderSource(tmp_path / "imgs")
+    model = vit.ViT(vit.vit_config("micro"), rngs=nnx.Rngs(0))
+    x, y = features.extract(model, folder, image_size=16, batch_size=4)
+    assert len(x) == 7
+    printed = capsys.readouterr().out
+    assert "3 unreadable images skipped" in printed and str(tmp_path / "imgs/cls/empty.jpg") in printed
+    with pytest.raises(ValueError, match=r"3 unreadable images skipped .*cut.jpg.*Every record "
+                                         r"needs an embedding"):
+        embed.run(folder, model, tmp_path / "emb", model_name="micro", image_size=16)
+
+
+def test_embed_refuses_an_out_dir_of_another_run_and_checks_its_shards(tmp_path):
+    from flax import nnx
+    from mlcd_jax.models import vit
+    src = sources.Subset(sources.DigitsSource(), range(40))
+    model = vit.ViT(vit.vit_config("micro", embed_dim=8), rngs=nnx.Rngs(0))
+    run = lambda m, s, **kw: embed.run(s, m, tmp_path / "emb", model_name="m", image_size=16,
+                                       batch_size=16, shard_size=15, **kw)
+    assert run(model, src)["embedded_now"] == 3
+    assert run(model, src)["embedded_now"] == 0  # same images, same weights: nothing redone
+    other = vit.ViT(vit.vit_config("micro", embed_dim=8), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="already holds emb_00000.npy, made from other images, "
+                                         "another model"):
+        run(other, src)
+    with pytest.raises(ValueError, match="already holds emb_00000.npy"):
+        run(model, sources.Subset(sources.DigitsSource(), range(1, 32)))
+    # A shard that does not match the manifest (copied from elsewhere) is caught on open.
+    np.save(tmp_path / "emb" / "emb_00001.npy", np.zeros((4000, 8), np.float16))
+    with pytest.raises(ValueError, match="emb_00001.npy holds 4000 × 8 embeddings but .* says 15 × 8"):
+        store.open_embeddings(tmp_path / "emb")

@@ -6,6 +6,13 @@
 Writes OUTPUT-00000-of-00010.array_record, ... (one record = one encoded image, bytes as stored,
 no re-encoding) and OUTPUT.index.jsonl (record → original path or tar member, in record order).
 Then: ``--config.data.source=arrayrecord --config.data.path='OUTPUT-*.array_record'``.
+
+Every image is decoded once here: a file that does not decode (empty, truncated, not an image) is
+left out, listed with its reason in OUTPUT.skipped.jsonl and counted on the console, so that each
+record of the output is an image (the record index is the row of the label store). Images smaller
+than --warn_below pixels on a side are kept and listed as a warning (they will be upscaled).
+Existing shards under OUTPUT are never mixed with new ones: convert refuses, or with --overwrite
+replaces them once the new ones are written.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import tarfile
 
 from tqdm import tqdm
 
-from mlcd_jax.data.sources import IMAGE_SUFFIXES
+from mlcd_jax.data import transforms
+from mlcd_jax.data.sources import IMAGE_SUFFIXES, SHARD_NAME
 
 
 def _expand(pattern: str) -> list[str]:
@@ -50,33 +58,67 @@ def iter_images(inputs: str):
                     yield f"{pathlib.Path(tar).name}:{member.name}", t.extractfile(member).read()
 
 
-def convert(inputs: str, output: str, shard_size: int) -> list[str]:
-    from array_record.python.array_record_module import ArrayRecordWriter
-    names, shards, writer, count = [], [], None, 0
+def existing_shards(output: str) -> list[pathlib.Path]:
+    """Shards a convert with this output prefix wrote before (PREFIX-00000-of-00003...)."""
     out = pathlib.Path(output)
+    return sorted(p for p in out.parent.glob(f"{glob.escape(out.name)}-*.array_record")
+                  if (m := SHARD_NAME.match(str(p))) and m.group(1) == str(out))
+
+
+def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = False,
+            warn_below: int = 16, report=print) -> dict:
+    from array_record.python.array_record_module import ArrayRecordWriter
+    out = pathlib.Path(output)
+    old = existing_shards(output)
+    if old and not overwrite:
+        raise FileExistsError(f"--output {output}: {len(old)} shards of an earlier convert exist "
+                              f"({old[0].name} …); pass --overwrite to replace them, or choose "
+                              "another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_paths = []
+    names, skipped, small, tmp_paths, writer = [], [], [], [], None
     for name, data in tqdm(iter_images(inputs), desc="convert", unit="img"):
-        if count % shard_size == 0:
+        try:
+            image = transforms.decode({"image_bytes": data, "path": name})
+        except transforms.CorruptImage as e:
+            skipped.append({"name": name, "reason": str(e).removeprefix(f"{name}: ")})
+            continue
+        if min(image.size) < warn_below:
+            small.append(f"{name} ({image.size[0]}×{image.size[1]})")
+        if len(names) % shard_size == 0:
             if writer:
                 writer.close()
             tmp_paths.append(out.parent / f"{out.name}-{len(tmp_paths):05d}.array_record.tmp")
             writer = ArrayRecordWriter(str(tmp_paths[-1]), "group_size:1")
         writer.write(data)
         names.append(name)
-        count += 1
     if writer:
         writer.close()
-    if not count:
-        raise FileNotFoundError(f"--input {inputs}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    if skipped:
+        with open(f"{output}.skipped.jsonl", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in skipped)
+        shown = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:5])
+        report(f"convert: skipped {len(skipped)} files that are not readable images "
+               f"({shown}{' …' if len(skipped) > 5 else ''}); all listed in "
+               f"{output}.skipped.jsonl")
+    if small:
+        report(f"convert: warning: {len(small)} images are smaller than {warn_below} px on a "
+               f"side and will be upscaled: {', '.join(small[:5])}{' …' if len(small) > 5 else ''}")
+    if not names:
+        for tmp in tmp_paths:
+            tmp.unlink()
+        raise FileNotFoundError(f"--input {inputs}: no readable images "
+                                f"({', '.join(IMAGE_SUFFIXES)}; {len(skipped)} unreadable)")
+    shards = []
     for i, tmp in enumerate(tmp_paths):  # final names carry the shard count
         final = out.parent / f"{out.name}-{i:05d}-of-{len(tmp_paths):05d}.array_record"
         tmp.replace(final)
         shards.append(str(final))
+    for stale in set(map(str, old)) - set(shards):  # --overwrite: the old run's other shards
+        pathlib.Path(stale).unlink()
     with open(f"{output}.index.jsonl", "w") as f:
         for i, name in enumerate(names):
             f.write(json.dumps({"record": i, "name": name}) + "\n")
-    return shards
+    return {"shards": shards, "records": len(names), "skipped": len(skipped), "small": len(small)}
 
 
 def main(argv=None) -> int:
@@ -85,14 +127,22 @@ def main(argv=None) -> int:
     p.add_argument("--input", required=True, help="image folder, or tar files (glob / {a..b})")
     p.add_argument("--output", required=True, help="output prefix")
     p.add_argument("--shard_size", type=int, default=10_000)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards of an earlier convert with this --output")
+    p.add_argument("--warn_below", type=int, default=16,
+                   help="list images smaller than this many pixels on a side")
     a = p.parse_args(argv)
+    if a.shard_size < 1:
+        p.error(f"--shard_size must be ≥ 1, got {a.shard_size}")
     try:
-        shards = convert(a.input, a.output, a.shard_size)
-    except FileNotFoundError as e:
+        result = convert(a.input, a.output, a.shard_size, overwrite=a.overwrite,
+                         warn_below=a.warn_below)
+    except (FileNotFoundError, FileExistsError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"convert: wrote {len(shards)} ArrayRecord files ({a.output}-*.array_record) and "
-          f"{a.output}.index.jsonl")
+    skipped = f"; skipped {result['skipped']:,} unreadable" if result["skipped"] else ""
+    print(f"convert: wrote {result['records']:,} images to {len(result['shards'])} ArrayRecord "
+          f"files ({a.output}-*.array_record) and {a.output}.index.jsonl{skipped}")
     return 0
 
 

@@ -15,11 +15,23 @@ from mlcd_jax.data import pipeline, sources, synthetic
 from mlcd_jax.labels import store
 
 
+def open_source(c):
+    """The config's real data source (None for synthetic data): opened, and so checked, first."""
+    return None if c.data.source == "synthetic" else sources.make_source(c.data)
+
+
 class _Input:
-    def __init__(self, c, sharding):
+    def __init__(self, c, sharding, source=None):
         self.c, self.sharding = c, sharding
         self.shape = (c.grad_accum, c.batch_size // c.grad_accum)
-        self.skipped = 0  # corrupt images skipped so far
+        self.skipped = pipeline.Skipped(source, keep=100)  # unreadable images skipped so far
+        self._told = 0
+
+    def new_skips(self) -> list[str]:
+        """Names of skipped images not yet returned by an earlier call."""
+        new = self.skipped.names[self._told:]
+        self._told = len(self.skipped.names)
+        return new
 
     def _global(self, images, labels):
         local = self.shape[0], self.shape[1] // jax.process_count()
@@ -30,7 +42,7 @@ class _Input:
 class SyntheticInput(_Input):
     """Batch `step` is a pure function of (seed, step): the state is the step."""
 
-    def __init__(self, c, sharding):
+    def __init__(self, c, sharding, source=None):
         super().__init__(c, sharding)
         self.source = synthetic.SyntheticSource(
             num_classes=c.head.num_classes, num_labels=c.data.num_labels,
@@ -55,9 +67,8 @@ class SyntheticInput(_Input):
 class GrainInput(_Input):
     """A real source through the grain pipeline, joined with a label store by record index."""
 
-    def __init__(self, c, sharding):
-        super().__init__(c, sharding)
-        source = sources.make_source(c.data)
+    def __init__(self, c, sharding, source):
+        super().__init__(c, sharding, source)
         labels_path = None
         if c.data.labels:
             labels = store.open_label_store(c.data.labels, num_examples=len(source),
@@ -76,20 +87,23 @@ class GrainInput(_Input):
 
     def next(self):
         batch = next(self.iterator)
-        self.skipped += int(batch["skipped"].sum())
+        self.skipped.add(batch)
         labels = batch["labels"][:, :self.c.data.num_labels]
         return self._global(batch["image"], labels)
 
     def get_state(self):
-        return {"iterator": self.iterator.get_state(), "skipped": self.skipped}
+        return {"iterator": self.iterator.get_state(), "skipped": self.skipped.count}
 
     def set_state(self, state):
         self.iterator.set_state(state["iterator"])
-        self.skipped = state["skipped"]
+        self.skipped.count = state["skipped"]
 
 
-def make_train_input(c, sharding):
-    return SyntheticInput(c, sharding) if c.data.source == "synthetic" else GrainInput(c, sharding)
+def make_train_input(c, sharding, source=None):
+    """The trainer's input for config `c`: synthetic, or `source` (`open_source`) through grain."""
+    if c.data.source == "synthetic":
+        return SyntheticInput(c, sharding)
+    return GrainInput(c, sharding, source)
 
 
 def image_dtype(c):

@@ -1,5 +1,6 @@
 """The grain input pipeline: source → (index, labels) → global shuffle → this process's share →
-decode + augment → skip corrupt images (counted) → batch → worker processes.
+decode + augment → skip corrupt images (counted, and the first few named by index) → batch →
+worker processes.
 
 Every random choice is a function of (seed, epoch, position): the shuffle is grain's index
 permutation and each example's augmentation uses grain's per-index generator. So the iterator state
@@ -52,9 +53,14 @@ def _augment(record: dict, rng: np.random.Generator, *, size: int, scale, flip: 
     return {"image": image, "labels": record["labels"], "index": np.int64(record["index"])}
 
 
+NAMED_SKIPS = 4  # source indices of skipped records carried per kept example (the rest counted)
+
+
 class SkipCorrupt(grain.IterDataset):
-    """Drops corrupt examples; each kept example carries how many were dropped just before it, so
-    a batch's sum is the number skipped while it was assembled (whatever worker made it)."""
+    """Drops corrupt examples; each kept example carries how many were dropped just before it
+    ("skipped"; a batch's sum is the number skipped while it was assembled, whatever worker made
+    it) and the source indices of up to NAMED_SKIPS of them ("skipped_index", -1 padded), so the
+    caller can name them (`skipped_names`)."""
 
     def __init__(self, parent: grain.IterDataset):
         super().__init__(parent)
@@ -68,10 +74,12 @@ class _SkipCorruptIterator(grain.DatasetIterator):
         super().__init__(parent)
 
     def __next__(self):
-        skipped = 0
+        skipped = []
         while "corrupt" in (record := next(self._parent)):
-            skipped += 1
-        return {**record, "skipped": np.int32(skipped)}
+            skipped.append(record["index"])
+        named = np.full(NAMED_SKIPS, -1, np.int64)
+        named[:min(len(skipped), NAMED_SKIPS)] = skipped[:NAMED_SKIPS]
+        return {**record, "skipped": np.int32(len(skipped)), "skipped_index": named}
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -80,12 +88,41 @@ class _SkipCorruptIterator(grain.DatasetIterator):
         self._parent.set_state(state)
 
 
+class Skipped:
+    """The records a pass over `source` skipped as unreadable: counted, the first few named with
+    their reason (each decoded again to say why)."""
+
+    def __init__(self, source, keep: int = 10):
+        self.source, self.keep = source, keep
+        self.count, self.names = 0, []
+
+    def add(self, batch) -> list[str]:
+        """Count a batch's skips; returns the names it adds."""
+        self.count += int(batch["skipped"].sum())
+        indices = batch["skipped_index"].reshape(-1)
+        new = [self._describe(int(i)) for i in indices[indices >= 0][:self.keep - len(self.names)]]
+        self.names += new
+        return new
+
+    def _describe(self, i: int) -> str:
+        try:
+            transforms.decode(self.source[i])
+            return f"{self.source.name(i)}: skipped"
+        except transforms.CorruptImage as e:
+            return str(e)
+
+    def summary(self) -> str:
+        shown = "; ".join(self.names[:5])
+        more = " …" if self.count > min(5, len(self.names)) else ""
+        return f"{self.count} unreadable images skipped ({shown}{more})"
+
+
 def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: int,
             labels_path: str | None = None, train: bool = True, crop_scale=(0.08, 1.0),
             flip: bool = True, workers: int = 0, process_index: int | None = None,
             process_count: int | None = None) -> grain.IterDataset:
     """This process's batches: {"image": uint8 (b, S, S, 3), "labels": int32 (b, l), "index",
-    "skipped"}, b = batch_size / process_count. Training repeats and reshuffles every epoch;
+    "skipped", "skipped_index"}, b = batch_size / process_count. Training repeats and reshuffles every epoch;
     evaluation reads each example once, in order (the last partial batch is kept)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

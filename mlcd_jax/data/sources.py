@@ -1,5 +1,8 @@
 """Random-access sources of examples: ``len(source)`` and ``source[i]`` → a dict with either
 "image" (uint8 H × W × 3) or "image_bytes" (an encoded JPEG/PNG/...), plus "label" where known.
+Each also has ``name(i)`` (what a person calls record i: its file, or its place in a shard) and
+``fingerprint()`` (changes when the records change), so later stages can name a bad record and
+tell stale results from current ones.
 
 * `DigitsSource`: scikit-learn's bundled handwritten digits (1,797 real 8 × 8 images, no download).
 * `FolderSource`: image files under a folder (sorted paths; class = first sub-folder, if any).
@@ -10,14 +13,45 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import itertools
+import json
 import pathlib
+import re
 
 import numpy as np
 from PIL import Image
 
 SOURCES = ("synthetic", "digits", "digits_canvas", "folder", "arrayrecord", "tfds")
-LABELLED = tuple(s for s in SOURCES if s != "synthetic")  # real images with classes: evaluable
+LABELLED = ("digits", "digits_canvas", "folder", "tfds")  # real images with classes: evaluable
+WITH_SPLITS = ("digits_canvas", "tfds")  # sources whose `split` selects other records
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+class Subset:
+    """Records `indices` (a range or an array) of `source`, in that order."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
+
+    def name(self, i):
+        return self.source.name(int(self.indices[i]))
+
+    def fingerprint(self):
+        indices = self.indices
+        key = ([indices.start, indices.stop, indices.step] if isinstance(indices, range)
+               else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest())
+        return _digest(self.source.fingerprint(), key)
 
 
 class DigitsSource:
@@ -33,6 +67,12 @@ class DigitsSource:
 
     def __getitem__(self, i):
         return {"image": self.images[i], "label": int(self.labels[i])}
+
+    def name(self, i):
+        return f"digits[{i}]"
+
+    def fingerprint(self):
+        return _digest("digits", len(self))
 
 
 class DigitsCanvasSource:
@@ -50,6 +90,7 @@ class DigitsCanvasSource:
         self.indices = np.sort(order[n_test:] if split == "train" else order[:n_test])
         self.clean = digits.images[self.indices, :, :, 0]  # uint8 8 × 8
         self.labels = digits.labels[self.indices]
+        self.split, self.seed = split, seed
         rng = np.random.default_rng([seed, 1])
         self.images = np.zeros((len(self.indices), canvas, canvas, 3), np.uint8)
         for i, digit in enumerate(self.clean):
@@ -64,19 +105,37 @@ class DigitsCanvasSource:
     def __getitem__(self, i):
         return {"image": self.images[i], "label": int(self.labels[i])}
 
+    def name(self, i):
+        return f"digits_canvas/{self.split}[{i}]"
+
+    def fingerprint(self):
+        return _digest("digits_canvas", self.split, self.seed, len(self))
+
 
 class FolderSource:
-    def __init__(self, root):
+    """Image files under `root` in sorted order; the class is the first sub-folder. `classes`
+    (another folder's `class_index`) makes a test folder use the train folder's class ids."""
+
+    def __init__(self, root, *, classes: dict[str, int] | None = None, field="config.data.path"):
+        if not str(root):
+            raise FileNotFoundError(f"{field} is empty: set it to the folder of images")
         self.root = pathlib.Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"config.data.path: {self.root} is not a folder")
+            raise FileNotFoundError(f"{field}: {self.root} is not a folder")
         self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
-            raise FileNotFoundError(f"config.data.path: no images ({', '.join(IMAGE_SUFFIXES)}) "
+            raise FileNotFoundError(f"{field}: no images ({', '.join(IMAGE_SUFFIXES)}) "
                                     f"under {self.root}")
-        classes = sorted({p.relative_to(self.root).parts[0] for p in self.paths
-                          if len(p.relative_to(self.root).parts) > 1})
-        self.class_index = {c: i for i, c in enumerate(classes)}
+        found = sorted({p.relative_to(self.root).parts[0] for p in self.paths
+                        if len(p.relative_to(self.root).parts) > 1})
+        if classes is not None:
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise ValueError(f"{field}: {self.root} has classes {unknown[:5]} that the train "
+                                 "folder does not; a test folder needs the train folder's classes")
+            self.class_index = dict(classes)
+        else:
+            self.class_index = {c: i for i, c in enumerate(found)}
 
     def __len__(self):
         return len(self.paths)
@@ -87,29 +146,100 @@ class FolderSource:
         return {"image_bytes": path.read_bytes(), "path": str(path),
                 "label": self.class_index[parts[0]] if len(parts) > 1 else -1}
 
+    def name(self, i):
+        return str(self.paths[i])
+
+    def fingerprint(self):
+        return _digest("folder", [str(p.relative_to(self.root)) for p in self.paths])
+
+
+SHARD_NAME = re.compile(r"(.*)-\d{5}-of-\d{5}\.array_record$")
+
 
 class ArrayRecordSource:
-    def __init__(self, pattern):
-        import grain
-        self.files = sorted(glob.glob(str(pattern)))
+    """ArrayRecord files matching `pattern` (only `*.array_record`: a glob such as 'data/train*'
+    also matches convert's index). Each file is opened once up front, so a damaged or foreign
+    file is named before training; convert's PREFIX.index.jsonl, when present, names records."""
+
+    def __init__(self, pattern, *, field="config.data.path"):
+        from array_record.python.array_record_module import ArrayRecordReader
+        if not str(pattern):
+            raise FileNotFoundError(f"{field} is empty: set it to the ArrayRecord files, e.g. "
+                                    "'data/train-*.array_record'")
+        matched = sorted(glob.glob(str(pattern)))
+        self.files = [f for f in matched if f.endswith(".array_record")]
         if not self.files:
-            raise FileNotFoundError(f"config.data.path: no ArrayRecord files match {pattern} "
-                                    "(make them with `python -m mlcd_jax.data.convert`)")
-        self.source = grain.sources.ArrayRecordDataSource(self.files)
+            extra = f" (it matches {len(matched)} other files, e.g. {matched[0]})" if matched else ""
+            raise FileNotFoundError(f"{field}: no *.array_record files match {pattern}{extra}; "
+                                    "make them with `python -m mlcd_jax.data.convert`")
+        self.counts = []
+        for f in self.files:
+            try:
+                reader = ArrayRecordReader(f)
+                self.counts.append(reader.num_records())
+                reader.close()
+            except Exception as e:  # riegeli raises plain RuntimeErrors without the file name
+                raise ValueError(f"{field}: {f} is not a readable ArrayRecord file "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                 "remake it with `python -m mlcd_jax.data.convert`") from None
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self._open()
+
+    def _open(self):
+        import grain
+        # "file[0:n]" tells grain the record count, so it does not reopen every file.
+        self.source = grain.sources.ArrayRecordDataSource(
+            [f"{f}[0:{n}]" for f, n in zip(self.files, self.counts)])
 
     def __len__(self):
-        return len(self.source)
+        return int(self.offsets[-1])
 
     def __getitem__(self, i):
-        return {"image_bytes": self.source[i], "label": -1}
+        try:
+            return {"image_bytes": self.source[i], "label": -1, "path": self.name(i)}
+        except Exception as e:  # a damaged region of a file: the record is skipped, and named
+            return {"image_bytes": b"", "label": -1, "path": self.name(i),
+                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+    def name(self, i):
+        """Record i's original name from convert's index (when it lies beside the files) and its
+        place in its file."""
+        f = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        local = int(i - self.offsets[f])
+        place = f"{self.files[f]}[{local}]"
+        match = SHARD_NAME.match(self.files[f])
+        index = pathlib.Path(f"{match.group(1)}.index.jsonl") if match else None
+        if index is None or not index.is_file():
+            return place
+        try:  # the index numbers the records of all of that convert's files in order
+            line = next(itertools.islice(index.open(), _records_before(self.files[f]) + local,
+                                         None), None)
+            return f"{json.loads(line)['name']} ({place})" if line else place
+        except (OSError, ValueError, KeyError):
+            return place
+
+    def fingerprint(self):
+        return _digest("arrayrecord", [[pathlib.Path(f).name, n, pathlib.Path(f).stat().st_size]
+                                       for f, n in zip(self.files, self.counts)])
 
     def __getstate__(self):  # reopened in grain worker processes
-        return {"files": self.files}
+        return {k: v for k, v in self.__dict__.items() if k != "source"}
 
     def __setstate__(self, state):
-        import grain
-        self.files = state["files"]
-        self.source = grain.sources.ArrayRecordDataSource(self.files)
+        self.__dict__.update(state)
+        self._open()
+
+
+def _records_before(shard: str) -> int:
+    """Records in the files that precede `shard` (PREFIX-0000k-of-N) in its convert output."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    prefix, k, n = re.match(r"(.*)-(\d{5})-of-(\d{5})\.array_record$", shard).groups()
+    total = 0
+    for j in range(int(k)):
+        reader = ArrayRecordReader(f"{prefix}-{j:05d}-of-{n}.array_record")
+        total += reader.num_records()
+        reader.close()
+    return total
 
 
 class TfdsSource:
@@ -125,18 +255,24 @@ class TfdsSource:
         example = self.source[i]
         return {"image": np.asarray(example["image"]), "label": int(example.get("label", -1))}
 
+    def name(self, i):
+        return f"{self.args[0]}/{self.args[1]}[{i}]"
 
-def make_source(data) -> object:
-    """The source a config's `data` section names."""
+    def fingerprint(self):
+        return _digest("tfds", self.args, len(self))
+
+
+def make_source(data, *, field: str = "config.data") -> object:
+    """The source a config's `data` section names (`field` names it in errors)."""
     kind = data.source
     if kind == "digits":
         return DigitsSource()
     if kind == "digits_canvas":
         return DigitsCanvasSource(data.split)
     if kind == "folder":
-        return FolderSource(data.path)
+        return FolderSource(data.path, field=f"{field}.path")
     if kind == "arrayrecord":
-        return ArrayRecordSource(data.path)
+        return ArrayRecordSource(data.path, field=f"{field}.path")
     if kind == "tfds":
         return TfdsSource(data.tfds_name, data.split, data.path or None)
-    raise ValueError(f"config.data.source must be one of {SOURCES}; got {kind!r}")
+    raise ValueError(f"{field}.source must be one of {SOURCES}; got {kind!r}")

@@ -6,7 +6,7 @@ import io
 import math
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -17,17 +17,43 @@ class CorruptImage(Exception):
 
 
 def decode(record: dict) -> Image.Image:
+    """An RGB image of a record: its array, or its encoded bytes decoded as a viewer shows them
+    (EXIF orientation applied; 16-bit and 32-bit grayscale scaled to 8 bits, not clipped)."""
     if "image" in record:
         array = np.asarray(record["image"], np.uint8)
         if array.ndim == 3 and array.shape[-1] == 1:  # grayscale H × W × 1 (e.g. tfds mnist)
             array = array[..., 0]
         return Image.fromarray(array).convert("RGB")
+    if record.get("error"):
+        raise CorruptImage(f"{record.get('path', 'record')}: {record['error']}")
+    where = record.get("path", "record")
+    if not record["image_bytes"]:
+        raise CorruptImage(f"{where}: an empty file")
     try:
         image = Image.open(io.BytesIO(record["image_bytes"]))
         image.load()  # decode now: a truncated file fails here, not later
-        return image.convert("RGB")
+        image = ImageOps.exif_transpose(image)
+        return _to_8bit(image).convert("RGB")
+    except UnidentifiedImageError:
+        raise CorruptImage(f"{where}: not in an image format PIL can read") from None
     except Exception as e:  # PIL raises many types for bad files
-        raise CorruptImage(f"{record.get('path', 'record')}: {type(e).__name__}: {e}") from None
+        raise CorruptImage(f"{where}: {type(e).__name__}: {e}") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """PIL converts 16/32-bit integer ("I;16", "I") and float ("F") grayscale to RGB by clipping
+    at 255, which turns a 16-bit PNG white; scale by the bit depth instead."""
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image, np.uint32) >> 8).astype(np.uint8))
+    if image.mode == "I":  # 32-bit ints, in practice a 16-bit image
+        array = np.asarray(image, np.int64)
+        shift = 8 if array.max(initial=0) > 255 else 0
+        return Image.fromarray((np.clip(array, 0, 65535) >> shift).astype(np.uint8))
+    if image.mode == "F":  # floats: [0, 1] or [0, 255]
+        array = np.asarray(image, np.float32)
+        array = array * 255 if array.max(initial=0) <= 1 else array
+        return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8))
+    return image
 
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,

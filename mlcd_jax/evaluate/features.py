@@ -34,9 +34,10 @@ def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
 
     ds = pipeline.dataset(source, batch_size=batch_size, image_size=image_size, num_labels=1,
                           seed=0, train=False, process_index=0, process_count=1)
-    feats, labels = [], []
+    feats, labels, skipped = [], [], pipeline.Skipped(source)
     with tqdm(total=len(source), desc=desc, unit="img") as bar:
         for batch in ds:
+            skipped.add(batch)
             images, n = batch["image"], len(batch["image"])
             padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
                                                       images.dtype)])  # one compiled shape
@@ -44,8 +45,14 @@ def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
                 padded = jax.device_put(padded, sharding)
             feats.append(np.asarray(forward(params, padded))[:n])
             labels.append(batch["labels"][:, 0])
-            bar.update(n)
+            bar.update(n + int(batch["skipped"].sum()))
+    _say_skipped(desc, skipped)
     return np.concatenate(feats), np.concatenate(labels)
+
+
+def _say_skipped(desc: str, skipped: pipeline.Skipped) -> None:
+    if skipped.count and jax.process_index() == 0:
+        print(f"{desc}: {skipped.summary()}; left out of the evaluation", flush=True)
 
 
 def pixels(source, *, image_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,6 +60,9 @@ def pixels(source, *, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     flattened, in [0, 1]."""
     ds = pipeline.dataset(source, batch_size=512, image_size=image_size, num_labels=1, seed=0,
                           train=False, process_index=0, process_count=1)
-    batches = list(ds)
+    batches, skipped = list(ds), pipeline.Skipped(source)
+    for b in batches:
+        skipped.add(b)
+    _say_skipped("raw pixels", skipped)
     x = np.concatenate([b["image"].mean(-1).reshape(len(b["image"]), -1) for b in batches]) / 255.0
     return x.astype(np.float32), np.concatenate([b["labels"][:, 0] for b in batches])
