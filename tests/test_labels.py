@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_assign_split_over_processes_equals_one_process(embedded):
     assign.run(tmp / "emb", tmp / "centers.npy", tmp / "two", num_labels=4, process_index=1,
                process_count=2)
     assert not (tmp / "two" / "labels.npy").exists()  # process 1 does its shards only
-    assert len(list((tmp / "two" / "parts").iterdir())) == 2  # shards 1 and 3 of 5
+    assert len(list((tmp / "two" / "parts").glob("*.npy"))) == 2  # shards 1 and 3 of 5
     assign.run(tmp / "emb", tmp / "centers.npy", tmp / "two", num_labels=4, process_index=0,
                process_count=2)
     np.testing.assert_array_equal(np.load(tmp / "two" / "labels.npy"),
@@ -181,3 +182,70 @@ def test_stats_counts(embedded):
     s = stats.compute(tmp / "lab")
     assert s["_sizes_top1"].sum() == len(x)
     assert s["empty_clusters_top1"] == 3 and s["num_classes"] == K + 3
+
+
+def test_assign_redoes_parts_of_other_centers_or_l_and_checks_parts_at_merge(embedded, capsys):
+    """Re-clustering into the same directory used to keep the old clustering's labels; a part
+    changed on disk (bit rot, a copy from another shard) used to merge with exit 0."""
+    shards, x, _, means, tmp = embedded
+    rng = np.random.default_rng(5)
+    np.save(tmp / "lab_centers.npy", means.astype(np.float32))
+    assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=2)
+    new = rng.normal(size=(K, D)).astype(np.float32)  # another clustering, same K
+    np.save(tmp / "lab_centers.npy", new)
+    result = assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=2)
+    assert result["skipped_shards"] == 0 and "redoing 5 parts made from other centers" in capsys.readouterr().out
+    stored = np.concatenate([shards.load(i) for i in range(5)]).astype(np.float64)
+    want, sims = dense_top_l(stored, store.normalize(new), 2)
+    clear = sims[:, 0] - sims[:, 1] > 1e-3  # ignore near-ties
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(np.load(tmp / "lab" / "labels.npy")[clear, 0], want[clear, 0])
+    result = assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=3)
+    assert result["skipped_shards"] == 0 and np.load(tmp / "lab" / "labels.npy").shape == (len(x), 3)
+    assert assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab",
+                      num_labels=3)["skipped_shards"] == 5  # same inputs: nothing redone
+
+    part = tmp / "lab" / "parts" / "part_00002.npy"
+    for tamper, message in [
+        (lambda a: a.__setitem__((7, 1), K + 3), "contents changed since it was written"),
+        (lambda a: a.__setitem__((0, 0), (a[0, 0] + 1) % K), "contents changed since it was written"),
+    ]:
+        array = np.load(part)
+        tamper(array)
+        np.save(part, array)
+        with pytest.raises(ValueError, match=f"{part}: .*{message}.*rerun assign to redo that part"):
+            assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=3)
+        again = assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=3)
+        assert again["skipped_shards"] == 4  # only the damaged part was redone
+    # A part copied over from another shard, record and all.
+    for suffix in (".npy", ".json"):
+        shutil.copy(tmp / "lab" / "parts" / f"part_00001{suffix}", part.with_suffix(suffix))
+    with pytest.raises(ValueError, match="part_00002.npy: it was made from other inputs"):
+        assign.merge([tmp / "lab" / "parts" / f"part_{i:05d}.npy" for i in range(5)],
+                     [json.loads((tmp / "lab" / "parts" / f"part_{i:05d}.json").read_text())["fingerprint"]
+                      if i != 2 else "expected" for i in range(5)],
+                     tmp / "lab", shards, np.load(tmp / "lab_centers.npy"), 3, {"index": "flat"})
+
+
+def test_label_cli_mistakes_say_what_to_do(embedded, capsys):
+    shards, x, _, means, tmp = embedded
+    run = lambda *args: (cli.main(list(args)), capsys.readouterr().err)
+    code, err = run("stats", "--labels", str(tmp / "missing"))
+    assert code == 2 and "not found: run `python -m mlcd_jax.labels assign` first" in err
+    code, err = run("assign", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "lab"))
+    assert code == 2 and "centers.npy not found: run `python -m mlcd_jax.labels kmeans" in err
+    code, err = run("kmeans", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "lab"),
+                    "--num_centers", "5000")
+    assert code == 2 and "--num_centers 5,000 is more than the 4,000 embeddings" in err
+    assert "points_per_center" not in err  # it cannot help
+    np.save(tmp / "c.npy", means.astype(np.float32))
+    code, err = run("assign", "--embeddings", str(tmp / "emb"), "--centers", str(tmp / "c.npy"),
+                    "--out", str(tmp / "lab"), "--num_labels", str(K + 1))
+    assert code == 2 and f"--num_labels {K + 1}: must lie in [1, K = {K}]" in err
+    # Re-clustering removes the labels of the previous centers, so none are used by mistake.
+    assert cli.main(["all", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "lab"),
+                     "--num_centers", str(K), "--num_labels", "2", "--niter", "2"]) == 0
+    assert cli.main(["kmeans", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "lab"),
+                     "--num_centers", str(K), "--niter", "2", "--seed", "1"]) == 0
+    assert not (tmp / "lab" / "labels.npy").exists()
+    assert "removed labels.npy and manifest.json of the previous clustering" in capsys.readouterr().out

@@ -74,7 +74,7 @@ def test_assign_split_over_two_processes_writes_the_same_store(tmp_path):
     assert "assign (process 0)" in logs[0] and "assign (process 1)" in logs[1]
     np.testing.assert_array_equal(np.load(tmp_path / "two" / "labels.npy"),
                                   np.load(tmp_path / "one" / "labels.npy"))
-    parts = sorted(p.name for p in (tmp_path / "two" / "parts").iterdir())
+    parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.npy"))
     assert parts == [f"part_{i:05d}.npy" for i in range(5)]
 
 

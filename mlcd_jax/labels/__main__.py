@@ -31,7 +31,8 @@ def run_embed(a):
     from mlcd_jax.data import sources
     source = sources.make_source(types.SimpleNamespace(source=a.source, path=a.path,
                                                        tfds_name=a.tfds_name, split=a.split))
-    model = embed.load_encoder(a.model)
+    from mlcd_jax import weights
+    model, _ = weights.load_encoder(a.model, a.step)
     result = embed.run(source, model, a.out, model_name=str(a.model), image_size=a.image_size,
                        batch_size=a.batch_size, shard_size=a.shard_size,
                        process_index=a.process_index, process_count=a.process_count,
@@ -48,6 +49,12 @@ def run_kmeans(a):
                                nredo=a.nredo)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    stale = [f for f in ("labels.npy", "manifest.json") if (out / f).exists()]
+    if stale:  # labels of the previous centers: `assign` makes new ones (and redoes its parts)
+        for f in stale:
+            (out / f).unlink()
+        print(f"kmeans: removed {' and '.join(stale)} of the previous clustering in {out}; run "
+              "`assign` for labels of the new centers")
     store.write_npy_atomic(out / "centers.npy", centers)
     store.write_json_atomic(out / "kmeans.json", info | {"num_centers": a.num_centers,
                                                          "source_fingerprint": shards.fingerprint()})
@@ -75,7 +82,7 @@ def run_stats(a):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlcd_jax.labels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="step", required=True)
+    sub = parser.add_subparsers(dest="command", required=True)
     km = argparse.ArgumentParser(add_help=False)
     km.add_argument("--num_centers", type=int, required=True)
     km.add_argument("--points_per_center", type=int, default=256)
@@ -94,7 +101,9 @@ def main(argv=None) -> int:
     io.add_argument("--embeddings", required=True)
     io.add_argument("--out", required=True)
     p = sub.add_parser("embed")
-    p.add_argument("--model", required=True, help="our model dir, or a transformers checkpoint dir")
+    p.add_argument("--model", required=True, help="a training workdir, our model dir, or a "
+                   "transformers checkpoint dir")
+    p.add_argument("--step", type=int, default=None, help="with a training workdir: which step")
     p.add_argument("--source", required=True, choices=["digits", "folder", "arrayrecord", "tfds"])
     p.add_argument("--path", default="")
     p.add_argument("--tfds_name", default="")
@@ -119,18 +128,18 @@ def main(argv=None) -> int:
         if getattr(a, "process_count", 0) is None:
             a.process_count = jax.process_count()
         first = jax.process_index() == 0
-        if a.step == "embed":
+        if a.command == "embed":
             run_embed(a)
-        if a.step in ("kmeans", "all"):
+        if a.command in ("kmeans", "all"):
             if first:  # one sample, one clustering; the others wait for its centers
                 run_kmeans(a)
             distributed.barrier("kmeans done")
-        if a.step == "all":
+        if a.command == "all":
             a.centers, a.labels = None, a.out
-        if a.step in ("assign", "all"):
+        if a.command in ("assign", "all"):
             run_assign(a)
-        if (a.step in ("stats", "all") and first
-                and (pathlib.Path(a.labels) / "labels.npy").exists()):
+        if a.command == "stats" or (a.command == "all" and first
+                                 and (pathlib.Path(a.labels) / "labels.npy").exists()):
             run_stats(a)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,12 @@
 """Top-l centers by inner product for every embedding, shard by shard.
 
 Each embedding shard i is handled by process i % process_count and written to ``parts/part_i.npy``
-atomically, so a killed run loses no finished shard and a rerun skips them. When every part exists,
-they are concatenated into ``labels.npy`` (N × l int32, most similar first) with ``manifest.json``.
+atomically with ``part_i.json``: a fingerprint of what made it (the centers, l, the index, the
+embedding shard), its rows and sha256. A killed run loses no finished part and a rerun skips the
+parts made from the same inputs; parts of other centers (a re-clustering into the same directory)
+or another l are redone. When every part exists, each is checked against its record (fingerprint,
+rows, sha256, ids in [0, K)) and they are concatenated into ``labels.npy`` (N × l int32, most
+similar first) with ``manifest.json``.
 Exact search (faiss IndexFlatIP) for small K; an IVF index for large K, its recall@l against exact
 search measured on a sample and recorded.
 """
@@ -56,15 +60,33 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
         nprobe: int = 64, process_index: int = 0, process_count: int = 1,
         chunk: int = 65_536, recall_sample: int = 10_000, seed: int = 0) -> dict:
     shards = store.open_embeddings(embeddings_dir)
-    centers = store.normalize(np.load(centers_path))
+    centers_path = pathlib.Path(centers_path)
+    if not centers_path.is_file():
+        raise FileNotFoundError(f"{centers_path} not found: run `python -m mlcd_jax.labels kmeans "
+                                f"--out {centers_path.parent}` first, or pass --centers")
+    raw_centers = np.load(centers_path)
+    centers = store.normalize(raw_centers)
     if centers.shape[1] != shards.dim:
         raise ValueError(f"{centers_path} has width {centers.shape[1]} but the embeddings in "
                          f"{embeddings_dir} have {shards.dim}; were they made by another model?")
+    if not 1 <= num_labels <= len(centers):
+        raise ValueError(f"--num_labels {num_labels}: must lie in [1, K = {len(centers)}] (the "
+                         f"centers in {centers_path})")
     out = pathlib.Path(out_dir)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     index, kind = build_index(centers, index_kind, nprobe)
+    made_by = store.digest(store.array_sha256(raw_centers), num_labels, kind,
+                           index.nprobe if kind == "ivf" else None)
+    fingerprints = [store.digest(made_by, shards.shard_fingerprint(i))
+                    for i in range(len(shards.files))]
+    parts = [out / "parts" / f"part_{i:05d}.npy" for i in range(len(shards.files))]
+    finished = lambda i: (store.piece_record(parts[i]) or {}).get("fingerprint") == fingerprints[i]
     mine = [i for i in range(len(shards.files)) if i % process_count == process_index]
-    todo = [i for i in mine if not (out / "parts" / f"part_{i:05d}.npy").exists()]
+    todo = [i for i in mine if not finished(i)]
+    stale = [i for i in todo if store.piece_record(parts[i]) is not None]
+    if stale:
+        print(f"assign: redoing {len(stale)} parts made from other centers, another "
+              f"--num_labels/--index or other embeddings (e.g. {parts[stale[0]].name})")
     points = sum(shards.counts[i] for i in todo)
     t = time.perf_counter()
     # (shard, first row) of every chunk, in order; an empty shard has one empty chunk, so it too
@@ -85,7 +107,8 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
             found.append(index.search(x, num_labels)[1].astype(np.int32))
             bar.update(len(x))
             if shard_ends:
-                store.write_npy_atomic(out / "parts" / f"part_{i:05d}.npy", np.concatenate(found))
+                store.write_piece(parts[i], np.concatenate(found),
+                                  {"fingerprint": fingerprints[i], "shard": shards.files[i].name})
                 found = []
     seconds = time.perf_counter() - t
     result = {"index": kind, "assigned_now": points, "seconds": seconds,
@@ -98,23 +121,41 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
         if result["recall_at_l"] < 0.9:
             print(f"assign: WARNING recall@{num_labels} {result['recall_at_l']:.3f} < 0.9: many "
                   "labels differ from exact search; raise --nprobe or use --index flat")
-    parts = [out / "parts" / f"part_{i:05d}.npy" for i in range(len(shards.files))]
     distributed.barrier("assign: parts written")  # in a multi-process job, process 0 then merges
     if process_index == 0:
-        if all(p.exists() for p in parts):
-            merge(parts, out, shards, centers, num_labels, result)
+        left = [i for i in range(len(parts)) if not finished(i)]
+        if not left:
+            merge(parts, fingerprints, out, shards, centers, num_labels, result)
         else:
-            print(f"assign: {sum(not p.exists() for p in parts)} shards still to do by other "
-                  "processes; rerun assign on process 0 when they finish to write labels.npy")
+            print(f"assign: {len(left)} shards still to do by other processes; rerun assign on "
+                  "process 0 when they finish to write labels.npy")
     return result
 
 
-def merge(parts, out: pathlib.Path, shards, centers, num_labels, result) -> None:
+def merge(parts, fingerprints, out: pathlib.Path, shards, centers, num_labels, result) -> None:
+    """labels.npy from the parts, each checked against its record first: a part that changed
+    since it was written (bit rot, a copy from another shard) is named, its record removed so that
+    a rerun redoes it, and nothing is merged."""
+    offsets, k = shards.offsets(), len(centers)
     labels = np.lib.format.open_memmap(out / "labels.npy.tmp", mode="w+", dtype=np.int32,
                                        shape=(shards.total, num_labels))
-    offsets = shards.offsets()
     for i, part in enumerate(parts):
-        labels[offsets[i]:offsets[i + 1]] = np.load(part, mmap_mode="r")
+        array, record = np.load(part), store.piece_record(part) or {}
+        problem = None
+        if record.get("fingerprint") != fingerprints[i]:
+            problem = "it was made from other inputs"
+        elif array.shape != (shards.counts[i], num_labels):
+            problem = f"shape {array.shape}, expected {(shards.counts[i], num_labels)}"
+        elif store.array_sha256(array) != record.get("sha256"):
+            problem = "its contents changed since it was written (checksum)"
+        elif array.size and (array.min() < 0 or array.max() >= k):
+            problem = f"ids outside [0, {k})"
+        if problem:
+            del labels
+            (out / "labels.npy.tmp").unlink()
+            part.with_suffix(".json").unlink(missing_ok=True)
+            raise ValueError(f"assign: {part}: {problem}; rerun assign to redo that part")
+        labels[offsets[i]:offsets[i + 1]] = array
     labels.flush()
     del labels
     (out / "labels.npy.tmp").replace(out / "labels.npy")

@@ -43,6 +43,8 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
     if len(x) < k:
         raise ValueError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower --num_centers "
                          "or raise --points_per_center")
+    if k < 1:
+        raise ValueError(f"kmeans: --num_centers must be ≥ 1, got {k}")
     if init not in INITS:
         raise ValueError(f"kmeans --init must be one of {list(INITS)}, got {init!r}")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=verbose,
@@ -56,6 +58,9 @@ def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: i
         niter: int = 20, two_level: int = 1, seed: int = 0, init: str = "random",
         nredo: int = 1, verbose: bool = True) -> tuple[np.ndarray, dict]:
     """(centers K × D float32, stats) for the embedding shards."""
+    if num_centers > shards.total:
+        raise ValueError(f"kmeans: --num_centers {num_centers:,} is more than the "
+                         f"{shards.total:,} embeddings in {shards.directory}; K must be at most N")
     x = sample(shards, num_centers * points_per_center, seed)
     sample_size = len(x)
     t = time.perf_counter()

@@ -1,11 +1,15 @@
 """On-disk formats of the label pipeline.
 
 Embeddings: a directory of float16 ``.npy`` shards (N_i × D, L2-normalised) with ``manifest.json``
-({"shards": [{"file", "count"}], "dim", "model", "source"}), as `embed` writes it; or clip-retrieval's
-``img_emb/img_emb_{i}.npy`` (LAION's published format), read as is.
+({"shards": [{"file", "count", "fingerprint"}], "dim", "model", "source"}), as `embed` writes it;
+or clip-retrieval's ``img_emb/img_emb_{i}.npy`` (LAION's published format), read as is.
 
 Label store: ``labels.npy`` (N × l int32, most similar center first; read memory-mapped) and
 ``manifest.json`` (N, K, l, the embeddings' fingerprint and model, the assign index and recall).
+
+Resumable steps (`embed` shards, `assign` parts) write each piece as ``NAME.npy`` plus ``NAME.json``
+(what made it: a fingerprint of its inputs and parameters; its rows and sha256), so a rerun reuses
+only pieces made from the same inputs and a merge notices a piece that changed on disk.
 """
 
 from __future__ import annotations
@@ -27,20 +31,29 @@ class EmbeddingShards:
     counts: tuple[int, ...]
     dim: int
     model: str
+    fingerprints: tuple[str, ...] = ()  # per shard: what made it (empty: not known)
 
     @property
     def total(self) -> int:
         return sum(self.counts)
+
+    def shard_fingerprint(self, i: int) -> str:
+        """What made shard i: embed's record of it, else its name, size and modification time."""
+        if self.fingerprints and self.fingerprints[i]:
+            return self.fingerprints[i]
+        stat = self.files[i].stat()
+        return digest(self.files[i].name, self.counts[i], stat.st_size, stat.st_mtime_ns)
 
     def load(self, i: int) -> np.ndarray:
         """Shard i, memory-mapped (float16 or float32, as stored)."""
         return np.load(self.files[i], mmap_mode="r")
 
     def fingerprint(self) -> str:
-        """Identifies the embeddings a label store was made from: shard names, sizes, dim, model."""
-        text = json.dumps([[f.name, c] for f, c in zip(self.files, self.counts)] +
-                          [self.dim, self.model])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Identifies the embeddings a label store was made from: every shard's name, size and
+        what made it, the width and the model."""
+        return digest([[f.name, c, self.shard_fingerprint(i)]
+                       for i, (f, c) in enumerate(zip(self.files, self.counts))],
+                      self.dim, self.model)
 
     def offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
@@ -57,7 +70,14 @@ def open_embeddings(directory) -> EmbeddingShards:
         if missing:
             raise FileNotFoundError(f"{manifest} lists shards that are missing: {missing[:5]}; rerun "
                                     "`embed` (it redoes only missing shards)")
-        return EmbeddingShards(directory, files, counts, int(m["dim"]), m.get("model", "unknown"))
+        for f, count in zip(files, counts):  # the .npy headers must say what the manifest says
+            shape = np.load(f, mmap_mode="r").shape
+            if shape != (count, int(m["dim"])):
+                raise ValueError(f"{f} holds {shape[0]} × {shape[1]} embeddings but {manifest} says "
+                                 f"{count} × {m['dim']}: the directory mixes two embedding runs; "
+                                 "embed into a new --out")
+        return EmbeddingShards(directory, files, counts, int(m["dim"]), m.get("model", "unknown"),
+                               tuple(s.get("fingerprint", "") for s in m["shards"]))
     clip = sorted((directory / "img_emb").glob("img_emb_*.npy"),
                   key=lambda p: int(re.search(r"(\d+)\.npy$", p.name).group(1)))
     if clip:  # clip-retrieval: counts and dim from the .npy headers, no data read
@@ -82,16 +102,50 @@ def normalize_in_place(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def digest(*parts) -> str:
+    """A short, stable fingerprint of JSON-serialisable parts."""
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+def write_piece(path: pathlib.Path, array: np.ndarray, meta: dict) -> None:
+    """One piece of a resumable step: the array at `path` (.npy), then `path`.json with `meta`,
+    its rows and its sha256. The old record goes first, so a kill at any moment leaves either a
+    matching pair or a piece the next run does not count as done."""
+    record = path.with_suffix(".json")
+    record.unlink(missing_ok=True)
+    write_npy_atomic(path, array)
+    write_json_atomic(record, meta | {"rows": len(array), "sha256": array_sha256(array)})
+
+
+def piece_record(path: pathlib.Path) -> dict | None:
+    """The record of a finished piece (None: not finished, or its array is missing or has
+    another number of rows than recorded)."""
+    record = path.with_suffix(".json")
+    if not (path.is_file() and record.is_file()):
+        return None
+    try:
+        meta = json.loads(record.read_text())
+        rows = np.load(path, mmap_mode="r").shape[0]
+    except (ValueError, OSError):
+        return None
+    return meta if meta.get("rows") == rows else None
+
+
 def write_embeddings(directory, shards, *, model: str, source: str = "") -> EmbeddingShards:
     """Write L2-normalised float16 shards emb_00000.npy, ... and the manifest (last, atomically)."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     entries, dim = [], None
     for i, x in enumerate(shards):
-        x = normalize(x)
+        x = normalize(x).astype(np.float16)
         dim = x.shape[1]
-        write_npy_atomic(directory / f"emb_{i:05d}.npy", x.astype(np.float16))
-        entries.append({"file": f"emb_{i:05d}.npy", "count": len(x)})
+        write_npy_atomic(directory / f"emb_{i:05d}.npy", x)
+        entries.append({"file": f"emb_{i:05d}.npy", "count": len(x),
+                        "fingerprint": digest(model, source, array_sha256(x))})
     write_json_atomic(directory / "manifest.json",
                       {"shards": entries, "dim": dim, "model": model, "source": source})
     return open_embeddings(directory)
