@@ -9,6 +9,7 @@ from mlcd_jax import config as config_lib
 
 
 def get_config(arg="mlcd"):
+    config_lib.check_arg(arg, ("mlcd", "single"), "configs/demo.py")
     c = config_lib.base_config()
     c.mesh = (("data", -1),)
     c.model.size = "demo"

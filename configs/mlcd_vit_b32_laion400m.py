@@ -15,4 +15,5 @@ from mlcd_jax import config as config_lib
 
 
 def get_config(arg=None):
+    config_lib.check_arg(arg, (None,), "configs/mlcd_vit_b32_laion400m.py")
     return config_lib.laion400m_recipe("B/32", lr=5e-4, embed_dim=512)

@@ -15,4 +15,5 @@ from mlcd_jax import config as config_lib
 
 
 def get_config(arg=None):
+    config_lib.check_arg(arg, (None,), "configs/mlcd_vit_l14_laion400m.py")
     return config_lib.laion400m_recipe("L/14", lr=4e-4, embed_dim=768)

@@ -8,6 +8,7 @@ from mlcd_jax import config as config_lib
 
 
 def get_config(arg=None):
+    config_lib.check_arg(arg, (None, "mlcd", "unicom"), "configs/test_tiny.py")
     c = config_lib.base_config()
     c.mesh = (("data", -1),)
     c.model.size = "micro"          # width 32, depth 2, patch 4, 16 px

@@ -9,6 +9,8 @@ compute.
 from __future__ import annotations
 
 import math
+import os
+import re
 
 import ml_collections
 
@@ -59,13 +61,14 @@ def base_config() -> ml_collections.ConfigDict:
                                             # class, e.g. digits)
     c.data.image_size = 224
     c.data.num_labels = 8                   # l
-    c.data.num_examples = 1_000_000
+    c.data.num_examples = 0                 # examples per epoch: a real source's own size;
+                                            # synthetic data (and --compile_only / plan) use this
     c.data.noise = 0.5                      # synthetic: noise std around each class template
 
     c.batch_size = 32_768                   # global
     c.grad_accum = 1                        # micro-batches per step (batch_size / grad_accum each)
     c.total_steps = 0                       # steps, or:
-    c.epochs = 0.0                          # epochs over data.num_examples (one of the two)
+    c.epochs = 0.0                          # epochs over the data (one of the two)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 5e-4
@@ -89,16 +92,69 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals.path = ""
     c.evals.tfds_name = ""
     c.evals.train_split = "train"
-    c.evals.test_split = ""                 # "" = hold out test_fraction of train_split
+    c.evals.test_split = ""                 # the dataset's own test split (tfds, digits_canvas)
+    c.evals.test_path = ""                  # folder: the test images (else test_fraction held out)
     c.evals.test_fraction = 0.3
     c.evals.probes = ("knn", "linear_probe")
     return c
 
 
-def total_steps(c: ml_collections.ConfigDict) -> int:
+def total_steps(c: ml_collections.ConfigDict, num_examples: int | None = None) -> int:
+    """`total_steps`, or `epochs` over `num_examples` (the data's size; default: the config's
+    data.num_examples, which planning uses before any data is opened)."""
     if c.total_steps:
         return int(c.total_steps)
-    return math.ceil(c.epochs * c.data.num_examples / c.batch_size)
+    n = num_examples if num_examples is not None else c.data.num_examples
+    if not n:
+        raise ValueError("config.epochs: the epoch length is unknown: set config.data.num_examples "
+                         "(the synthetic source has no size of its own) or use config.total_steps")
+    return math.ceil(c.epochs * n / c.batch_size)
+
+
+def parse_flags(argv):
+    """absl flag parsing for the trainer and the planner in which a config mistake (a misspelt
+    field, a missing config file, a value of the wrong type, an unknown config argument) is one
+    line naming it, and exit 2, instead of ml_collections' chained tracebacks."""
+    import sys
+    from absl import flags
+    for arg in argv[1:]:
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1].split(":", 1)[0]
+            if not os.path.isfile(path):
+                _exit(f"--config={path}: no such file (configs are in configs/, e.g. "
+                      "--config=configs/test_tiny.py)")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # a config file's own error arrives with its traceback as text
+        lines = [l for l in str(e).splitlines() if l.strip()]
+        _exit(re.sub(r"^\w+(Error|Exception): ", "", lines[-1]) if "Traceback" in str(e)
+              else " ".join(lines))
+    except (AttributeError, KeyError) as e:  # a field that does not exist
+        text = repr(e.args)
+        name = re.search(r"'+(\w+)\\*'", text)
+        hint = re.search(r'Did you mean \\*"(\w+)\\*"', text)
+        arg = next((a.split("=")[0] for a in argv if name and a.startswith("--config.")
+                    and a.split("=")[0].endswith("." + name.group(1))), "--config")
+        _exit(f"{arg}: config has no field {name.group(1) if name else text!r}"
+              f"{f'; did you mean {hint.group(1)!r}?' if hint else ''} (every field and its "
+              "default: mlcd_jax/config.py:base_config)")
+    except (OSError, ValueError, TypeError) as e:
+        _exit(" ".join(str(e).split()))
+    sys.exit(2)
+
+
+def _exit(message: str):
+    import sys
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_arg(arg, allowed: tuple, config_file: str) -> None:
+    """A config file's `get_config(arg)` refuses an argument it does not know (a typo such as
+    `:mlcdd` must not train something else)."""
+    if arg not in allowed:
+        shown = ", ".join(f":{a}" for a in allowed if a) or "none"
+        raise ValueError(f"--config={config_file}:{arg}: unknown config argument; allowed: {shown}")
 
 
 def vit_config(c: ml_collections.ConfigDict) -> vit.ViTConfig:
@@ -137,6 +193,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if c.evals.every and (not c.evals.probes or set(c.evals.probes) - set(eval_run.PROBES)):
         fail("evals.probes", f"must be a non-empty subset of {eval_run.PROBES}, got "
              f"{c.evals.probes!r}")
+    if c.data.source in ("folder", "arrayrecord") and not c.data.path:
+        fail("data.path", f"is empty: the {c.data.source} source reads its images from it")
+    if c.evals.every and c.evals.dataset == "folder" and not c.evals.path:
+        fail("evals.path", "is empty: the folder of evaluation images, one sub-folder per class")
+    if c.evals.every and c.evals.test_split and c.evals.dataset not in sources.WITH_SPLITS:
+        fail("evals.test_split", f"{c.evals.dataset} has no named splits; use evals.test_path "
+             "(a folder) or evals.test_fraction")
+    if c.evals.every and c.evals.test_path and c.evals.dataset != "folder":
+        fail("evals.test_path", f"only for a folder dataset, not {c.evals.dataset}")
+    if c.total_steps < 0 or c.epochs < 0:
+        fail("total_steps", f"must not be negative (total_steps={c.total_steps}, epochs={c.epochs})")
+    for field in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        if c[field] < 1:
+            fail(field, f"must be ≥ 1, got {c[field]}")
     try:
         names, sizes = mesh_lib.resolve_axis_sizes(c.mesh, num_devices)
         vit_config(c)
@@ -150,6 +220,20 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         fail("batch_size", f"the micro-batch {micro} (batch_size / grad_accum) is not divisible by "
              f"the {data_shards} batch shards of mesh {dict(zip(names, sizes))}; change the batch "
              "size, grad_accum or the mesh")
+
+
+def warnings(c: ml_collections.ConfigDict, total_steps: int, num_examples: int | None) -> list[str]:
+    """What is legal but probably not meant, said when a run starts."""
+    said = []
+    if c.optim.warmup_steps >= total_steps > 1:
+        said.append(f"config.optim.warmup_steps {c.optim.warmup_steps:,} is not shorter than this "
+                    f"run's {total_steps:,} steps: the learning rate rises until the last step "
+                    "and never decays; lower warmup_steps")
+    if (c.epochs and num_examples is not None and c.data.num_examples
+            and c.data.num_examples != num_examples):
+        said.append(f"config.data.num_examples {c.data.num_examples:,} is ignored: the data has "
+                    f"{num_examples:,} examples, so {c.epochs:g} epochs are {total_steps:,} steps")
+    return said
 
 
 def laion400m_recipe(size: str, *, lr: float, embed_dim: int) -> ml_collections.ConfigDict:

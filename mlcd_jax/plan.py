@@ -204,4 +204,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

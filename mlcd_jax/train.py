@@ -1,18 +1,23 @@
 """MLCD pretraining: python -m mlcd_jax.train --config=configs/test_tiny.py --workdir=DIR
 
-`main` reads top to bottom: join the other processes (multi-host) → mesh → `build`: model, head,
-optimizer and one jitted train step, all abstract (`python -m mlcd_jax.plan` compiles the same for
-TPUs) → compile → data → checkpoint (resume if the workdir has one) or a sharded init → loop, with
-periodic evals. SIGTERM (preemption) saves a checkpoint at the next step boundary and exits;
-rerunning the command resumes exactly.
+`train` reads top to bottom: join the other processes (multi-host) → mesh → lock the workdir →
+data (its size sets the epochs) → `build`: model, head, optimizer and one jitted train step, all
+abstract (`python -m mlcd_jax.plan` compiles the same for TPUs) → checkpoint (resume from the
+newest good one) or a sharded init → compile → loop, with periodic evals. SIGTERM (preemption)
+saves a checkpoint at the next step boundary and exits; rerunning the command resumes exactly. A
+config or data mistake, a diverged run or a failed save ends in one line (`main`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import math
+import os
 import pathlib
 import signal
+import socket
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from mlcd_jax import (checkpoint, config as config_lib, distributed, head, mesh as mesh_lib, optim,
-                      reporting)
+                      reporting, weights)
 from mlcd_jax.data import input as input_lib, transforms
 from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.models import vit
@@ -92,28 +97,6 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
     return new_state, metrics
 
 
-def encoder_from(path, encoder, shardings):
-    """`encoder` with every parameter that the model dir at `path` has (e.g. a transformers MLCD
-    model imported by `python -m mlcd_jax.interop.hf import`); others (a new projection) stay."""
-    from mlcd_jax.interop import hf
-    loaded = dict(jax.tree_util.tree_flatten_with_path(
-        nnx.to_pure_dict(nnx.state(hf.load_model_dir(path))))[0])
-    taken = []
-
-    def take(key_path, current, sharding):
-        if key_path not in loaded:
-            return current
-        name = jax.tree_util.keystr(key_path)
-        if loaded[key_path].shape != current.shape:
-            raise ValueError(f"config.model.init_from: {path} has {name} of shape "
-                             f"{loaded[key_path].shape}, the configured model needs {current.shape}")
-        taken.append(name)
-        return jax.device_put(loaded[key_path], sharding)
-
-    new = jax.tree_util.tree_map_with_path(take, encoder, shardings)
-    return new, len(taken), len(jax.tree.leaves(encoder))
-
-
 def restore_input_state(inputs, data_state, report_to) -> None:
     """Each process resumes its own input iterator. On another process count the per-process
     positions do not map onto the new shares: identical states (the synthetic input) carry over;
@@ -159,9 +142,10 @@ class Built(NamedTuple):
                 "centers")
 
 
-def build(c, mesh) -> Built:
-    """The model, head, optimizer and jitted train step of config `c` on `mesh`, all abstract."""
-    total_steps = config_lib.total_steps(c)
+def build(c, mesh, total_steps: int | None = None) -> Built:
+    """The model, head, optimizer and jitted train step of config `c` on `mesh`, all abstract.
+    `total_steps` (the schedule's length) defaults to the config's (planning has no data)."""
+    total_steps = config_lib.total_steps(c) if total_steps is None else total_steps
     model_cfg = config_lib.vit_config(c)
     num_rows = mesh_lib.padded_num_classes(c.head.num_classes, mesh.size)
 
@@ -193,58 +177,106 @@ def build(c, mesh) -> Built:
                  abstract_batch, step_fn)
 
 
+class WorkdirInUse(RuntimeError):
+    pass
+
+
+def lock_workdir(workdir: pathlib.Path):
+    """An exclusive lock on the workdir for this run (process 0 takes it; the lock goes with the
+    process, so a killed run leaves none behind). A second trainer on the same workdir would log
+    steps twice and fight over checkpoints: it is refused."""
+    if jax.process_index() != 0:
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    handle = open(workdir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        raise WorkdirInUse(f"{workdir} is in use by another trainer ({holder}); stop it, or give "
+                           "this run another --workdir") from None
+    except OSError:  # a file system without locks (some network mounts): run unguarded
+        return handle
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
-    c, workdir = CONFIG.value, pathlib.Path(_WORKDIR.value).absolute()
+    try:
+        train(CONFIG.value, pathlib.Path(_WORKDIR.value).absolute())
+    except (ValueError, FileNotFoundError, FloatingPointError, WorkdirInUse,
+            checkpoint.SaveFailed) as e:
+        # A mistake in the config or the data, a diverged run, a full disk: one line, not a
+        # traceback (whatever was saved is kept).
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(3 if isinstance(e, FloatingPointError) else 2)
+
+
+def train(c, workdir: pathlib.Path) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     # Mesh (over every process's devices), and every check that can fail before compute.
     config_lib.validate(c, jax.device_count())
     mesh = mesh_lib.make_mesh(c.mesh)
-
-    # Model, head, optimizer and the train step, compiled from shapes alone: memory is known
-    # before anything is allocated (`python -m mlcd_jax.plan` compiles this same step for TPUs).
-    built = build(c, mesh)
-    compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
-    mem = compiled.memory_analysis()
-    total_steps, graphdef, shardings = built.total_steps, built.graphdef, built.shardings
-    summary = (f"{total_steps} steps on {mesh.size} devices {dict(mesh.shape)}; {built.describe()}; "
-               f"per device: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, temporaries "
-               f"{mem.temp_size_in_bytes / 2**20:.1f} MiB")
-    if _COMPILE_ONLY.value:
-        print(f"compiled: {summary}", flush=True)
+    if _COMPILE_ONLY.value:  # memory from shapes alone: no data, nothing allocated
+        built = build(c, mesh)
+        print(f"compiled: {summarize(built, mesh)}", flush=True)
         return
+    lock = lock_workdir(workdir)  # noqa: F841 (held until the process ends)
 
-    # Data: synthetic, or a real source through grain joined with its label store (checked now).
-    inputs = input_lib.make_train_input(c, built.batch_sharding)
+    # Data: synthetic, or a real source through grain joined with its label store (checked
+    # now); an epoch is the data's own size.
+    source = input_lib.open_source(c)
+    num_examples = len(source) if source is not None else None
+    total_steps = config_lib.total_steps(c, num_examples)
+
+    # Model, head, optimizer and the train step, from shapes (`python -m mlcd_jax.plan` compiles
+    # this same step for TPUs).
+    built = build(c, mesh, total_steps)
+    shardings, graphdef = built.shardings, built.graphdef
+    inputs = input_lib.make_train_input(c, built.batch_sharding, source)
     if c.evals.every:
         e = c.evals
         eval_splits = eval_run.dataset_splits(
-            e.dataset, path=e.path, tfds_name=e.tfds_name, train_split=e.train_split,
-            test_split=e.test_split, test_fraction=e.test_fraction)
+            e.dataset, path=e.path, test_path=e.test_path, tfds_name=e.tfds_name,
+            train_split=e.train_split, test_split=e.test_split, test_fraction=e.test_fraction,
+            flag="config.evals.")
 
-    # Checkpoint: resume from the latest in the workdir, else initialize.
+    # Checkpoint: resume from the newest one that reads back whole, else initialize.
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
-    start = ckpt.latest_step()
-    if start is None:
+    found = ckpt.restore_newest_good(built.abstract_state)
+    if found is None:
         state = jax.jit(built.init, out_shardings=shardings)(jax.random.key(c.seed))
         start = 0
         if c.model.init_from:
-            state["params"]["encoder"], taken, total = encoder_from(
+            state["params"]["encoder"], taken, total = weights.init_from(
                 c.model.init_from, state["params"]["encoder"], shardings["params"]["encoder"])
             print(f"encoder: {taken} of {total} parameter arrays from {c.model.init_from}")
     else:
-        state, data_state = ckpt.restore(built.abstract_state, start)
+        state, data_state, start = found
         if data_state["seed"] != c.seed:
             raise ValueError(f"config.seed {c.seed} differs from the checkpoint's {data_state['seed']}"
                              f" in {ckpt.directory}; use the same seed or a new workdir")
         restore_input_state(inputs, data_state, report_to=print)
+    compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
     report = reporting.Reporter(workdir, total_steps=total_steps, batch_size=c.batch_size,
                                 start_step=start)
     if report.enabled:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-    report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: {summary}")
+    report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: "
+                   f"{summarize(built, mesh, compiled)}")
+    for warning in config_lib.warnings(c, total_steps, num_examples):
+        report.message(f"warning: {warning}")
 
     # Preemption: finish the step in flight, save, exit. Several processes agree on the step through
     # jax's preemption service (it watches SIGTERM itself); one process watches it here.
@@ -260,13 +292,21 @@ def main(argv):
         report.log_eval(step, {k: v["accuracy"] for k, v in results.items()})
         report.start_clock(step)  # images/s counts training only
 
-    def check_finite(step, loss):
-        if not np.isfinite(loss):
-            ckpt.wait()
-            raise FloatingPointError(
-                f"loss is {loss} at step {step}; stopping without saving. The last good checkpoint "
-                f"(step {ckpt.latest_step()}) in {ckpt.directory} is kept: lower config.optim.lr "
-                "or raise config.optim.warmup_steps, then rerun to resume from it")
+    # A checkpoint counts as good once a later step's loss was finite (a NaN stays NaN), so the
+    # loss is read at each step while a saved checkpoint awaits that proof; on a non-finite loss
+    # the unproven ones are set aside and the run stops.
+    unproven = [start] if start else []
+
+    def diverged(step, what):
+        ckpt.wait()
+        for t in [t for t in unproven if t in ckpt.steps()]:
+            ckpt.set_aside(t, "nan", f"{what} at step {step}, after it", report.message)
+        good = ckpt.latest_step()
+        where = (f"the newest good checkpoint is step {good} in {ckpt.directory}: lower "
+                 "config.optim.lr or raise config.optim.warmup_steps, then rerun to resume from it"
+                 if good is not None else "no good checkpoint was saved before it: lower "
+                 "config.optim.lr or raise config.optim.warmup_steps and rerun from the start")
+        return FloatingPointError(f"{what} at step {step}; stopped without saving; {where}")
 
     try:
         for step in range(start + 1, total_steps + 1):
@@ -276,13 +316,25 @@ def main(argv):
                 jax.block_until_ready(metrics)
                 report.start_clock(step)
             if step % c.log_every == 0 or step == total_steps or stop:
-                values = jax.device_get(metrics) | {"skipped_images": inputs.skipped}
+                values = jax.device_get(metrics) | {"skipped_images": inputs.skipped.count}
                 report.log(step, values)
-                check_finite(step, values["loss"])
+                ckpt.check()  # a save that failed in the background stops the run now
+                for name in inputs.new_skips():
+                    report.message(f"skipped an unreadable image: {name}")
+                loss = float(values["loss"])
+            elif unproven:
+                loss = float(metrics["loss"])
+            else:
+                loss = 0.0  # not read: no sync between logs
+            if not np.isfinite(loss):
+                raise diverged(step, f"the loss is {loss}")
+            unproven = []
             if stop or step % c.checkpoint_every == 0 or step == total_steps:
-                check_finite(step, float(metrics["loss"]))
+                if not bool(all_finite(state["params"])):
+                    raise diverged(step, "the parameters are not finite")
                 ckpt.save(step, state, {"step": step, "seed": c.seed,
                                         "inputs": distributed.gather_json(inputs.get_state())})
+                unproven = [step]
             if c.evals.every and (step % c.evals.every == 0 or step == total_steps) and not stop:
                 run_evals(step)
             if stop:
@@ -294,6 +346,15 @@ def main(argv):
         report.close()
 
 
+def summarize(built: Built, mesh, compiled=None) -> str:
+    """Steps, mesh, model and the compiled step's per-device memory, in one line."""
+    compiled = compiled or built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
+    mem = compiled.memory_analysis()
+    return (f"{built.total_steps} steps on {mesh.size} devices {dict(mesh.shape)}; "
+            f"{built.describe()}; per device: arguments {mem.argument_size_in_bytes / 2**20:.1f} "
+            f"MiB, temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB")
+
+
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

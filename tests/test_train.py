@@ -154,15 +154,135 @@ def test_epochs_give_total_steps():
     assert config_lib.total_steps(c) == 40  # ceil(2.5 × 1000 / 64)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    result = subprocess.run(command(tmp_path, "--config.optim.lr=1e30", "--config.optim.clip_norm=0",
-                                    "--config.optim.warmup_steps=0", "--config.log_every=1",
-                                    "--config.checkpoint_every=1"),
+def test_nan_sets_aside_the_checkpoints_it_ruined_and_resumes_from_a_good_one(tmp_path):
+    """lr 3e3 diverges at step 8. The state saved at step 7 is what produced the NaN loss of step
+    8 (a step's loss is computed before its update), so checkpoint 7 must not count as good: it is
+    set aside, and a rerun with a sane lr resumes from 6 with finite losses."""
+    result = subprocess.run(command(tmp_path, "--config.optim.lr=3e3", "--config.optim.warmup_steps=30",
+                                    "--config.log_every=1", "--config.checkpoint_every=1"),
                             cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "loss is nan at step" in result.stderr and "last good checkpoint" in result.stderr
-    saved = checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step()
-    assert saved is not None and np.isfinite(losses(tmp_path)[saved])
+    assert result.returncode == 3, result.stderr[-2000:]
+    nan_step = max(losses(tmp_path))
+    assert not np.isfinite(losses(tmp_path)[nan_step]) and nan_step > 3
+    assert result.stderr.count("\n") == 1 and f"the loss is nan at step {nan_step}" in result.stderr
+    assert f"newest good checkpoint is step {nan_step - 2}" in result.stderr
+    assert f"checkpoint {nan_step - 1} set aside as {nan_step - 1}.nan" in result.stdout
+    assert (tmp_path / "checkpoints" / f"{nan_step - 1}.nan").is_dir()
+    kept = checkpoint.Checkpointer(tmp_path / "checkpoints").latest_step()
+    assert kept == nan_step - 2 and np.isfinite(losses(tmp_path)[kept + 1])  # proven good
+
+    resumed = train(tmp_path, "--config.optim.lr=1e-3", f"--config.total_steps={nan_step + 2}",
+                    "--config.log_every=1")
+    assert f"resuming at step {kept}" in resumed.stdout
+    assert all(np.isfinite(losses(tmp_path)[s]) for s in range(kept + 1, nan_step + 3))
+
+    # A run that diverges before any checkpoint says so (it used to say "step None").
+    early = subprocess.run(command(tmp_path / "early", "--config.optim.lr=3e3",
+                                   "--config.optim.warmup_steps=0", "--config.checkpoint_every=20"),
+                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert early.returncode == 3 and "no good checkpoint was saved before it" in early.stderr
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path):
+    steps = ["--config.total_steps=10", "--config.checkpoint_every=5", "--config.log_every=1"]
+    train(tmp_path / "reference", *steps)
+    train(tmp_path / "run", *steps[1:], "--config.total_steps=10")
+    reference = losses(tmp_path / "reference")
+    for f in (tmp_path / "run" / "checkpoints" / "10" / "state").rglob("d/*"):
+        f.unlink()  # the array data of the newest checkpoint is lost
+    result = train(tmp_path / "run", *steps)
+    assert "checkpoint 10 set aside as 10.corrupt" in result.stdout
+    assert "resuming at step 5" in result.stdout
+    assert losses(tmp_path / "run") == reference  # steps 6-10 redone exactly
+
+
+def test_torn_metrics_line_and_failing_logs_do_not_stop_training(tmp_path):
+    train(tmp_path, "--config.total_steps=10")
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 11, "lo')  # a kill or a full disk mid-write
+    result = train(tmp_path, "--config.total_steps=15")
+    assert "resuming at step 10" in result.stdout
+    assert sorted(losses(tmp_path)) == [5, 10, 15]
+
+
+def test_second_trainer_on_a_workdir_is_refused(tmp_path):
+    first = subprocess.Popen(command(tmp_path, "--config.total_steps=100000", "--config.log_every=1"),
+                             cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not ((tmp_path / "metrics.jsonl").exists() and losses(tmp_path)):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.1)
+        second = subprocess.run(command(tmp_path), cwd=REPO, env=env(), capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode == 2
+        assert f"{tmp_path} is in use by another trainer (pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first one trains on
+    finally:
+        first.kill()
+        first.wait()
+    train(tmp_path, "--config.total_steps=2")  # a killed trainer leaves no lock behind
+
+
+def test_failed_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
+    """A file-size limit (20 KiB, SIGXFSZ ignored) makes every larger write fail, as a full disk
+    does; it used to print ~2,400 lines of orbax and asyncio tracebacks."""
+    limited = " ".join(command(tmp_path))
+    result = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 20; exec {limited}"],
+                            cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: saving checkpoint 10 to"), lines[:5]
+    assert "File too large" in lines[0] and "resumes from the start" in lines[0]
+
+
+def test_trainer_mistakes_are_one_line_naming_the_field(tmp_path):
+    cases = [
+        (["--config.head.sample_rato=0.2"], "--config.head.sample_rato: config has no field "
+                                             "'sample_rato'; did you mean 'sample_ratio'?"),
+        (["--config.batch_size=60"], "config.batch_size: the micro-batch 60"),
+        (["--config.data.source=folder"], "config.data.path: is empty"),
+        (["--config.data.source=folder", f"--config.data.path={tmp_path / 'none'}"],
+         f"config.data.path: {tmp_path / 'none'} is not a folder"),
+        (["--config.total_steps=0", "--config.epochs=1", "--config.data.num_examples=0"],
+         "config.epochs: the epoch length is unknown"),
+        (["--config.model.size=B/8"], "unknown ViT size 'B/8'"),
+    ]
+    for args, message in cases:
+        result = subprocess.run(command(tmp_path / "w", *args), cwd=REPO, env=env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr, (message, result.stderr)
+    for config, message in (("configs/nope.py", "--config=configs/nope.py: no such file"),
+                            ("configs/demo.py:mlcdd", "configs/demo.py:mlcdd: unknown config "
+                                                      "argument; allowed: :mlcd, :single")):
+        result = subprocess.run([sys.executable, "-m", "mlcd_jax.train", f"--config={config}",
+                                 f"--workdir={tmp_path / 'w'}"], cwd=REPO, env=env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr, result.stderr
+
+
+def test_epochs_count_the_data_and_unreadable_images_are_named(tmp_path):
+    """A folder of 101 files, one of them empty: 1 epoch at batch 32 is ceil(101 / 32) = 4 steps
+    (not data.num_examples), the empty file is named on the console, and the 5-step warm-up
+    longer than the run is said."""
+    from PIL import Image
+    for i in range(100):
+        folder = tmp_path / "images" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 20, 3), i * 2, np.uint8)).save(folder / f"{i:03d}.png")
+    (tmp_path / "images" / "a" / "bad.jpg").write_bytes(b"")
+    result = train(tmp_path / "run", "--config.data.source=folder",
+                   f"--config.data.path={tmp_path / 'images'}", "--config.head.num_classes=2",
+                   "--config.data.num_labels=1", "--config.total_steps=0", "--config.epochs=1",
+                   "--config.batch_size=32", "--config.log_every=1",
+                   "--config.data.num_examples=1000000")
+    assert "4 steps on 8 devices" in result.stdout and sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert f"skipped an unreadable image: {tmp_path / 'images' / 'a' / 'bad.jpg'}" in result.stdout
+    assert "warmup_steps 5 is not shorter than this run's 4 steps" in result.stdout
+    assert "config.data.num_examples 1,000,000 is ignored: the data has 101" in result.stdout
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):
@@ -200,12 +320,13 @@ def test_checkpoint_of_another_model_is_a_clear_error(devices, tmp_path):
 def test_init_from_an_imported_transformers_model(tmp_path):
     """Continue pretraining from released weights: transformers MLCD → our model dir → trainer."""
     import transformers
+    from mlcd_jax import weights
     from mlcd_jax.interop import hf
     config = transformers.MLCDVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                            num_attention_heads=2, image_size=16, patch_size=4)
     transformers.MLCDVisionModel(config).save_pretrained(tmp_path / "hf")
     model = hf.load_vision_model(tmp_path / "hf")
-    hf.save_model_dir(model, tmp_path / "ours")
+    weights.save_model_dir(model, tmp_path / "ours")
     result = train(tmp_path / "run", f"--config.model.init_from={tmp_path / 'ours'}",
                    "--config.total_steps=2", "--config.checkpoint_every=1")
     # 23 arrays from the import; the projection (not in MLCDVisionModel) is newly initialized
