@@ -16,10 +16,10 @@ import ml_collections
 
 from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.models import vit
 
-LOSSES = ("mlcd", "unicom")
+LOSSES = ("mlcd", "unicom")             # mlcd_jax.head: multi-label, single-label baseline
+PROBES = ("linear_probe", "knn")        # mlcd_jax.evaluate.probes
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -190,13 +190,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         fail("evals.every", f"must be ≥ 0 (0 = no evals), got {c.evals.every}")
     if c.evals.every and c.evals.dataset not in sources.LABELLED:
         fail("evals.dataset", f"must be one of {sources.LABELLED}, got {c.evals.dataset!r}")
-    if c.evals.every and (not c.evals.probes or set(c.evals.probes) - set(eval_run.PROBES)):
-        fail("evals.probes", f"must be a non-empty subset of {eval_run.PROBES}, got "
+    if c.evals.every and (not c.evals.probes or set(c.evals.probes) - set(PROBES)):
+        fail("evals.probes", f"must be a non-empty subset of {PROBES}, got "
              f"{c.evals.probes!r}")
-    if c.data.source in ("folder", "arrayrecord") and not c.data.path:
-        fail("data.path", f"is empty: the {c.data.source} source reads its images from it")
-    if c.evals.every and c.evals.dataset == "folder" and not c.evals.path:
-        fail("evals.path", "is empty: the folder of evaluation images, one sub-folder per class")
     if c.evals.every and c.evals.test_split and c.evals.dataset not in sources.WITH_SPLITS:
         fail("evals.test_split", f"{c.evals.dataset} has no named splits; use evals.test_path "
              "(a folder) or evals.test_fraction")

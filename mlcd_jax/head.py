@@ -18,15 +18,15 @@ that were used. `mesh=None` runs the same code on one device with no collectives
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mlcd_jax import losses, mesh as mesh_lib
+from mlcd_jax import config as config_lib, losses, mesh as mesh_lib
 
 Metrics = dict[str, jax.Array]
 
@@ -159,8 +159,81 @@ def _negatives_bwd(scale, residuals, cotangents):
 _negatives.defvjp(_negatives_fwd, _negatives_bwd)
 
 
-def _shard_loss(features, centers, labels, key, *, kind: str, num_classes: int, scale: float,
-                margin: float, margin_type: str, sample_ratio: float, chunk: int | None,
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """How the head scores a batch (config section `head`; the loss in DESIGN.md)."""
+    loss: str = "mlcd"             # "mlcd" (multi-label) or "unicom" (single label, softmax)
+    scale: float = 32.0            # s
+    margin: float = 0.3            # m
+    margin_type: str = "arcface"   # s·cos(θ + m), or "cosface": s·(cos θ − m)
+    sample_ratio: float = 0.1      # r: each shard draws ceil(r · K_local) negatives; 1 = all, exact
+    num_classes: int | None = None # K when the centers carry padding rows past K
+    chunk: int | None = None       # classes scored at a time per shard (None: automatic)
+
+    def __post_init__(self):
+        if self.loss not in config_lib.LOSSES:
+            raise ValueError(f"head loss must be one of {config_lib.LOSSES}, got {self.loss!r}")
+        if self.margin_type not in losses.MARGIN_TYPES:
+            raise ValueError(f"margin_type must be one of {losses.MARGIN_TYPES}, got "
+                             f"{self.margin_type!r}")
+        if not 0.0 < self.sample_ratio <= 1.0:
+            raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
+        if self.chunk is not None and self.chunk < 1:
+            raise ValueError(f"chunk (classes scored at a time) must be ≥ 1 or None (automatic), "
+                             f"got {self.chunk}")
+
+    @classmethod
+    def from_config(cls, head) -> HeadConfig:
+        """From a config's `head` section (its `lr_mult` belongs to the optimizer)."""
+        return cls(loss=head.loss, scale=float(head.scale), margin=float(head.margin),
+                   margin_type=head.margin_type, sample_ratio=float(head.sample_ratio),
+                   num_classes=head.num_classes, chunk=head.chunk or None)
+
+
+def _positive_cosines(emb, centers, labels, offset, psum):
+    """cos(e, w_y) of every label, computed by the shard that owns class y (the others add 0);
+    with, per label, whether this shard owns it and its local row."""
+    num_local = centers.shape[0]
+    local = labels - offset                                               # (B, l)
+    mine = (labels >= 0) & (local >= 0) & (local < num_local)
+    local = jnp.clip(local, 0, num_local - 1)
+    pos_rows = _normalize(centers[local])                                 # (B, l, D)
+    return psum(jnp.where(mine, jnp.einsum("bld,bd->bl", pos_rows, emb), 0.0)), mine, local
+
+
+def _draw(key, shard, num_local, num_valid, sample_ratio, mine, local):
+    """This shard's drawn local rows, whether each is a real class, and each label's position in
+    the draw (m, the number drawn, where it was not drawn here), so positives can be left out."""
+    idx, valid = _draw_local_classes(key, shard, num_local, num_valid, sample_ratio)
+    m = idx.shape[0]
+    slot = jnp.full((num_local,), m, jnp.int32).at[idx].set(jnp.arange(m, dtype=jnp.int32))
+    return idx, valid, jnp.where(mine, slot[local], m)
+
+
+def _chunk_layout(idx, valid, chunk, batch):
+    """The drawn rows as (chunks, size): even chunks of at most `chunk` classes (default: as many
+    as keep batch × size ≤ 2^20 logits, at least 128), so the last one is barely padded."""
+    m = idx.shape[0]
+    num_chunks = -(-m // (chunk or max(_MIN_CHUNK, _LOGITS_PER_CHUNK // batch)))
+    size = -(-m // num_chunks)
+    pad = num_chunks * size - m
+    return jnp.pad(idx, (0, pad)).reshape(-1, size), jnp.pad(valid, (0, pad)).reshape(-1, size)
+
+
+def _loss_terms(cfg, pos_cos, pos_mask, neg_lse, class_axes):
+    """Per-sample loss and the mean of its terms, from the positives' cosines and this shard's
+    negative log-sum-exps."""
+    pos_logits = losses.positive_logits(pos_cos, scale=cfg.scale, margin=cfg.margin,
+                                        margin_type=cfg.margin_type)
+    if cfg.loss == "mlcd":
+        pos_term, neg_term = losses.mlcd_terms(pos_logits, pos_mask, neg_lse, class_axes)
+        return pos_term + neg_term, {"pos_term": jnp.mean(pos_term), "neg_term": jnp.mean(neg_term)}
+    log_partition, per_sample = losses.unicom_terms(pos_logits[:, 0], neg_lse, class_axes)
+    return per_sample, {"pos_logit": jnp.mean(pos_logits[:, 0]),
+                        "log_partition": jnp.mean(log_partition)}
+
+
+def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes: int,
                 class_axes: tuple[str, ...], batch_axes: tuple[str, ...]) -> tuple[jax.Array, Metrics]:
     """Loss on one shard of centers (the body of the shard_map; also the whole job for mesh=None)."""
     psum = (lambda x: jax.lax.psum(x, class_axes)) if class_axes else (lambda x: x)
@@ -175,37 +248,14 @@ def _shard_loss(features, centers, labels, key, *, kind: str, num_classes: int, 
     # one B × D all-reduce (otherwise each use below would get its own).
     emb = jax.lax.pcast(_normalize(features), class_axes, to="varying")  # (B, D)
 
-    # Positives: the owning shard computes each cosine, the others contribute 0.
-    local = labels - offset                                               # (B, l)
-    mine = (labels >= 0) & (local >= 0) & (local < num_local)
-    local = jnp.clip(local, 0, num_local - 1)
-    pos_rows = _normalize(centers[local])                                 # (B, l, D)
-    pos_cos = psum(jnp.where(mine, jnp.einsum("bld,bd->bl", pos_rows, emb), 0.0))
-    pos_mask = labels >= 0
-
+    pos_cos, mine, local = _positive_cosines(emb, centers, labels, offset, psum)
     # Sampled negatives of this shard, minus each sample's own positives, reduced to one
     # log-sum-exp per sample in chunks of classes (logits recomputed in the backward pass).
-    idx, idx_valid = _draw_local_classes(key, shard, num_local, num_valid, sample_ratio)
-    m = idx.shape[0]
-    slot = jnp.full((num_local,), m, jnp.int32).at[idx].set(jnp.arange(m, dtype=jnp.int32))
-    pos_slot = jnp.where(mine, slot[local], m)                            # m = not drawn here
-    num_chunks = -(-m // (chunk or max(_MIN_CHUNK, _LOGITS_PER_CHUNK // labels.shape[0])))
-    size = -(-m // num_chunks)                                            # even chunks: little padding
-    pad = num_chunks * size - m
-    idx = jnp.pad(idx, (0, pad)).reshape(-1, size)
-    idx_valid = jnp.pad(idx_valid, (0, pad)).reshape(-1, size)
-    neg_lse, neg_cos_sum, num_neg = _negatives(emb, centers, idx, idx_valid, pos_slot, scale)
-    neg_logits, neg_mask = neg_lse[:, None], jnp.isfinite(neg_lse)[:, None]  # one per shard
-
-    pos_logits = losses.positive_logits(pos_cos, scale=scale, margin=margin, margin_type=margin_type)
-    if kind == "mlcd":
-        pos_term, neg_term = losses.mlcd_terms(pos_logits, pos_mask, neg_logits, neg_mask, class_axes)
-        per_sample = pos_term + neg_term
-        terms = {"pos_term": jnp.mean(pos_term), "neg_term": jnp.mean(neg_term)}
-    else:
-        log_partition, per_sample = losses.unicom_terms(pos_logits[:, 0], neg_logits, neg_mask,
-                                                        class_axes)
-        terms = {"pos_logit": jnp.mean(pos_logits[:, 0]), "log_partition": jnp.mean(log_partition)}
+    idx, valid, pos_slot = _draw(key, shard, num_local, num_valid, cfg.sample_ratio, mine, local)
+    idx, valid = _chunk_layout(idx, valid, cfg.chunk, labels.shape[0])
+    neg_lse, neg_cos_sum, num_neg = _negatives(emb, centers, idx, valid, pos_slot, cfg.scale)
+    pos_mask = labels >= 0
+    per_sample, terms = _loss_terms(cfg, pos_cos, pos_mask, neg_lse, class_axes)
 
     num_neg = psum(num_neg)
     metrics = {
@@ -214,11 +264,10 @@ def _shard_loss(features, centers, labels, key, *, kind: str, num_classes: int, 
         "neg_per_sample": num_neg / labels.shape[0],
         **terms,
     }
-    metrics = jax.tree.map(jax.lax.stop_gradient, metrics)
-    return jnp.mean(per_sample), metrics
+    return jnp.mean(per_sample), jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-def _check_args(features, centers, labels, *, margin_type, sample_ratio, num_classes, chunk, mesh):
+def _check_args(features, centers, labels, *, num_classes, mesh):
     if features.ndim != 2 or centers.ndim != 2:
         raise ValueError(f"features must be (B, D) and centers (K, D); got features {features.shape}, "
                          f"centers {centers.shape}")
@@ -230,13 +279,6 @@ def _check_args(features, centers, labels, *, margin_type, sample_ratio, num_cla
                          f"{labels.shape}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be integer class ids (-1 = padding); got dtype {labels.dtype}")
-    if margin_type not in losses.MARGIN_TYPES:
-        raise ValueError(f"margin_type must be one of {losses.MARGIN_TYPES}, got {margin_type!r}")
-    if not 0.0 < sample_ratio <= 1.0:
-        raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"chunk (classes scored at a time) must be ≥ 1 or None (automatic), got "
-                         f"{chunk}")
     if not 0 < num_classes <= centers.shape[0]:
         raise ValueError(f"num_classes = {num_classes} must be in [1, centers.shape[0] = "
                          f"{centers.shape[0]}] (rows beyond num_classes are padding)")
@@ -246,28 +288,41 @@ def _check_args(features, centers, labels, *, margin_type, sample_ratio, num_cla
                          f"{mesh_lib.batch_axes(mesh)}; change the batch size or the mesh")
 
 
-def _head_loss(kind, features, centers, labels, *, key, scale, margin, margin_type, sample_ratio,
-               mesh: Mesh | None, num_classes: int | None,
-               chunk: int | None) -> tuple[jax.Array, Metrics]:
+def loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax.Array,
+         cfg: HeadConfig = HeadConfig(), mesh: Mesh | None = None) -> tuple[jax.Array, Metrics]:
+    """The head's loss (`cfg.loss`: MLCD or UNICOM), mean over the global batch.
+
+    Args:
+      features: (B, D) embeddings, any float dtype; L2-normalised here, computed in float32.
+      centers: (K, D) class centers; under `mesh`, sharded along K over every device.
+      labels: (B, l) int class ids, most similar first; -1 pads a shorter list. UNICOM uses the
+        first (and takes (B,) too).
+      key: PRNG key of this step (fold the step in before calling); each shard folds its index.
+      cfg: scale, margin, sampling ratio, chunking (`HeadConfig`). The loss and gradients do not
+        depend on `cfg.chunk`; memory and speed do.
+      mesh: None for one device; else features/labels are split over its batch axes.
+
+    Returns:
+      (loss, metrics): float32 scalar loss; metrics `pos_cos`, `neg_cos` (mean cosine of positives
+      and of sampled negatives), `neg_per_sample`, and the terms: `pos_term`, `neg_term` (MLCD) or
+      `pos_logit`, `log_partition` (UNICOM: loss = log_partition − pos_logit per sample).
+    """
     features, centers, labels = jnp.asarray(features), jnp.asarray(centers), jnp.asarray(labels)
-    if kind == "unicom":  # only the first label counts
+    if cfg.loss == "unicom":  # only the first label counts
         labels = labels.reshape(labels.shape[0], -1)[:, :1]
-    num_classes = centers.shape[0] if num_classes is None else int(num_classes)
-    _check_args(features, centers, labels, margin_type=margin_type, sample_ratio=sample_ratio,
-                num_classes=num_classes, chunk=chunk, mesh=mesh)
+    num_classes = centers.shape[0] if cfg.num_classes is None else int(cfg.num_classes)
+    _check_args(features, centers, labels, num_classes=num_classes, mesh=mesh)
     labels = labels.astype(jnp.int32)
-    static: dict[str, Any] = dict(kind=kind, num_classes=num_classes, scale=float(scale),
-                                  margin=float(margin), margin_type=margin_type,
-                                  sample_ratio=float(sample_ratio), chunk=chunk)
     if mesh is None:
-        return _shard_loss(features, centers, labels, key, class_axes=(), batch_axes=(), **static)
+        return _shard_loss(features, centers, labels, key, cfg=cfg, num_classes=num_classes,
+                           class_axes=(), batch_axes=())
 
     padded = mesh_lib.padded_num_classes(centers.shape[0], mesh.size)
     if padded != centers.shape[0]:
         centers = jnp.pad(centers, ((0, padded - centers.shape[0]), (0, 0)))
     batch = mesh_lib.batch_spec(mesh)
-    body = functools.partial(_shard_loss, class_axes=tuple(mesh.axis_names),
-                             batch_axes=mesh_lib.batch_axes(mesh), **static)
+    body = functools.partial(_shard_loss, cfg=cfg, num_classes=num_classes,
+                             class_axes=tuple(mesh.axis_names), batch_axes=mesh_lib.batch_axes(mesh))
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(batch, mesh_lib.class_spec(mesh), batch, P()),
@@ -275,46 +330,12 @@ def _head_loss(kind, features, centers, labels, *, key, scale, margin, margin_ty
     )(features, centers, labels, key)
 
 
-def mlcd_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax.Array,
-              scale: float = 32.0, margin: float = 0.3, margin_type: str = "arcface",
-              sample_ratio: float = 0.1, mesh: Mesh | None = None,
-              num_classes: int | None = None,
-              chunk: int | None = None) -> tuple[jax.Array, Metrics]:
-    """Multi-label cluster-discrimination loss (MLCD, DESIGN.md), mean over the global batch.
-
-    Args:
-      features: (B, D) embeddings, any float dtype; L2-normalised here, computed in float32.
-      centers: (K, D) class centers; under `mesh`, sharded along K over every device.
-      labels: (B, l) int class ids, most similar first; -1 pads a shorter list.
-      key: PRNG key of this step (fold the step in before calling); each shard folds its index.
-      scale, margin, margin_type: s, m and "arcface" (s·cos(θ + m)) or "cosface" (s·(cos θ − m)).
-      sample_ratio: r; each shard draws ceil(r·K_local) negatives. 1.0 = all classes, exact.
-      mesh: None for one device; else features/labels are split over its batch axes.
-      num_classes: K when `centers` already holds padding rows past K (default: centers.shape[0]).
-      chunk: at most this many classes scored at a time on a shard (default: as many as keep
-        B × chunk ≤ 2^20 logits, at least 128). The loss and gradients do not depend on it;
-        memory and speed do.
-
-    Returns:
-      (loss, metrics): float32 scalar loss; metrics `pos_cos`, `neg_cos` (mean cosine of positives
-      and of sampled negatives), `pos_term`, `neg_term` (the two loss terms), `neg_per_sample`.
-    """
-    return _head_loss("mlcd", features, centers, labels, key=key, scale=scale, margin=margin,
-                      margin_type=margin_type, sample_ratio=sample_ratio, mesh=mesh,
-                      num_classes=num_classes, chunk=chunk)
+def mlcd_loss(features, centers, labels, *, key, mesh=None, **options) -> tuple[jax.Array, Metrics]:
+    """`loss` with `HeadConfig(loss="mlcd", **options)`: the multi-label loss."""
+    return loss(features, centers, labels, key=key, mesh=mesh, cfg=HeadConfig("mlcd", **options))
 
 
-def unicom_loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax.Array,
-                scale: float = 32.0, margin: float = 0.3, margin_type: str = "arcface",
-                sample_ratio: float = 0.1, mesh: Mesh | None = None,
-                num_classes: int | None = None,
-                chunk: int | None = None) -> tuple[jax.Array, Metrics]:
-    """Single-label baseline (UNICOM / Partial FC): softmax cross-entropy over the margin-adjusted
-    positive (the first label; `labels` may be (B,) or (B, l)) and the sampled negatives.
-
-    Arguments as `mlcd_loss`. Metrics: `pos_cos`, `neg_cos`, `pos_logit`, `log_partition`
-    (loss = log_partition − pos_logit per sample), `neg_per_sample`.
-    """
-    return _head_loss("unicom", features, centers, labels, key=key, scale=scale, margin=margin,
-                      margin_type=margin_type, sample_ratio=sample_ratio, mesh=mesh,
-                      num_classes=num_classes, chunk=chunk)
+def unicom_loss(features, centers, labels, *, key, mesh=None, **options) -> tuple[jax.Array, Metrics]:
+    """`loss` with `HeadConfig(loss="unicom", **options)`: the single-label baseline (UNICOM /
+    Partial FC), softmax cross-entropy over the margin-adjusted first label and the negatives."""
+    return loss(features, centers, labels, key=key, mesh=mesh, cfg=HeadConfig("unicom", **options))

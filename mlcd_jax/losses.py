@@ -5,8 +5,9 @@ Per sample, with P the positive classes and N' the sampled negatives (DESIGN.md)
     MLCD:    log(1 + sum_{i in P} exp(-p_i)) + log(1 + sum_{j in N'} exp(n_j))
     UNICOM:  log(exp(p) + sum_{j in N'} exp(n_j)) - p
 
-The negative sums may span several devices: `log_sum_exp` takes the mesh axes to sum over and
-merges the per-device parts with a pmax and a psum of one number per sample.
+The negative sums span the devices that hold the class centers: each device reduces its own drawn
+negatives to one log-sum-exp per sample, and `merge_log_sum_exps` combines those with a pmax and a
+psum of one number per sample.
 """
 
 from __future__ import annotations
@@ -53,16 +54,25 @@ def log_sum_exp(logits: jax.Array, mask: jax.Array, extra: jax.Array | float,
     return shift + jnp.log(total + jnp.exp(extra - shift))
 
 
-def mlcd_terms(pos_logits: jax.Array, pos_mask: jax.Array, neg_logits: jax.Array,
-               neg_mask: jax.Array, axes: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
-    """Per-sample positive term log(1 + Σ exp(−p)) and negative term log(1 + Σ exp(n))."""
+def merge_log_sum_exps(lse: jax.Array, extra: jax.Array | float,
+                       axes: Sequence[str] = ()) -> jax.Array:
+    """log(exp(extra) + Σ_shards exp(lse)): per-shard log-sum-exps (−inf where a shard has no
+    term) merged over the mesh `axes`, with one extra logit per row."""
+    return log_sum_exp(lse[..., None], jnp.isfinite(lse)[..., None], extra, axes)
+
+
+def mlcd_terms(pos_logits: jax.Array, pos_mask: jax.Array, neg_lse: jax.Array,
+               axes: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
+    """Per-sample positive term log(1 + Σ exp(−p)) and negative term log(1 + Σ exp(n)), the
+    negatives given as this shard's log Σ exp(n) per sample."""
     pos_term = log_sum_exp(-pos_logits, pos_mask, 0.0)
-    neg_term = log_sum_exp(neg_logits, neg_mask, 0.0, axes)
+    neg_term = merge_log_sum_exps(neg_lse, 0.0, axes)
     return pos_term, neg_term
 
 
-def unicom_terms(pos_logit: jax.Array, neg_logits: jax.Array, neg_mask: jax.Array,
+def unicom_terms(pos_logit: jax.Array, neg_lse: jax.Array,
                  axes: Sequence[str] = ()) -> tuple[jax.Array, jax.Array]:
-    """Per-sample log-partition log(exp(p) + Σ exp(n)); the loss is log_partition − p."""
-    log_partition = log_sum_exp(neg_logits, neg_mask, pos_logit, axes)
+    """Per-sample log-partition log(exp(p) + Σ exp(n)) and the loss log_partition − p, the
+    negatives given as this shard's log Σ exp(n) per sample."""
+    log_partition = merge_log_sum_exps(neg_lse, pos_logit, axes)
     return log_partition, log_partition - pos_logit

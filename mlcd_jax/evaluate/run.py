@@ -9,10 +9,9 @@ import types
 
 import numpy as np
 
+from mlcd_jax.config import PROBES
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate import features, probes
-
-PROBES = ("linear_probe", "knn")
 
 
 def split(source, test_fraction: float, seed: int = 0):
