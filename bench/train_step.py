@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_step.py                          # tiny, B/32 (batch 32), 2 threads
     .venv/bin/python bench/train_step.py --models B/32,B/16 --batch 32 --dtype float32
 
-Ours: the trainer's own jitted step (`train.build`: ViT forward + backward, the sharded MLCD head,
+Ours: the trainer's own jitted step (`step.build`: ViT forward + backward, the sharded MLCD head,
 clipping and AdamW) on one device. PyTorch: transformers' CLIPVisionModel with the same config (a
 bias-free projection to the same embedding width), a straightforward PyTorch MLCD loss over all
 K classes (r = 1, so both compute the same thing), clipping and AdamW. Model FLOPs are analytic
@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, train  # noqa: E402
+from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step  # noqa: E402
 
 
 def fastest(fn, steps):
@@ -98,7 +98,7 @@ def config_for(size):
 
 def ours(c):
     mesh = mesh_lib.make_mesh([("data", 1)], jax.devices()[:1])
-    built = train.build(c, mesh)
+    built = step.build(c, mesh)
     compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
     state = jax.jit(built.init, out_shardings=built.shardings)(jax.random.key(0))
     images = jnp.asarray(np.random.default_rng(0).normal(size=built.abstract_batch[0].shape),

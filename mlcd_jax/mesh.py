@@ -67,10 +67,11 @@ def num_batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
-def batch_spec(mesh: Mesh) -> P:
-    """Leading (batch) dimension split over the batch axes; other dimensions whole."""
+def batch_spec(mesh: Mesh, leading: int = 0) -> P:
+    """`leading` whole dimensions (the trainer's micro-batches), then the batch dimension split over
+    the batch axes; other dimensions whole."""
     axes = batch_axes(mesh)
-    return P(axes if axes else None)
+    return P(*([None] * leading), axes if axes else None)
 
 
 def class_spec(mesh: Mesh) -> P:
@@ -78,8 +79,8 @@ def class_spec(mesh: Mesh) -> P:
     return P(tuple(mesh.axis_names))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, batch_spec(mesh))
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    return NamedSharding(mesh, batch_spec(mesh, leading))
 
 
 def class_sharding(mesh: Mesh) -> NamedSharding:
@@ -97,7 +98,8 @@ def padded_num_classes(num_classes: int, num_shards: int) -> int:
 
 # Logical parameter axes (the `logical_axes` metadata of model parameters) → mesh axes. A rule
 # applies only when the mesh has that axis and it divides the dimension; otherwise the dimension is
-# replicated. "embed" over "fsdp" is ZeRO-3 style sharding of every large weight.
+# replicated (and `replicated_parameters` says so). "embed" over "fsdp" is ZeRO-3 style sharding
+# of every large weight.
 LOGICAL_RULES = (("embed", "fsdp"), ("mlp", "model"), ("heads", "model"))
 
 
@@ -124,3 +126,41 @@ def param_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
         return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(abstract_state, abstract_encoder, mesh: Mesh):
+    """Shardings of the train state {"params": {"encoder", "centers"}, "opt_state", "step"}:
+    encoder parameters by their logical axes (FSDP), centers over every device, every optimizer
+    subtree shaped like the parameters (Adam's moments) as the parameters, the rest (counters)
+    replicated."""
+    from flax import nnx
+    params = {"encoder": nnx.to_pure_dict(param_shardings(abstract_encoder, mesh)),
+              "centers": class_sharding(mesh)}
+    params_def = jax.tree.structure(abstract_state["params"])
+    like_params = lambda x: jax.tree.structure(x) == params_def
+    opt_state = jax.tree.map(lambda x: params if like_params(x) else replicated(mesh),
+                             abstract_state["opt_state"], is_leaf=like_params)
+    return {"params": params, "opt_state": opt_state, "step": replicated(mesh)}
+
+
+def replicated_parameters(abstract_encoder, mesh: Mesh, min_bytes: int = 1 << 20,
+                          rules=LOGICAL_RULES) -> list[str]:
+    """One line for each parameter of at least `min_bytes` that a rule would split over a mesh
+    axis of size > 1 but that stays whole on it, because the axis does not divide its dimension:
+    memory the user believes is sharded and is not (MaxText's
+    `assert_params_sufficiently_sharded` guards the same)."""
+    from flax import nnx
+    rules, found = dict(rules), []
+    for path, variable in nnx.to_flat_state(abstract_encoder):
+        axes = variable.get_metadata().get("logical_axes", ())
+        shape = variable.shape
+        spec = logical_to_spec(axes, shape, mesh, rules)
+        for name, size, got in zip(axes, shape[len(shape) - len(axes):], spec[len(shape) - len(axes):]):
+            axis = rules.get(name)
+            if axis in mesh.shape and mesh.shape[axis] > 1 and got is None:
+                nbytes = math.prod(shape) * variable.dtype.itemsize
+                if nbytes >= min_bytes:
+                    found.append(f"{'.'.join(map(str, path))} {tuple(shape)} ({nbytes / 2**20:.1f} "
+                                 f"MiB) is whole on every device: its {name!r} dimension {size} is "
+                                 f"not divisible by mesh axis {axis!r} of size {mesh.shape[axis]}")
+    return found

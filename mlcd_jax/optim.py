@@ -32,12 +32,3 @@ def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.Grad
                     weight_decay=c.optim.weight_decay, mask=decay_mask),
         optax.masked(optax.scale(c.head.lr_mult), {"encoder": False, "centers": True}),
     )
-
-
-def state_shardings(opt_state, params, param_shardings, replicated):
-    """Shardings of an optimizer state: every subtree shaped like the params (Adam's moments) as
-    the params; everything else (counters) replicated."""
-    params_def = jax.tree.structure(params)
-    return jax.tree.map(
-        lambda x: param_shardings if jax.tree.structure(x) == params_def else replicated,
-        opt_state, is_leaf=lambda x: jax.tree.structure(x) == params_def)

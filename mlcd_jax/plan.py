@@ -4,7 +4,7 @@
     python -m mlcd_jax.plan --config=configs/mlcd_vit_b16_laion400m.py --topology=v5e:16x16 \
         --config.mesh="(('data', 64), ('fsdp', -1))" --json=plan.json
 
-libtpu's compiler builds the trainer's own train step (`train.build`: the same mesh, ViT, sharded
+libtpu's compiler builds the trainer's own train step (`step.build`: the same mesh, ViT, sharded
 head, optimizer and jit) over the virtual devices of `jax.experimental.topologies`, from abstract
 inputs: no data, no parameters, no TPU. It prints per-device memory (arguments, temporaries, total)
 against the chip's HBM, FLOPs per step, the compiler's step-time estimate, images/s and days for the
@@ -29,8 +29,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, train  # noqa: E402
+from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]), as "
+                                          "the trainer's.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU topology name libtpu accepts, e.g. "
                                 "v5e:4x4, v5p:4x4x4, v4:4x4x4, v6e:8x8.")
 _JSON = flags.DEFINE_string("json", None, "Also write the table to this JSON file.")
@@ -90,7 +93,7 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
     devices = topology_devices(topology)
     config_lib.validate(c, len(devices))
     mesh = mesh_lib.make_mesh(c.mesh, devices=devices)
-    built = train.build(c, mesh)
+    built = step.build(c, mesh)
     kind = devices[0].device_kind
     chip = CHIPS.get(kind)
     chips = num_chips(topology) or len(devices)
@@ -128,6 +131,7 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
         "tflops_per_step": model_flops / 1e12,   # analytic model FLOPs (mlcd_jax.flops)
         "compiler_tflops_per_step": float(cost.get("flops", 0.0)) * len(devices) / 1e12,
         "total_steps": built.total_steps,
+        "replicated": built.replicated,
     }
     peak = chip.bf16_tflops * 1e12 * chips if chip else None
     result["step_s_at_peak"] = model_flops / peak if peak else None
@@ -183,6 +187,7 @@ def show(r: dict) -> str:
         f"  at {r['mfu_assumed']:.0%} MFU: {fmt(r['images_per_s'], ',.0f')} images/s, "
         f"{fmt(r['days'], ',.2f')} days for {r['total_steps']:,} steps",
     ]
+    lines += [f"  warning: {line}" for line in r["replicated"]]
     lines += [f"  try: {tip}" for tip in r["advice"]]
     return "\n".join(lines)
 
@@ -191,7 +196,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
     try:
-        result = plan(train.CONFIG.value, _TOPOLOGY.value, _MFU.value)  # trainer's --config flag
+        result = plan(_CONFIG.value, _TOPOLOGY.value, _MFU.value)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,3 +55,33 @@ def test_class_sharding_splits_rows_over_every_device(devices):
     assert {s.data.shape for s in x.addressable_shards} == {(5, 3)}
     assert mesh_lib.padded_num_classes(37, 8) == 40
     assert mesh_lib.padded_num_classes(40, 8) == 40
+
+
+def test_train_state_shardings_and_the_guard_against_silent_replication(devices):
+    """Every parameter and its Adam moments share one sharding; a weight an axis cannot divide is
+    reported with its size instead of being replicated without a word."""
+    import jax
+    import optax
+    from flax import nnx
+    from mlcd_jax.models import vit
+    cfg = vit.vit_config("tiny", embed_dim=16)   # width 64, mlp 128
+    abstract = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+    encoder = nnx.state(abstract)
+    params = {"encoder": nnx.to_pure_dict(encoder),
+              "centers": jax.ShapeDtypeStruct((64, 16), "float32")}
+    state = {"params": params, "opt_state": jax.eval_shape(optax.adamw(1e-3).init, params),
+             "step": jax.ShapeDtypeStruct((), "int32")}
+    mesh = mesh_lib.make_mesh([("data", 2), ("fsdp", 4)])
+    shardings = mesh_lib.state_shardings(state, encoder, mesh)
+    kernel = shardings["params"]["encoder"]["blocks"]["fc1"]["kernel"]
+    assert kernel.spec == P(None, "fsdp", None)
+    adam_mu = shardings["opt_state"][0].mu  # Adam's first moment mirrors the parameters
+    assert adam_mu["encoder"]["blocks"]["fc1"]["kernel"] == kernel
+    assert adam_mu["centers"] == mesh_lib.class_sharding(mesh)
+    assert shardings["opt_state"][0].count == mesh_lib.replicated(mesh)
+    assert mesh_lib.replicated_parameters(encoder, mesh, min_bytes=1) == []
+    three = mesh_lib.make_mesh([("data", 2), ("fsdp", 3)], devices[:6])  # 64 % 3 ≠ 0
+    found = mesh_lib.replicated_parameters(encoder, three, min_bytes=50_000)
+    assert found and all("not divisible by mesh axis 'fsdp' of size 3" in f for f in found)
+    assert any(f.startswith("blocks.fc1.kernel (2, 64, 128) (0.1 MiB) is whole") for f in found)
+    assert mesh_lib.replicated_parameters(encoder, three, min_bytes=1 << 30) == []
