@@ -8,44 +8,59 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import pipeline, transforms
 
 
-def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
-            desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, labels (N,)) of `source` in order; the source's own labels."""
+def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
+               skipped: pipeline.Skipped | None = None, l2_normalize: bool = False):
+    """(embeddings (n, D) float32, batch) of each batch of `source`, in order: the eval transform,
+    one jitted forward split over `mesh`'s batch axes (the last batch padded to the same shape),
+    L2-normalised on the device if asked. Unreadable records are left out of the batches and
+    counted in `skipped`. The one embedding loop of evaluation, periodic evals and `labels
+    embed`."""
     graphdef, params = nnx.split(model)
     sharding, out_sharding = None, None
     if mesh is not None:
         shards = mesh_lib.num_batch_shards(mesh)
         batch_size = -(-batch_size // shards) * shards
-        sharding = NamedSharding(mesh, mesh_lib.batch_spec(mesh))
-        out_sharding = mesh_lib.replicated(mesh)  # every process reads all features
+        sharding = mesh_lib.batch_sharding(mesh)
+        out_sharding = mesh_lib.replicated(mesh)  # every process reads all embeddings
         params = jax.device_put(params, out_sharding)
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def forward(params, images):
         out = nnx.merge(graphdef, params)(transforms.normalize(images.astype(jnp.float32)))
-        return out.embedding.astype(jnp.float32)
+        e = out.embedding.astype(jnp.float32)
+        if l2_normalize:
+            e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+        return e
 
-    ds = pipeline.dataset(source, batch_size=batch_size, image_size=image_size, num_labels=1,
-                          seed=0, train=False, process_index=0, process_count=1)
+    for batch in pipeline.dataset(source, batch_size=batch_size, image_size=image_size,
+                                  num_labels=1, seed=0, train=False, process_index=0,
+                                  process_count=1):
+        if skipped is not None:
+            skipped.add(batch)
+        images, n = batch["image"], len(batch["image"])
+        padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
+                                                  images.dtype)])  # one compiled shape
+        if sharding is not None:
+            padded = jax.device_put(padded, sharding)
+        yield np.asarray(forward(params, padded))[:n], batch
+
+
+def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
+            desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, D) float32, labels (N,)) of `source` in order; the source's own labels."""
     feats, labels, skipped = [], [], pipeline.Skipped(source)
     with tqdm(total=len(source), desc=desc, unit="img") as bar:
-        for batch in ds:
-            skipped.add(batch)
-            images, n = batch["image"], len(batch["image"])
-            padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
-                                                      images.dtype)])  # one compiled shape
-            if sharding is not None:
-                padded = jax.device_put(padded, sharding)
-            feats.append(np.asarray(forward(params, padded))[:n])
+        for x, batch in embeddings(model, source, image_size=image_size, batch_size=batch_size,
+                                   mesh=mesh, skipped=skipped):
+            feats.append(x)
             labels.append(batch["labels"][:, 0])
-            bar.update(n + int(batch["skipped"].sum()))
+            bar.update(len(x) + int(batch["skipped"].sum()))
     _say_skipped(desc, skipped)
     return np.concatenate(feats), np.concatenate(labels)
 

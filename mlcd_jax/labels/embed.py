@@ -1,7 +1,8 @@
 """L2-normalised embeddings of a dataset with an encoder, written as float16 shards + manifest.
 
-Shard i holds records [i·S, (i+1)·S) in source order (eval transform: resize + center crop), is
-made by process i % process_count, written atomically with a record of what made it (the source's
+Shard i holds records [i·S, (i+1)·S) in source order (eval transform: resize + center crop; the
+batches split over this process's devices, as evaluation's features are), is made by process
+i % process_count, written atomically with a record of what made it (the source's
 records, the model's weights, the image size), and never redone; the manifest is written (last) by
 process 0 once every shard exists. An --out that holds shards made otherwise is refused, not mixed.
 """
@@ -10,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from mlcd_jax import distributed
-from mlcd_jax.data import pipeline, sources, transforms
+from mlcd_jax.data import pipeline, sources
 from mlcd_jax.labels import store
 
 
@@ -32,39 +33,33 @@ def model_fingerprint(params) -> str:
 
 def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size: int = 256,
         shard_size: int = 100_000, process_index: int = 0, process_count: int = 1,
-        source_name: str = "") -> dict:
+        source_name: str = "", mesh=None) -> dict:
+    """Embed this process's share of `source` into `out_dir`, batches split over `mesh` (default:
+    this process's devices; processes embed different shards, so the mesh is theirs alone)."""
+    from mlcd_jax import mesh as mesh_lib
+    from mlcd_jax.evaluate import features
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def embed(params, images):
-        e = nnx.merge(graphdef, params)(transforms.normalize(images.astype(jnp.float32))).embedding
-        e = e.astype(jnp.float32)
-        return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
-
+    mesh = mesh or mesh_lib.make_mesh([("data", -1)], jax.local_devices())
     n = len(source)
     bounds = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     names = [f"emb_{i:05d}.npy" for i in range(len(bounds))]
-    made_by = store.digest(source.fingerprint(), model_fingerprint(params), image_size)
+    made_by = store.digest(source.fingerprint(), model_fingerprint(nnx.state(model)), image_size)
     fingerprints = [store.digest(made_by, a, b) for a, b in bounds]
     _refuse_other_runs(out, names, fingerprints)
     todo = [i for i in range(len(bounds)) if i % process_count == process_index
             and store.piece_record(out / names[i]) is None]
+    start = time.perf_counter()
     with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc="embed", unit="img") as bar:
         for i in todo:
             shard = sources.Subset(source, range(*bounds[i]))
-            ds = pipeline.dataset(shard, batch_size=batch_size, image_size=image_size,
-                                  num_labels=1, seed=0, train=False, process_index=0,
-                                  process_count=1)
-            parts, skipped = [], pipeline.Skipped(shard)
-            for batch in ds:
-                skipped.add(batch)
-                images = batch["image"]
-                pad = batch_size - len(images)  # one compiled shape
-                padded = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-                parts.append(np.asarray(embed(params, padded))[:len(images)].astype(np.float16))
-                bar.update(len(images) + int(batch["skipped"].sum()))
+            skipped = pipeline.Skipped(shard)
+            parts = []
+            for x, batch in features.embeddings(model, shard, image_size=image_size,
+                                                batch_size=batch_size, mesh=mesh,
+                                                skipped=skipped, l2_normalize=True):
+                parts.append(x.astype(np.float16))
+                bar.update(len(x) + int(batch["skipped"].sum()))
             if skipped.count:
                 raise ValueError(
                     f"embed: records {bounds[i][0]}–{bounds[i][1] - 1}: {skipped.summary()}. Every "
@@ -73,6 +68,7 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
                     f"and embed that into a new --out; the {i} shards before are kept")
             store.write_piece(out / names[i], np.concatenate(parts),
                               {"fingerprint": fingerprints[i], "records": list(bounds[i])})
+    seconds = time.perf_counter() - start
     distributed.barrier("embed: shards written")  # in a multi-process job, process 0 then indexes
     done = all(store.piece_record(out / f) is not None for f in names)
     if process_index == 0 and done:
@@ -81,7 +77,9 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
             "shards": [{"file": f, "count": b - a, "fingerprint": fp}
                        for f, (a, b), fp in zip(names, bounds, fingerprints)],
             "dim": width, "model": model_name, "source": source_name})
-    return {"shards": len(bounds), "embedded_now": len(todo), "complete": done}
+    embedded = sum(bounds[i][1] - bounds[i][0] for i in todo)
+    return {"shards": len(bounds), "embedded_now": len(todo), "complete": done,
+            "devices": mesh.size, "images_per_s": round(embedded / seconds, 1) if embedded else None}
 
 
 def _refuse_other_runs(out: pathlib.Path, names, fingerprints) -> None:
