@@ -13,7 +13,6 @@ Every conversion is a transpose or a stack, so a round trip is bit-exact.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -259,34 +258,6 @@ def save_vision_model(model: vit.ViT, path) -> pathlib.Path:
     return path
 
 
-def main(argv=None) -> int:
-    from mlcd_jax import weights
-    parser = argparse.ArgumentParser(prog="python -m mlcd_jax.interop.hf", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["import", "export"])
-    parser.add_argument("src", help="import: a transformers checkpoint dir; export: a training "
-                        "workdir, our model dir (or a transformers dir)")
-    parser.add_argument("dst")
-    parser.add_argument("--step", type=int, default=None,
-                        help="export from a training workdir: this checkpoint step (default: latest)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "import":
-            model = load_vision_model(args.src)
-            out = weights.save_model_dir(model, args.dst)
-        else:
-            model, what = weights.load_encoder(args.src, args.step)
-            out = save_vision_model(model, args.dst)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg = model.cfg
-    kind = "MLCDVisionModel" if cfg.pos == "rope" else "CLIPVisionModel"
-    print(f"{args.command}: {cfg.pos} ViT width {cfg.width} depth {cfg.depth} heads {cfg.heads} "
-          f"patch {cfg.patch}{f' → {cfg.embed_dim}' if cfg.embed_dim else ''}: wrote {out}"
-          + (f" (transformers.{kind}.from_pretrained)" if args.command == "export" else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the command-line entry point sits above this module
+    from mlcd_jax.interop import __main__ as cli
+    sys.exit(cli.main())
