@@ -1,8 +1,6 @@
 """Weights in and out of transformers: outputs equal transformers' own, round trips bit-exact."""
 
 import json
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
+import cli
 from mlcd_jax import weights
 from mlcd_jax.interop import hf
 from mlcd_jax.models import vit
@@ -155,10 +154,11 @@ def test_export_of_our_own_rope_model_with_projection(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mlcd_jax.interop.hf", *args],
-                          capture_output=True, text=True)
+    """The command, as a user types it (`python -m mlcd_jax.interop.hf`)."""
+    return cli.run("mlcd_jax.interop.hf", *args, expect=None)
 
 
+@pytest.mark.slow
 def test_cli_import_then_export(tmp_path):
     _, config, _ = ARCHS["mlcd"]
     model = randomize(transformers.MLCDVisionModel(config), seed=0)
@@ -174,6 +174,7 @@ def test_cli_import_then_export(tmp_path):
                                   hf_outputs(reloaded, x)["last_hidden_state"])
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear(tmp_path):
     _, config, _ = ARCHS["clip"]
     model = randomize(transformers.CLIPVisionModel(config), seed=0)
@@ -201,18 +202,13 @@ def test_cli_errors_are_clear(tmp_path):
     assert result.returncode == 2 and "neither a training workdir" in result.stderr
 
 
+@pytest.mark.slow
 def test_export_a_training_run_to_transformers(tmp_path):
     """workdir → `export RUN OUT [--step N]` → MLCDVisionModel.from_pretrained: the outputs of the
     checkpoint's encoder, for each step asked for."""
-    import os
     from mlcd_jax import checkpoint, weights
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    train = subprocess.run([sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py",
-                            f"--workdir={tmp_path / 'run'}", "--config.total_steps=4",
-                            "--config.checkpoint_every=2", "--config.optim.lr=0.05"],
-                           capture_output=True, text=True, env=env,
-                           cwd=__import__("pathlib").Path(__file__).parents[1])
-    assert train.returncode == 0, train.stderr[-2000:]
+    cli.train(tmp_path / "run", "--config.total_steps=4", "--config.checkpoint_every=2",
+              "--config.optim.lr=0.05")
     x = inputs(16, 16)
     outputs = {}
     for step, args in ((4, []), (2, ["--step", "2"])):
@@ -232,6 +228,7 @@ def test_export_a_training_run_to_transformers(tmp_path):
     assert checkpoint.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [2, 4]
 
 
+@pytest.mark.slow
 def test_cli_help_keeps_its_lines_and_bad_model_dirs_are_one_line(tmp_path):
     result = run_cli("--help")
     assert "\n    python -m mlcd_jax.interop.hf export RUN OUT [--step N]" in result.stdout

@@ -116,6 +116,7 @@ def test_ivf_index_reports_recall(embedded):
     assert (np.load(tmp / "ivf" / "labels.npy")[:, 0] == exact[:, 0]).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_assign_killed_half_way_then_rerun_equals_uninterrupted(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400_000, 64)).astype(np.float32)

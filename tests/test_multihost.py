@@ -39,6 +39,7 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     run(TRAIN + [f"--workdir={one}"], XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -60,6 +61,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
                                [reference[s] for s in (3, 4)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_assign_split_over_two_processes_writes_the_same_store(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 16)).astype(np.float32)
@@ -78,6 +80,7 @@ def test_assign_split_over_two_processes_writes_the_same_store(tmp_path):
     assert parts == [f"part_{i:05d}.npy" for i in range(5)]
 
 
+@pytest.mark.slow
 def test_launcher_reports_a_failing_process(tmp_path):
     result = subprocess.run(
         ["bash", str(LAUNCH), "-n", "2", "-d", "1", "--logs", str(tmp_path), "--", sys.executable,
@@ -97,6 +100,7 @@ def test_dry_run_prints_one_command_per_process():
         assert "python -m mlcd_jax.train --workdir=/tmp/x" in line
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_is_named(tmp_path):
     code = ("from mlcd_jax import distributed; "
             "distributed.initialize('127.0.0.1:9', 2, 1, timeout_s=5)")

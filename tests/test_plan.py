@@ -27,6 +27,7 @@ def plan(tmp_path, topology, *overrides):
     return json.loads(out.read_text()), result.stdout
 
 
+@pytest.mark.slow
 def test_tiny_config_compiles_for_a_virtual_tpu_and_head_memory_halves(tmp_path):
     # A head-dominated config: 2^20 centers × 128 (plus two Adam moments) = 1.5 GiB in all.
     head = ["--config.head.num_classes=1048576", "--config.head.sample_ratio=0.01",
@@ -45,6 +46,7 @@ def test_tiny_config_compiles_for_a_virtual_tpu_and_head_memory_halves(tmp_path)
     assert four["tflops_per_step"] > 0 and four["images_per_s"] > 0 and four["days"] > 0
 
 
+@pytest.mark.slow
 def test_a_recipe_that_does_not_fit_says_which_knob_helps(tmp_path):
     big, text = plan(tmp_path, "v5e:2x2", "--config.head.num_classes=400000000",
                      "--config.head.sample_ratio=0.001")  # 400M × 32 × 3 × 4 B ≈ 143 GiB
@@ -52,6 +54,7 @@ def test_a_recipe_that_does_not_fit_says_which_knob_helps(tmp_path):
     assert any("fsdp" in tip for tip in big["advice"]) and any("devices" in tip for tip in big["advice"])
 
 
+@pytest.mark.slow
 def test_bad_topology_is_a_clear_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mlcd_jax.plan", "--config=configs/test_tiny.py",
                              "--topology=v5e-banana"], cwd=REPO, capture_output=True, text=True,

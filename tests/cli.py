@@ -1,0 +1,48 @@
+"""The commands as users run them: `python -m mlcd_jax.<module>` in a subprocess on simulated CPU
+devices, and what they wrote (metrics.jsonl, evals.jsonl)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def env(devices: int = 8) -> dict:
+    return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                         "JAX_PLATFORMS": "cpu"}
+
+
+def command(module: str, *args) -> list[str]:
+    return [sys.executable, "-m", module, *map(str, args)]
+
+
+def run(module: str, *args, devices: int = 8, expect: int | None = 0, timeout: int = 600,
+        cwd=REPO) -> subprocess.CompletedProcess:
+    """Run `python -m module args`; with `expect`, assert its exit status (stderr on failure)."""
+    result = subprocess.run(command(module, *args), cwd=cwd, env=env(devices),
+                            capture_output=True, text=True, timeout=timeout)
+    if expect is not None:
+        assert result.returncode == expect, (result.returncode, result.stderr[-3000:])
+    return result
+
+
+def train_args(workdir, *overrides, config: str = "configs/test_tiny.py") -> list[str]:
+    return [f"--config={config}", f"--workdir={workdir}", *overrides]
+
+
+def train(workdir, *overrides, config: str = "configs/test_tiny.py", **kw):
+    """The trainer on `config` (default: the tiny synthetic run) in `workdir`."""
+    return run("mlcd_jax.train", *train_args(workdir, *overrides, config=config), **kw)
+
+
+def records(workdir, name: str = "metrics.jsonl") -> list[dict]:
+    path = pathlib.Path(workdir) / name
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses(workdir) -> dict[int, float]:
+    """{step: loss} as the trainer logged it."""
+    return {r["step"]: r["loss"] for r in records(workdir)}
