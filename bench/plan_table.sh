@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 out="${1:-bench/results/plan}"
 mkdir -p "$out"
 PY="${PY:-.venv/bin/python}"
-for recipe in b32 b16 l14; do
+for recipe in B/32 B/16 L/14; do
   for topology in v5e:16x16 v5p:4x4x4 v6e:8x8; do
     echo "== $recipe on $topology" >&2
-    "$PY" -m mlcd_jax.plan --config="configs/mlcd_vit_${recipe}_laion400m.py" --topology="$topology" \
-      --json="$out/${recipe}_${topology/:/_}.json" 2>&1 | grep -v "libtpu\|Source Location\|^=\|WARNING\|E0000\|^Failed" || true
+    "$PY" -m mlcd_jax.plan --config="configs/mlcd_laion400m.py:$recipe" --topology="$topology" \
+      --json="$out/${recipe/\//}_${topology/:/_}.json" 2>&1 | grep -v "libtpu\|Source Location\|^=\|WARNING\|E0000\|^Failed" || true
   done
 done
 "$PY" - "$out" <<'PY'

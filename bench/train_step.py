@@ -54,7 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step  # noqa: E402
+from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step as step_lib  # noqa: E402
 
 
 def fastest(fn, steps):
@@ -98,7 +98,7 @@ def config_for(size):
 
 def ours(c):
     mesh = mesh_lib.make_mesh([("data", 1)], jax.devices()[:1])
-    built = step.build(c, mesh)
+    built = step_lib.build(c, mesh)
     compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
     state = jax.jit(built.init, out_shardings=built.shardings)(jax.random.key(0))
     images = jnp.asarray(np.random.default_rng(0).normal(size=built.abstract_batch[0].shape),

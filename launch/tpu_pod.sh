@@ -5,7 +5,7 @@
 #                     [--logs DIR] [--dry-run] -- CMD [ARGS...]
 #
 #   launch/tpu_pod.sh --tpu my-v5p-128 --zone us-east5-a -- \
-#       python -m mlcd_jax.train --config=configs/mlcd_vit_l14_laion400m.py --workdir=gs://bucket/l14
+#       python -m mlcd_jax.train --config=configs/mlcd_laion400m.py:L/14 --workdir=gs://bucket/l14
 #
 # 1. Set-up, once on all workers (`gcloud compute tpus tpu-vm ssh --worker=all`): clone --repo at
 #    --ref (default: this clone's origin and branch) into ~/mlcd_jax (or update it), create ~/mlcd_jax/.venv, install the package and

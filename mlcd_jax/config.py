@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 1_000
     c.keep_checkpoints = 3
+    c.profile_steps = 0                     # > 0: a jax.profiler trace of this many steps (after
+                                            # the first) into WORKDIR/profile
 
     # Periodic evaluation of the encoder (linear probe / kNN on frozen features), logged to
     # evals.jsonl and TensorBoard; the same evaluators as `python -m mlcd_jax.evaluate`.
@@ -116,6 +118,7 @@ def parse_flags(argv):
     field, a missing config file, a value of the wrong type, an unknown config argument) is one
     line naming it, and exit 2, instead of ml_collections' chained tracebacks."""
     import sys
+
     from absl import flags
     for arg in argv[1:]:
         if arg.startswith("--config="):
@@ -203,6 +206,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     for field in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if c[field] < 1:
             fail(field, f"must be ≥ 1, got {c[field]}")
+    if c.profile_steps < 0:
+        fail("profile_steps", f"must be ≥ 0 (0 = no profile), got {c.profile_steps}")
     try:
         names, sizes = mesh_lib.resolve_axis_sizes(c.mesh, num_devices)
         vit_config(c)

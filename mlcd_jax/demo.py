@@ -99,6 +99,7 @@ def main(argv=None) -> int:
 
     print("[4/4] evaluating on the held-out canvases", flush=True)
     from flax import nnx
+
     from mlcd_jax import config as config_lib
     from mlcd_jax.models import vit
     spec = importlib.util.spec_from_file_location("demo_config", CONFIG)

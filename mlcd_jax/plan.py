@@ -1,7 +1,7 @@
 """Capacity planning without the hardware: compile the train step for a TPU topology ahead of time.
 
-    python -m mlcd_jax.plan --config=configs/mlcd_vit_l14_laion400m.py --topology=v5p:4x4x4
-    python -m mlcd_jax.plan --config=configs/mlcd_vit_b16_laion400m.py --topology=v5e:16x16 \
+    python -m mlcd_jax.plan --config=configs/mlcd_laion400m.py:L/14 --topology=v5p:4x4x4
+    python -m mlcd_jax.plan --config=configs/mlcd_laion400m.py:B/16 --topology=v5e:16x16 \
         --config.mesh="(('data', 64), ('fsdp', -1))" --json=plan.json
 
 libtpu's compiler builds the trainer's own train step (`step.build`: the same mesh, ViT, sharded
@@ -28,9 +28,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-
-from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step as step_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]), as "
                                           "the trainer's.")
@@ -93,7 +93,7 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
     devices = topology_devices(topology)
     config_lib.validate(c, len(devices))
     mesh = mesh_lib.make_mesh(c.mesh, devices=devices)
-    built = step.build(c, mesh)
+    built = step_lib.build(c, mesh)
     kind = devices[0].device_kind
     chip = CHIPS.get(kind)
     chips = num_chips(topology) or len(devices)

@@ -98,13 +98,19 @@ def truncate_jsonl(path: pathlib.Path, after_step: int) -> None:
 
 
 class Reporter:
+    """Progress, metrics and evals of a run. Its clock (big_vision's Chrono, in spirit) counts
+    training time only: it starts after the first step (compile, warm-up), pauses during evals,
+    and the ETA is the remaining steps at the average rate since it started, with the time spent
+    in evals shown apart."""
+
     def __init__(self, workdir, *, total_steps: int, batch_size: int, start_step: int = 0):
         self.enabled = jax.process_index() == 0
         self.total, self.batch = total_steps, batch_size
         self.workdir = pathlib.Path(workdir)
         self.metrics = _Log(self.workdir / "metrics.jsonl")
         self.evals = _Log(self.workdir / "evals.jsonl")
-        self._mark = None  # (time, step) of the last report, set after the first step's compile
+        self._mark = None  # (time, step) of the last report or resume; None while paused
+        self._timed_steps, self._timed_seconds, self.eval_seconds = 0, 0.0, 0.0
         self.tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -116,14 +122,27 @@ class Reporter:
             self.tb = _TensorBoard(self.workdir / "tensorboard")
 
     def start_clock(self, step: int) -> None:
+        """Start (or resume) timing training at `step`."""
         self._mark = (time.perf_counter(), step)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def pause_clock(self, step: int) -> None:
+        """Stop timing (an eval follows); the steps since the last mark count as trained."""
+        self._lap(step)
+        self._mark = None
+
+    def _lap(self, step: int) -> float | None:
+        """Add the time since the mark to training time; the rate of this lap (steps/s)."""
+        if self._mark is None or step <= self._mark[1]:
+            return None
         now = time.perf_counter()
-        rate = None
-        if self._mark and step > self._mark[1]:
-            rate = (step - self._mark[1]) / (now - self._mark[0])
-            self._mark = (now, step)
+        steps, seconds = step - self._mark[1], now - self._mark[0]
+        self._timed_steps += steps
+        self._timed_seconds += seconds
+        self._mark = (now, step)
+        return steps / seconds
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        rate = self._lap(step)
         if not self.enabled:
             return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -131,17 +150,21 @@ class Reporter:
             record["images_per_s"] = rate * self.batch
         self.metrics.append(json.dumps(record) + "\n")
         self.tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
-        eta = f"{(self.total - step) / rate / 60:.1f} min" if rate else "?"
+        average = self._timed_steps / self._timed_seconds if self._timed_seconds else None
+        eta = f"{(self.total - step) / average / 60:.1f} min" if average else "?"
         shown = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "pos_cos", "neg_cos", "lr")
                          if k in record)
         speed = f" {record['images_per_s']:.1f} img/s" if rate else ""
         if record.get("skipped_images"):
             speed += f" ({record['skipped_images']:.0f} unreadable images skipped)"
+        evals = f" (+ evals, {self.eval_seconds:.0f} s so far)" if self.eval_seconds else ""
         print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%) {shown}{speed} "
-              f"ETA {eta}", flush=True)
+              f"ETA {eta}{evals}", flush=True)
 
-    def log_eval(self, step: int, accuracies: dict[str, float]) -> None:
-        """Eval accuracies at `step`: evals.jsonl, TensorBoard (eval/NAME) and one line."""
+    def log_eval(self, step: int, accuracies: dict[str, float], seconds: float = 0.0) -> None:
+        """Eval accuracies at `step` (which took `seconds`): evals.jsonl, TensorBoard (eval/NAME)
+        and one line."""
+        self.eval_seconds += seconds
         if not self.enabled:
             return
         self.evals.append(json.dumps({"step": step, **accuracies}) + "\n")

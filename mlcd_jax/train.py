@@ -16,6 +16,7 @@ import pathlib
 import signal
 import socket
 import sys
+import time
 
 import jax
 import numpy as np
@@ -24,8 +25,15 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from mlcd_jax import (checkpoint, config as config_lib, distributed, mesh as mesh_lib, reporting,
-                      step as step_lib, weights)
+from mlcd_jax import (
+    checkpoint,
+    config as config_lib,
+    distributed,
+    mesh as mesh_lib,
+    reporting,
+    step as step_lib,
+    weights,
+)
 from mlcd_jax.data import input as input_lib
 from mlcd_jax.evaluate import run as eval_run
 
@@ -160,11 +168,14 @@ def train(c, workdir: pathlib.Path) -> None:
     preempted = lambda step: bool(sigterm) or multihost_utils.reached_preemption_sync_point(step)
 
     def run_evals(step):
+        report.pause_clock(step)  # images/s and the ETA count training only
+        began = time.perf_counter()
         encoder = nnx.merge(graphdef, state["params"]["encoder"])
         results = eval_run.evaluate(encoder, *eval_splits, image_size=c.data.image_size, mesh=mesh,
                                     which=c.evals.probes, desc=f"eval at step {step}")
-        report.log_eval(step, {k: v["accuracy"] for k, v in results.items()})
-        report.start_clock(step)  # images/s counts training only
+        report.log_eval(step, {k: v["accuracy"] for k, v in results.items()},
+                        seconds=time.perf_counter() - began)
+        report.start_clock(step)
 
     # A checkpoint counts as good once a later step's loss was finite (a NaN stays NaN), so the
     # loss is read at each step while a saved checkpoint awaits that proof; on a non-finite loss
@@ -182,13 +193,23 @@ def train(c, workdir: pathlib.Path) -> None:
                  "config.optim.lr or raise config.optim.warmup_steps and rerun from the start")
         return FloatingPointError(f"{what} at step {step}; stopped without saving; {where}")
 
+    profiling = False
     try:
         for step in range(start + 1, total_steps + 1):
+            if c.profile_steps and step == start + 2:  # after the first step's compile and warm-up
+                jax.profiler.start_trace(str(workdir / "profile"))
+                profiling = True
             state, metrics = compiled(state, inputs.next())
             stop = preempted(step)
             if step == start + 1:  # the clock starts after the first step (compile, warm-up)
                 jax.block_until_ready(metrics)
                 report.start_clock(step)
+            if profiling and (step == start + 1 + c.profile_steps or step == total_steps):
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+                profiling = False
+                report.message(f"profile of steps {start + 2}–{step}: {workdir / 'profile'} "
+                               "(TensorBoard's profile tab, or xprof)")
             if step % c.log_every == 0 or step == total_steps or stop:
                 values = jax.device_get(metrics) | {"skipped_images": inputs.skipped.count}
                 report.log(step, values)
@@ -216,6 +237,8 @@ def train(c, workdir: pathlib.Path) -> None:
                 report.message(f"SIGTERM: saved step {step} to {ckpt.directory}; rerun to resume")
                 break
     finally:  # an error never loses a save already started
+        if profiling:
+            jax.profiler.stop_trace()
         ckpt.close()
         report.close()
 

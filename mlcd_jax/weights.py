@@ -53,6 +53,7 @@ def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
     """(encoder, step) of a training workdir: its resolved config.json and checkpoint `step`
     (default: the latest), checksums verified, restored onto this process's first device."""
     import ml_collections
+
     from mlcd_jax import checkpoint, config as config_lib
     workdir = pathlib.Path(workdir).absolute()
     config_file = workdir / "config.json"

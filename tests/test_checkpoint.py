@@ -125,6 +125,7 @@ def test_logging_survives_a_torn_line_and_a_full_disk(tmp_path, monkeypatch, cap
 def scalars(path):
     """(step, tag) → value of a TensorBoard event file, read as TFRecords."""
     import struct
+
     from tensorboardX.proto import event_pb2
     data, out, i = path.read_bytes(), {}, 0
     while i < len(data):
@@ -134,3 +135,19 @@ def scalars(path):
             out[(event.step, value.tag)] = value.simple_value
         i += 12 + length + 4
     return out
+
+
+def test_eta_averages_training_since_warm_up_and_leaves_evals_out(tmp_path, monkeypatch, capsys):
+    clock = iter([0.0, 10.0, 50.0, 60.0])  # start, log 11, (eval from 10 to 50) resume, log 21
+    monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
+    report = reporting.Reporter(tmp_path, total_steps=101, batch_size=4)
+    report.start_clock(1)
+    report.log(11, {"loss": 1.0})         # 10 steps in 10 s
+    report.pause_clock(11)
+    report.log_eval(11, {"knn": 0.5}, seconds=40.0)  # the clock was not read: nothing to lap
+    report.start_clock(11)
+    report.log(21, {"loss": 1.0})         # 10 steps in 10 s; the 40 s of eval do not count
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 21/")]
+    assert "ETA 1.3 min (+ evals, 40 s so far)" in lines[0]  # 80 steps at 1 step/s
+    assert [r["images_per_s"] for r in reporting.read_jsonl(tmp_path / "metrics.jsonl")] == [4.0, 4.0]
+    report.close()

@@ -9,9 +9,10 @@ import pytest
 from absl import flags
 from PIL import Image
 
-import cli
 from mlcd_jax.data import convert, pipeline, sources, transforms
 from mlcd_jax.labels import __main__ as labels_cli, embed, store
+
+import cli
 
 flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
 
@@ -154,6 +155,7 @@ def test_convert_folder_and_tars_to_arrayrecord(tmp_path):
 def test_embed_kmeans_assign_then_train_on_digits(tmp_path):
     """The whole label pipeline on real (bundled) images, then the trainer on its labels."""
     from flax import nnx
+
     from mlcd_jax import weights
     from mlcd_jax.models import vit
     model = vit.ViT(vit.vit_config("micro", embed_dim=16), rngs=nnx.Rngs(0))
@@ -291,6 +293,7 @@ def test_unreadable_images_are_named_by_every_stage(tmp_path, capsys):
     """Features for evaluation leave them out and say which; embed refuses, naming them (every
     record needs its label row); the pipeline carries their indices."""
     from flax import nnx
+
     from mlcd_jax.evaluate import features
     from mlcd_jax.models import vit
     unreadable_files(tmp_path / "imgs")
@@ -307,6 +310,7 @@ def test_unreadable_images_are_named_by_every_stage(tmp_path, capsys):
 
 def test_embed_refuses_an_out_dir_of_another_run_and_checks_its_shards(tmp_path):
     from flax import nnx
+
     from mlcd_jax.models import vit
     src = sources.Subset(sources.DigitsSource(), range(40))
     model = vit.ViT(vit.vit_config("micro", embed_dim=8), rngs=nnx.Rngs(0))

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import cli
 from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate import features, probes, run
 from mlcd_jax.models import vit
+
+import cli
 from numerics import assert_same_math
 
 

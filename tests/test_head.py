@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlcd_jax import head, mesh as mesh_lib
+
 from numerics import assert_same_math
 
 B, D, K, L = 16, 12, 37, 3  # K = 37 divides none of 2, 4, 8 devices

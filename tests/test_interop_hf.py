@@ -9,10 +9,11 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-import cli
 from mlcd_jax import weights
 from mlcd_jax.interop import hf
 from mlcd_jax.models import vit
+
+import cli
 
 TOL = 1e-5  # largest |ours − transformers| allowed, float32
 

@@ -1,7 +1,6 @@
 """Cluster labels: k-means and assign on synthetic blobs, resumability, process split, bad stores."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -47,8 +47,8 @@ def test_batch_and_class_specs(devices):
 
 
 def test_class_sharding_splits_rows_over_every_device(devices):
-    import jax.numpy as jnp
     import jax
+    import jax.numpy as jnp
     mesh = mesh_lib.make_mesh([("data", 4), ("model", 2)])
     x = jax.device_put(jnp.zeros((mesh_lib.padded_num_classes(37, 8), 3)),
                        mesh_lib.class_sharding(mesh))
@@ -63,6 +63,7 @@ def test_train_state_shardings_and_the_guard_against_silent_replication(devices)
     import jax
     import optax
     from flax import nnx
+
     from mlcd_jax.models import vit
     cfg = vit.vit_config("tiny", embed_dim=16)   # width 64, mlp 128
     abstract = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))

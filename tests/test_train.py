@@ -15,8 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from cli import REPO, env, losses, records, run, train, train_args
 from mlcd_jax import checkpoint, config as config_lib, mesh as mesh_lib
+
+from cli import REPO, env, losses, records, run, train, train_args
 
 slow = pytest.mark.slow  # runs the trainer in a subprocess
 
@@ -32,7 +33,7 @@ def final_state(workdir, step):
 
 @slow
 def test_tiny_trains_and_loss_falls(tmp_path):
-    train(tmp_path, "--config.log_every=1")
+    train(tmp_path, "--config.log_every=1", "--config.profile_steps=2")
     curve = losses(tmp_path)
     assert sorted(curve) == list(range(1, 41))
     first, last = np.mean([curve[s] for s in range(1, 4)]), np.mean([curve[s] for s in range(38, 41)])
@@ -42,6 +43,7 @@ def test_tiny_trains_and_loss_falls(tmp_path):
     assert config["model"]["size"] == "micro" and config["total_steps"] == 40
     assert list((tmp_path / "tensorboard").iterdir())
     assert checkpoint.Checkpointer(tmp_path / "checkpoints").steps() == [20, 30, 40]
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))  # config.profile_steps
 
 
 @slow
@@ -126,6 +128,18 @@ def test_config_validation_names_field_and_fix(field, value, message):
         setattr(c[parent] if parent else c, name, value)
     with pytest.raises(ValueError, match=message):
         config_lib.validate(c, 8)
+
+
+def test_paper_recipes_are_one_file_with_a_variant():
+    sys.path.insert(0, str(REPO / "configs"))
+    import mlcd_laion400m
+    for variant, lr, width in (("B/32", 5e-4, 512), ("B/16", 5e-4, 512), ("L/14", 4e-4, 768)):
+        c = mlcd_laion400m.get_config(variant)
+        assert (c.model.size, c.optim.lr, c.model.embed_dim) == (variant, lr, width)
+        assert (c.head.num_classes, c.data.num_labels, c.batch_size) == (1_000_000, 8, 32_768)
+        config_lib.validate(c, 8)
+    with pytest.raises(ValueError, match="mlcd_laion400m.py:B/8: unknown config argument"):
+        mlcd_laion400m.get_config("B/8")
 
 
 def test_epochs_give_total_steps():
@@ -298,6 +312,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(devices, tmp_path):
 def test_init_from_an_imported_transformers_model(tmp_path):
     """Continue pretraining from released weights: transformers MLCD → our model dir → trainer."""
     import transformers
+
     from mlcd_jax import weights
     from mlcd_jax.interop import hf
     config = transformers.MLCDVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,

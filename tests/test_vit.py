@@ -8,6 +8,7 @@ from flax import nnx
 
 from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.models import vit
+
 from numerics import assert_same_math
 
 

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
         p.error("--dataset folder needs --path (the image folder, one sub-folder per class)")
     try:
         import jax
+
         from mlcd_jax import distributed, mesh as mesh_lib, weights
         from mlcd_jax.evaluate import features
         distributed.initialize()  # a multi-process job (mlcd_jax/distributed.py) shares the work

@@ -28,6 +28,7 @@ PROCESS_HELP = ("this process's share of the shards (default: the multi-process 
 
 def run_embed(a):
     import types
+
     from mlcd_jax.data import sources
     source = sources.make_source(types.SimpleNamespace(source=a.source, path=a.path,
                                                        tfds_name=a.tfds_name, split=a.split))
