@@ -20,7 +20,8 @@ def timed(f, *args, reps=20):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="128,65,64,256", help="batch,tokens,width,out")
     b, t, w, o = map(int, p.parse_args().shape.split(","))
     x, kernel = jnp.ones((b, t, w)), jnp.full((w, o), 0.01)

@@ -1,7 +1,8 @@
 """Sharded head benchmark: per-device compiled memory and forward + backward step time.
 
     .venv/bin/python bench/head.py                       # K = 1M, D = 512, B = 256, 1 vs 8 devices
-    .venv/bin/python bench/head.py --classes 10000,100000,1000000 --ratios 0.01,0.1,1.0 --devices 1,2,4,8
+    .venv/bin/python bench/head.py --classes 10000,100000,1000000 --ratios 0.01,0.1,1.0 \\
+        --devices 1,2,4,8
 
 Devices are simulated on the host CPU unless a GPU/TPU is present. Simulated devices share the
 host's cores, so on CPU a larger n lowers per-device memory but cannot lower the step time. The
@@ -123,15 +124,16 @@ def main(argv=None):
                                    if k not in kw) and all(r[k] == v for k, v in kw.items())
         single = next((r for r in rows if same(r, devices=1)), None)
         full = next((r for r in rows if same(r, ratio=1.0)), None)
-        row["vs_single_over_n"] = (row["per_device_mib"] / (single["per_device_mib"] / row["devices"])
+        row["vs_single_over_n"] = (row["per_device_mib"]
+                                   / (single["per_device_mib"] / row["devices"])
                                    if single else None)
         row["time_vs_r1"] = row["step_s_median"] / full["step_s_median"] if full else None
         ratio = f"{row['vs_single_over_n']:.3f}" if single else "-"
         vs_r1 = f"{row['time_vs_r1']:.2f}" if full else "-"
         print(f"{row['classes']:>9,} {row['devices']:>4} {row['ratio']:>5} "
-              f"{row['negatives_per_shard']:>9} {row['argument_mib']:>9.1f} {row['output_mib']:>8.1f} "
-              f"{row['temp_mib']:>9.1f} {row['per_device_mib']:>10.1f} {ratio:>9} "
-              f"{row['step_s_median']:>7.3f} {vs_r1:>6}")
+              f"{row['negatives_per_shard']:>9} {row['argument_mib']:>9.1f} "
+              f"{row['output_mib']:>8.1f} {row['temp_mib']:>9.1f} {row['per_device_mib']:>10.1f} "
+              f"{ratio:>9} {row['step_s_median']:>7.3f} {vs_r1:>6}")
     out = pathlib.Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "platform": all_devices[0].platform,

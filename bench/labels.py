@@ -6,8 +6,8 @@
 Writes N clustered float16 embeddings as shards, then times one `kmeans.fit` (on all N points:
 points_per_center is set so the sample is N) against faiss.Kmeans on the same array, and
 `assign.run` against index.search on the same array, in alternating rounds (each side's fastest
-counts). Points/s; a float32 matmul probe before and
-after shows the machine's state (DESIGN.md: compare only within one run). Prints a table, writes JSON.
+counts). Points/s; a float32 matmul probe before and after shows the machine's state (DESIGN.md:
+compare only within one run). Prints a table, writes JSON.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Synthetic clustered embeddings for scale tests of the label pipeline, written shard by shard
 (memory: one shard), in the format `python -m mlcd_jax.labels` reads.
 
-    .venv/bin/python bench/make_embeddings.py --out /tmp/e10m           # 10,000,000 × 512, 9.6 GB
-    /usr/bin/time -v .venv/bin/python -m mlcd_jax.labels all --embeddings /tmp/e10m --out /tmp/l10m \\
-        --num_centers 1000 --num_labels 8 --niter 5                     # peak RSS: "Maximum resident"
+    .venv/bin/python bench/make_embeddings.py --out /tmp/e10m        # 10,000,000 × 512, 9.6 GB
+    /usr/bin/time -v .venv/bin/python -m mlcd_jax.labels all --embeddings /tmp/e10m \\
+        --out /tmp/l10m --num_centers 1000 --num_labels 8 --niter 5  # peak RSS: "Maximum resident"
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def main(argv=None):
                    + rng.standard_normal((n, a.dim), dtype=np.float32))
 
     written = store.write_embeddings(a.out, shards(), model=f"synthetic-{a.points}")
-    print(f"wrote {written.total:,} × {written.dim} embeddings in {len(written.files)} shards to {a.out}")
+    print(f"wrote {written.total:,} × {written.dim} embeddings in {len(written.files)} shards "
+          f"to {a.out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train input pipeline throughput: images/s by number of grain worker processes.
 
-    .venv/bin/python bench/pipeline.py                 # 500 × 375 JPEGs → 224² crops, workers 0, 1, 2
+    .venv/bin/python bench/pipeline.py               # 500 × 375 JPEGs → 224² crops, workers 0, 1, 2
 
 Writes synthetic photos-like JPEGs (smooth gradients + noise, ~quality 90) into an ArrayRecord
 file, then times the full train pipeline (read, decode, random-resized crop, flip, batch) with
@@ -69,7 +69,8 @@ def main(argv=None):
             rows.append({"workers": workers, "images_per_s": rate,
                          "images_per_s_per_worker": rate / max(workers, 1)})
             print(f"workers={workers}: {rate:.0f} images/s", flush=True)
-    print(f"\n{a.images} JPEGs 500×375 → {a.image_size}² random-resized crops + flip, batch {a.batch}")
+    print(f"\n{a.images} JPEGs 500×375 → {a.image_size}² random-resized crops + flip, "
+          f"batch {a.batch}")
     print(f"{'workers':>8} {'images/s':>10} {'per worker':>11}")
     for r in rows:
         print(f"{r['workers']:>8} {r['images_per_s']:>10.0f} {r['images_per_s_per_worker']:>11.0f}")

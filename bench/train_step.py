@@ -1,4 +1,5 @@
-"""Train-step throughput, achieved TFLOP/s and MFU, side by side with PyTorch (same run, same machine).
+"""Train-step throughput, achieved TFLOP/s and MFU, side by side with PyTorch (same run, same
+machine).
 
     .venv/bin/python bench/train_step.py                          # tiny, B/32 (batch 32), 2 threads
     .venv/bin/python bench/train_step.py --models B/32,B/16 --batch 32 --dtype float32
@@ -28,7 +29,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
 def parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,B/32", help="ViT sizes (mlcd_jax.models.vit.SIZES)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image_size", type=int, default=224, help="for the named sizes (tiny: 32)")
@@ -104,7 +106,8 @@ def ours(c):
     images = jnp.asarray(np.random.default_rng(0).normal(size=built.abstract_batch[0].shape),
                          jnp.float32)
     labels = jnp.asarray(np.random.default_rng(1).integers(0, c.head.num_classes,
-                                                           built.abstract_batch[1].shape), jnp.int32)
+                                                           built.abstract_batch[1].shape),
+                         jnp.int32)
     box = [state]
 
     def step():
@@ -133,7 +136,8 @@ def pytorch(c):
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=ARGS.dtype == "bfloat16")
 
     def mlcd_loss(emb):  # all K classes; ArcFace positives; log(1+Σe^-p) + log(1+Σe^n)
-        cos = torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(centers, dim=-1).T
+        cos = (torch.nn.functional.normalize(emb, dim=-1)
+               @ torch.nn.functional.normalize(centers, dim=-1).T)
         pos_mask = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, labels, True)
         theta = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
         pos = s * torch.cos(theta + m)
@@ -180,7 +184,8 @@ def main():
         c = config_for(size)
         model_flops = flops.train_step(c, 1)["per_step"]
         # Rounds alternate ours and PyTorch, so that a drift of the machine's speed hits both alike;
-        # each side runs in its own process (in one process, holding both slowed ours ~1.4× at B/16).
+        # each side runs in its own process (in one process, holding both slowed ours ~1.4× at
+        # B/16).
         ours_times, torch_times = [], []
         for _ in range(ARGS.rounds):
             ours_times.append(in_child("ours", size))
@@ -231,7 +236,8 @@ def main():
               f"{pct('torch_mfu'):>10}{pct('torch_mfu_vs_best'):>6}{ratio:>12}")
     out = pathlib.Path(ARGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "threads": ARGS.threads, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"device": str(device), "threads": ARGS.threads, "rows": rows},
+                              indent=2))
     print(f"wrote {out}")
 
 

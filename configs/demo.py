@@ -1,5 +1,5 @@
-"""The demo's pretraining run (`make demo` drives it): a small RoPE ViT on digits placed on a 32 × 32
-canvas, labels from clustering the clean digits (the teacher), 8 simulated CPU devices.
+"""The demo's pretraining run (`make demo` drives it): a small RoPE ViT on digits placed on a
+32 × 32 canvas, labels from clustering the clean digits (the teacher), 8 simulated CPU devices.
 
     configs/demo.py:mlcd     multi-label (l = 4), MLCD loss
     configs/demo.py:single   single label (l = 1), UNICOM loss, same budget
@@ -18,8 +18,8 @@ def get_config(arg="mlcd"):
     c.head.loss = "mlcd" if arg == "mlcd" else "unicom"
     c.head.num_classes = 64
     c.head.sample_ratio = 1.0       # K is small: every class, exactly
-    # ArcFace (the default) trains the MLCD run here, but the single-label run collapses with it (every
-    # embedding opposite every center, pos_cos ≈ -0.8); CosFace trains both, so both use it.
+    # ArcFace (the default) trains the MLCD run here, but the single-label run collapses with it
+    # (every embedding opposite every center, pos_cos ≈ -0.8); CosFace trains both, so both use it.
     c.head.margin_type = "cosface"
     c.data.source = "digits_canvas"
     c.data.split = "train"

@@ -152,7 +152,8 @@ class Checkpointer:
                if name in saved and name not in resized and saved[name] != value]
         if bad:
             raise CorruptCheckpoint(f"{where}: {len(bad)} arrays differ from what was saved "
-                                    f"(checksums of {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''})")
+                                    f"(checksums of {', '.join(bad[:3])}"
+                                    f"{' …' if len(bad) > 3 else ''})")
         return restored.state, data
 
     def restore_newest_good(self, abstract_state, report=print):

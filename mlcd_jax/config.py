@@ -202,7 +202,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if c.evals.every and c.evals.test_path and c.evals.dataset != "folder":
         fail("evals.test_path", f"only for a folder dataset, not {c.evals.dataset}")
     if c.total_steps < 0 or c.epochs < 0:
-        fail("total_steps", f"must not be negative (total_steps={c.total_steps}, epochs={c.epochs})")
+        fail("total_steps",
+             f"must not be negative (total_steps={c.total_steps}, epochs={c.epochs})")
     for field in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         if c[field] < 1:
             fail(field, f"must be ≥ 1, got {c[field]}")

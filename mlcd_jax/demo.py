@@ -4,9 +4,9 @@ The task: scikit-learn's 1,797 handwritten digits, each placed at a random scale
 32 × 32 canvas (`DigitsCanvasSource`; 1,258 train / 539 held out). The teacher, standing in for
 CLIP, embeds the clean, centred 8 × 8 digit (its 64 pixels, L2-normalised); the student ViT only
 ever sees the canvas. Steps: teacher embeddings → spherical k-means (K = 64) → top-4 labels →
-MLCD pretraining on 8 simulated devices (and single-label UNICOM with the same budget) → linear probe
-and kNN on the held-out canvases for raw pixels, a random-init ViT, both pretrained ViTs and the
-teacher. Writes results.json, a table, and loss / cosine curves (PNG) to the workdir.
+MLCD pretraining on 8 simulated devices (and single-label UNICOM with the same budget) → linear
+probe and kNN on the held-out canvases for raw pixels, a random-init ViT, both pretrained ViTs and
+the teacher. Writes results.json, a table, and loss / cosine curves (PNG) to the workdir.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ CONFIG = REPO / "configs" / "demo.py"
 def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
     """Cluster the teacher's embeddings of the train split; the label store joins by index."""
     emb = train.clean.reshape(len(train), -1).astype(np.float32)
-    shards = store.write_embeddings(workdir / "teacher_embeddings", [emb], model="clean-digit-pixels")
+    shards = store.write_embeddings(workdir / "teacher_embeddings", [emb],
+                                    model="clean-digit-pixels")
     centers, _ = kmeans.fit(shards, K, points_per_center=256, niter=30, init="kmeans++", nredo=3,
                             verbose=False)
     (workdir / "labels").mkdir(parents=True, exist_ok=True)
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--override", action="append", default=[],
-                   help="a trainer flag for both runs, e.g. --override=--config.head.margin_type=cosface")
+                   help="a trainer flag for both runs, e.g. "
+                   "--override=--config.head.margin_type=cosface")
     a = p.parse_args(argv)
     start = time.time()
     workdir = pathlib.Path(a.workdir).absolute()

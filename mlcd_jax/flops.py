@@ -14,7 +14,8 @@ from mlcd_jax.models import vit
 
 
 def encoder_forward(cfg: vit.ViTConfig, height: int, width: int) -> float:
-    """Forward FLOPs of one image: patch embedding, blocks (projections, attention, MLP), projection."""
+    """Forward FLOPs of one image: patch embedding, blocks (projections, attention, MLP),
+    projection."""
     patches = (height // cfg.patch) * (width // cfg.patch)
     tokens = patches + 1
     w = cfg.width

@@ -132,7 +132,7 @@ def _negatives_fwd(emb, centers, idx, valid, pos_slot, scale):
     per_sample, scalar = jnp.zeros_like(emb[:, 0]), jnp.zeros_like(emb[0, 0])
     init = (per_sample - jnp.inf, per_sample, scalar, scalar)
     top, total, cos_sum, count = jax.lax.fori_loop(0, idx.shape[0], step, init)
-    lse = jnp.where(jnp.isfinite(top), top, 0.0) + jnp.log(total)         # log 0 = −inf: no negatives
+    lse = jnp.where(jnp.isfinite(top), top, 0.0) + jnp.log(total)  # log 0 = −inf: no negatives
     return (lse, cos_sum, count), (emb, centers, idx, valid, pos_slot, lse)
 
 
@@ -234,8 +234,10 @@ def _loss_terms(cfg, pos_cos, pos_mask, neg_lse, class_axes):
 
 
 def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes: int,
-                class_axes: tuple[str, ...], batch_axes: tuple[str, ...]) -> tuple[jax.Array, Metrics]:
-    """Loss on one shard of centers (the body of the shard_map; also the whole job for mesh=None)."""
+                class_axes: tuple[str, ...],
+                batch_axes: tuple[str, ...]) -> tuple[jax.Array, Metrics]:
+    """Loss on one shard of centers (the body of the shard_map; also the whole job for
+    mesh=None)."""
     psum = (lambda x: jax.lax.psum(x, class_axes)) if class_axes else (lambda x: x)
     if batch_axes:  # "invarying": the gathered batch is the same on every device (and typed so)
         features, labels = jax.lax.all_gather((features, labels), batch_axes, axis=0, tiled=True,
@@ -269,8 +271,8 @@ def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes:
 
 def _check_args(features, centers, labels, *, num_classes, mesh):
     if features.ndim != 2 or centers.ndim != 2:
-        raise ValueError(f"features must be (B, D) and centers (K, D); got features {features.shape}, "
-                         f"centers {centers.shape}")
+        raise ValueError(f"features must be (B, D) and centers (K, D); got features "
+                         f"{features.shape}, centers {centers.shape}")
     if features.shape[1] != centers.shape[1]:
         raise ValueError(f"features have D = {features.shape[1]} but centers have D = "
                          f"{centers.shape[1]}; the head's embedding width must match the encoder's")
@@ -278,7 +280,8 @@ def _check_args(features, centers, labels, *, num_classes, mesh):
         raise ValueError(f"labels must be (B, l) with B = {features.shape[0]} (as features); got "
                          f"{labels.shape}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integer class ids (-1 = padding); got dtype {labels.dtype}")
+        raise ValueError(f"labels must be integer class ids (-1 = padding); got dtype "
+                         f"{labels.dtype}")
     if not 0 < num_classes <= centers.shape[0]:
         raise ValueError(f"num_classes = {num_classes} must be in [1, centers.shape[0] = "
                          f"{centers.shape[0]}] (rows beyond num_classes are padding)")
@@ -322,7 +325,8 @@ def loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax
         centers = jnp.pad(centers, ((0, padded - centers.shape[0]), (0, 0)))
     batch = mesh_lib.batch_spec(mesh)
     body = functools.partial(_shard_loss, cfg=cfg, num_classes=num_classes,
-                             class_axes=tuple(mesh.axis_names), batch_axes=mesh_lib.batch_axes(mesh))
+                             class_axes=tuple(mesh.axis_names),
+                             batch_axes=mesh_lib.batch_axes(mesh))
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(batch, mesh_lib.class_spec(mesh), batch, P()),
@@ -335,7 +339,8 @@ def mlcd_loss(features, centers, labels, *, key, mesh=None, **options) -> tuple[
     return loss(features, centers, labels, key=key, mesh=mesh, cfg=HeadConfig("mlcd", **options))
 
 
-def unicom_loss(features, centers, labels, *, key, mesh=None, **options) -> tuple[jax.Array, Metrics]:
+def unicom_loss(features, centers, labels, *, key, mesh=None,
+                **options) -> tuple[jax.Array, Metrics]:
     """`loss` with `HeadConfig(loss="unicom", **options)`: the single-label baseline (UNICOM /
     Partial FC), softmax cross-entropy over the margin-adjusted first label and the negatives."""
     return loss(features, centers, labels, key=key, mesh=mesh, cfg=HeadConfig("unicom", **options))

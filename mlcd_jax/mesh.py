@@ -24,13 +24,15 @@ def resolve_axis_sizes(axes: MeshSpec, num_devices: int) -> tuple[tuple[str, ...
     """Names and sizes of the mesh axes, with a -1 size filled by the devices left over."""
     pairs = list(axes.items()) if isinstance(axes, Mapping) else [tuple(a) for a in axes]
     if not pairs or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"mesh: expected (axis name, size) pairs such as [('data', -1)], got {axes!r}")
+        raise ValueError("mesh: expected (axis name, size) pairs such as [('data', -1)], "
+                         f"got {axes!r}")
     names = tuple(str(name) for name, _ in pairs)
     sizes = [int(size) for _, size in pairs]
     if len(set(names)) != len(names):
         raise ValueError(f"mesh: axis names must be distinct, got {names}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh: sizes must be positive or -1 (fill), got {dict(zip(names, sizes))}")
+        raise ValueError(f"mesh: sizes must be positive or -1 (fill), got "
+                         f"{dict(zip(names, sizes))}")
     fills = [i for i, s in enumerate(sizes) if s == -1]
     if len(fills) > 1:
         raise ValueError(f"mesh: at most one axis may have size -1, got {dict(zip(names, sizes))}")
@@ -49,8 +51,10 @@ def resolve_axis_sizes(axes: MeshSpec, num_devices: int) -> tuple[tuple[str, ...
     return names, tuple(sizes)
 
 
-def make_mesh(axes: MeshSpec = (("data", -1),), devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with automatic-sharding axes over `devices` (default: all devices of all processes)."""
+def make_mesh(axes: MeshSpec = (("data", -1),),
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with automatic-sharding axes over `devices` (default: all devices of all
+    processes)."""
     devices = list(jax.devices() if devices is None else devices)
     names, sizes = resolve_axis_sizes(axes, len(devices))
     # jax.make_mesh orders devices for the physical topology (ICI rings on TPU); Auto axis types
@@ -92,7 +96,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def padded_num_classes(num_classes: int, num_shards: int) -> int:
-    """Smallest multiple of `num_shards` that holds `num_classes` rows (each shard gets K_local rows)."""
+    """Smallest multiple of `num_shards` that holds `num_classes` rows (each shard gets K_local
+    rows)."""
     return -(-num_classes // num_shards) * num_shards
 
 
@@ -155,7 +160,8 @@ def replicated_parameters(abstract_encoder, mesh: Mesh, min_bytes: int = 1 << 20
         axes = variable.get_metadata().get("logical_axes", ())
         shape = variable.shape
         spec = logical_to_spec(axes, shape, mesh, rules)
-        for name, size, got in zip(axes, shape[len(shape) - len(axes):], spec[len(shape) - len(axes):]):
+        for name, size, got in zip(axes, shape[len(shape) - len(axes):],
+                                   spec[len(shape) - len(axes):]):
             axis = rules.get(name)
             if axis in mesh.shape and mesh.shape[axis] > 1 and got is None:
                 nbytes = math.prod(shape) * variable.dtype.itemsize

@@ -16,7 +16,8 @@ def schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Weight decay on matrices (kernels) and the class centers; not on norms, biases, embeddings."""
+    """Weight decay on matrices (kernels) and the class centers; not on norms, biases,
+    embeddings."""
     def decays(path, _):
         names = [getattr(k, "key", None) for k in path]
         return names[0] == "centers" or names[-1] == "kernel"

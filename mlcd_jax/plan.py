@@ -68,14 +68,17 @@ def topology_devices(name: str):
         if not _libtpu_installed():
             raise SystemExit(
                 "error: planning for a TPU needs libtpu, which is not installed: run `make "
-                f'plan-env` or `pip install "jax[tpu]=={jax.__version__}"` in this environment')
+                f'plan-env` or `pip install "jax[tpu]=={jax.__version__}"` in this '
+                "environment") from e
         if "lockfile" in message:  # libtpu allows one process per machine
             raise SystemExit(
                 f"error: {message}\nAnother process on this machine holds libtpu (a jax job "
                 "started without JAX_PLATFORMS=cpu in an environment with libtpu, e.g. training "
-                "or tests). Plan when it has ended, or run that job with JAX_PLATFORMS=cpu.")
+                "or tests). Plan when it has ended, or run that job with "
+                "JAX_PLATFORMS=cpu.") from None
         raise SystemExit(f"error: --topology={name!r}: {message}. Names look like v5e:4x4, "
-                         "v5p:4x4x4, v4:2x2x2, v6e:8x8 (generation:chips per dimension)")
+                         "v5p:4x4x4, v4:2x2x2, v6e:8x8 (generation:chips per "
+                         "dimension)") from None
 
 
 def _libtpu_installed() -> bool:
@@ -180,7 +183,8 @@ def show(r: dict) -> str:
         f"{r['temporary_gib']:.2f} GiB = {r['total_gib']:.2f} GiB of {hbm} GiB HBM"
         f" → {'fits' if r['fits'] else 'DOES NOT FIT'}"
         + ("" if r["compiled"] else " (the TPU compiler refused it; temporaries from its message)"),
-        f"  {r['tflops_per_step']:,.1f} TFLOP per step (model); step {fmt(r['step_s_at_peak'], '.3f')}"
+        f"  {r['tflops_per_step']:,.1f} TFLOP per step (model); step "
+        f"{fmt(r['step_s_at_peak'], '.3f')}"
         f" s at peak bf16, {fmt(r['step_s'], '.3f')} s at {r['mfu_assumed']:.0%} MFU; compiler's "
         "estimate " + (f"{r['step_s_compiler']:.3f} s" if r["step_s_compiler"] is not None else
                        "n/a with scanned blocks (--config.model.scan=False gives it)"),

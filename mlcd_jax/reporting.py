@@ -91,7 +91,8 @@ def truncate_jsonl(path: pathlib.Path, after_step: int) -> None:
     lines; rewritten atomically."""
     if not path.exists():
         return
-    keep = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= after_step]
+    keep = [r for r in read_jsonl(path)
+            if isinstance(r.get("step"), int) and r["step"] <= after_step]
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)

@@ -81,7 +81,8 @@ class Built(NamedTuple):
     replicated: list[str]         # large parameters a mesh axis was meant to split but cannot
 
     def describe(self) -> str:
-        n = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_state["params"]["encoder"]))
+        n = sum(math.prod(x.shape)
+                for x in jax.tree.leaves(self.abstract_state["params"]["encoder"]))
         return (f"encoder {self.model_cfg.pos} {self.c.model.size} {n / 1e6:.2f}M params, head "
                 f"{self.c.head.num_classes:,} × {self.model_cfg.embed_dim or self.model_cfg.width} "
                 "centers")

@@ -147,8 +147,9 @@ def train(c, workdir: pathlib.Path) -> None:
     else:
         state, data_state, start = found
         if data_state["seed"] != c.seed:
-            raise ValueError(f"config.seed {c.seed} differs from the checkpoint's {data_state['seed']}"
-                             f" in {ckpt.directory}; use the same seed or a new workdir")
+            raise ValueError(f"config.seed {c.seed} differs from the checkpoint's "
+                             f"{data_state['seed']} in {ckpt.directory}; use the same seed or a "
+                             "new workdir")
         restore_input_state(inputs, data_state, report_to=print)
     compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
     report = reporting.Reporter(workdir, total_steps=total_steps, batch_size=c.batch_size,

@@ -33,7 +33,8 @@ def load_model_dir(path, **overrides) -> vit.ViT:
     config_file = path / "vit_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: expected a model directory written by "
-                                "`python -m mlcd_jax.interop.hf import` (vit_config.json + params/)")
+                                "`python -m mlcd_jax.interop.hf import` (vit_config.json + "
+                                "params/)")
     fields = json.loads(config_file.read_text())
     if isinstance(fields.get("image_size"), list):
         fields["image_size"] = tuple(fields["image_size"])
@@ -111,7 +112,8 @@ def init_from(path, encoder, shardings, step: int | None = None):
         name = jax.tree_util.keystr(key_path)
         if loaded[key_path].shape != current.shape:
             raise ValueError(f"config.model.init_from: {path} has {name} of shape "
-                             f"{loaded[key_path].shape}, the configured model needs {current.shape}")
+                             f"{loaded[key_path].shape}, the configured model needs "
+                             f"{current.shape}")
         taken.append(name)
         return jax.device_put(loaded[key_path], sharding)
 

@@ -16,13 +16,14 @@ def make_state(mesh, scale):
     rng = np.random.default_rng(0)
     return {"centers": jax.device_put(rng.normal(size=(64, 32)).astype(np.float32) * scale,
                                       mesh_lib.class_sharding(mesh)),
-            "encoder": {"kernel": jax.device_put(rng.normal(size=(16, 16)).astype(np.float32) * scale,
-                                                 mesh_lib.replicated(mesh))},
+            "encoder": {"kernel": jax.device_put(rng.normal(size=(16, 16)).astype(np.float32)
+                                                 * scale, mesh_lib.replicated(mesh))},
             "step": jax.device_put(np.int32(scale), mesh_lib.replicated(mesh))}
 
 
 def data_files(step_dir: pathlib.Path):
-    return sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+    return sorted((p for p in (step_dir / "state").rglob("*")
+                   if p.is_file() and p.parent.name == "d"),
                   key=lambda p: p.stat().st_size)
 
 
@@ -118,7 +119,8 @@ def test_logging_survives_a_torn_line_and_a_full_disk(tmp_path, monkeypatch, cap
         report.log(step, {"loss": 0.4})  # returns: never blocks on a full disk
     err = capsys.readouterr().err
     assert err.count("cannot write") == 2  # once for metrics.jsonl, once for TensorBoard
-    assert "No space left on device" in err and "Is a directory" in err and "training goes on" in err
+    assert ("No space left on device" in err and "Is a directory" in err
+            and "training goes on" in err)
     report.close()
 
 
@@ -149,5 +151,6 @@ def test_eta_averages_training_since_warm_up_and_leaves_evals_out(tmp_path, monk
     report.log(21, {"loss": 1.0})         # 10 steps in 10 s; the 40 s of eval do not count
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("step 21/")]
     assert "ETA 1.3 min (+ evals, 40 s so far)" in lines[0]  # 80 steps at 1 step/s
-    assert [r["images_per_s"] for r in reporting.read_jsonl(tmp_path / "metrics.jsonl")] == [4.0, 4.0]
+    assert [r["images_per_s"]
+            for r in reporting.read_jsonl(tmp_path / "metrics.jsonl")] == [4.0, 4.0]
     report.close()

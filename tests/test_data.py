@@ -84,7 +84,8 @@ def test_processes_read_disjoint_shares_that_cover_the_data():
     n, procs, per = len(src), 3, 5
     seen = [np.concatenate([b["index"] for b in batches(
         pipeline.dataset(src, **KW | {"batch_size": per * procs, "process_index": p,
-                                      "process_count": procs}), -(-n // (per * procs)))])[:n // procs]
+                                      "process_count": procs}),
+        -(-n // (per * procs)))])[:n // procs]
         for p in range(procs)]
     union = np.concatenate(seen)
     assert len(union) == len(set(union.tolist()))  # disjoint
@@ -125,7 +126,8 @@ def test_convert_folder_and_tars_to_arrayrecord(tmp_path):
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     (tmp_path / "imgs" / "dog").mkdir()
     for i in range(5):
-        (tmp_path / "imgs" / ("cat" if i < 3 else "dog") / f"{i}.png").write_bytes(jpeg(i * 40, fmt="PNG"))
+        (tmp_path / "imgs" / ("cat" if i < 3 else "dog") / f"{i}.png").write_bytes(
+            jpeg(i * 40, fmt="PNG"))
     shards = convert.convert(str(tmp_path / "imgs"), str(tmp_path / "ar" / "train"),
                              shard_size=2)["shards"]
     assert [s.rsplit("/", 1)[1] for s in shards] == [f"train-{i:05d}-of-00003.array_record"
@@ -135,7 +137,8 @@ def test_convert_folder_and_tars_to_arrayrecord(tmp_path):
     assert len(ar) == len(folder) == 5 and folder[4]["label"] == 1
     for i in range(5):
         assert ar[i]["image_bytes"] == folder[i]["image_bytes"]
-    index = [json.loads(l) for l in (tmp_path / "ar" / "train.index.jsonl").read_text().splitlines()]
+    index = [json.loads(l)
+             for l in (tmp_path / "ar" / "train.index.jsonl").read_text().splitlines()]
     assert index[3] == {"record": 3, "name": "dog/3.png"}
 
     for t in range(2):  # webdataset shards, as img2dataset writes them
@@ -183,7 +186,8 @@ def test_embed_kmeans_assign_then_train_on_digits(tmp_path):
                                     "--config.total_steps=6", "--config.log_every=3",
                                     "--config.checkpoint_every=3", "--config.data.workers=1")
     run(tmp_path / "run")
-    logged = lambda d: {r["step"]: (r["loss"], r["skipped_images"]) for r in cli.records(tmp_path / d)}
+    logged = lambda d: {r["step"]: (r["loss"], r["skipped_images"])
+                        for r in cli.records(tmp_path / d)}
     assert sorted(logged("run")) == [3, 6]
 
     # Resume from step 3 (the grain iterator state is in the checkpoint): steps 4-6 repeat exactly.
@@ -261,7 +265,8 @@ def test_convert_leaves_out_and_lists_unreadable_files_and_refuses_to_mix_runs(t
     printed = capsys.readouterr().out
     assert "skipped 3 files that are not readable images" in printed
     assert "cls/empty.jpg" in printed and "7 images" in printed
-    assert "1 images are smaller than 16 px on a side and will be upscaled: cls/tiny.png (5×5)" in printed
+    assert ("1 images are smaller than 16 px on a side and will be upscaled: cls/tiny.png (5×5)"
+            in printed)
     skipped = [json.loads(l) for l in open(f"{out}.skipped.jsonl")]
     assert sorted(s["name"] for s in skipped) == ["cls/cut.jpg", "cls/empty.jpg", "cls/notes.png"]
     # The README's glob also matches the index and the skipped list: only shards are read.
@@ -302,7 +307,8 @@ def test_unreadable_images_are_named_by_every_stage(tmp_path, capsys):
     x, y = features.extract(model, folder, image_size=16, batch_size=4)
     assert len(x) == 7
     printed = capsys.readouterr().out
-    assert "3 unreadable images skipped" in printed and str(tmp_path / "imgs/cls/empty.jpg") in printed
+    assert ("3 unreadable images skipped" in printed
+            and str(tmp_path / "imgs/cls/empty.jpg") in printed)
     with pytest.raises(ValueError, match=r"3 unreadable images skipped .*cut.jpg.*Every record "
                                          r"needs an embedding"):
         embed.run(folder, model, tmp_path / "emb", model_name="micro", image_size=16)
@@ -326,5 +332,6 @@ def test_embed_refuses_an_out_dir_of_another_run_and_checks_its_shards(tmp_path)
         run(model, sources.Subset(sources.DigitsSource(), range(1, 32)))
     # A shard that does not match the manifest (copied from elsewhere) is caught on open.
     np.save(tmp_path / "emb" / "emb_00001.npy", np.zeros((4000, 8), np.float16))
-    with pytest.raises(ValueError, match="emb_00001.npy holds 4000 × 8 embeddings but .* says 15 × 8"):
+    with pytest.raises(ValueError, match="emb_00001.npy holds 4000 × 8 embeddings but .* says "
+                                         "15 × 8"):
         store.open_embeddings(tmp_path / "emb")

@@ -25,7 +25,8 @@ def test_demo_end_to_end_shortened(tmp_path):
     # The teacher (clean digits) is near-perfect; raw canvases are weak: the task is as designed.
     assert out["linear_probe"]["teacher"] > 0.9 and out["linear_probe"]["raw_pixels"] < 0.4
     for kind in ("mlcd", "single"):
-        steps = [json.loads(l)["step"] for l in (tmp_path / kind / "evals.jsonl").read_text().splitlines()]
+        steps = [json.loads(l)["step"]
+                 for l in (tmp_path / kind / "evals.jsonl").read_text().splitlines()]
         assert steps == [3, 6]
     for png in ("loss.png", "cosine.png"):
         assert Image.open(tmp_path / png).size[0] > 100

@@ -28,7 +28,8 @@ def test_linear_probe_on_digits(digits):
     result = probes.linear_probe(train_x, train_y, test_x, test_y)
     assert result["accuracy"] >= 0.93  # logistic regression on clean digits: ~0.96
     coarse = 10.0 ** np.arange(-4, 5)  # the searched grid: decades, then ±¼, ±½ around the best
-    assert any(np.isclose(result["C"], c * 10.0 ** f) for c in coarse for f in (-.5, -.25, 0, .25, .5))
+    assert any(np.isclose(result["C"], c * 10.0 ** f)
+               for c in coarse for f in (-.5, -.25, 0, .25, .5))
     shuffled = probes.linear_probe(train_x, np.random.default_rng(1).permutation(train_y),
                                    test_x, test_y)
     assert shuffled["accuracy"] < 0.25  # labels unrelated to features: chance is 0.1
@@ -62,7 +63,8 @@ def test_features_sharded_equal_unsharded(devices, n):
 def test_cli_on_a_training_workdir(tmp_path, capsys):
     cli.train(tmp_path, "--config.data.source=digits", "--config.head.num_classes=10",
               "--config.data.num_labels=1", "--config.total_steps=4")
-    cli.run("mlcd_jax.evaluate", f"--model={tmp_path}", "--dataset=digits", devices=1)  # trained on 8
+    cli.run("mlcd_jax.evaluate", f"--model={tmp_path}", "--dataset=digits",
+            devices=1)  # trained on 8
     out = json.loads((tmp_path / "eval.json").read_text())
     assert out["train"] + out["test"] == 1797 and "step 4" in out["model"]
     # Features and labels stay aligned: far above chance (0.1), as raw pixels are.
@@ -88,16 +90,18 @@ def digit_folders(root, split):
 
 
 def test_folder_splits_never_test_on_the_train_images(tmp_path):
-    train_dir, test_dir = digit_folders(tmp_path / "train", "train"), digit_folders(tmp_path / "test", "test")
+    train_dir, test_dir = (digit_folders(tmp_path / "train", "train"),
+                           digit_folders(tmp_path / "test", "test"))
     train, test = run.dataset_splits("folder", path=str(train_dir), test_path=str(test_dir))
-    assert {train.name(i) for i in range(len(train))}.isdisjoint(test.name(i) for i in range(len(test)))
+    assert {train.name(i) for i in range(len(train))}.isdisjoint(
+        test.name(i) for i in range(len(test)))
     assert train.class_index == test.class_index
     held_train, held_test = run.dataset_splits("folder", path=str(train_dir), test_fraction=0.25)
     names = lambda s: {s.name(i) for i in range(len(s))}
     assert names(held_train).isdisjoint(names(held_test))
     assert len(held_test) == round(len(train) * 0.25)
-    with pytest.raises(ValueError, match="--test_split: folder has no named splits .* give the test "
-                                         "images as --test_path"):
+    with pytest.raises(ValueError, match="--test_split: folder has no named splits .* give the "
+                                         "test images as --test_path"):
         run.dataset_splits("folder", path=str(train_dir), test_split="test")
     with pytest.raises(ValueError, match="--test_split: digits has no named splits"):
         run.dataset_splits("digits", test_split="test")
@@ -105,7 +109,8 @@ def test_folder_splits_never_test_on_the_train_images(tmp_path):
         run.dataset_splits("folder")
     (test_dir / "extra_class").mkdir()
     __import__("shutil").copy(next((test_dir / "3").iterdir()), test_dir / "extra_class" / "x.png")
-    with pytest.raises(ValueError, match=r"has classes \['extra_class'\] that the train folder does not"):
+    with pytest.raises(ValueError, match=r"has classes \['extra_class'\] that the train folder "
+                                         r"does not"):
         run.dataset_splits("folder", path=str(train_dir), test_path=str(test_dir))
     with pytest.raises(ValueError, match="no class sub-folders"):
         run.dataset_splits("folder", path=str(train_dir / "3"))
@@ -114,7 +119,8 @@ def test_folder_splits_never_test_on_the_train_images(tmp_path):
 @pytest.mark.slow
 def test_cli_on_folders_reports_the_pixel_baseline(tmp_path, capsys):
     from mlcd_jax import weights
-    train_dir, test_dir = digit_folders(tmp_path / "train", "train"), digit_folders(tmp_path / "test", "test")
+    train_dir, test_dir = (digit_folders(tmp_path / "train", "train"),
+                           digit_folders(tmp_path / "test", "test"))
     weights.save_model_dir(vit.ViT(vit.vit_config("micro", image_size=32), rngs=nnx.Rngs(0)),
                            tmp_path / "model")
     result = cli.run("mlcd_jax.evaluate", f"--model={tmp_path / 'model'}", "--dataset=folder",

@@ -19,7 +19,8 @@ B, D, K, L = 16, 12, 37, 3  # K = 37 divides none of 2, 4, 8 devices
 # ---------------------------------------------------------------------------------------------
 
 def reference_loss(features, centers, labels, negatives, *, kind, scale, margin, margin_type):
-    """Per DESIGN.md, with `negatives` the global ids drawn this step (before removing positives)."""
+    """Per DESIGN.md, with `negatives` the global ids drawn this step (before removing
+    positives)."""
     e = features / jnp.linalg.norm(features, axis=1, keepdims=True)
     w = centers / jnp.linalg.norm(centers, axis=1, keepdims=True)
     cos = e @ w.T
@@ -75,7 +76,8 @@ def sharded_value_and_grad(kind, mesh, features, centers, labels, **kw):
     if mesh is not None:
         features = jax.device_put(features, mesh_lib.batch_sharding(mesh))
         centers = jax.device_put(jnp.asarray(centers), mesh_lib.replicated(mesh))
-    grad_fn = jax.jit(jax.value_and_grad(lambda f, c: fn(f, c, labels), argnums=(0, 1), has_aux=True))
+    grad_fn = jax.jit(jax.value_and_grad(lambda f, c: fn(f, c, labels), argnums=(0, 1),
+                                         has_aux=True))
     (loss, metrics), (gf, gc) = grad_fn(features, centers)
     return float(loss), metrics, np.asarray(gf), np.asarray(gc)
 
@@ -103,7 +105,8 @@ def test_sharded_matches_dense_float64_reference(devices, mesh_name, kind, margi
     kw = dict(scale=32.0, margin=0.3, margin_type=margin_type)
     loss, metrics, gf, gc = sharded_value_and_grad(kind, mesh, features, centers, labels, key=key,
                                                    sample_ratio=ratio, **kw)
-    drawn = np.asarray(head.sample_negative_classes(key, K, num_shards=mesh.size, sample_ratio=ratio))
+    drawn = np.asarray(head.sample_negative_classes(key, K, num_shards=mesh.size,
+                                                    sample_ratio=ratio))
     drawn = drawn[drawn >= 0]
     if ratio == 1.0:
         np.testing.assert_array_equal(np.sort(drawn), np.arange(K))  # exact: every class
@@ -129,7 +132,8 @@ def test_chunked_negatives_match_reference(devices, mesh_name, kind, chunk, k, r
     kw = dict(scale=32.0, margin=0.3, margin_type="arcface")
     loss, metrics, gf, gc = sharded_value_and_grad(kind, mesh, features, centers, labels, key=key,
                                                    sample_ratio=ratio, chunk=chunk, **kw)
-    drawn = np.asarray(head.sample_negative_classes(key, k, num_shards=mesh.size, sample_ratio=ratio))
+    drawn = np.asarray(head.sample_negative_classes(key, k, num_shards=mesh.size,
+                                                    sample_ratio=ratio))
     drawn = drawn[drawn >= 0]
     ref_loss, ref_gf, ref_gc = reference_value_and_grad(features, centers, labels, drawn, kind=kind,
                                                         **kw)
@@ -149,7 +153,8 @@ def test_metrics_match_reference(devices):
                                               sample_ratio=0.5)
     drawn = np.asarray(head.sample_negative_classes(key, K, num_shards=8, sample_ratio=0.5))
     drawn = drawn[drawn >= 0]
-    f64 = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True)
+    f64 = lambda x: x.astype(np.float64) / np.linalg.norm(x.astype(np.float64), axis=1,
+                                                          keepdims=True)
     cos = f64(features) @ f64(centers).T
     pos = [cos[b, y] for b in range(B) for y in labels[b] if y >= 0]
     neg = [cos[b, j] for b in range(B) for j in drawn if j not in labels[b]]
@@ -180,7 +185,8 @@ def test_bfloat16_inputs_compute_in_float32(devices):
                                                    key=key, sample_ratio=1.0)
     assert gf.dtype == jnp.bfloat16 and gc.dtype == jnp.bfloat16
     # Reference on the bf16-rounded inputs: only the input rounding differs from float32 math.
-    ref_loss, _, _ = reference_value_and_grad(np.asarray(f16, np.float32), np.asarray(c16, np.float32),
+    ref_loss, _, _ = reference_value_and_grad(np.asarray(f16, np.float32),
+                                              np.asarray(c16, np.float32),
                                               labels, np.arange(K), kind="mlcd", scale=32.0,
                                               margin=0.3, margin_type="arcface")
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
@@ -200,12 +206,14 @@ def test_gradients_reach_only_rows_that_were_used(devices):
 
 
 def test_presharded_padded_centers_with_num_classes(devices):
-    """The trainer keeps centers padded to a multiple of the device count: rows past K are ignored."""
+    """The trainer keeps centers padded to a multiple of the device count: rows past K are
+    ignored."""
     mesh = mesh_for("8", devices)
     features, centers, labels = make_inputs(seed=13)
     padded = np.concatenate([centers, 100 * np.ones((3, D), np.float32)])  # 40 rows, 3 of padding
     key = jax.random.key(2)
-    want = sharded_value_and_grad("mlcd", mesh, features, centers, labels, key=key, sample_ratio=1.0)
+    want = sharded_value_and_grad("mlcd", mesh, features, centers, labels, key=key,
+                                  sample_ratio=1.0)
     got = sharded_value_and_grad("mlcd", mesh, features, padded, labels, key=key, sample_ratio=1.0,
                                  num_classes=K)
     assert got[0] == pytest.approx(want[0], rel=1e-6)

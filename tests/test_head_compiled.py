@@ -1,5 +1,5 @@
-"""K = 1,000,000, D = 512 compiled (never run) on 1 and n devices: what the partitioned program holds
-and what it moves between devices."""
+"""K = 1,000,000, D = 512 compiled (never run) on 1 and n devices: what the partitioned program
+holds and what it moves between devices."""
 
 import re
 

@@ -20,8 +20,9 @@ TOL = 1e-5  # largest |ours − transformers| allowed, float32
 ARCHS = {
     # name: (transformers class, config, input sizes (H, W))
     "mlcd": (transformers.MLCDVisionModel,
-             transformers.MLCDVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                                           num_attention_heads=3, image_size=32, patch_size=8),
+             transformers.MLCDVisionConfig(hidden_size=48, intermediate_size=96,
+                                           num_hidden_layers=3, num_attention_heads=3,
+                                           image_size=32, patch_size=8),
              [(32, 32), (32, 48), (48, 24)]),
     "mlcd_theta": (transformers.MLCDVisionModel,
                    transformers.MLCDVisionConfig(hidden_size=32, intermediate_size=64,
@@ -31,8 +32,9 @@ ARCHS = {
                                                                   "rope_theta": 500.0}),
                    [(28, 28), (14, 42)]),
     "clip": (transformers.CLIPVisionModel,
-             transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                                           num_attention_heads=4, image_size=32, patch_size=8),
+             transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96,
+                                           num_hidden_layers=3, num_attention_heads=4,
+                                           image_size=32, patch_size=8),
              [(32, 32)]),
     "clip_gelu": (transformers.CLIPVisionModel,
                   transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
@@ -42,7 +44,8 @@ ARCHS = {
     "clip_projection": (transformers.CLIPVisionModelWithProjection,
                         transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
                                                       num_hidden_layers=2, num_attention_heads=2,
-                                                      image_size=16, patch_size=4, projection_dim=24),
+                                                      image_size=16, patch_size=4,
+                                                      projection_dim=24),
                         [(16, 16)]),
 }
 
@@ -70,7 +73,8 @@ def hf_outputs(model, x):
     """transformers' outputs for NHWC `x`, by name (numpy)."""
     with torch.no_grad():
         out = model(pixel_values=torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
-    return {k: getattr(out, k).numpy() for k in ("last_hidden_state", "pooler_output", "image_embeds")
+    return {k: getattr(out, k).numpy()
+            for k in ("last_hidden_state", "pooler_output", "image_embeds")
             if getattr(out, k, None) is not None}
 
 
@@ -102,7 +106,8 @@ def test_import_with_vision_model_prefix(checkpoint, tmp_path):
     """Released checkpoints name tensors vision_model.*; ours reads both spellings."""
     name, model, path, sizes = checkpoint
     tensors = hf.read_safetensors(path)
-    prefixed = {k if k.startswith(("vision_model.", "visual_projection")) else "vision_model." + k: v
+    prefixed = {k if k.startswith(("vision_model.", "visual_projection"))
+                else "vision_model." + k: v
                 for k, v in tensors.items()}
     save_file(prefixed, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
@@ -145,7 +150,8 @@ def test_export_of_our_own_rope_model_with_projection(tmp_path):
     """Our MLCD with a projection: transformers loads the encoder; the projection rides beside."""
     model = vit.ViT(vit.vit_config("micro", embed_dim=8), rngs=__import__("flax").nnx.Rngs(3))
     hf.save_vision_model(model, tmp_path)
-    reloaded, info = transformers.MLCDVisionModel.from_pretrained(tmp_path, output_loading_info=True)
+    reloaded, info = transformers.MLCDVisionModel.from_pretrained(tmp_path,
+                                                                  output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     x = inputs(16, 24)
     diffs = max_diff(model, reloaded.eval(), x)
@@ -225,7 +231,8 @@ def test_export_a_training_run_to_transformers(tmp_path):
         outputs[step] = hf_outputs(reloaded.eval(), x)["pooler_output"]
     assert np.abs(outputs[4] - outputs[2]).max() > 1e-3  # two different steps were exported
     result = run_cli("export", str(tmp_path / "run"), str(tmp_path / "x"), "--step", "3")
-    assert result.returncode == 2 and "no checkpoint 3" in result.stderr and "[2, 4]" in result.stderr
+    assert (result.returncode == 2 and "no checkpoint 3" in result.stderr
+            and "[2, 4]" in result.stderr)
     assert checkpoint.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [2, 4]
 
 

@@ -1,4 +1,5 @@
-"""Cluster labels: k-means and assign on synthetic blobs, resumability, process split, bad stores."""
+"""Cluster labels: k-means and assign on synthetic blobs, resumability, process split, bad
+stores."""
 
 import json
 import shutil
@@ -110,7 +111,8 @@ def test_ivf_index_reports_recall(embedded):
     result = assign.run(tmp / "emb", tmp / "c.npy", tmp / "ivf", num_labels=5, index_kind="ivf",
                         nprobe=20, recall_sample=500)
     assert 0.9 <= result["recall_at_l"] <= 1.0
-    assert json.loads((tmp / "ivf" / "manifest.json").read_text())["recall_at_l"] == result["recall_at_l"]
+    assert (json.loads((tmp / "ivf" / "manifest.json").read_text())["recall_at_l"]
+            == result["recall_at_l"])
     exact = dense_top_l(x, store.normalize(centers), 5)[0]
     assert (np.load(tmp / "ivf" / "labels.npy")[:, 0] == exact[:, 0]).mean() > 0.9
 
@@ -194,26 +196,30 @@ def test_assign_redoes_parts_of_other_centers_or_l_and_checks_parts_at_merge(emb
     new = rng.normal(size=(K, D)).astype(np.float32)  # another clustering, same K
     np.save(tmp / "lab_centers.npy", new)
     result = assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=2)
-    assert result["skipped_shards"] == 0 and "redoing 5 parts made from other centers" in capsys.readouterr().out
+    assert (result["skipped_shards"] == 0
+            and "redoing 5 parts made from other centers" in capsys.readouterr().out)
     stored = np.concatenate([shards.load(i) for i in range(5)]).astype(np.float64)
     want, sims = dense_top_l(stored, store.normalize(new), 2)
     clear = sims[:, 0] - sims[:, 1] > 1e-3  # ignore near-ties
     assert clear.mean() > 0.9
     np.testing.assert_array_equal(np.load(tmp / "lab" / "labels.npy")[clear, 0], want[clear, 0])
     result = assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=3)
-    assert result["skipped_shards"] == 0 and np.load(tmp / "lab" / "labels.npy").shape == (len(x), 3)
+    assert (result["skipped_shards"] == 0
+            and np.load(tmp / "lab" / "labels.npy").shape == (len(x), 3))
     assert assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab",
                       num_labels=3)["skipped_shards"] == 5  # same inputs: nothing redone
 
     part = tmp / "lab" / "parts" / "part_00002.npy"
     for tamper, message in [
         (lambda a: a.__setitem__((7, 1), K + 3), "contents changed since it was written"),
-        (lambda a: a.__setitem__((0, 0), (a[0, 0] + 1) % K), "contents changed since it was written"),
+        (lambda a: a.__setitem__((0, 0), (a[0, 0] + 1) % K),
+         "contents changed since it was written"),
     ]:
         array = np.load(part)
         tamper(array)
         np.save(part, array)
-        with pytest.raises(ValueError, match=f"{part}: .*{message}.*rerun assign to redo that part"):
+        with pytest.raises(ValueError,
+                           match=f"{part}: .*{message}.*rerun assign to redo that part"):
             assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=3)
         again = assign.run(tmp / "emb", tmp / "lab_centers.npy", tmp / "lab", num_labels=3)
         assert again["skipped_shards"] == 4  # only the damaged part was redone
@@ -222,7 +228,8 @@ def test_assign_redoes_parts_of_other_centers_or_l_and_checks_parts_at_merge(emb
         shutil.copy(tmp / "lab" / "parts" / f"part_00001{suffix}", part.with_suffix(suffix))
     with pytest.raises(ValueError, match="part_00002.npy: it was made from other inputs"):
         assign.merge([tmp / "lab" / "parts" / f"part_{i:05d}.npy" for i in range(5)],
-                     [json.loads((tmp / "lab" / "parts" / f"part_{i:05d}.json").read_text())["fingerprint"]
+                     [json.loads((tmp / "lab" / "parts" / f"part_{i:05d}.json")
+                                 .read_text())["fingerprint"]
                       if i != 2 else "expected" for i in range(5)],
                      tmp / "lab", shards, np.load(tmp / "lab_centers.npy"), 3, {"index": "flat"})
 
@@ -248,4 +255,5 @@ def test_label_cli_mistakes_say_what_to_do(embedded, capsys):
     assert cli.main(["kmeans", "--embeddings", str(tmp / "emb"), "--out", str(tmp / "lab"),
                      "--num_centers", str(K), "--niter", "2", "--seed", "1"]) == 0
     assert not (tmp / "lab" / "labels.npy").exists()
-    assert "removed labels.npy and manifest.json of the previous clustering" in capsys.readouterr().out
+    assert ("removed labels.npy and manifest.json of the previous clustering"
+            in capsys.readouterr().out)

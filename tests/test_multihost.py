@@ -55,7 +55,8 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
     # The 2-process checkpoint of step 2, resumed by 1 process on 8 devices, redoes steps 3 and 4.
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
-    out = run(TRAIN + [f"--workdir={resumed}"], XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = run(TRAIN + [f"--workdir={resumed}"],
+              XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert "resuming at step 2" in out.stdout
     np.testing.assert_allclose([losses(resumed)[s] for s in (3, 4)],
                                [reference[s] for s in (3, 4)], rtol=1e-5)
@@ -96,7 +97,8 @@ def test_dry_run_prints_one_command_per_process():
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and len(lines) == 3
     for i, line in enumerate(lines):
-        assert f"JAX_COORDINATOR_ADDRESS=127.0.0.1:1234 JAX_NUM_PROCESSES=3 JAX_PROCESS_ID={i}" in line
+        assert ("JAX_COORDINATOR_ADDRESS=127.0.0.1:1234 JAX_NUM_PROCESSES=3 "
+                f"JAX_PROCESS_ID={i}" in line)
         assert "python -m mlcd_jax.train --workdir=/tmp/x" in line
 
 

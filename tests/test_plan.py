@@ -51,7 +51,8 @@ def test_a_recipe_that_does_not_fit_says_which_knob_helps(tmp_path):
     big, text = plan(tmp_path, "v5e:2x2", "--config.head.num_classes=400000000",
                      "--config.head.sample_ratio=0.001")  # 400M × 32 × 3 × 4 B ≈ 143 GiB
     assert not big["fits"] and "DOES NOT FIT" in text
-    assert any("fsdp" in tip for tip in big["advice"]) and any("devices" in tip for tip in big["advice"])
+    assert (any("fsdp" in tip for tip in big["advice"])
+            and any("devices" in tip for tip in big["advice"]))
 
 
 @pytest.mark.slow

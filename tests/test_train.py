@@ -1,6 +1,6 @@
-"""The trainer, run as users run it: `python -m mlcd_jax.train` in a subprocess on simulated devices.
-Assertions read what it wrote (metrics.jsonl, evals.jsonl, checkpoints) and, for what a person is
-told, its one-line messages."""
+"""The trainer, run as users run it: `python -m mlcd_jax.train` in a subprocess on simulated
+devices. Assertions read what it wrote (metrics.jsonl, evals.jsonl, checkpoints) and, for what a
+person is told, its one-line messages."""
 
 import json
 import pathlib
@@ -36,7 +36,8 @@ def test_tiny_trains_and_loss_falls(tmp_path):
     train(tmp_path, "--config.log_every=1", "--config.profile_steps=2")
     curve = losses(tmp_path)
     assert sorted(curve) == list(range(1, 41))
-    first, last = np.mean([curve[s] for s in range(1, 4)]), np.mean([curve[s] for s in range(38, 41)])
+    first, last = (np.mean([curve[s] for s in range(1, 4)]),
+                   np.mean([curve[s] for s in range(38, 41)]))
     assert last < 0.8 * first, (first, last)
     assert all(r["images_per_s"] > 0 for r in records(tmp_path)[1:])  # timed after the first step
     config = json.loads((tmp_path / "config.json").read_text())
@@ -201,7 +202,8 @@ def test_torn_metrics_line_and_failing_logs_do_not_stop_training(tmp_path):
 
 @slow
 def test_second_trainer_on_a_workdir_is_refused(tmp_path):
-    first = subprocess.Popen(command(tmp_path, "--config.total_steps=100000", "--config.log_every=1"),
+    first = subprocess.Popen(command(tmp_path, "--config.total_steps=100000",
+                                     "--config.log_every=1"),
                              cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 300
@@ -268,7 +270,8 @@ def test_epochs_count_the_data_and_unreadable_images_are_named(tmp_path):
                    "--config.data.num_labels=1", "--config.total_steps=0", "--config.epochs=1",
                    "--config.batch_size=32", "--config.log_every=1",
                    "--config.data.num_examples=1000000")
-    assert "4 steps on 8 devices" in result.stdout and sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert ("4 steps on 8 devices" in result.stdout
+            and sorted(losses(tmp_path / "run")) == [1, 2, 3, 4])
     assert f"skipped an unreadable image: {tmp_path / 'images' / 'a' / 'bad.jpg'}" in result.stdout
     assert "warmup_steps 5 is not shorter than this run's 4 steps" in result.stdout
     assert "config.data.num_examples 1,000,000 is ignored: the data has 101" in result.stdout
@@ -315,8 +318,9 @@ def test_init_from_an_imported_transformers_model(tmp_path):
 
     from mlcd_jax import weights
     from mlcd_jax.interop import hf
-    config = transformers.MLCDVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=16, patch_size=4)
+    config = transformers.MLCDVisionConfig(hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2,
+                                           image_size=16, patch_size=4)
     transformers.MLCDVisionModel(config).save_pretrained(tmp_path / "hf")
     model = hf.load_vision_model(tmp_path / "hf")
     weights.save_model_dir(model, tmp_path / "ours")

@@ -1,4 +1,5 @@
-"""The ViT family: sizes, execution modes (scan / unrolled / remat / bf16), any-size RoPE, sharding."""
+"""The ViT family: sizes, execution modes (scan / unrolled / remat / bf16), any-size RoPE,
+sharding."""
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,8 @@ def test_rope_takes_any_size_learned_does_not():
 
 
 def test_rope_makes_position_matter():
-    """Permuting patches changes RoPE outputs (positions are encoded), unlike a position-free ViT."""
+    """Permuting patches changes RoPE outputs (positions are encoded), unlike a position-free
+    ViT."""
     model = make()
     x = pixels()
     flipped = x[:, ::-1]  # rows of patches reversed

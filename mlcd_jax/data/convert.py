@@ -1,4 +1,5 @@
-"""Image folder or webdataset tar shards (img2dataset's output) → ArrayRecord files of encoded images.
+"""Image folder or webdataset tar shards (img2dataset's output) → ArrayRecord files of encoded
+images.
 
     python -m mlcd_jax.data.convert --input /data/images --output /data/ar/train --shard_size 10000
     python -m mlcd_jax.data.convert --input "/data/laion/{00000..00099}.tar" --output /data/ar/laion
@@ -37,7 +38,8 @@ def _expand(pattern: str) -> list[str]:
     if match:
         lo, hi = match.groups()
         return [p for i in range(int(lo), int(hi) + 1)
-                for p in _expand(pattern[:match.start()] + str(i).zfill(len(lo)) + pattern[match.end():])]
+                for p in _expand(pattern[:match.start()] + str(i).zfill(len(lo))
+                                 + pattern[match.end():])]
     return sorted(glob.glob(pattern))
 
 

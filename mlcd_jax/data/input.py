@@ -35,7 +35,8 @@ class _Input:
 
     def _global(self, images, labels):
         local = self.shape[0], self.shape[1] // jax.process_count()
-        return tuple(jax.make_array_from_process_local_data(self.sharding, x.reshape(local + x.shape[1:]))
+        return tuple(jax.make_array_from_process_local_data(self.sharding,
+                                                            x.reshape(local + x.shape[1:]))
                      for x in (images, labels))
 
 
@@ -74,8 +75,8 @@ class GrainInput(_Input):
             labels = store.open_label_store(c.data.labels, num_examples=len(source),
                                             num_classes=c.head.num_classes)
             if labels.labels.shape[1] < c.data.num_labels:
-                raise ValueError(f"{c.data.labels}/labels.npy has {labels.labels.shape[1]} labels per "
-                                 f"example but config.data.num_labels = {c.data.num_labels}")
+                raise ValueError(f"{c.data.labels}/labels.npy has {labels.labels.shape[1]} labels "
+                                 f"per example but config.data.num_labels = {c.data.num_labels}")
             store.check_label_range(labels)
             labels_path = str(pathlib.Path(c.data.labels) / "labels.npy")
         self.dataset = pipeline.dataset(

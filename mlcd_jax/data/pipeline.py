@@ -122,8 +122,8 @@ def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: 
             flip: bool = True, workers: int = 0, process_index: int | None = None,
             process_count: int | None = None) -> grain.IterDataset:
     """This process's batches: {"image": uint8 (b, S, S, 3), "labels": int32 (b, l), "index",
-    "skipped", "skipped_index"}, b = batch_size / process_count. Training repeats and reshuffles every epoch;
-    evaluation reads each example once, in order (the last partial batch is kept)."""
+    "skipped", "skipped_index"}, b = batch_size / process_count. Training repeats and reshuffles
+    every epoch; evaluation reads each example once, in order (the last partial batch is kept)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:

@@ -83,7 +83,8 @@ class DigitsCanvasSource:
     def __init__(self, split: str = "train", canvas: int = 32, test_fraction: float = 0.3,
                  seed: int = 0):
         if split not in ("train", "test"):
-            raise ValueError(f"config.data.split for digits_canvas must be train or test, got {split!r}")
+            raise ValueError("config.data.split for digits_canvas must be train or test, "
+                             f"got {split!r}")
         digits = DigitsSource()
         order = np.random.default_rng(seed).permutation(len(digits))
         n_test = round(len(digits) * test_fraction)
@@ -169,7 +170,8 @@ class ArrayRecordSource:
         matched = sorted(glob.glob(str(pattern)))
         self.files = [f for f in matched if f.endswith(".array_record")]
         if not self.files:
-            extra = f" (it matches {len(matched)} other files, e.g. {matched[0]})" if matched else ""
+            extra = (f" (it matches {len(matched)} other files, e.g. {matched[0]})" if matched
+                     else "")
             raise FileNotFoundError(f"{field}: no *.array_record files match {pattern}{extra}; "
                                     "make them with `python -m mlcd_jax.data.convert`")
         self.counts = []

@@ -20,9 +20,11 @@ class SyntheticSource:
             raise ValueError(f"config.head.num_classes: the synthetic source supports at most "
                              f"{MAX_CLASSES} classes, got {num_classes}; use a real data source")
         if num_labels > num_classes:
-            raise ValueError(f"config.data.num_labels {num_labels} exceeds num_classes {num_classes}")
+            raise ValueError(f"config.data.num_labels {num_labels} exceeds num_classes "
+                             f"{num_classes}")
         rng = np.random.default_rng(seed)
-        self.templates = rng.normal(size=(num_classes, image_size, image_size, 3)).astype(np.float32)
+        self.templates = (rng.normal(size=(num_classes, image_size, image_size, 3))
+                          .astype(np.float32))
         flat = self.templates.reshape(num_classes, -1)
         flat = flat / np.linalg.norm(flat, axis=1, keepdims=True)
         sims = flat @ flat.T

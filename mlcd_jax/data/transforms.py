@@ -58,7 +58,8 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """Inception-style crop (area fraction in `scale`, aspect ratio in `ratio`), resized to size²."""
+    """Inception-style crop (area fraction in `scale`, aspect ratio in `ratio`), resized to
+    size²."""
     w, h = image.size
     area = w * h
     for _ in range(10):

@@ -1,8 +1,10 @@
 """Evaluate a frozen encoder: python -m mlcd_jax.evaluate --model MODEL --dataset ...
 
     python -m mlcd_jax.evaluate --model runs/demo/mlcd --dataset digits_canvas --test_split test
-    python -m mlcd_jax.evaluate --model RUN --step 400 --dataset folder --path TRAIN_DIR --test_path TEST_DIR
-    python -m mlcd_jax.evaluate --model HF_OR_MODEL_DIR --dataset tfds --tfds_name cifar10 --test_split test
+    python -m mlcd_jax.evaluate --model RUN --step 400 --dataset folder --path TRAIN_DIR \\
+        --test_path TEST_DIR
+    python -m mlcd_jax.evaluate --model HF_OR_MODEL_DIR --dataset tfds --tfds_name cifar10 \\
+        --test_split test
 
 MODEL: a training workdir (its latest checkpoint, or --step), our model dir, or a transformers
 MLCD/CLIP checkpoint dir. Linear probe (CLIP protocol) and kNN (k = 20, T = 0.07) accuracy on

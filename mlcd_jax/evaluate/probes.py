@@ -14,7 +14,8 @@ from mlcd_jax.labels import store
 
 def _fit_score(c, train_x, train_y, test_x, test_y, max_iter):
     clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)
-    with warnings.catch_warnings():  # weak regularisation may stop at max_iter; that is the protocol
+    # weak regularisation may stop at max_iter; that is the protocol
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(train_x, train_y)
     return float((clf.predict(test_x) == test_y).mean())
@@ -35,7 +36,8 @@ def linear_probe(train_x, train_y, test_x, test_y, *, val_fraction: float = 0.2,
     order = rng.permutation(len(train_x))
     n_val = max(1, int(len(order) * val_fraction))
     val, fit = order[:n_val], order[n_val:]
-    score = lambda c: _fit_score(c, train_x[fit], train_y[fit], train_x[val], train_y[val], max_iter)
+    score = lambda c: _fit_score(c, train_x[fit], train_y[fit], train_x[val], train_y[val],
+                                 max_iter)
     coarse = {c: score(c) for c in 10.0 ** np.arange(-4, 5)}
     best = max(coarse, key=lambda c: (coarse[c], -abs(np.log10(c))))
     fine = {c: score(c) for c in best * 10.0 ** np.array([-0.5, -0.25, 0.25, 0.5])}

@@ -17,7 +17,8 @@ def main(argv=None) -> int:
                         "workdir, our model dir (or a transformers dir)")
     parser.add_argument("dst")
     parser.add_argument("--step", type=int, default=None,
-                        help="export from a training workdir: this checkpoint step (default: latest)")
+                        help="export from a training workdir: this checkpoint step "
+                        "(default: latest)")
     args = parser.parse_args(argv)
     try:
         if args.command == "import":

@@ -1,4 +1,5 @@
-"""Weights in and out of transformers' ``MLCDVisionModel`` and ``CLIPVisionModel`` (no torch needed).
+"""Weights in and out of transformers' ``MLCDVisionModel`` and ``CLIPVisionModel`` (no torch
+needed).
 
     python -m mlcd_jax.interop.hf export RUN OUT [--step N]   # a training workdir → transformers
     python -m mlcd_jax.interop.hf export MODEL_DIR OUT        # our model dir → transformers
@@ -73,7 +74,8 @@ def _top_level(cfg: vit.ViTConfig):
         (("post_layernorm", "bias"), "post_layernorm.bias", _same, _same),
     ]
     if cfg.pos == "learned":
-        entries.append((("position_embedding",), "embeddings.position_embedding.weight", _same, _same))
+        entries.append((("position_embedding",), "embeddings.position_embedding.weight",
+                        _same, _same))
     else:
         entries.append((("class_pos_emb",), "class_pos_emb", _same, _same))
     return entries
@@ -91,8 +93,9 @@ def config_from_hf(hf: dict, *, projection_dim: int | None = None, **overrides) 
               "projection_dim": hf.get("projection_dim"), **hf["vision_config"]}
         model_type = hf["model_type"]
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"config.json: model_type {model_type!r} is not supported; expected one of "
-                         f"{sorted(MODEL_TYPES)} (transformers MLCDVisionModel or CLIPVisionModel)")
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported; expected one "
+                         f"of {sorted(MODEL_TYPES)} (transformers MLCDVisionModel or "
+                         "CLIPVisionModel)")
     rope = hf.get("rope_parameters") or {}
     try:
         fields = dict(
@@ -104,7 +107,8 @@ def config_from_hf(hf: dict, *, projection_dim: int | None = None, **overrides) 
             ln_eps=float(hf.get("layer_norm_eps", 1e-5)), channels=hf.get("num_channels", 3),
             embed_dim=projection_dim)
     except KeyError as e:
-        raise ValueError(f"config.json: missing field {e.args[0]!r} for model_type {model_type!r}")
+        raise ValueError(f"config.json: missing field {e.args[0]!r} for model_type "
+                         f"{model_type!r}") from None
     if isinstance(fields["image_size"], list):
         fields["image_size"] = tuple(fields["image_size"])
     return vit.ViTConfig(**(fields | overrides))
@@ -178,9 +182,9 @@ def params_from_hf(cfg: vit.ViTConfig, vision: dict[str, np.ndarray],
                              f"config describes a {cfg.pos} ViT with {cfg.depth} blocks")
         value = to_ours(vision[name])
         if value.shape != tuple(want_shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {vision[name].shape}, which maps "
-                             f"to {value.shape} but the config needs {tuple(want_shape)}; does "
-                             "config.json belong to these weights?")
+            raise ValueError(f"{source}: tensor {name!r} has shape {vision[name].shape}, which "
+                             f"maps to {value.shape} but the config needs {tuple(want_shape)}; "
+                             "does config.json belong to these weights?")
         used.add(name)
         return value
 

@@ -1,8 +1,10 @@
 """Cluster labels: python -m mlcd_jax.labels {embed,kmeans,assign,stats,all} ...
 
-    python -m mlcd_jax.labels embed --model MODEL --source folder --path IMAGES --out EMB --image_size 224
+    python -m mlcd_jax.labels embed --model MODEL --source folder --path IMAGES --out EMB \\
+        --image_size 224
     python -m mlcd_jax.labels kmeans --embeddings EMB --out LAB --num_centers 10000
-    python -m mlcd_jax.labels assign --embeddings EMB --centers LAB/centers.npy --out LAB --num_labels 8
+    python -m mlcd_jax.labels assign --embeddings EMB --centers LAB/centers.npy --out LAB \\
+        --num_labels 8
     python -m mlcd_jax.labels stats --labels LAB
     python -m mlcd_jax.labels all --embeddings EMB --out LAB --num_centers 10000 --num_labels 8
 
@@ -43,8 +45,8 @@ def run_embed(a):
 
 def run_kmeans(a):
     shards = store.open_embeddings(a.embeddings)
-    print(f"kmeans: {shards.total:,} embeddings of width {shards.dim} in {len(shards.files)} shards "
-          f"→ K = {a.num_centers:,}")
+    print(f"kmeans: {shards.total:,} embeddings of width {shards.dim} in {len(shards.files)} "
+          f"shards → K = {a.num_centers:,}")
     centers, info = kmeans.fit(shards, a.num_centers, points_per_center=a.points_per_center,
                                niter=a.niter, two_level=a.two_level, seed=a.seed, init=a.init,
                                nredo=a.nredo)
@@ -57,8 +59,9 @@ def run_kmeans(a):
         print(f"kmeans: removed {' and '.join(stale)} of the previous clustering in {out}; run "
               "`assign` for labels of the new centers")
     store.write_npy_atomic(out / "centers.npy", centers)
-    store.write_json_atomic(out / "kmeans.json", info | {"num_centers": a.num_centers,
-                                                         "source_fingerprint": shards.fingerprint()})
+    store.write_json_atomic(out / "kmeans.json",
+                            info | {"num_centers": a.num_centers,
+                                    "source_fingerprint": shards.fingerprint()})
     print(f"kmeans: wrote {out / 'centers.npy'} ({info['points_per_s_per_iter']:,.0f} points/s per "
           f"iteration on a sample of {info['sample']:,})")
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from mlcd_jax import distributed
 from mlcd_jax.labels import kmeans, store
 
-# K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at K = 100k
-# it matched IVF (nprobe 64) in speed, with exact results (bench/labels.py, README).
+# K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at
+# K = 100k it matched IVF (nprobe 64) in speed, with exact results (bench/labels.py, README).
 EXACT_UP_TO = 262_144
 
 
@@ -112,7 +112,8 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
                 found = []
     seconds = time.perf_counter() - t
     result = {"index": kind, "assigned_now": points, "seconds": seconds,
-              "points_per_s": points / seconds if points else None, "skipped_shards": len(mine) - len(todo)}
+              "points_per_s": points / seconds if points else None,
+              "skipped_shards": len(mine) - len(todo)}
     if kind != "flat":
         queries = kmeans.sample(shards, recall_sample, seed)
         result["recall_at_l"] = recall(index, centers, queries, num_labels)

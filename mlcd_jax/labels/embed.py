@@ -50,7 +50,8 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     todo = [i for i in range(len(bounds)) if i % process_count == process_index
             and store.piece_record(out / names[i]) is None]
     start = time.perf_counter()
-    with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc="embed", unit="img") as bar:
+    with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc="embed",
+              unit="img") as bar:
         for i in todo:
             shard = sources.Subset(source, range(*bounds[i]))
             skipped = pipeline.Skipped(shard)
@@ -79,7 +80,8 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
             "dim": width, "model": model_name, "source": source_name})
     embedded = sum(bounds[i][1] - bounds[i][0] for i in todo)
     return {"shards": len(bounds), "embedded_now": len(todo), "complete": done,
-            "devices": mesh.size, "images_per_s": round(embedded / seconds, 1) if embedded else None}
+            "devices": mesh.size,
+            "images_per_s": round(embedded / seconds, 1) if embedded else None}
 
 
 def _refuse_other_runs(out: pathlib.Path, names, fingerprints) -> None:

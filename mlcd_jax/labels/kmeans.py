@@ -41,8 +41,8 @@ def sample(shards: store.EmbeddingShards, size: int, seed: int) -> np.ndarray:
 def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "random",
                      nredo: int = 1, verbose: bool = True):
     if len(x) < k:
-        raise ValueError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower --num_centers "
-                         "or raise --points_per_center")
+        raise ValueError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower "
+                         "--num_centers or raise --points_per_center")
     if k < 1:
         raise ValueError(f"kmeans: --num_centers must be ≥ 1, got {k}")
     if init not in INITS:

@@ -20,7 +20,8 @@ def compute(label_dir, chunk: int = 1 << 20) -> dict:
     nonzero = top1[top1 > 0]
     return {
         "num_examples": len(s.labels), "num_classes": k, "num_labels": s.labels.shape[1],
-        "empty_clusters_top1": int((top1 == 0).sum()), "empty_clusters_any": int((any_l == 0).sum()),
+        "empty_clusters_top1": int((top1 == 0).sum()),
+        "empty_clusters_any": int((any_l == 0).sum()),
         "size_top1": {"min": int(top1.min()), "median": float(np.median(top1)),
                       "mean": float(top1.mean()), "max": int(top1.max())},
         "imbalance_max_over_mean": float(top1.max() / top1.mean()),
@@ -35,7 +36,8 @@ def plot(stats: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("_sizes_top1", "first label"), ("_sizes_any", f"any of {stats['num_labels']}")):
+    for key, label in (("_sizes_top1", "first label"),
+                       ("_sizes_any", f"any of {stats['num_labels']}")):
         sizes = stats[key]
         bins = np.unique(np.geomspace(1, max(2, sizes.max() + 1), 50).astype(int))
         ax.hist(np.maximum(sizes, 1), bins=bins, histtype="step", label=label)

@@ -68,14 +68,14 @@ def open_embeddings(directory) -> EmbeddingShards:
         counts = tuple(int(s["count"]) for s in m["shards"])
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{manifest} lists shards that are missing: {missing[:5]}; rerun "
-                                    "`embed` (it redoes only missing shards)")
+            raise FileNotFoundError(f"{manifest} lists shards that are missing: {missing[:5]}; "
+                                    "rerun `embed` (it redoes only missing shards)")
         for f, count in zip(files, counts):  # the .npy headers must say what the manifest says
             shape = np.load(f, mmap_mode="r").shape
             if shape != (count, int(m["dim"])):
-                raise ValueError(f"{f} holds {shape[0]} × {shape[1]} embeddings but {manifest} says "
-                                 f"{count} × {m['dim']}: the directory mixes two embedding runs; "
-                                 "embed into a new --out")
+                raise ValueError(f"{f} holds {shape[0]} × {shape[1]} embeddings but {manifest} "
+                                 f"says {count} × {m['dim']}: the directory mixes two embedding "
+                                 "runs; embed into a new --out")
         return EmbeddingShards(directory, files, counts, int(m["dim"]), m.get("model", "unknown"),
                                tuple(s.get("fingerprint", "") for s in m["shards"]))
     clip = sorted((directory / "img_emb").glob("img_emb_*.npy"),
@@ -83,11 +83,13 @@ def open_embeddings(directory) -> EmbeddingShards:
     if clip:  # clip-retrieval: counts and dim from the .npy headers, no data read
         shapes = [np.load(f, mmap_mode="r").shape for f in clip]
         if len({s[1] for s in shapes}) != 1:
-            raise ValueError(f"{directory}/img_emb: shards differ in width: {sorted({s[1] for s in shapes})}")
+            raise ValueError(f"{directory}/img_emb: shards differ in width: "
+                             f"{sorted({s[1] for s in shapes})}")
         return EmbeddingShards(directory, tuple(clip), tuple(s[0] for s in shapes), shapes[0][1],
                                "clip-retrieval")
-    raise FileNotFoundError(f"{directory}: no manifest.json (from `python -m mlcd_jax.labels embed`) "
-                            "and no img_emb/img_emb_*.npy (clip-retrieval); point --embeddings at one")
+    raise FileNotFoundError(f"{directory}: no manifest.json (from "
+                            "`python -m mlcd_jax.labels embed`) and no img_emb/img_emb_*.npy "
+                            "(clip-retrieval); point --embeddings at one")
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -199,10 +201,12 @@ def open_label_store(directory, *, num_examples: int | None = None,
 
 
 def check_label_range(store: LabelStore, chunk: int = 1 << 20) -> None:
-    """Every id in [-1, K) and every example with a label: a full read, done once before training."""
+    """Every id in [-1, K) and every example with a label: a full read, done once before
+    training."""
     for start in range(0, len(store.labels), chunk):
         part = np.asarray(store.labels[start:start + chunk])
-        bad = np.flatnonzero((part < -1).any(1) | (part >= store.num_classes).any(1) | (part[:, 0] < 0))
+        bad = np.flatnonzero((part < -1).any(1) | (part >= store.num_classes).any(1)
+                             | (part[:, 0] < 0))
         if bad.size:
             row = start + int(bad[0])
             raise ValueError(f"labels.npy row {row} is {part[bad[0]].tolist()}: ids must lie in "

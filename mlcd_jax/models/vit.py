@@ -7,9 +7,10 @@
 * ``pos="learned"``: CLIP's encoder (``CLIPVisionModel``): learned absolute position embedding for
   one image size, quick-GELU.
 
-Both: bias-free conv patch embedding, learned class token, ``pre_layrnorm`` over all tokens, pre-norm
-blocks with separate q/k/v/out projections, ``post_layernorm`` on the class token (the pooled
-output), and an optional bias-free projection to the embedding width that feeds the MLCD head.
+Both: bias-free conv patch embedding, learned class token, ``pre_layrnorm`` over all tokens,
+pre-norm blocks with separate q/k/v/out projections, ``post_layernorm`` on the class token (the
+pooled output), and an optional bias-free projection to the embedding width that feeds the MLCD
+head.
 
 Blocks are stored stacked (a leading ``layers`` axis on every block parameter) and run either by
 ``lax.scan`` (``scan=True``: one block compiled, for deep models) or unrolled; ``remat=True``
@@ -62,13 +63,15 @@ class ViTConfig:
                 raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
         if not all(isinstance(s, int) and s >= 1 for s in self.image_hw):
             raise ValueError(f"ViTConfig.image_size must be positive, got {self.image_size!r}")
-        if self.embed_dim is not None and not (isinstance(self.embed_dim, int) and self.embed_dim >= 1):
+        if self.embed_dim is not None and not (isinstance(self.embed_dim, int)
+                                               and self.embed_dim >= 1):
             raise ValueError(f"ViTConfig.embed_dim must be None or a positive integer, got "
                              f"{self.embed_dim!r}")
         for name in ("ln_eps", "rope_theta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"ViTConfig.{name} must be a finite positive number, got {value!r}")
+                raise ValueError(f"ViTConfig.{name} must be a finite positive number, "
+                                 f"got {value!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ViTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.pos not in POSITIONS:
@@ -110,7 +113,8 @@ SIZES = {
 
 
 def vit_config(name: str, **overrides) -> ViTConfig:
-    """A named size (``SIZES``) with any field overridden, e.g. ``vit_config("B/16", pos="learned")``."""
+    """A named size (``SIZES``) with any field overridden, e.g.
+    ``vit_config("B/16", pos="learned")``."""
     if name not in SIZES:
         raise ValueError(f"unknown ViT size {name!r}; known sizes: {', '.join(SIZES)}")
     return ViTConfig(**(SIZES[name] | overrides))
@@ -175,7 +179,8 @@ class Block(nnx.Module):
         cfg = self.cfg
         b, t, w = x.shape
         # The dense layers see 2-D (tokens, width): XLA:CPU computes the weight gradient of a dense
-        # layer over (batch, tokens, width) ~4× slower than the same GEMM over (batch·tokens, width).
+        # layer over (batch, tokens, width) ~4× slower than the same GEMM over
+        # (batch·tokens, width).
         x = x.reshape(b * t, w)
         h = self.layer_norm1(x)
         split = lambda y: y.reshape(b, t, cfg.heads, cfg.head_dim)
