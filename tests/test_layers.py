@@ -91,3 +91,12 @@ def test_the_check_sees_lazy_imports():
     edges = graph()
     assert "mlcd_jax.interop.hf" in edges["mlcd_jax.weights"]  # imported inside load_encoder
     assert "mlcd_jax.evaluate.features" in edges["mlcd_jax.labels.embed"]  # inside run
+
+
+def test_lint_is_clean():
+    """ruff (the test extra), configured in pyproject.toml: 100 columns, E, W, F, I, B."""
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."],
+                            cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-1000:]
