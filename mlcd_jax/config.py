@@ -117,7 +117,6 @@ def parse_flags(argv):
     """absl flag parsing for the trainer and the planner in which a config mistake (a misspelt
     field, a missing config file, a value of the wrong type, an unknown config argument) is one
     line naming it, and exit 2, instead of ml_collections' chained tracebacks."""
-    import sys
 
     from absl import flags
     for arg in argv[1:]:
@@ -143,7 +142,6 @@ def parse_flags(argv):
               "default: mlcd_jax/config.py:base_config)")
     except (OSError, ValueError, TypeError) as e:
         _exit(" ".join(str(e).split()))
-    sys.exit(2)
 
 
 def _exit(message: str):

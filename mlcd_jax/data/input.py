@@ -25,12 +25,11 @@ class _Input:
         self.c, self.sharding = c, sharding
         self.shape = (c.grad_accum, c.batch_size // c.grad_accum)
         self.skipped = pipeline.Skipped(source, keep=100)  # unreadable images skipped so far
-        self._told = 0
+        self._unsaid: list[str] = []
 
     def new_skips(self) -> list[str]:
         """Names of skipped images not yet returned by an earlier call."""
-        new = self.skipped.names[self._told:]
-        self._told = len(self.skipped.names)
+        new, self._unsaid = self._unsaid, []
         return new
 
     def _global(self, images, labels):
@@ -88,7 +87,7 @@ class GrainInput(_Input):
 
     def next(self):
         batch = next(self.iterator)
-        self.skipped.add(batch)
+        self._unsaid += self.skipped.add(batch)
         labels = batch["labels"][:, :self.c.data.num_labels]
         return self._global(batch["image"], labels)
 

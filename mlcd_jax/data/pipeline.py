@@ -60,7 +60,7 @@ class SkipCorrupt(grain.IterDataset):
     """Drops corrupt examples; each kept example carries how many were dropped just before it
     ("skipped"; a batch's sum is the number skipped while it was assembled, whatever worker made
     it) and the source indices of up to NAMED_SKIPS of them ("skipped_index", -1 padded), so the
-    caller can name them (`skipped_names`)."""
+    caller can name them (`Skipped`)."""
 
     def __init__(self, parent: grain.IterDataset):
         super().__init__(parent)

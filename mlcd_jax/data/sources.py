@@ -22,14 +22,16 @@ import re
 import numpy as np
 from PIL import Image
 
+from mlcd_jax.labels.store import digest
+
 SOURCES = ("synthetic", "digits", "digits_canvas", "folder", "arrayrecord", "tfds")
 LABELLED = ("digits", "digits_canvas", "folder", "tfds")  # real images with classes: evaluable
 WITH_SPLITS = ("digits_canvas", "tfds")  # sources whose `split` selects other records
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _digest(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 class Subset:
@@ -51,7 +53,7 @@ class Subset:
         indices = self.indices
         key = ([indices.start, indices.stop, indices.step] if isinstance(indices, range)
                else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest())
-        return _digest(self.source.fingerprint(), key)
+        return digest(self.source.fingerprint(), key)
 
 
 class DigitsSource:
@@ -72,7 +74,7 @@ class DigitsSource:
         return f"digits[{i}]"
 
     def fingerprint(self):
-        return _digest("digits", len(self))
+        return digest("digits", len(self))
 
 
 class DigitsCanvasSource:
@@ -110,7 +112,7 @@ class DigitsCanvasSource:
         return f"digits_canvas/{self.split}[{i}]"
 
     def fingerprint(self):
-        return _digest("digits_canvas", self.split, self.seed, len(self))
+        return digest("digits_canvas", self.split, self.seed, len(self))
 
 
 class FolderSource:
@@ -151,7 +153,7 @@ class FolderSource:
         return str(self.paths[i])
 
     def fingerprint(self):
-        return _digest("folder", [str(p.relative_to(self.root)) for p in self.paths])
+        return digest("folder", [str(p.relative_to(self.root)) for p in self.paths])
 
 
 SHARD_NAME = re.compile(r"(.*)-\d{5}-of-\d{5}\.array_record$")
@@ -182,7 +184,7 @@ class ArrayRecordSource:
                 reader.close()
             except Exception as e:  # riegeli raises plain RuntimeErrors without the file name
                 raise ValueError(f"{field}: {f} is not a readable ArrayRecord file "
-                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                 f"({_first_line(e)}); "
                                  "remake it with `python -m mlcd_jax.data.convert`") from None
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._open()
@@ -201,7 +203,7 @@ class ArrayRecordSource:
             return {"image_bytes": self.source[i], "label": -1, "path": self.name(i)}
         except Exception as e:  # a damaged region of a file: the record is skipped, and named
             return {"image_bytes": b"", "label": -1, "path": self.name(i),
-                    "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                    "error": _first_line(e)}
 
     def name(self, i):
         """Record i's original name from convert's index (when it lies beside the files) and its
@@ -221,7 +223,7 @@ class ArrayRecordSource:
             return place
 
     def fingerprint(self):
-        return _digest("arrayrecord", [[pathlib.Path(f).name, n, pathlib.Path(f).stat().st_size]
+        return digest("arrayrecord", [[pathlib.Path(f).name, n, pathlib.Path(f).stat().st_size]
                                        for f, n in zip(self.files, self.counts)])
 
     def __getstate__(self):  # reopened in grain worker processes
@@ -261,7 +263,7 @@ class TfdsSource:
         return f"{self.args[0]}/{self.args[1]}[{i}]"
 
     def fingerprint(self):
-        return _digest("tfds", self.args, len(self))
+        return digest("tfds", self.args, len(self))
 
 
 def make_source(data, *, field: str = "config.data") -> object:
