@@ -35,7 +35,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image_size = 0                  # 0 = data.image_size
     c.model.dtype = "bfloat16"              # compute dtype; parameters stay float32
     c.model.scan = False
-    c.model.remat = False
+    c.model.remat = False                   # recompute block activations in the backward pass
+    c.model.remat_policy = "full"           # what remat keeps: "full" (nothing), "dots" (dense
+                                            # layers' outputs), "mlp" (all but the MLP hidden)
+    c.model.attention = "auto"              # "auto" (cuDNN on GPU in bf16), "xla", "cudnn"
+    c.model.attention_pad = 0               # pad tokens to a multiple (0: what attention needs)
     c.model.init_from = ""                  # a model dir (`python -m mlcd_jax.interop.hf import`)
 
     c.head = ml_collections.ConfigDict()
@@ -47,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.head.sample_ratio = 0.1
     c.head.lr_mult = 1.0                    # learning-rate multiplier of the class centers
     c.head.chunk = 0                        # classes scored at a time per shard; 0 = automatic
+    c.head.matmul_dtype = ""                # negatives' matmul inputs: "" = as model.dtype (bf16
+                                            # with float32 accumulation), or "float32"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"             # one of mlcd_jax.data.sources.SOURCES
@@ -55,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split = "train"
     c.data.labels = ""                      # label store dir (`python -m mlcd_jax.labels`); "" =
                                             # the source's own class as the single label
-    c.data.workers = 0                      # grain worker processes (0 = in the main process)
+    c.data.workers = -1                     # grain worker processes: 0 = in the main process;
+                                            # -1 = the cores on accelerators, 0 on CPU devices
     c.data.crop_scale = (0.08, 1.0)         # random-resized-crop area fraction
     c.data.flip = True                      # random horizontal flip (off where it changes the
                                             # class, e.g. digits)
@@ -161,6 +168,8 @@ def check_arg(arg, allowed: tuple, config_file: str) -> None:
 def vit_config(c: ml_collections.ConfigDict) -> vit.ViTConfig:
     overrides = dict(pos=c.model.pos, embed_dim=c.model.embed_dim or None, dtype=c.model.dtype,
                      scan=c.model.scan, remat=c.model.remat,
+                     remat_policy=c.model.remat_policy, attention=c.model.attention,
+                     attention_pad=c.model.attention_pad,
                      image_size=c.model.image_size or c.data.image_size)
     if c.model.act:
         overrides["act"] = c.model.act
@@ -183,8 +192,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         fail("data.source", f"must be one of {sources.SOURCES}, got {c.data.source!r}")
     if not 0 < c.head.sample_ratio <= 1:
         fail("head.sample_ratio", f"must be in (0, 1], got {c.head.sample_ratio}")
+    if c.head.matmul_dtype not in ("", "float32", "bfloat16"):
+        fail("head.matmul_dtype", f"must be '', 'float32' or 'bfloat16', got "
+             f"{c.head.matmul_dtype!r}")
     if c.head.chunk < 0:
         fail("head.chunk", f"must be ≥ 0 (0 = automatic), got {c.head.chunk}")
+    if c.data.workers < -1:
+        fail("data.workers", f"must be ≥ -1 (-1 = automatic, 0 = none), got {c.data.workers}")
     if c.data.num_labels < 1:
         fail("data.num_labels", f"must be ≥ 1, got {c.data.num_labels}")
     if c.evals.every < 0:

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     print(f"[1/4] teacher embeddings (clean digits) → k-means K = {K} → top-{L} labels", flush=True)
     labels = teacher_labels(workdir, train)
     for i, kind in enumerate(("mlcd", "single")):
-        print(f"[{2 + i}/4] pretraining ({kind}) on 8 simulated devices", flush=True)
+        print(f"[{2 + i}/4] pretraining ({kind}); the trainer names the devices", flush=True)
         pretrain(workdir, kind, labels, a.override)
 
     print("[4/4] evaluating on the held-out canvases", flush=True)

@@ -84,15 +84,21 @@ _LOGITS_PER_CHUNK = 1 << 20
 _MIN_CHUNK = 128
 
 
-def _chunk_scores(emb, centers, idx, valid, pos_slot, c):
+def _dot(a, b, dtype):
+    """a @ b with inputs in `dtype` (bf16 runs at the accelerator's matmul peak) and float32
+    accumulation and result."""
+    return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype):
     """Chunk c of the drawn classes: normalised rows w (with 1/|x| and |x|², which the backward
-    pass needs), cos(emb, w), and the mask of real negatives (not padding, not the sample's own
-    positive)."""
+    pass needs), cos(emb, w) (the matmul in `dtype`), and the mask of real negatives (not padding,
+    not the sample's own positive)."""
     rows = centers[idx[c]].astype(jnp.float32)                            # (chunk, D)
     sq = jnp.sum(rows * rows, axis=-1, keepdims=True)
     inv = jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
     w = rows * inv
-    cos = emb @ w.T                                                       # (B, chunk)
+    cos = _dot(emb, w.T, dtype)                                           # (B, chunk)
     size = idx.shape[1]
     col = pos_slot - c * size                                             # positive's column here
     col = jnp.where((col >= 0) & (col < size), col, size)                 # size = not in this chunk
@@ -102,24 +108,24 @@ def _chunk_scores(emb, centers, idx, valid, pos_slot, c):
     return w, inv, sq, cos, mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _negatives(emb, centers, idx, valid, pos_slot, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _negatives(emb, centers, idx, valid, pos_slot, scale, dtype):
     """Per sample, log Σ exp(s·cos) over this shard's drawn negatives (−inf if none), with the sum
     and count of those cosines (for metrics; no gradient).
 
     emb (B, D) normalised; centers (K_local, D) raw; idx, valid (chunks, chunk) drawn local rows;
     pos_slot (B, l) each positive's position in the flattened draw (m, the number drawn, if it
-    was not drawn here: a padding column or none).
+    was not drawn here: a padding column or none); dtype: of the matmuls' inputs.
     The backward pass recomputes each chunk's logits from the per-sample log-sum-exp, so memory
     holds O(B × chunk) logits, never B × r·K_local.
     """
-    return _negatives_fwd(emb, centers, idx, valid, pos_slot, scale)[0]
+    return _negatives_fwd(emb, centers, idx, valid, pos_slot, scale, dtype)[0]
 
 
-def _negatives_fwd(emb, centers, idx, valid, pos_slot, scale):
+def _negatives_fwd(emb, centers, idx, valid, pos_slot, scale, dtype):
     def step(c, carry):  # online log-sum-exp: both running sums rescaled to the larger max
         top, total, cos_sum, count = carry
-        _, _, _, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c)
+        _, _, _, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype)
         logits = jnp.where(mask, scale * cos, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
         shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
@@ -136,20 +142,20 @@ def _negatives_fwd(emb, centers, idx, valid, pos_slot, scale):
     return (lse, cos_sum, count), (emb, centers, idx, valid, pos_slot, lse)
 
 
-def _negatives_bwd(scale, residuals, cotangents):
+def _negatives_bwd(scale, dtype, residuals, cotangents):
     emb, centers, idx, valid, pos_slot, lse = residuals
     g = cotangents[0]                                                     # d loss / d lse, (B,)
 
     def step(c, carry):
         d_emb, d_centers = carry
-        w, inv, sq, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c)
+        w, inv, sq, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype)
         # d lse / d cos_j = s · softmax_j; masked entries (and rows with lse = −inf) get 0.
         d_cos = jnp.where(mask, scale * jnp.exp(scale * cos - lse[:, None]), 0.0) * g[:, None]
-        d_w = d_cos.T @ emb                                               # (chunk, D)
+        d_w = _dot(d_cos.T, emb, dtype)                                   # (chunk, D)
         # Through w = x / |x|: d x = (d w − w (w · d w)) / |x| (no projection where |x| is clamped).
         d_rows = inv * (d_w - jnp.where(sq > 1e-24, w * jnp.sum(w * d_w, -1, keepdims=True), 0.0))
         d_rows = jnp.where(valid[c][:, None], d_rows, 0.0)
-        return d_emb + d_cos @ w, d_centers.at[idx[c]].add(d_rows)
+        return d_emb + _dot(d_cos, w, dtype), d_centers.at[idx[c]].add(d_rows)
 
     init = (jnp.zeros_like(emb), jnp.zeros_like(centers, jnp.float32))
     d_emb, d_centers = jax.lax.fori_loop(0, idx.shape[0], step, init)
@@ -169,6 +175,8 @@ class HeadConfig:
     sample_ratio: float = 0.1      # r: each shard draws ceil(r · K_local) negatives; 1 = all, exact
     num_classes: int | None = None # K when the centers carry padding rows past K
     chunk: int | None = None       # classes scored at a time per shard (None: automatic)
+    matmul_dtype: str = "float32"  # inputs of the negatives' matmuls ("bfloat16": float32
+                                   # accumulation; the positives stay float32)
 
     def __post_init__(self):
         if self.loss not in config_lib.LOSSES:
@@ -178,16 +186,22 @@ class HeadConfig:
                              f"{self.margin_type!r}")
         if not 0.0 < self.sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
+        if self.matmul_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"matmul_dtype must be 'float32' or 'bfloat16', got "
+                             f"{self.matmul_dtype!r}")
         if self.chunk is not None and self.chunk < 1:
             raise ValueError(f"chunk (classes scored at a time) must be ≥ 1 or None (automatic), "
                              f"got {self.chunk}")
 
     @classmethod
-    def from_config(cls, head) -> HeadConfig:
-        """From a config's `head` section (its `lr_mult` belongs to the optimizer)."""
+    def from_config(cls, c) -> HeadConfig:
+        """From a config's `head` section (its `lr_mult` belongs to the optimizer); the matmuls
+        run in the model's compute dtype unless head.matmul_dtype says otherwise."""
+        head = c.head
+        matmul = head.matmul_dtype or ("float32" if c.model.dtype == "float32" else "bfloat16")
         return cls(loss=head.loss, scale=float(head.scale), margin=float(head.margin),
                    margin_type=head.margin_type, sample_ratio=float(head.sample_ratio),
-                   num_classes=head.num_classes, chunk=head.chunk or None)
+                   num_classes=head.num_classes, chunk=head.chunk or None, matmul_dtype=matmul)
 
 
 def _positive_cosines(emb, centers, labels, offset, psum):
@@ -255,7 +269,8 @@ def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes:
     # log-sum-exp per sample in chunks of classes (logits recomputed in the backward pass).
     idx, valid, pos_slot = _draw(key, shard, num_local, num_valid, cfg.sample_ratio, mine, local)
     idx, valid = _chunk_layout(idx, valid, cfg.chunk, labels.shape[0])
-    neg_lse, neg_cos_sum, num_neg = _negatives(emb, centers, idx, valid, pos_slot, cfg.scale)
+    neg_lse, neg_cos_sum, num_neg = _negatives(emb, centers, idx, valid, pos_slot, cfg.scale,
+                                               jnp.dtype(cfg.matmul_dtype))
     pos_mask = labels >= 0
     per_sample, terms = _loss_terms(cfg, pos_cos, pos_mask, neg_lse, class_axes)
 

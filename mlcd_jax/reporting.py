@@ -112,6 +112,7 @@ class Reporter:
         self.evals = _Log(self.workdir / "evals.jsonl")
         self._mark = None  # (time, step) of the last report or resume; None while paused
         self._timed_steps, self._timed_seconds, self.eval_seconds = 0, 0.0, 0.0
+        self._input_wait = 0.0  # seconds the devices sat idle waiting for input, this lap
         self.tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -125,14 +126,20 @@ class Reporter:
     def start_clock(self, step: int) -> None:
         """Start (or resume) timing training at `step`."""
         self._mark = (time.perf_counter(), step)
+        self._input_wait = 0.0
+
+    def input_wait(self, seconds: float) -> None:
+        """The devices sat idle `seconds` waiting for the next batch (shown as a fraction of the
+        time between reports)."""
+        self._input_wait += seconds
 
     def pause_clock(self, step: int) -> None:
         """Stop timing (an eval follows); the steps since the last mark count as trained."""
         self._lap(step)
         self._mark = None
 
-    def _lap(self, step: int) -> float | None:
-        """Add the time since the mark to training time; the rate of this lap (steps/s)."""
+    def _lap(self, step: int) -> tuple[int, float] | None:
+        """Add the time since the mark to training time; this lap's (steps, seconds)."""
         if self._mark is None or step <= self._mark[1]:
             return None
         now = time.perf_counter()
@@ -140,22 +147,25 @@ class Reporter:
         self._timed_steps += steps
         self._timed_seconds += seconds
         self._mark = (now, step)
-        return steps / seconds
+        return steps, seconds
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        rate = self._lap(step)
+        lap = self._lap(step)
+        waited, self._input_wait = self._input_wait, 0.0
         if not self.enabled:
             return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        if rate:
-            record["images_per_s"] = rate * self.batch
+        if lap:
+            record["images_per_s"] = lap[0] * self.batch / lap[1]
+            record["input_wait"] = min(1.0, waited / lap[1])
         self.metrics.append(json.dumps(record) + "\n")
         self.tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
         average = self._timed_steps / self._timed_seconds if self._timed_seconds else None
         eta = f"{(self.total - step) / average / 60:.1f} min" if average else "?"
         shown = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "pos_cos", "neg_cos", "lr")
                          if k in record)
-        speed = f" {record['images_per_s']:.1f} img/s" if rate else ""
+        speed = (f" {record['images_per_s']:.1f} img/s (input wait "
+                 f"{record['input_wait']:.0%})" if lap else "")
         if record.get("skipped_images"):
             speed += f" ({record['skipped_images']:.0f} unreadable images skipped)"
         evals = f" (+ evals, {self.eval_seconds:.0f} s so far)" if self.eval_seconds else ""

@@ -38,7 +38,7 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
     if images.dtype == jnp.uint8:  # real images travel as uint8: 4× less host → device traffic
         images = transforms.normalize(images.astype(jnp.float32))
     key = jax.random.fold_in(jax.random.key(c.seed), state["step"])
-    loss_fn = functools.partial(head.loss, cfg=head.HeadConfig.from_config(c.head), mesh=mesh)
+    loss_fn = functools.partial(head.loss, cfg=head.HeadConfig.from_config(c), mesh=mesh)
 
     def micro_step(params, images, labels, key):
         def f(params):
@@ -132,6 +132,7 @@ def summarize(built: Built, mesh, compiled=None) -> str:
     """Steps, mesh, model and the compiled step's per-device memory, in one line."""
     compiled = compiled or built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
     mem = compiled.memory_analysis()
-    return (f"{built.total_steps} steps on {mesh.size} devices {dict(mesh.shape)}; "
+    kind = mesh.devices.flat[0].device_kind
+    return (f"{built.total_steps} steps on {mesh.size} devices ({kind}) {dict(mesh.shape)}; "
             f"{built.describe()}; per device: arguments {mem.argument_size_in_bytes / 2**20:.1f} "
             f"MiB, temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB")

@@ -195,12 +195,18 @@ def train(c, workdir: pathlib.Path) -> None:
         return FloatingPointError(f"{what} at step {step}; stopped without saving; {where}")
 
     profiling = False
+    in_flight = None  # the loss of the step the devices are running
     try:
         for step in range(start + 1, total_steps + 1):
             if c.profile_steps and step == start + 2:  # after the first step's compile and warm-up
                 jax.profiler.start_trace(str(workdir / "profile"))
                 profiling = True
-            state, metrics = compiled(state, inputs.next())
+            batch, idle = inputs.next(in_flight)  # made ahead while the devices ran
+            report.input_wait(idle)
+            state, metrics = compiled(state, batch)
+            if in_flight is not None:  # the step before: at most two steps queued on the devices
+                in_flight.block_until_ready()
+            in_flight = metrics["loss"]
             stop = preempted(step)
             if step == start + 1:  # the clock starts after the first step (compile, warm-up)
                 jax.block_until_ready(metrics)

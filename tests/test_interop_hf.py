@@ -92,9 +92,11 @@ def inputs(h, w, seed=0):
     return np.random.default_rng(seed).normal(size=(2, h, w, 3)).astype(np.float32)
 
 
-def test_import_matches_transformers(checkpoint):
+@pytest.mark.parametrize("attention_pad", [0, 64])
+def test_import_matches_transformers(checkpoint, attention_pad):
+    """Also through the GPU's attention path (tokens padded to 64 and masked), run by XLA here."""
     name, model, path, sizes = checkpoint
-    ours = hf.load_vision_model(path)
+    ours = hf.load_vision_model(path, attention_pad=attention_pad)
     assert ours.cfg.pos == ("rope" if name.startswith("mlcd") else "learned")
     for h, w in sizes:
         diffs = max_diff(ours, model, inputs(h, w))

@@ -39,7 +39,8 @@ def test_tiny_trains_and_loss_falls(tmp_path):
     first, last = (np.mean([curve[s] for s in range(1, 4)]),
                    np.mean([curve[s] for s in range(38, 41)]))
     assert last < 0.8 * first, (first, last)
-    assert all(r["images_per_s"] > 0 for r in records(tmp_path)[1:])  # timed after the first step
+    assert all(r["images_per_s"] > 0 and 0 <= r["input_wait"] <= 1  # timed after the first step
+               for r in records(tmp_path)[1:])
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"]["size"] == "micro" and config["total_steps"] == 40
     assert list((tmp_path / "tensorboard").iterdir())

@@ -117,10 +117,51 @@ def test_scan_and_remat_match_unrolled(pos):
         return jax.jit(jax.value_and_grad(f))(params)
 
     want_loss, want_grad = loss_and_grad({})
-    for overrides in ({"scan": True}, {"remat": True}, {"scan": True, "remat": True}):
+    for overrides in ({"scan": True}, {"remat": True}, {"scan": True, "remat": True},
+                      {"remat": True, "remat_policy": "dots"},
+                      {"scan": True, "remat": True, "remat_policy": "mlp"},
+                      {"attention_pad": 64}, {"attention_pad": 8, "scan": True}):
         loss, grad = loss_and_grad(overrides)
         np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
         assert_same_math(grad, want_grad, rtol=1e-5)
+
+
+def reference_attention(q, k, v):
+    """Softmax attention in float64 numpy, written out: (B, T, N, H) → (B, T, N, H)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", weights, v)
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 17, 50, 64, 65, 197])
+def test_padded_masked_attention_is_unpadded_attention(tokens):
+    """The cuDNN path's padding (token axis to a multiple, padding masked), run through XLA: the
+    same values as float64 attention over the real tokens, and the same gradients as unpadded."""
+    rng = np.random.default_rng(tokens)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, tokens, 3, 8)), jnp.float32) for _ in range(3))
+    want = reference_attention(q, k, v)
+    direction = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    grads = {}
+    for multiple in (1, 8, 64):
+        out = vit.attention(q, k, v, implementation="xla", multiple=multiple)
+        assert out.shape == q.shape
+        assert_same_math(np.asarray(out, np.float64), want, rtol=1e-5)
+        f = lambda q, k, v: jnp.sum(vit.attention(q, k, v, multiple=multiple) * direction)
+        grads[multiple] = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+    for multiple in (8, 64):
+        assert_same_math(grads[multiple], grads[1], rtol=1e-5)
+
+
+def test_attention_implementation_and_remat_policy_choices():
+    cfg = vit.vit_config("tiny")
+    assert vit.attention_implementation(cfg) == ("xla", 1)  # this CPU
+    assert vit.attention_implementation(vit.vit_config("tiny", attention_pad=8)) == ("xla", 8)
+    assert vit.attention_implementation(vit.vit_config("tiny", attention="cudnn")) == ("cudnn", 64)
+    for bad in ({"attention": "flash"}, {"remat_policy": "some"}, {"attention_pad": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            vit.vit_config("tiny", **bad)
 
 
 def test_bfloat16_compute_float32_params():

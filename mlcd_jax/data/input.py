@@ -1,12 +1,18 @@
 """The trainer's input: global (images, labels) arrays of each step, and a checkpointable state.
 
 Batches are laid out (grad_accum, micro, ...) with `micro` split over the mesh's batch axes; each
-process supplies its own rows (`jax.make_array_from_process_local_data`).
+process supplies its own rows (`jax.make_array_from_process_local_data`). A thread makes the next
+`PREFETCH` batches (reading, decoding through grain's workers, the copy to the devices) while the
+devices run the current step; `next` also says how long the devices sat idle waiting for it.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import queue
+import threading
+import time
 
 import jax
 import numpy as np
@@ -14,18 +20,34 @@ import numpy as np
 from mlcd_jax.data import pipeline, sources, synthetic
 from mlcd_jax.labels import store
 
+PREFETCH = 2  # batches made ahead, on the devices (≥ 2)
+
 
 def open_source(c):
     """The config's real data source (None for synthetic data): opened, and so checked, first."""
     return None if c.data.source == "synthetic" else sources.make_source(c.data)
 
 
+def num_workers(c) -> int:
+    """grain worker processes: config.data.workers, or (-1, automatic) this process's cores when
+    the devices are accelerators, none when they are CPUs (they compute the step on those
+    cores)."""
+    if c.data.workers >= 0:
+        return c.data.workers
+    return 0 if jax.default_backend() == "cpu" else len(os.sched_getaffinity(0))
+
+
 class _Input:
+    """Prefetching, state and skips; subclasses make host batches (`_make`) and have a state
+    (`_state`, `_set_state`) that a checkpoint keeps: the one after the last batch consumed."""
+
     def __init__(self, c, sharding, source=None):
         self.c, self.sharding = c, sharding
         self.shape = (c.grad_accum, c.batch_size // c.grad_accum)
         self.skipped = pipeline.Skipped(source, keep=100)  # unreadable images skipped so far
         self._unsaid: list[str] = []
+        self._queue: queue.Queue | None = None
+        self._consumed_state = None
 
     def new_skips(self) -> list[str]:
         """Names of skipped images not yet returned by an earlier call."""
@@ -38,6 +60,48 @@ class _Input:
                                                             x.reshape(local + x.shape[1:]))
                      for x in (images, labels))
 
+    def _produce(self):
+        """The prefetching thread: (device batch, skip info, state after it), or the error."""
+        try:
+            while True:
+                images, labels, skips = self._make()
+                self._queue.put((self._global(images, labels), skips, self._state()))
+        except BaseException as e:  # noqa: B036 (the consumer re-raises it)
+            self._queue.put(e)
+
+    def next(self, in_flight: jax.Array | None = None):
+        """(batch, idle seconds): the next global batch, and how long the devices sat idle
+        waiting for it (from when `in_flight`, an output of the step now running, was ready)."""
+        if self._queue is None:
+            self._consumed_state = self._state()
+            self._queue = queue.Queue(maxsize=PREFETCH - 1)  # + one waiting to be put
+            threading.Thread(target=self._produce, daemon=True, name="prefetch").start()
+        idle_since = None
+        while True:
+            try:
+                item = self._queue.get(timeout=0.002)
+                break
+            except queue.Empty:
+                if idle_since is None and (in_flight is None or in_flight.is_ready()):
+                    idle_since = time.perf_counter()
+        if isinstance(item, BaseException):
+            raise item
+        batch, skips, self._consumed_state = item
+        if skips is not None:
+            self._unsaid += self.skipped.add(skips)
+        return batch, time.perf_counter() - idle_since if idle_since is not None else 0.0
+
+    def get_state(self):
+        state = self._consumed_state if self._queue is not None else self._state()
+        return {"input": state, "skipped": self.skipped.count}
+
+    def set_state(self, state):
+        if self._queue is not None:
+            raise RuntimeError("set_state after the first batch: the prefetched ones would be lost")
+        # Checkpoints written before prefetching: {"step"} (synthetic), {"iterator", "skipped"}.
+        self._set_state(state["input"] if "input" in state else state.get("iterator", state))
+        self.skipped.count = state.get("skipped", 0)
+
 
 class SyntheticInput(_Input):
     """Batch `step` is a pure function of (seed, step): the state is the step."""
@@ -49,18 +113,18 @@ class SyntheticInput(_Input):
             image_size=c.data.image_size, noise=c.data.noise, seed=c.seed)
         self.step = 0
 
-    def next(self):
+    def _make(self):
         per = self.shape[1] // jax.process_count()
         rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
         images, labels = self.source.batch(self.step, self.shape, rows)
         self.step += 1
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
-        return self._global(flat(images), flat(labels))
+        return flat(images), flat(labels), None
 
-    def get_state(self):
+    def _state(self):
         return {"step": self.step}
 
-    def set_state(self, state):
+    def _set_state(self, state):
         self.step = state["step"]
 
 
@@ -81,22 +145,19 @@ class GrainInput(_Input):
         self.dataset = pipeline.dataset(
             source, batch_size=c.batch_size, image_size=c.data.image_size,
             num_labels=c.data.num_labels, seed=c.seed, labels_path=labels_path,
-            crop_scale=tuple(c.data.crop_scale), flip=c.data.flip,
-            workers=c.data.workers)
+            crop_scale=tuple(c.data.crop_scale), flip=c.data.flip, workers=num_workers(c))
         self.iterator = iter(self.dataset)
 
-    def next(self):
+    def _make(self):
         batch = next(self.iterator)
-        self._unsaid += self.skipped.add(batch)
-        labels = batch["labels"][:, :self.c.data.num_labels]
-        return self._global(batch["image"], labels)
+        skips = {k: batch[k] for k in ("skipped", "skipped_index")}
+        return batch["image"], batch["labels"][:, :self.c.data.num_labels], skips
 
-    def get_state(self):
-        return {"iterator": self.iterator.get_state(), "skipped": self.skipped.count}
+    def _state(self):
+        return self.iterator.get_state()
 
-    def set_state(self, state):
-        self.iterator.set_state(state["iterator"])
-        self.skipped.count = state["skipped"]
+    def _set_state(self, state):
+        self.iterator.set_state(state)
 
 
 def make_train_input(c, sharding, source=None):

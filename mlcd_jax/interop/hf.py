@@ -228,7 +228,8 @@ def params_to_hf(model: vit.ViT) -> dict[str, np.ndarray]:
 def load_vision_model(path, **overrides) -> vit.ViT:
     """Our ViT with the weights of a transformers MLCDVisionModel / CLIPVisionModel directory.
 
-    ``overrides`` set ViTConfig fields that do not change the weights (dtype, scan, remat).
+    ``overrides`` set ViTConfig fields that do not change the weights (dtype, scan, remat,
+    attention).
     Call the model on NHWC float32 pixels: ``.last_hidden_state`` and ``.pooler_output`` equal
     transformers' outputs for the same (NCHW) pixels.
     """

@@ -14,9 +14,16 @@ head.
 
 Blocks are stored stacked (a leading ``layers`` axis on every block parameter) and run either by
 ``lax.scan`` (``scan=True``: one block compiled, for deep models) or unrolled; ``remat=True``
-recomputes each block's activations in the backward pass. Compute runs in ``dtype`` (bf16 for
-training) with float32 parameters; RoPE and the softmax run in float32. Every parameter carries
-``logical_axes`` metadata (see ``mlcd_jax.mesh.param_shardings``) so it can be FSDP-sharded.
+recomputes each block's activations in the backward pass, all of them or what ``remat_policy``
+does not keep. Compute runs in ``dtype`` (bf16 for training) with float32 parameters; RoPE (its
+cos/sin made once per forward, not per layer) and the softmax run in float32.
+
+Attention is ``jax.nn.dot_product_attention``: cuDNN's fused (flash) kernel on GPUs in bf16/fp16,
+XLA elsewhere (``attention="auto"``). The cuDNN path pads the token axis to a multiple of
+``CUDNN_TOKEN_MULTIPLE`` (ViT-B/16 has 197 tokens) and masks the padding out by sequence lengths;
+``attention_pad`` runs the same padding through XLA, which is how CPU tests check that path.
+Every parameter carries ``logical_axes`` metadata (see ``mlcd_jax.mesh.param_shardings``) so it
+can be FSDP-sharded.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -36,6 +44,16 @@ ACTIVATIONS = {
 }
 POSITIONS = ("rope", "learned")
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("auto", "xla", "cudnn")
+CUDNN_TOKEN_MULTIPLE = 64  # the token axis cuDNN's fused attention is given (padded, masked)
+# What a rematerialised block keeps for the backward pass (the rest is recomputed):
+REMAT_POLICIES = {
+    "full": None,                 # nothing: every activation recomputed (the least memory)
+    "dots": "dots_with_no_batch_dims_saveable",  # the dense layers' outputs: recompute only
+                                  # norms, GELU and attention (attention scores are never kept)
+    "mlp": "mlp_hidden",          # all but the MLP's hidden layer (4 × width per token, the
+                                  # largest activation): recompute fc1 and the GELU
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +73,10 @@ class ViTConfig:
     dtype: str = "float32"                   # compute dtype; parameters are always float32
     scan: bool = False
     remat: bool = False
+    remat_policy: str = "full"               # with remat: one of REMAT_POLICIES
+    attention: str = "auto"                  # one of ATTENTION ("auto": cuDNN on GPU in bf16/fp16)
+    attention_pad: int = 0                   # pad tokens to a multiple of this, masked (0: what
+                                             # the implementation needs: 64 for cuDNN, 1 for XLA)
 
     def __post_init__(self):
         for name in ("width", "depth", "heads", "mlp_dim", "patch", "channels"):
@@ -76,6 +98,15 @@ class ViTConfig:
             raise ValueError(f"ViTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.pos not in POSITIONS:
             raise ValueError(f"ViTConfig.pos must be one of {POSITIONS}, got {self.pos!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"ViTConfig.remat_policy must be one of {tuple(REMAT_POLICIES)}, "
+                             f"got {self.remat_policy!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"ViTConfig.attention must be one of {ATTENTION}, "
+                             f"got {self.attention!r}")
+        if not isinstance(self.attention_pad, int) or self.attention_pad < 0:
+            raise ValueError(f"ViTConfig.attention_pad must be an integer ≥ 0, "
+                             f"got {self.attention_pad!r}")
         if self.act not in ACTIVATIONS:
             raise ValueError(f"ViTConfig.act must be one of {tuple(ACTIVATIONS)}, got {self.act!r}")
         if self.width % self.heads:
@@ -153,13 +184,49 @@ def rope_angles(cfg: ViTConfig, grid_h: int, grid_w: int, class_pos_emb: jax.Arr
     return jnp.concatenate([angles, angles], axis=-1)
 
 
-def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """x (B, T, N, H) rotated by angles (T, H), half-split, in float32."""
+class Rope(NamedTuple):
+    """cos and sin of the rotation angles, (T, 1, H) float32: made once per forward pass."""
+    cos: jax.Array
+    sin: jax.Array
+
+    @classmethod
+    def of(cls, angles: jax.Array) -> Rope:
+        return cls(jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :])
+
+
+def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
+    """x (B, T, N, H) rotated half-split by `rope`, in float32 (one elementwise fusion)."""
     xf = x.astype(jnp.float32)
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
     half = xf.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    return (xf * rope.cos + rotated * rope.sin).astype(x.dtype)
+
+
+def attention_implementation(cfg: ViTConfig) -> tuple[str, int]:
+    """(implementation, token multiple) of `cfg`'s attention on the default backend: cuDNN's
+    fused kernel needs a GPU and half precision."""
+    impl = cfg.attention
+    if impl == "auto":
+        impl = "cudnn" if (jax.default_backend() == "gpu" and cfg.dtype != "float32") else "xla"
+    multiple = cfg.attention_pad or (CUDNN_TOKEN_MULTIPLE if impl == "cudnn" else 1)
+    return impl, multiple
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla",
+              multiple: int = 1) -> jax.Array:
+    """Softmax attention over (B, T, N, H) inputs. With `multiple` > 1 the token axis is padded to
+    a multiple of it and the padding masked out (as keys; padded queries are dropped), which is the
+    same function of the T real tokens."""
+    t = q.shape[1]
+    padded = -(-t // multiple) * multiple
+    if padded == t:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
+    lengths = jnp.full((q.shape[0],), t, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return out[:, :t]
 
 
 class Block(nnx.Module):
@@ -175,7 +242,7 @@ class Block(nnx.Module):
         self.fc1 = _linear(cfg, w, cfg.mlp_dim, ("embed", "mlp"), rngs)
         self.fc2 = _linear(cfg, cfg.mlp_dim, w, ("mlp", "embed"), rngs)
 
-    def __call__(self, x: jax.Array, angles: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: Rope | None) -> jax.Array:
         cfg = self.cfg
         b, t, w = x.shape
         # The dense layers see 2-D (tokens, width): XLA:CPU computes the weight gradient of a dense
@@ -185,12 +252,13 @@ class Block(nnx.Module):
         h = self.layer_norm1(x)
         split = lambda y: y.reshape(b, t, cfg.heads, cfg.head_dim)
         q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
-        if angles is not None:
-            q, k = apply_rope(q, angles), apply_rope(k, angles)
-        # Fused attention where the backend has it (cuDNN on GPU); the XLA path elsewhere.
-        attn = jax.nn.dot_product_attention(q, k, v).reshape(b * t, w)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        impl, multiple = attention_implementation(cfg)
+        attn = attention(q, k, v, implementation=impl, multiple=multiple).reshape(b * t, w)
         x = x + self.out_proj(attn)
-        x = x + self.fc2(ACTIVATIONS[cfg.act](self.fc1(self.layer_norm2(x))))
+        hidden = checkpoint_name(ACTIVATIONS[cfg.act](self.fc1(self.layer_norm2(x))), "mlp_hidden")
+        x = x + self.fc2(hidden)
         return x.reshape(b, t, w)
 
 
@@ -233,33 +301,44 @@ class ViT(nnx.Module):
         x = self.patch_embedding(pixels.astype(cfg.dtype)).reshape(b, grid_h * grid_w, cfg.width)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, cfg.width))
         x = jnp.concatenate([cls, x], axis=1)
-        angles = None
+        rope = None
         if cfg.pos == "learned":
             if (height, width) != cfg.image_hw:
                 raise ValueError(f"this ViT's learned position embedding is for {cfg.image_hw} "
                                  f"images, got {height}×{width}; use pos='rope' for any size")
             x = x + self.position_embedding[...].astype(x.dtype)
         else:
-            angles = rope_angles(cfg, grid_h, grid_w, self.class_pos_emb[...])
+            rope = Rope.of(rope_angles(cfg, grid_h, grid_w, self.class_pos_emb[...]))
         x = self.pre_layrnorm(x)
-        x = self._run_blocks(x, angles)
+        x = self._run_blocks(x, rope)
         pooled = self.post_layernorm(x[:, 0])
         embedding = self.projection(pooled) if self.projection is not None else pooled
         return ViTOutput(x, pooled, embedding)
 
-    def _run_blocks(self, x: jax.Array, angles: jax.Array | None) -> jax.Array:
+    def _run_blocks(self, x: jax.Array, rope: Rope | None) -> jax.Array:
         graphdef, stacked = nnx.split(self.blocks)
 
         def block(x, params):
-            return nnx.merge(graphdef, params)(x, angles), None
+            return nnx.merge(graphdef, params)(x, rope), None
 
         if self.cfg.remat:
-            block = jax.checkpoint(block, prevent_cse=not self.cfg.scan)
+            block = jax.checkpoint(block, prevent_cse=not self.cfg.scan,
+                                   policy=remat_policy(self.cfg.remat_policy))
         if self.cfg.scan:
             return jax.lax.scan(block, x, stacked)[0]
         for i in range(self.cfg.depth):
             x, _ = block(x, jax.tree.map(lambda p: p[i], stacked))
         return x
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy of a REMAT_POLICIES name."""
+    kept = REMAT_POLICIES[name]
+    if kept is None:
+        return None
+    if kept == "mlp_hidden":
+        return jax.checkpoint_policies.save_anything_except_these_names("mlp_hidden")
+    return getattr(jax.checkpoint_policies, kept)
 
 
 def with_params(cfg: ViTConfig, params: dict) -> ViT:
