@@ -160,7 +160,12 @@ def advice(c, mesh, r) -> list[str]:
     over = r["total_gib"] / r["hbm_gib"] if r["hbm_gib"] else 2.0
     tips = []
     if not c.model.remat:
-        tips.append("--config.model.remat=True: recompute block activations in the backward pass")
+        tips.append("--config.model.remat=True --config.model.scan=True: recompute block "
+                    "activations in the backward pass")
+    elif not c.model.scan:
+        tips.append("--config.model.scan=True: remat of unrolled blocks may save nothing")
+    elif c.model.remat_policy != "full":
+        tips.append("--config.model.remat_policy=full: keep no activation of a block")
     micro = c.batch_size // c.grad_accum // mesh_lib.num_batch_shards(mesh)
     if micro > 1:
         tips.append(f"--config.grad_accum={c.grad_accum * 2 ** math.ceil(math.log2(over))}: a "

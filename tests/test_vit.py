@@ -119,7 +119,7 @@ def test_scan_and_remat_match_unrolled(pos):
     want_loss, want_grad = loss_and_grad({})
     for overrides in ({"scan": True}, {"remat": True}, {"scan": True, "remat": True},
                       {"remat": True, "remat_policy": "dots"},
-                      {"scan": True, "remat": True, "remat_policy": "mlp"},
+                      {"scan": True, "remat": True, "remat_policy": "dots"},
                       {"attention_pad": 64}, {"attention_pad": 8, "scan": True}):
         loss, grad = loss_and_grad(overrides)
         np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
