@@ -63,22 +63,34 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
 
 
 @pytest.mark.slow
-def test_assign_split_over_two_processes_writes_the_same_store(tmp_path):
+@pytest.mark.parametrize("backend, devices", [("faiss", 1), ("jax", 2)])
+def test_assign_split_over_two_processes_writes_the_same_store(tmp_path, backend, devices):
+    """jax: the centers split over the 4 devices of both processes; process 0 has 3 shards and
+    process 1 two, so process 1 makes empty mesh calls while process 0 finishes."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 16)).astype(np.float32)
     store.write_embeddings(tmp_path / "emb", np.array_split(x, 5), model="random")
-    np.save(tmp_path / "centers.npy", store.normalize(rng.normal(size=(40, 16)).astype(np.float32)))
+    np.save(tmp_path / "centers.npy", store.normalize(rng.normal(size=(41, 16)).astype(np.float32)))
     assign = [sys.executable, "-m", "mlcd_jax.labels", "assign", f"--embeddings={tmp_path / 'emb'}",
-              f"--centers={tmp_path / 'centers.npy'}", "--num_labels=3"]
+              f"--centers={tmp_path / 'centers.npy'}", "--num_labels=3", f"--backend={backend}"]
     run(assign + [f"--out={tmp_path / 'one'}"])
-    run(["bash", str(LAUNCH), "-n", "2", "-d", "1", "--logs", str(tmp_path / "logs"), "--",
-         *assign, f"--out={tmp_path / 'two'}"])
+    run(["bash", str(LAUNCH), "-n", "2", "-d", str(devices), "--logs", str(tmp_path / "logs"),
+         "--", *assign, f"--out={tmp_path / 'two'}"])
     logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
     assert "assign (process 0)" in logs[0] and "assign (process 1)" in logs[1]
     np.testing.assert_array_equal(np.load(tmp_path / "two" / "labels.npy"),
                                   np.load(tmp_path / "one" / "labels.npy"))
     parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.npy"))
     assert parts == [f"part_{i:05d}.npy" for i in range(5)]
+    if backend == "jax":  # k-means too: every process runs the Lloyd steps on the shared mesh
+        clustered = {}
+        for n, out in ((1, "all_one"), (2, "all_two")):
+            command = [sys.executable, "-m", "mlcd_jax.labels", "all",
+                       f"--embeddings={tmp_path / 'emb'}", "--num_centers=10", "--niter=3",
+                       "--num_labels=3", "--backend=jax", f"--out={tmp_path / out}"]
+            run(command if n == 1 else ["bash", str(LAUNCH), "-n", "2", "-d", "2", "--", *command])
+            clustered[n] = np.load(tmp_path / out / "labels.npy")
+        assert (clustered[1] == clustered[2]).mean() >= 0.999
 
 
 @pytest.mark.slow

@@ -8,6 +8,9 @@
     python -m mlcd_jax.labels stats --labels LAB
     python -m mlcd_jax.labels all --embeddings EMB --out LAB --num_centers 10000 --num_labels 8
 
+kmeans, assign and all take --backend: faiss (CPU), jax (every device of the job: the centers
+split over the mesh, exact), or auto (jax where an accelerator is present, else faiss).
+
 EMB: embedding shards (manifest.json + *.npy, or clip-retrieval's img_emb/img_emb_*.npy).
 Every step is resumable: `assign` never redoes a finished shard.
 """
@@ -49,7 +52,9 @@ def run_kmeans(a):
           f"shards → K = {a.num_centers:,}")
     centers, info = kmeans.fit(shards, a.num_centers, points_per_center=a.points_per_center,
                                niter=a.niter, two_level=a.two_level, seed=a.seed, init=a.init,
-                               nredo=a.nredo)
+                               nredo=a.nredo, backend=a.backend, jax_dtype=a.jax_dtype)
+    if jax.process_index() != 0:  # the jax backend clusters on every process; one writes
+        return
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stale = [f for f in ("labels.npy", "manifest.json") if (out / f).exists()]
@@ -69,7 +74,8 @@ def run_kmeans(a):
 def run_assign(a):
     result = assign.run(a.embeddings, a.centers or pathlib.Path(a.out) / "centers.npy", a.out,
                         num_labels=a.num_labels, index_kind=a.index, nprobe=a.nprobe,
-                        process_index=a.process_index, process_count=a.process_count)
+                        process_index=a.process_index, process_count=a.process_count,
+                        backend=a.backend, jax_dtype=a.jax_dtype)
     print(f"assign: {json.dumps(result)}")
 
 
@@ -101,6 +107,12 @@ def main(argv=None) -> int:
     asg.add_argument("--nprobe", type=int, default=64)
     asg.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
     asg.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
+    be = argparse.ArgumentParser(add_help=False)
+    be.add_argument("--backend", default="auto", choices=list(assign.BACKENDS),
+                    help="faiss (CPU), jax (the device mesh), auto: jax on accelerators")
+    be.add_argument("--jax_dtype", default="auto", choices=["auto", "float32", "float16"],
+                    help="the jax backend's scored inputs (auto: float16 on accelerators, float32 "
+                    "on CPU; accumulation is float32)")
     io = argparse.ArgumentParser(add_help=False)
     io.add_argument("--embeddings", required=True)
     io.add_argument("--out", required=True)
@@ -118,11 +130,11 @@ def main(argv=None) -> int:
     p.add_argument("--shard_size", type=int, default=100_000)
     p.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
     p.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
-    sub.add_parser("kmeans", parents=[io, km])
-    p = sub.add_parser("assign", parents=[io, asg])
+    sub.add_parser("kmeans", parents=[io, km, be])
+    p = sub.add_parser("assign", parents=[io, asg, be])
     p.add_argument("--centers", default=None, help="default: OUT/centers.npy")
     sub.add_parser("stats").add_argument("--labels", required=True)
-    p = sub.add_parser("all", parents=[io, km, asg])
+    p = sub.add_parser("all", parents=[io, km, asg, be])
     a = parser.parse_args(argv)
     try:
         # In a multi-process job (mlcd_jax/distributed.py) the shards split by the job's processes.
@@ -134,8 +146,10 @@ def main(argv=None) -> int:
         first = jax.process_index() == 0
         if a.command == "embed":
             run_embed(a)
+        if hasattr(a, "backend"):
+            a.backend = assign.resolve_backend(a.backend)
         if a.command in ("kmeans", "all"):
-            if first:  # one sample, one clustering; the others wait for its centers
+            if first or a.backend == "jax":  # faiss: one process clusters, the others wait
                 run_kmeans(a)
             distributed.barrier("kmeans done")
         if a.command == "all":

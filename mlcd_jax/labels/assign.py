@@ -7,8 +7,10 @@ parts made from the same inputs; parts of other centers (a re-clustering into th
 or another l are redone. When every part exists, each is checked against its record (fingerprint,
 rows, sha256, ids in [0, K)) and they are concatenated into ``labels.npy`` (N × l int32, most
 similar first) with ``manifest.json``.
-Exact search (faiss IndexFlatIP) for small K; an IVF index for large K, its recall@l against exact
-search measured on a sample and recorded.
+Backends: `faiss` (CPU): exact search (IndexFlatIP) for small K, an IVF index for large K, its
+recall@l against exact search measured on a sample and recorded; `jax`: exact search on the device
+mesh (`labels/sharded.py`: the centers split over every device of every process); `auto`: jax where
+an accelerator is present, else faiss.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mlcd_jax import distributed
-from mlcd_jax.labels import kmeans, store
+from mlcd_jax.labels import kmeans, sharded, store
 
 # K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at
 # K = 100k it matched IVF (nprobe 64) in speed, with exact results (bench/labels.py, README).
@@ -56,9 +60,50 @@ def recall(index, centers: np.ndarray, queries: np.ndarray, l: int) -> float:
     return float(np.mean([len(set(a) & set(b)) / l for a, b in zip(want, got)]))
 
 
+BACKENDS = ("auto", "faiss", "jax")
+
+
+def resolve_backend(backend: str) -> str:
+    """`auto`: jax where jax has an accelerator, faiss on CPU."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "faiss" if jax.default_backend() == "cpu" else "jax"
+    return backend
+
+
+class _JaxIndex:
+    """The jax backend behind faiss's `search(x, l)`. Every process must make the same number of
+    mesh calls: they agree on it before the first (`agree`), and a process out of chunks makes
+    empty ones (`finish`)."""
+
+    def __init__(self, centers, num_labels, dtype):
+        self.searcher = sharded.Searcher(centers, num_labels, dtype=dtype)
+        self.calls = self.most = 0
+
+    def _calls(self, rows: int) -> int:
+        return max(1, -(-rows // self.searcher.blocks.per_process))
+
+    def agree(self, chunk_rows) -> None:
+        mine = sum(self._calls(r) for r in chunk_rows)
+        self.most = (mine if jax.process_count() == 1 else
+                     int(np.max(multihost_utils.process_allgather(np.int64(mine)))))
+
+    def search(self, x, l):
+        calls = self._calls(len(x))
+        self.calls += calls
+        return self.searcher.search(x, calls=calls)
+
+    def finish(self):
+        if self.most > self.calls:
+            self.searcher.search(np.zeros((0, self.searcher.centers.shape[1]), np.float32),
+                                 calls=self.most - self.calls)
+
+
 def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: str = "auto",
         nprobe: int = 64, process_index: int = 0, process_count: int = 1,
-        chunk: int = 65_536, recall_sample: int = 10_000, seed: int = 0) -> dict:
+        chunk: int = 65_536, recall_sample: int = 10_000, seed: int = 0,
+        backend: str = "faiss", jax_dtype: str = "auto") -> dict:
     shards = store.open_embeddings(embeddings_dir)
     centers_path = pathlib.Path(centers_path)
     if not centers_path.is_file():
@@ -74,7 +119,12 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
                          f"centers in {centers_path})")
     out = pathlib.Path(out_dir)
     (out / "parts").mkdir(parents=True, exist_ok=True)
-    index, kind = build_index(centers, index_kind, nprobe)
+    backend = resolve_backend(backend)
+    if backend == "jax":
+        index = _JaxIndex(centers, num_labels, jax_dtype)
+        kind = f"exact (jax, {index.searcher.dtype.name})"
+    else:
+        index, kind = build_index(centers, index_kind, nprobe)
     made_by = store.digest(store.array_sha256(raw_centers), num_labels, kind,
                            index.nprobe if kind == "ivf" else None)
     fingerprints = [store.digest(made_by, shards.shard_fingerprint(i))
@@ -93,6 +143,8 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
     # gets its part.
     chunks = [(i, s) for i in todo for s in range(0, max(shards.counts[i], 1), chunk)]
     read = lambda i, s: store.normalize(shards.load(i)[s:s + chunk])
+    if backend == "jax":
+        index.agree([min(chunk, shards.counts[i] - s) for i, s in chunks])
     # The next chunk is read and normalised in a thread while faiss searches this one (both
     # release the GIL), so reading float16 shards from disk hides behind the search.
     with (tqdm(total=points, desc=f"assign (process {process_index})", unit="pt",
@@ -110,11 +162,13 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
                 store.write_piece(parts[i], np.concatenate(found),
                                   {"fingerprint": fingerprints[i], "shard": shards.files[i].name})
                 found = []
+    if backend == "jax":
+        index.finish()
     seconds = time.perf_counter() - t
     result = {"index": kind, "assigned_now": points, "seconds": seconds,
               "points_per_s": points / seconds if points else None,
               "skipped_shards": len(mine) - len(todo)}
-    if kind != "flat":
+    if kind == "ivf":
         queries = kmeans.sample(shards, recall_sample, seed)
         result["recall_at_l"] = recall(index, centers, queries, num_labels)
         print(f"assign: IVF (nprobe {index.nprobe}) recall@{num_labels} = "

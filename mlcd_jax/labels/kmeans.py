@@ -1,4 +1,5 @@
-"""Spherical k-means with faiss on a sample of the embeddings, read shard by shard.
+"""Spherical k-means on a sample of the embeddings, read shard by shard: faiss on the CPU, or Lloyd
+iterations on the device mesh (`labels/sharded.py`, backend "jax").
 
 The sample is `points_per_center × K` rows drawn uniformly over all shards (only those rows are
 read). `two_level=P` clusters P disjoint parts of the sample into K centers each, then clusters the
@@ -13,7 +14,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from mlcd_jax.labels import store
+from mlcd_jax.labels import sharded, store
 
 # faiss ClusteringParameters.init_method: random (faiss's default, O(k·d)), k-means++ (O(n·k·d),
 # better seeds, small K only), AFK-MC² (an O(n·d + m·k²·d) approximation of k-means++)
@@ -39,7 +40,8 @@ def sample(shards: store.EmbeddingShards, size: int, seed: int) -> np.ndarray:
 
 
 def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "random",
-                     nredo: int = 1, verbose: bool = True):
+                     nredo: int = 1, verbose: bool = True, backend: str = "faiss",
+                     jax_dtype: str = "auto"):
     if len(x) < k:
         raise ValueError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower "
                          "--num_centers or raise --points_per_center")
@@ -47,6 +49,11 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
         raise ValueError(f"kmeans: --num_centers must be ≥ 1, got {k}")
     if init not in INITS:
         raise ValueError(f"kmeans --init must be one of {list(INITS)}, got {init!r}")
+    if backend == "jax":  # the best of nredo runs by objective, as faiss
+        runs = [sharded.spherical_kmeans(x, k, niter=niter, seed=seed + r, init=init,
+                                         dtype=jax_dtype, verbose=verbose)
+                for r in range(nredo)]
+        return max(runs, key=lambda run: run[1][-1] if run[1] else 0.0)[0]
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=verbose,
                       nredo=nredo, max_points_per_centroid=max(1, -(-len(x) // k)))
     km.cp.init_method = INITS[init]
@@ -56,7 +63,8 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
 
 def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: int = 256,
         niter: int = 20, two_level: int = 1, seed: int = 0, init: str = "random",
-        nredo: int = 1, verbose: bool = True) -> tuple[np.ndarray, dict]:
+        nredo: int = 1, verbose: bool = True, backend: str = "faiss",
+        jax_dtype: str = "auto") -> tuple[np.ndarray, dict]:
     """(centers K × D float32, stats) for the embedding shards."""
     if num_centers > shards.total:
         raise ValueError(f"kmeans: --num_centers {num_centers:,} is more than the "
@@ -67,12 +75,14 @@ def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: i
     if two_level > 1:
         parts = np.array_split(np.random.default_rng(seed + 1).permutation(len(x)), two_level)
         firsts = [spherical_kmeans(x[p], num_centers, niter=niter, seed=seed + i, init=init,
-                                   nredo=nredo, verbose=verbose)
+                                   nredo=nredo, verbose=verbose, backend=backend,
+                                   jax_dtype=jax_dtype)
                   for i, p in enumerate(tqdm(parts, desc="kmeans: level 1", unit="part"))]
         x = np.concatenate(firsts)
     centers = spherical_kmeans(x, num_centers, niter=niter, seed=seed, init=init, nredo=nredo,
-                               verbose=verbose)
+                               verbose=verbose, backend=backend, jax_dtype=jax_dtype)
     seconds = time.perf_counter() - t
     return centers, {"sample": sample_size, "niter": niter, "nredo": nredo, "init": init,
+                     "backend": backend,
                      "two_level": two_level, "seconds": seconds,
                      "points_per_s_per_iter": sample_size * niter * nredo / seconds}
