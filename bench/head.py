@@ -26,18 +26,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import probe  # noqa: E402  (bench/probe.py)
+
 from mlcd_jax import head, mesh as mesh_lib  # noqa: E402
-
-
-def matmul_gflops(n=2048, reps=5):
-    """float32 matmul throughput of one device right now (the machine-state probe)."""
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        f(x).block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def run_case(devices, *, classes, dim, batch, labels, ratio, steps, chunk):
@@ -103,7 +94,7 @@ def main(argv=None):
     counts = [int(n) for n in args.devices.split(",")]
     if max(counts) > len(all_devices):
         parser.error(f"--devices asks for {max(counts)} but only {len(all_devices)} exist")
-    probe_before = matmul_gflops()
+    probe_before = probe.xla_matmul_flops() / 1e9
     rows = []
     cases = [(int(k), n, float(r)) for k in args.classes.split(",") for r in args.ratios.split(",")
              for n in counts]
@@ -111,7 +102,7 @@ def main(argv=None):
         print(f"[{i + 1}/{len(cases)}] K={k:,} devices={n} r={ratio} ...", flush=True)
         rows.append(run_case(all_devices[:n], classes=k, dim=args.dim, batch=args.batch,
                              labels=args.labels, ratio=ratio, steps=args.steps, chunk=args.chunk))
-    probe_after = matmul_gflops()
+    probe_after = probe.xla_matmul_flops() / 1e9
 
     print(f"\nD={args.dim} B={args.batch} l={args.labels} on "
           f"{all_devices[0].platform} (simulated devices share the host)")

@@ -1,13 +1,16 @@
-"""Label pipeline throughput next to faiss called directly (our overhead), on synthetic embeddings.
+"""Label pipeline throughput, each backend side by side with faiss called directly, on synthetic
+embeddings.
 
     .venv/bin/python bench/labels.py                                  # N = 1M, D = 512, K = 10k
-    .venv/bin/python bench/labels.py --centers 100000 --niter 1 --index ivf
+    .venv/bin/python bench/labels.py --centers 100000 --niter 1
+    python bench/labels.py --points 10000000 --centers 100000,1000000 --backends jax,faiss  # GPU
 
-Writes N clustered float16 embeddings as shards, then times one `kmeans.fit` (on all N points:
-points_per_center is set so the sample is N) against faiss.Kmeans on the same array, and
-`assign.run` against index.search on the same array, in alternating rounds (each side's fastest
-counts). Points/s; a float32 matmul probe before and after shows the machine's state (DESIGN.md:
-compare only within one run). Prints a table, writes JSON.
+Writes N clustered float16 embeddings as shards, then for each K times one `kmeans.fit` (on all N
+points: points_per_center is set so the sample is N) and one `assign.run` with each backend
+(`--backends`: faiss, jax), and faiss.Kmeans / index.search on the same array, in alternating
+rounds (each row's fastest counts). Points/s and achieved TFLOP/s (2·N·K·D per k-means iteration
+or assign pass) against matmul probes of the same run: float32 numpy (faiss's BLAS) and XLA (the
+jax backend's dtype), before and after. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ import tempfile
 import time
 
 import faiss
+import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from mlcd_jax.labels import assign, kmeans, store  # noqa: E402
+import probe  # noqa: E402  (bench/probe.py)
+
+from mlcd_jax.labels import assign, kmeans, sharded, store  # noqa: E402
 
 
-def matmul_gflops(n=2048, reps=5):
+def numpy_gflops(n=2048, reps=5):
     a = np.ones((n, n), np.float32)
     a @ a
     t = time.perf_counter()
@@ -45,80 +51,89 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--points", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--centers", type=int, default=10_000)
+    p.add_argument("--centers", default="10000", help="K, comma-separated")
     p.add_argument("--labels", type=int, default=8)
     p.add_argument("--niter", type=int, default=2)
     p.add_argument("--index", default="flat", choices=["flat", "ivf"])
+    p.add_argument("--backends", default="faiss,jax")
     p.add_argument("--shard", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=2,
-                   help="rounds alternating ours and faiss; each side's fastest counts")
+                   help="rounds alternating the rows; each row's fastest counts")
     p.add_argument("--json", default="bench/results/labels.json")
     a = p.parse_args(argv)
-
-    probe_before = matmul_gflops()
+    backends = a.backends.split(",")
+    dtype = sharded.compute_dtype()
+    size = 2048 if jax.default_backend() == "cpu" else 8192
+    xla_gflops = lambda: probe.xla_matmul_flops(dtype, n=size) / 1e9
+    probes = {"numpy float32": [numpy_gflops()], f"XLA {dtype.name}": [xla_gflops()]}
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = pathlib.Path(tmp)
-        means = rng.normal(size=(a.centers, a.dim)).astype(np.float32)
-        shards = []
-        for s in range(0, a.points, a.shard):  # clustered data, generated shard by shard
-            n = min(a.shard, a.points - s)
-            shards.append(means[rng.integers(0, a.centers, n)]
-                          + rng.standard_normal((n, a.dim), dtype=np.float32))
-        emb = store.write_embeddings(tmp / "emb", shards, model="bench")
-        del shards
-        x = store.normalize(np.concatenate([emb.load(i) for i in range(len(emb.files))]))
+    rows = []
+    for k in [int(c) for c in a.centers.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = pathlib.Path(tmp)
+            means = rng.normal(size=(k, a.dim)).astype(np.float32)
+            shards = []
+            for s in range(0, a.points, a.shard):  # clustered data, generated shard by shard
+                n = min(a.shard, a.points - s)
+                shards.append(means[rng.integers(0, k, n)]
+                              + rng.standard_normal((n, a.dim), dtype=np.float32))
+            emb = store.write_embeddings(tmp / "emb", shards, model="bench")
+            del shards
+            x = store.normalize(np.concatenate([emb.load(i) for i in range(len(emb.files))]))
+            ppc = -(-a.points // k)
 
-        ppc = -(-a.points // a.centers)
+            def faiss_kmeans():
+                km = faiss.Kmeans(a.dim, k, niter=a.niter, spherical=True, seed=0,
+                                  max_points_per_centroid=ppc)
+                km.train(x)
+                return km.centroids
 
-        def faiss_kmeans():
-            km = faiss.Kmeans(a.dim, a.centers, niter=a.niter, spherical=True, seed=0,
-                              max_points_per_centroid=ppc)
-            km.train(x)
-            return km.centroids
-
-        # Rounds alternate ours and faiss, each side's fastest counts: a drift of this machine's
-        # speed (DESIGN.md) then hits both alike.
-        ours_km, faiss_km, ours_assign, faiss_assign = [], [], [], []
-        for r in range(a.rounds):
-            (ours_centers, _), t = timed(lambda: kmeans.fit(
-                emb, a.centers, points_per_center=ppc, niter=a.niter, seed=0))
-            ours_km.append(t)
-            faiss_km.append(timed(faiss_kmeans)[1])
-            np.save(tmp / "centers.npy", ours_centers)
-            result, t = timed(lambda: assign.run(
-                tmp / "emb", tmp / "centers.npy", tmp / f"lab{r}", num_labels=a.labels,
-                index_kind=a.index, recall_sample=2_000))
-            ours_assign.append(t)
-            index, _ = assign.build_index(ours_centers, a.index)
-            faiss_assign.append(timed(lambda: [index.search(x[s:s + 65_536], a.labels)
-                                               for s in range(0, len(x), 65_536)])[1])
-            print(f"round {r + 1}/{a.rounds}: k-means ours {ours_km[-1]:.1f} s, faiss "
-                  f"{faiss_km[-1]:.1f} s; assign ours {ours_assign[-1]:.1f} s, faiss "
-                  f"{faiss_assign[-1]:.1f} s", flush=True)
-        ours_km, faiss_km = min(ours_km), min(faiss_km)
-        ours_assign, faiss_assign = min(ours_assign), min(faiss_assign)
-    probe_after = matmul_gflops()
-
-    rows = {
-        "kmeans": {"ours_points_per_s": a.points * a.niter / ours_km,
-                   "faiss_points_per_s": a.points * a.niter / faiss_km, "ours_s": ours_km,
-                   "faiss_s": faiss_km},
-        "assign": {"ours_points_per_s": a.points / ours_assign,
-                   "faiss_points_per_s": a.points / faiss_assign, "ours_s": ours_assign,
-                   "faiss_s": faiss_assign, "index": a.index,
-                   "recall_at_l": result.get("recall_at_l", 1.0)},
-    }
-    print(f"\nN={a.points:,} D={a.dim} K={a.centers:,} l={a.labels}; kmeans {a.niter} iterations; "
-          f"matmul probe {probe_before:.0f} / {probe_after:.0f} GFLOP/s before / after")
-    print(f"{'step':<8} {'ours pt/s':>12} {'faiss pt/s':>12} {'ours/faiss time':>16}")
-    for name, r in rows.items():
-        print(f"{name:<8} {r['ours_points_per_s']:>12,.0f} {r['faiss_points_per_s']:>12,.0f} "
-              f"{r['ours_s'] / r['faiss_s']:>16.3f}")
+            times = {}
+            add = lambda name, t: times.setdefault(name, []).append(t)
+            for r in range(a.rounds):
+                for backend in backends:
+                    (centers, _), t = timed(lambda: kmeans.fit(
+                        emb, k, points_per_center=ppc, niter=a.niter, seed=0, backend=backend,
+                        verbose=False))
+                    add(("kmeans", f"ours, {backend}"), t)
+                    np.save(tmp / "centers.npy", centers)
+                    _, t = timed(lambda: assign.run(
+                        tmp / "emb", tmp / "centers.npy", tmp / f"lab_{backend}_{r}",
+                        num_labels=a.labels, index_kind=a.index, recall_sample=2_000,
+                        backend=backend))
+                    add(("assign", f"ours, {backend}"), t)
+                add(("kmeans", "faiss directly"), timed(faiss_kmeans)[1])
+                index, _ = assign.build_index(np.load(tmp / "centers.npy"), a.index)
+                add(("assign", "faiss directly"),
+                    timed(lambda: [index.search(x[s:s + 65_536], a.labels)
+                                   for s in range(0, len(x), 65_536)])[1])
+                print(f"K = {k:,}, round {r + 1}/{a.rounds}: " + ", ".join(
+                    f"{step} {name} {t[-1]:.1f} s" for (step, name), t in times.items()),
+                    flush=True)
+            for (step, name), t in times.items():
+                passes = a.niter if step == "kmeans" else 1
+                seconds = min(t)
+                rows.append({"K": k, "step": step, "row": name, "seconds": seconds,
+                             "points_per_s": a.points * passes / seconds,
+                             "tflops": 2.0 * a.points * k * a.dim * passes / seconds / 1e12})
+    probes["numpy float32"].append(numpy_gflops())
+    probes[f"XLA {dtype.name}"].append(xla_gflops())
+    device = jax.devices()[0]
+    print(f"\nN={a.points:,} D={a.dim} l={a.labels}; kmeans {a.niter} iterations; "
+          f"{len(jax.devices())} {device.device_kind} devices; matmul probes (GFLOP/s, before / "
+          "after): " + "; ".join(f"{n} {v[0]:,.0f} / {v[1]:,.0f}" for n, v in probes.items()))
+    best = {n: max(v) for n, v in probes.items()}
+    print(f"{'K':>9} {'step':<7} {'row':<16} {'seconds':>8} {'points/s':>12} {'TFLOP/s':>8} "
+          + " ".join(f"{'of ' + n:>18}" for n in best))
+    for r in rows:
+        r["of_probe"] = {n: r["tflops"] * 1e3 / v for n, v in best.items()}
+        print(f"{r['K']:>9,} {r['step']:<7} {r['row']:<16} {r['seconds']:>8.2f} "
+              f"{r['points_per_s']:>12,.0f} {r['tflops']:>8.3f} "
+              + " ".join(f"{v:>18.0%}" for v in r["of_probe"].values()))
     out = pathlib.Path(a.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "matmul_gflops_before": probe_before,
-                               "matmul_gflops_after": probe_after, "rows": rows}, indent=1))
+    out.write_text(json.dumps({"args": vars(a), "device": str(device), "probes_gflops": probes,
+                               "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 

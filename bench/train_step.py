@@ -92,6 +92,7 @@ ARGS = parse()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import probe  # noqa: E402  (bench/probe.py)
 
 from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step as step_lib  # noqa: E402
 
@@ -105,14 +106,6 @@ def fastest(fn, steps):
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
-
-
-def matmul_peak(dtype, n=2048, reps=5):
-    """Matmul FLOP/s of one device now, in `dtype` (the MFU denominator)."""
-    x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()  # compile
-    return 2 * n ** 3 / fastest(lambda: f(x).block_until_ready(), reps)
 
 
 def torch_matmul_peak(dtype, n=2048, reps=5):
@@ -311,9 +304,10 @@ def main():
         return
     dtype = jnp.float32 if ARGS.dtype == "float32" else jnp.bfloat16
     gpu = ARGS.preset == "gpu"
-    probe = (lambda: matmul_peak(dtype, n=8192, reps=10)) if gpu else (lambda: matmul_peak(dtype))
+    measure = ((lambda: probe.xla_matmul_flops(dtype, n=8192, reps=10)) if gpu
+               else (lambda: probe.xla_matmul_flops(dtype)))
     cpu_torch = not gpu and not ARGS.no_torch
-    probes = [probe()]
+    probes = [measure()]
     torch_probes = [torch_matmul_peak(dtype)] if cpu_torch else []
     rows = rows_to_run()
     results = {json.dumps(r): [] for r in rows}
@@ -324,7 +318,7 @@ def main():
             results[json.dumps(row)].append(in_child(row))
             print(f"  {label(row)}: {results[json.dumps(row)][-1]['seconds']:.4f} s/step",
                   flush=True)
-        probes.append(probe())
+        probes.append(measure())
         if cpu_torch:
             torch_probes.append(torch_matmul_peak(dtype))
     peak, torch_peak = max(probes), max(torch_probes) if torch_probes else None

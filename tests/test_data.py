@@ -333,6 +333,17 @@ def test_embed_refuses_an_out_dir_of_another_run_and_checks_its_shards(tmp_path)
         run(other, src)
     with pytest.raises(ValueError, match="already holds emb_00000.npy"):
         run(model, sources.Subset(sources.DigitsSource(), range(1, 32)))
+    # The same weights in bf16 make (slightly) other embeddings: not mixed with float32 ones.
+    half = embed.with_dtype(model, "bfloat16")
+    assert half.cfg.dtype == "bfloat16" and embed.with_dtype(model, "float32") is model
+    with pytest.raises(ValueError, match="already holds emb_00000.npy"):
+        run(half, src)
+    bf16 = embed.run(src, half, tmp_path / "emb16", model_name="m", image_size=16, batch_size=16,
+                     shard_size=15)
+    assert bf16["dtype"] == "bfloat16" and bf16["embedded_now"] == 3
+    a32, a16 = (np.load(tmp_path / d / "emb_00000.npy").astype(np.float32)
+                for d in ("emb", "emb16"))
+    assert 0 < np.abs(a32 - a16).max() < 0.05  # bf16: close to float32, not equal
     # A shard that does not match the manifest (copied from elsewhere) is caught on open.
     np.save(tmp_path / "emb" / "emb_00001.npy", np.zeros((4000, 8), np.float16))
     with pytest.raises(ValueError, match="emb_00001.npy holds 4000 × 8 embeddings but .* says "

@@ -39,6 +39,9 @@ def run_embed(a):
                                                        tfds_name=a.tfds_name, split=a.split))
     from mlcd_jax import weights
     model, _ = weights.load_encoder(a.model, a.step)
+    dtype = a.dtype if a.dtype != "auto" else (
+        "float32" if jax.default_backend() == "cpu" else "bfloat16")
+    model = embed.with_dtype(model, dtype)
     result = embed.run(source, model, a.out, model_name=str(a.model), image_size=a.image_size,
                        batch_size=a.batch_size, shard_size=a.shard_size,
                        process_index=a.process_index, process_count=a.process_count,
@@ -110,9 +113,10 @@ def main(argv=None) -> int:
     be = argparse.ArgumentParser(add_help=False)
     be.add_argument("--backend", default="auto", choices=list(assign.BACKENDS),
                     help="faiss (CPU), jax (the device mesh), auto: jax on accelerators")
-    be.add_argument("--jax_dtype", default="auto", choices=["auto", "float32", "float16"],
-                    help="the jax backend's scored inputs (auto: float16 on accelerators, float32 "
-                    "on CPU; accumulation is float32)")
+    be.add_argument("--jax_dtype", default="auto",
+                    choices=["auto", "float32", "float16", "bfloat16"],
+                    help="the jax backend's scored inputs (auto: float16 on GPUs, bfloat16 on "
+                    "TPUs, float32 on CPU; accumulation is float32)")
     io = argparse.ArgumentParser(add_help=False)
     io.add_argument("--embeddings", required=True)
     io.add_argument("--out", required=True)
@@ -128,6 +132,9 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--shard_size", type=int, default=100_000)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the teacher's compute dtype (auto: bfloat16 on accelerators, float32 on "
+                   "CPU); part of each shard's record")
     p.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
     p.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
     sub.add_parser("kmeans", parents=[io, km, be])

@@ -9,6 +9,7 @@ process 0 once every shard exists. An --out that holds shards made otherwise is 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 import time
@@ -31,6 +32,15 @@ def model_fingerprint(params) -> str:
     return h.hexdigest()[:16]
 
 
+def with_dtype(model, dtype: str):
+    """`model` computing in `dtype` (the same weights)."""
+    if model.cfg.dtype == dtype:
+        return model
+    from mlcd_jax.models import vit
+    return vit.with_params(dataclasses.replace(model.cfg, dtype=dtype),
+                           nnx.to_pure_dict(nnx.state(model)))
+
+
 def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size: int = 256,
         shard_size: int = 100_000, process_index: int = 0, process_count: int = 1,
         source_name: str = "", mesh=None) -> dict:
@@ -44,7 +54,11 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     n = len(source)
     bounds = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
     names = [f"emb_{i:05d}.npy" for i in range(len(bounds))]
-    made_by = store.digest(source.fingerprint(), model_fingerprint(nnx.state(model)), image_size)
+    # The compute dtype changes the embeddings a little: part of the record (float32 records
+    # keep the form they had before the dtype was a choice).
+    precision = () if model.cfg.dtype == "float32" else (model.cfg.dtype,)
+    made_by = store.digest(source.fingerprint(), model_fingerprint(nnx.state(model)), image_size,
+                           *precision)
     fingerprints = [store.digest(made_by, a, b) for a, b in bounds]
     _refuse_other_runs(out, names, fingerprints)
     todo = [i for i in range(len(bounds)) if i % process_count == process_index
@@ -80,7 +94,7 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
             "dim": width, "model": model_name, "source": source_name})
     embedded = sum(bounds[i][1] - bounds[i][0] for i in todo)
     return {"shards": len(bounds), "embedded_now": len(todo), "complete": done,
-            "devices": mesh.size,
+            "devices": mesh.size, "dtype": model.cfg.dtype,
             "images_per_s": round(embedded / seconds, 1) if embedded else None}
 
 

@@ -35,11 +35,11 @@ def label_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def compute_dtype(name: str = "auto"):
-    """The dtype of the scored inputs: "auto" is float16 on accelerators (their matmul peak, and
-    8 × bf16's precision for cosines in [-1, 1]), float32 on CPUs (whose half-precision matmuls are
-    slower)."""
+    """The dtype of the scored inputs: "auto" is float16 on GPUs (their matmul peak, and 8 × bf16's
+    precision for cosines in [-1, 1]), bfloat16 on TPUs (their native half type), float32 on CPUs
+    (whose half-precision matmuls are slower)."""
     if name == "auto":
-        name = "float32" if jax.default_backend() == "cpu" else "float16"
+        name = {"gpu": "float16", "tpu": "bfloat16"}.get(jax.default_backend(), "float32")
     return jnp.dtype(name)
 
 
