@@ -8,9 +8,9 @@ embeddings.
 Writes N clustered float16 embeddings as shards, then for each K times one `kmeans.fit` (on all N
 points: points_per_center is set so the sample is N) and one `assign.run` with each backend
 (`--backends`: faiss, jax), and (with faiss) faiss.Kmeans / index.search on the same array, in
-alternating rounds (each row's fastest counts). Points/s and achieved TFLOP/s (2·N·K·D per k-means iteration
-or assign pass) against matmul probes of the same run: float32 numpy (faiss's BLAS) and XLA (the
-jax backend's dtype), before and after. Prints a table, writes JSON.
+alternating rounds (each row's fastest counts). Points/s and achieved TFLOP/s (2·N·K·D per
+k-means iteration or assign pass) against matmul probes of the same run: float32 numpy (faiss's
+BLAS) and XLA (the jax backend's dtype), before and after. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
