@@ -1,5 +1,5 @@
-"""Weights in and out of transformers' ``MLCDVisionModel`` and ``CLIPVisionModel`` (no torch
-needed).
+"""Weights in and out of transformers' ``MLCDVisionModel`` and ``CLIPVisionModel``, and of the
+text tower's ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` (no torch needed).
 
     python -m mlcd_jax.interop.hf export RUN OUT [--step N]   # a training workdir → transformers
     python -m mlcd_jax.interop.hf export MODEL_DIR OUT        # our model dir → transformers
@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mlcd_jax.models import vit
+from mlcd_jax.models import text as text_lib, vit
 
 MODEL_TYPES = {"mlcd_vision_model": "rope", "mlcd": "rope",
                "clip_vision_model": "learned", "clip": "learned"}
@@ -260,6 +260,119 @@ def save_vision_model(model: vit.ViT, path) -> pathlib.Path:
                   str(path / PROJECTION_FILE), metadata={"format": "pt"})
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The text tower
+# ----------------------------------------------------------------------------------------------
+
+TEXT_PREFIX = "text_model."
+TEXT_TOP = [
+    (("token_embedding",), "embeddings.token_embedding.weight", _same, _same),
+    (("position_embedding",), "embeddings.position_embedding.weight", _same, _same),
+    (("final_layer_norm", "scale"), "final_layer_norm.weight", _same, _same),
+    (("final_layer_norm", "bias"), "final_layer_norm.bias", _same, _same),
+]
+
+
+def text_config_from_hf(hf: dict, *, projection_dim: int | None = None,
+                        **overrides) -> text_lib.TextConfig:
+    """TextConfig for a transformers CLIPTextConfig (or a CLIPConfig with a text_config)."""
+    if hf.get("model_type") == "clip" and "text_config" in hf:
+        hf = {"model_type": "clip_text_model", "projection_dim": hf.get("projection_dim"),
+              **hf["text_config"]}
+    if hf.get("model_type") != "clip_text_model":
+        raise ValueError(f"config.json: model_type {hf.get('model_type')!r} is not a CLIP text "
+                         "model (expected clip_text_model: CLIPTextModel[WithProjection])")
+    eos = hf.get("eos_token_id", 2)
+    try:
+        fields = dict(width=hf["hidden_size"], depth=hf["num_hidden_layers"],
+                      heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
+                      vocab_size=hf["vocab_size"],
+                      context_length=hf.get("max_position_embeddings", 77),
+                      act=hf.get("hidden_act", "quick_gelu"),
+                      ln_eps=float(hf.get("layer_norm_eps", 1e-5)), embed_dim=projection_dim,
+                      eos_token_id=None if eos == 2 else eos)  # 2: CLIP's legacy argmax pooling
+    except KeyError as e:
+        raise ValueError(f"config.json: missing field {e.args[0]!r} of a CLIP text model") from None
+    return text_lib.TextConfig(**(fields | overrides))
+
+
+def text_config_to_hf(cfg: text_lib.TextConfig) -> dict:
+    arch = "CLIPTextModelWithProjection" if cfg.embed_dim else "CLIPTextModel"
+    return dict(model_type="clip_text_model", architectures=[arch], vocab_size=cfg.vocab_size,
+                hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
+                num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
+                max_position_embeddings=cfg.context_length, hidden_act=cfg.act,
+                layer_norm_eps=cfg.ln_eps, projection_dim=cfg.embed_dim or 512,
+                eos_token_id=2 if cfg.eos_token_id is None else cfg.eos_token_id,
+                torch_dtype="float32")
+
+
+def load_text_model(path, **overrides) -> text_lib.TextTransformer:
+    """Our text tower with the weights of a transformers CLIPTextModel[WithProjection] (or a full
+    CLIPModel) directory; `overrides` set fields that do not change the weights (dtype, ...)."""
+    path = pathlib.Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: expected a transformers checkpoint "
+                                "directory (config.json + *.safetensors)")
+    tensors = read_safetensors(path)
+    projection = tensors.get("text_projection.weight")
+    cfg = text_config_from_hf(json.loads(config_file.read_text()),
+                              projection_dim=None if projection is None else projection.shape[0],
+                              **overrides)
+    # CLIPTextModel saves without the text_model. prefix, the others with it; a full CLIPModel
+    # also holds a vision tower, which is dropped.
+    text = {k.removeprefix(TEXT_PREFIX): v for k, v in tensors.items()
+            if not k.startswith((PREFIX, "visual_projection", "logit_scale"))}
+    expected = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(
+        text_lib.TextTransformer(cfg, rngs=nnx.Rngs(0)))))
+    used, params = set(), {}
+
+    def take(name, to_ours, want_shape):
+        if name not in text:
+            raise ValueError(f"{path}: tensor {TEXT_PREFIX + name!r} is missing for a text tower "
+                             f"of {cfg.depth} blocks")
+        value = to_ours(text[name])
+        if value.shape != tuple(want_shape):
+            raise ValueError(f"{path}: tensor {name!r} has shape {text[name].shape}; the config "
+                             f"needs {tuple(want_shape)}")
+        used.add(name)
+        return value
+
+    for p, name, _, to_ours in TEXT_TOP:
+        _set(params, p, take(name, to_ours, _get(expected, p).shape))
+    for p, name, _, to_ours in _BLOCK:
+        shape = _get(expected["blocks"], p).shape[1:]
+        _set(params, ("blocks", *p), np.stack([
+            take(f"encoder.layers.{i}.{name}", to_ours, shape) for i in range(cfg.depth)]))
+    if cfg.embed_dim:
+        _set(params, ("projection", "kernel"),
+             take("text_projection.weight", _linear, expected["projection"]["kernel"].shape))
+    unexpected = sorted(k for k in text if k not in used and not k.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        raise ValueError(f"{path}: unexpected text tensors {unexpected[:5]}")
+    return text_lib.with_params(cfg, params)
+
+
+def save_text_model(model: text_lib.TextTransformer, path) -> pathlib.Path:
+    """Write `model` as a transformers CLIPTextModel[WithProjection] directory that
+    from_pretrained loads with no missing or unexpected keys."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg, params = model.cfg, nnx.to_pure_dict(nnx.state(model))
+    out = {TEXT_PREFIX + name: to_hf(np.asarray(_get(params, p))) for p, name, to_hf, _ in TEXT_TOP}
+    for p, name, to_hf, _ in _BLOCK:
+        stacked = np.asarray(_get(params["blocks"], p))
+        for i in range(cfg.depth):
+            out[f"{TEXT_PREFIX}encoder.layers.{i}.{name}"] = to_hf(stacked[i])
+    if cfg.embed_dim:
+        out["text_projection.weight"] = _linear(np.asarray(params["projection"]["kernel"]))
+    save_file({k: np.ascontiguousarray(v) for k, v in out.items()},
+              str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(text_config_to_hf(cfg), indent=2))
     return path
 
 

@@ -159,14 +159,14 @@ def _param(rngs, init, shape, axes):
     return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
 
 
-def _linear(cfg, n_in, n_out, axes, rngs, *, bias=True):
+def dense(cfg, n_in, n_out, axes, rngs, *, bias=True):
     return nnx.Linear(n_in, n_out, use_bias=bias, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
                       kernel_init=nnx.initializers.normal(0.02),
                       kernel_metadata={"logical_axes": axes},
                       bias_metadata={"logical_axes": axes[1:]})
 
 
-def _layer_norm(cfg, rngs):
+def layer_norm(cfg, rngs):
     return nnx.LayerNorm(cfg.width, epsilon=cfg.ln_eps, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
                          scale_metadata={"logical_axes": ("norm",)},
                          bias_metadata={"logical_axes": ("norm",)})
@@ -211,34 +211,40 @@ def attention_implementation(cfg: ViTConfig) -> tuple[str, int]:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla",
-              multiple: int = 1) -> jax.Array:
-    """Softmax attention over (B, T, N, H) inputs. With `multiple` > 1 the token axis is padded to
-    a multiple of it and the padding masked out (as keys; padded queries are dropped), which is the
-    same function of the T real tokens."""
+              multiple: int = 1, causal: bool = False) -> jax.Array:
+    """Softmax attention over (B, T, N, H) inputs (`causal`: each token sees those before it).
+    With `multiple` > 1 the token axis is padded to a multiple of it and the padding masked out
+    (as keys; padded queries are dropped), which is the same function of the T real tokens."""
     t = q.shape[1]
     padded = -(-t // multiple) * multiple
     if padded == t:
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                            implementation=implementation)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
     lengths = jnp.full((q.shape[0],), t, jnp.int32)
     out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
-                                       key_value_seq_lengths=lengths,
+                                       key_value_seq_lengths=lengths, is_causal=causal,
                                        implementation=implementation)
     return out[:, :t]
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    """A pre-norm transformer block, transformers' CLIP layout. `cfg` is a ViTConfig or any config
+    with its width/heads/mlp_dim/act/ln_eps/dtype/attention fields (the text tower's); `causal`
+    attention for text."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, causal: bool = False):
+        self.causal = causal
         self.cfg = cfg
         w = cfg.width
-        self.layer_norm1 = _layer_norm(cfg, rngs)
-        self.q_proj = _linear(cfg, w, w, ("embed", "heads"), rngs)
-        self.k_proj = _linear(cfg, w, w, ("embed", "heads"), rngs)
-        self.v_proj = _linear(cfg, w, w, ("embed", "heads"), rngs)
-        self.out_proj = _linear(cfg, w, w, ("heads", "embed"), rngs)
-        self.layer_norm2 = _layer_norm(cfg, rngs)
-        self.fc1 = _linear(cfg, w, cfg.mlp_dim, ("embed", "mlp"), rngs)
-        self.fc2 = _linear(cfg, cfg.mlp_dim, w, ("mlp", "embed"), rngs)
+        self.layer_norm1 = layer_norm(cfg, rngs)
+        self.q_proj = dense(cfg, w, w, ("embed", "heads"), rngs)
+        self.k_proj = dense(cfg, w, w, ("embed", "heads"), rngs)
+        self.v_proj = dense(cfg, w, w, ("embed", "heads"), rngs)
+        self.out_proj = dense(cfg, w, w, ("heads", "embed"), rngs)
+        self.layer_norm2 = layer_norm(cfg, rngs)
+        self.fc1 = dense(cfg, w, cfg.mlp_dim, ("embed", "mlp"), rngs)
+        self.fc2 = dense(cfg, cfg.mlp_dim, w, ("mlp", "embed"), rngs)
 
     def __call__(self, x: jax.Array, rope: Rope | None) -> jax.Array:
         cfg = self.cfg
@@ -253,7 +259,8 @@ class Block(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         impl, multiple = attention_implementation(cfg)
-        attn = attention(q, k, v, implementation=impl, multiple=multiple).reshape(b * t, w)
+        attn = attention(q, k, v, implementation=impl, multiple=multiple,
+                         causal=self.causal).reshape(b * t, w)
         x = x + self.out_proj(attn)
         x = x + self.fc2(ACTIVATIONS[cfg.act](self.fc1(self.layer_norm2(x))))
         return x.reshape(b, t, w)
@@ -276,16 +283,11 @@ class ViT(nnx.Module):
         else:
             self.class_pos_emb = _param(rngs, nnx.initializers.normal((cfg.head_dim // 2) ** -0.5),
                                         (1, cfg.head_dim // 2), (None, None))
-        self.pre_layrnorm = _layer_norm(cfg, rngs)
+        self.pre_layrnorm = layer_norm(cfg, rngs)
 
-        @nnx.split_rngs(splits=cfg.depth)
-        @nnx.vmap(in_axes=0, out_axes=0)
-        def make_blocks(rngs):
-            return Block(cfg, rngs=rngs)
-
-        self.blocks = make_blocks(rngs)  # every parameter has a leading (depth,) axis
-        self.post_layernorm = _layer_norm(cfg, rngs)
-        self.projection = (_linear(cfg, w, cfg.embed_dim, ("embed", "proj"), rngs, bias=False)
+        self.blocks = stacked_blocks(cfg, rngs)  # every parameter has a leading (depth,) axis
+        self.post_layernorm = layer_norm(cfg, rngs)
+        self.projection = (dense(cfg, w, cfg.embed_dim, ("embed", "proj"), rngs, bias=False)
                            if cfg.embed_dim else None)
 
     def __call__(self, pixels: jax.Array) -> ViTOutput:
@@ -307,25 +309,37 @@ class ViT(nnx.Module):
         else:
             rope = Rope.of(rope_angles(cfg, grid_h, grid_w, self.class_pos_emb[...]))
         x = self.pre_layrnorm(x)
-        x = self._run_blocks(x, rope)
+        x = run_blocks(self.blocks, self.cfg, x, rope)
         pooled = self.post_layernorm(x[:, 0])
         embedding = self.projection(pooled) if self.projection is not None else pooled
         return ViTOutput(x, pooled, embedding)
 
-    def _run_blocks(self, x: jax.Array, rope: Rope | None) -> jax.Array:
-        graphdef, stacked = nnx.split(self.blocks)
 
-        def block(x, params):
-            return nnx.merge(graphdef, params)(x, rope), None
+def stacked_blocks(cfg, rngs: nnx.Rngs, causal: bool = False) -> Block:
+    """cfg.depth blocks stored as one, every parameter with a leading (depth,) axis."""
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+        return Block(cfg, rngs=rngs, causal=causal)
 
-        if self.cfg.remat:
-            block = jax.checkpoint(block, prevent_cse=not self.cfg.scan,
-                                   policy=remat_policy(self.cfg.remat_policy))
-        if self.cfg.scan:
-            return jax.lax.scan(block, x, stacked)[0]
-        for i in range(self.cfg.depth):
-            x, _ = block(x, jax.tree.map(lambda p: p[i], stacked))
-        return x
+    return make(rngs)
+
+
+def run_blocks(blocks: Block, cfg, x: jax.Array, rope: Rope | None = None) -> jax.Array:
+    """x through the stacked blocks: scanned or unrolled, rematerialised per cfg."""
+    graphdef, stacked = nnx.split(blocks)
+
+    def block(x, params):
+        return nnx.merge(graphdef, params)(x, rope), None
+
+    if cfg.remat:
+        block = jax.checkpoint(block, prevent_cse=not cfg.scan,
+                               policy=remat_policy(cfg.remat_policy))
+    if cfg.scan:
+        return jax.lax.scan(block, x, stacked)[0]
+    for i in range(cfg.depth):
+        x, _ = block(x, jax.tree.map(lambda p: p[i], stacked))
+    return x
 
 
 def remat_policy(name: str):
