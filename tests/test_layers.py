@@ -13,8 +13,8 @@ LAYERS = [
     ("mlcd_jax.config", "mlcd_jax.mesh", "mlcd_jax.losses", "mlcd_jax.optim",
      "mlcd_jax.distributed", "mlcd_jax.reporting", "mlcd_jax.models", "mlcd_jax.data",
      "mlcd_jax.labels.store"),
-    # the head, checkpoints, the transformers mapping
-    ("mlcd_jax.head", "mlcd_jax.checkpoint", "mlcd_jax.interop.hf"),
+    # the heads (MLCD, contrastive), checkpoints, the transformers mapping
+    ("mlcd_jax.head", "mlcd_jax.contrastive", "mlcd_jax.checkpoint", "mlcd_jax.interop.hf"),
     # the train step, encoder weights from anywhere, FLOP counts
     ("mlcd_jax.step", "mlcd_jax.weights", "mlcd_jax.flops"),
     # the jobs
