@@ -6,7 +6,9 @@ CLIP, embeds the clean, centred 8 × 8 digit (its 64 pixels, L2-normalised); the
 ever sees the canvas. Steps: teacher embeddings → spherical k-means (K = 64) → top-4 labels →
 MLCD pretraining on 8 simulated devices (and single-label UNICOM with the same budget) → linear
 probe and kNN on the held-out canvases for raw pixels, a random-init ViT, both pretrained ViTs and
-the teacher. Writes results.json, a table, and loss / cosine curves (PNG) to the workdir.
+the teacher → LiT: a text tower trained on captions of each canvas's digit against the locked MLCD
+and random-init encoders, zero-shot accuracy and retrieval R@1 on the held-out canvases. Writes
+results.json, a table, and loss / cosine curves (PNG) to the workdir.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mlcd_jax.labels import assign, kmeans, store
 K, L = 64, 4
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "demo.py"
+LIT_CONFIG = REPO / "configs" / "lit_demo.py"
 
 
 def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
@@ -46,11 +49,22 @@ def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
     return workdir / "labels"
 
 
+ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # 8 devices on a CPU
+
+
 def pretrain(workdir: pathlib.Path, kind: str, labels: pathlib.Path, overrides=()) -> None:
-    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     subprocess.run([sys.executable, "-m", "mlcd_jax.train", f"--config={CONFIG}:{kind}",
                     f"--workdir={workdir / kind}", f"--config.data.labels={labels}", *overrides],
-                   check=True, env=env, cwd=REPO)
+                   check=True, env=os.environ | ENV, cwd=REPO)
+
+
+def lit(workdir: pathlib.Path, name: str, model: pathlib.Path, overrides=()) -> dict:
+    """LiT against the locked `model`; its last eval (zero-shot, retrieval)."""
+    run = workdir / f"lit_{name}"
+    subprocess.run([sys.executable, "-m", "mlcd_jax.lit", f"--config={LIT_CONFIG}",
+                    f"--workdir={run}", f"--config.image.model={model}", *overrides],
+                   check=True, env=os.environ | ENV, cwd=REPO)
+    return reporting.read_jsonl(run / "evals.jsonl")[-1]
 
 
 def plot(workdir: pathlib.Path) -> None:
@@ -87,19 +101,21 @@ def main(argv=None) -> int:
     p.add_argument("--override", action="append", default=[],
                    help="a trainer flag for both runs, e.g. "
                    "--override=--config.head.margin_type=cosface")
+    p.add_argument("--lit_override", action="append", default=[],
+                   help="a flag for the LiT runs, e.g. --lit_override=--config.total_steps=100")
     a = p.parse_args(argv)
     start = time.time()
     workdir = pathlib.Path(a.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     train, test = sources.DigitsCanvasSource("train"), sources.DigitsCanvasSource("test")
 
-    print(f"[1/4] teacher embeddings (clean digits) → k-means K = {K} → top-{L} labels", flush=True)
+    print(f"[1/5] teacher embeddings (clean digits) → k-means K = {K} → top-{L} labels", flush=True)
     labels = teacher_labels(workdir, train)
     for i, kind in enumerate(("mlcd", "single")):
-        print(f"[{2 + i}/4] pretraining ({kind}); the trainer names the devices", flush=True)
+        print(f"[{2 + i}/5] pretraining ({kind}); the trainer names the devices", flush=True)
         pretrain(workdir, kind, labels, a.override)
 
-    print("[4/4] evaluating on the held-out canvases", flush=True)
+    print("[4/5] evaluating on the held-out canvases", flush=True)
     from flax import nnx
 
     from mlcd_jax import config as config_lib
@@ -123,14 +139,30 @@ def main(argv=None) -> int:
         record(name, eval_run.evaluate(model, train, test, image_size=32, desc=name))
     clean = lambda s: (s.clean.reshape(len(s), -1) / 255.0, s.labels)
     record("teacher", eval_run.probe(clean(train), clean(test)))
+    print("[5/5] LiT: a text tower on captions of the training canvases, each image encoder "
+          "locked", flush=True)
+    weights.save_model_dir(encoders["random_init"], workdir / "random_init")
+    results["zero_shot"], results["retrieval"] = {}, {}
+    for name, model in (("random_init", workdir / "random_init"), ("mlcd", workdir / "mlcd")):
+        last = lit(workdir, name, model, a.lit_override)
+        results["zero_shot"][name] = last["zero_shot_top1"]
+        results["retrieval"][name] = {k: last[k] for k in ("image_to_text_R@1",
+                                                            "text_to_image_R@1")}
     results["wall_s"] = time.time() - start
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     plot(workdir)
 
     order = ["raw_pixels", "random_init", "single_label", "mlcd", "teacher"]
-    print(f"\n{'encoder':<14}{'linear probe':>13}{'kNN':>8}")
+    print(f"\n{'encoder':<14}{'linear probe':>13}{'kNN':>8}{'zero-shot':>11}{'img→txt R@1':>13}"
+          f"{'txt→img R@1':>13}")
     for name in order:
-        print(f"{name:<14}{results['linear_probe'][name]:>13.3f}{results['knn'][name]:>8.3f}")
+        lit_cols = ""
+        if name in results["zero_shot"]:
+            r = results["retrieval"][name]
+            lit_cols = (f"{results['zero_shot'][name]:>11.3f}{r['image_to_text_R@1']:>13.3f}"
+                        f"{r['text_to_image_R@1']:>13.3f}")
+        print(f"{name:<14}{results['linear_probe'][name]:>13.3f}{results['knn'][name]:>8.3f}"
+              f"{lit_cols}")
     print(f"\n{results['wall_s']:.0f} s; wrote {workdir / 'results.json'}, loss.png, cosine.png")
     return 0
 

@@ -113,6 +113,7 @@ class Reporter:
         self._mark = None  # (time, step) of the last report or resume; None while paused
         self._timed_steps, self._timed_seconds, self.eval_seconds = 0, 0.0, 0.0
         self._input_wait = 0.0  # seconds the devices sat idle waiting for input, this lap
+        self._measures_input = False  # whether the loop reports input waits at all
         self.tb = None
         if self.enabled:
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +133,7 @@ class Reporter:
         """The devices sat idle `seconds` waiting for the next batch (shown as a fraction of the
         time between reports)."""
         self._input_wait += seconds
+        self._measures_input = True
 
     def pause_clock(self, step: int) -> None:
         """Stop timing (an eval follows); the steps since the last mark count as trained."""
@@ -157,15 +159,17 @@ class Reporter:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         if lap:
             record["images_per_s"] = lap[0] * self.batch / lap[1]
-            record["input_wait"] = min(1.0, waited / lap[1])
+            if self._measures_input:
+                record["input_wait"] = min(1.0, waited / lap[1])
         self.metrics.append(json.dumps(record) + "\n")
         self.tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
         average = self._timed_steps / self._timed_seconds if self._timed_seconds else None
         eta = f"{(self.total - step) / average / 60:.1f} min" if average else "?"
         shown = " ".join(f"{k} {record[k]:.4g}" for k in ("loss", "pos_cos", "neg_cos", "lr")
                          if k in record)
-        speed = (f" {record['images_per_s']:.1f} img/s (input wait "
-                 f"{record['input_wait']:.0%})" if lap else "")
+        speed = f" {record['images_per_s']:.1f} img/s" if lap else ""
+        if "input_wait" in record:
+            speed += f" (input wait {record['input_wait']:.0%})"
         if record.get("skipped_images"):
             speed += f" ({record['skipped_images']:.0f} unreadable images skipped)"
         evals = f" (+ evals, {self.eval_seconds:.0f} s so far)" if self.eval_seconds else ""

@@ -96,11 +96,26 @@ class DigitsCanvasSource:
         self.split, self.seed = split, seed
         rng = np.random.default_rng([seed, 1])
         self.images = np.zeros((len(self.indices), canvas, canvas, 3), np.uint8)
+        self.boxes = np.zeros((len(self.indices), 3), np.int64)  # x, y, size of each glyph
         for i, digit in enumerate(self.clean):
             size = int(rng.integers(canvas // 4, canvas * 5 // 8 + 1))
             x, y = rng.integers(0, canvas - size + 1, size=2)
             glyph = np.asarray(Image.fromarray(digit).resize((size, size), Image.BILINEAR))
             self.images[i, y:y + size, x:x + size] = glyph[..., None]
+            self.boxes[i] = x, y, size
+        self.canvas = canvas
+
+    def caption_fields(self, i) -> dict[str, str]:
+        """What a caption can say of image i beside its digit: the glyph's size (small, medium,
+        large: thirds of the range of sizes) and the third of the canvas its centre is in."""
+        x, y, size = (int(v) for v in self.boxes[i])
+        smallest, largest = self.canvas // 4, self.canvas * 5 // 8
+        third = lambda v: min(2, 3 * v // self.canvas)
+        row = ("top", "middle", "bottom")[third(y + size // 2)]
+        col = ("left", "centre", "right")[third(x + size // 2)]
+        return {"size": ("small", "medium", "large")[min(2, 3 * (size - smallest)
+                                                         // (largest - smallest + 1))],
+                "place": "centre" if (row, col) == ("middle", "centre") else f"{row} {col}"}
 
     def __len__(self):
         return len(self.images)

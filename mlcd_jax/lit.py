@@ -1,0 +1,299 @@
+"""LiT: a text tower trained to match a locked image encoder (Zhai et al. 2022), which gives an MLCD
+encoder zero-shot classification and image–text retrieval.
+
+    python -m mlcd_jax.lit --config=configs/lit_demo.py --workdir=DIR --config.image.model=RUN
+
+Reads top to bottom: the image encoder (a pretraining workdir, our model dir or a transformers
+dir), locked, embeds the train and test images once (cached in WORKDIR/features with a record of
+the weights, images and size) → captions (class names in templates) → tokenizer (a local CLIP one,
+or a BPE trained on the captions, saved in WORKDIR/tokenizer) → the text tower, its temperature
+(and SigLIP's bias), AdamW, one jitted step with the contrastive loss split over the mesh
+(`mlcd_jax/contrastive.py`) → checkpoint or init → loop, with periodic zero-shot and retrieval
+evals on the held-out images. Batch `step` is a function of (seed, step), so a preempted run
+(SIGTERM saves at the next step) resumes exactly. At the end the text tower is written as a
+transformers CLIPTextModelWithProjection (WORKDIR/text_model).
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from mlcd_jax import (
+    checkpoint,
+    config as config_lib,
+    contrastive,
+    mesh as mesh_lib,
+    optim,
+    reporting,
+    weights,
+)
+from mlcd_jax.data import tokenizer as tokenizer_lib
+from mlcd_jax.evaluate import features, run as eval_run, zero_shot
+from mlcd_jax.interop import hf
+from mlcd_jax.labels import embed, store
+from mlcd_jax.models import text as text_lib
+
+CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/lit_*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features, tokenizer.")
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def class_names(c, train) -> tuple[str, ...]:
+    """The configured class names, else the dataset's own."""
+    if c.data.class_names:
+        return tuple(c.data.class_names)
+    if c.data.dataset in ("digits", "digits_canvas"):
+        return DIGIT_NAMES
+    if getattr(train, "class_index", None):
+        return tuple(sorted(train.class_index, key=train.class_index.get))
+    raise ValueError(f"config.data.class_names: {c.data.dataset} does not name its classes; "
+                     "give them as a tuple")
+
+
+def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised features, labels) of `source`, computed once: cached with a record of the
+    encoder's weights, the images and the image size, and recomputed if any changed."""
+    path = workdir / "features" / f"{name}.npy"
+    made_by = store.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
+                           c.image.image_size)
+    record = store.piece_record(path) or {}
+    if record.get("fingerprint") == made_by and store.array_sha256(np.load(path)) == record.get(
+            "sha256"):
+        return np.load(path), np.load(path.with_suffix(".labels.npy"))
+    x, y = features.extract(encoder, source, image_size=c.image.image_size,
+                            batch_size=c.image.batch_size, mesh=mesh, desc=f"image features "
+                            f"({name})")
+    x = zero_shot.normalize(x)
+    if jax.process_index() == 0:
+        np.save(path.with_suffix(".labels.npy"), y)  # before the record that vouches for both
+        store.write_piece(path, x, {"fingerprint": made_by})
+    return x, y
+
+
+def captions(c, names, source, labels) -> list[list[str]]:
+    """Each image's captions: config.data.templates filled with its class name ({name}) and what
+    the dataset says of the image (`caption_fields`: the demo's canvases give {size}, {place})."""
+    fields = getattr(source, "caption_fields", lambda i: {})
+    if len(labels) != len(source):
+        raise ValueError(f"{len(source) - len(labels)} unreadable images in {c.data.dataset}: "
+                         "captions are matched to images by position; remove them first")
+    out = []
+    for i, y in enumerate(labels):
+        known = {"name": names[y], **fields(i)}
+        try:
+            out.append([t.format(**known) for t in c.data.templates])
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"config.data.templates: {{{e.args[0]}}} is not a caption field of "
+                             f"{c.data.dataset} (it has {', '.join(known)})") from None
+    return out
+
+
+def make_tokenizer(c, workdir, captions) -> tokenizer_lib.TextTokenizer:
+    saved = workdir / "tokenizer"
+    if c.text.tokenizer:
+        return tokenizer_lib.load(c.text.tokenizer, c.text.context_length)
+    if (saved / "tokenizer.json").is_file():  # a resumed run keeps its vocabulary
+        return tokenizer_lib.load(saved, c.text.context_length)
+    tok = tokenizer_lib.train(captions, c.text.vocab_size, c.text.context_length)
+    if jax.process_index() == 0:
+        tok.save(saved)
+    return tok
+
+
+def batch_rows(seed: int, step: int, n: int, size: int, captions_per_row: int):
+    """Rows and caption choices of batch `step`: epoch e is a seeded permutation of the n rows."""
+    positions = (step - 1) * size + np.arange(size)
+    epochs, within = positions // n, positions % n
+    rows = np.empty(size, np.int64)
+    for e in np.unique(epochs):
+        order = np.random.default_rng([seed, int(e)]).permutation(n)
+        rows[epochs == e] = order[within[epochs == e]]
+    which = np.random.default_rng([seed, step, 1]).integers(0, captions_per_row, size)
+    return rows, which
+
+
+def train_step(state, images, tokens, *, graphdef, tx, kind, chunk, mesh):
+    def loss_fn(params):
+        texts = nnx.merge(graphdef, params["text"])(tokens).embedding
+        return contrastive.loss(images, texts, params["log_scale"], params["bias"], kind=kind,
+                                chunk=chunk, mesh=mesh)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return ({"params": params, "opt": opt_state, "step": state["step"] + 1},
+            {"loss": loss, "scale": jnp.exp(params["log_scale"]), "bias": params["bias"],
+             "grad_norm": optax.global_norm(grads)})
+
+
+def embed_texts(tower, tokens, batch: int = 1024) -> np.ndarray:
+    forward = jax.jit(lambda t: tower(t).embedding)
+    return np.concatenate([np.asarray(forward(jnp.asarray(tokens[s:s + batch])))
+                           for s in range(0, len(tokens), batch)])
+
+
+def evaluate(tower, tok, names, prompts, test_x, test_y, captions) -> dict[str, float]:
+    """Zero-shot accuracy with averaged prompts, and retrieval with every caption of each image."""
+    prompt_tokens = tok([p.format(name=n) for n in names for p in prompts])
+    classes = zero_shot.class_embeddings(
+        embed_texts(tower, prompt_tokens).reshape(len(names), len(prompts), -1))
+    result = {f"zero_shot_{k}": v for k, v in zero_shot.zero_shot(test_x, classes, test_y).items()}
+    texts = [t for row in captions for t in row]
+    owner = np.repeat(np.arange(len(captions)), [len(row) for row in captions])
+    return result | zero_shot.retrieval(test_x, embed_texts(tower, tok(texts)), owner)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        lit(CONFIG.value, pathlib.Path(_WORKDIR.value).absolute())
+    except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.SaveFailed) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def lit(c, workdir: pathlib.Path) -> None:
+    if not c.image.model:
+        raise ValueError("config.image.model: the image encoder to lock (a training workdir, a "
+                         "model dir or a transformers dir) is not set")
+    if c.loss.kind not in contrastive.KINDS:
+        raise ValueError(f"config.loss.kind must be one of {contrastive.KINDS}, got "
+                         f"{c.loss.kind!r}")
+    mesh = mesh_lib.make_mesh(c.mesh)
+    if c.batch_size % mesh_lib.num_batch_shards(mesh):
+        raise ValueError(f"config.batch_size {c.batch_size} is not divisible by the "
+                         f"{mesh_lib.num_batch_shards(mesh)} devices of the mesh")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "features").mkdir(exist_ok=True)
+
+    # The locked image tower: every image embedded once.
+    d = c.data
+    train_src, test_src = eval_run.dataset_splits(
+        d.dataset, path=d.path, test_path=d.test_path, tfds_name=d.tfds_name,
+        train_split=d.train_split, test_split=d.test_split, test_fraction=d.test_fraction,
+        flag="config.data.")
+    encoder, described = weights.load_encoder(c.image.model)
+    train_x, train_y = image_features(c, workdir, encoder, train_src, "train", mesh)
+    test_x, test_y = image_features(c, workdir, encoder, test_src, "test", mesh)
+    del encoder
+
+    # Captions and the tokenizer.
+    names = class_names(c, train_src)
+    if max(train_y.max(), test_y.max()) >= len(names):
+        raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
+                         f"{max(train_y.max(), test_y.max())}")
+    train_captions = captions(c, names, train_src, train_y)
+    test_captions = captions(c, names, test_src, test_y)
+    tok = make_tokenizer(c, workdir, [t for row in train_captions for t in row])
+    for prompt in c.evals.prompts if c.evals.every else ():  # a mistake shows now, not later
+        if prompt.format(name="x") == prompt:
+            raise ValueError(f"config.evals.prompts: {prompt!r} has no {{name}}")
+    train_tokens = np.stack([tok(row) for row in train_captions])    # (N, captions, T)
+
+    # The text tower, its temperature and bias, AdamW, the step.
+    cfg = text_lib.text_config(c.text.size, vocab_size=tok.vocab_size,
+                               context_length=c.text.context_length, embed_dim=train_x.shape[1],
+                               eos_token_id=tok.end, dtype=c.text.dtype)
+    graphdef, abstract_text = nnx.split(nnx.eval_shape(lambda: text_lib.TextTransformer(
+        cfg, rngs=nnx.Rngs(0))))
+    tx = optax.chain(
+        optax.clip_by_global_norm(c.optim.clip_norm) if c.optim.clip_norm else optax.identity(),
+        optax.adamw(optim.schedule(c, c.total_steps), b1=c.optim.b1, b2=c.optim.b2,
+                    eps=c.optim.eps, weight_decay=c.optim.weight_decay, mask=optim.decay_mask))
+
+    def init(key):
+        tower = text_lib.TextTransformer(cfg, rngs=nnx.Rngs(key))
+        params = {"text": nnx.to_pure_dict(nnx.state(tower)),
+                  "log_scale": jnp.log(jnp.float32(c.loss.init_scale)),
+                  "bias": jnp.float32(c.loss.init_bias if c.loss.kind == "siglip" else 0.0)}
+        return {"params": params, "opt": tx.init(params), "step": jnp.int32(0)}
+
+    replicated = mesh_lib.replicated(mesh)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = jax.tree.map(lambda _: replicated, abstract)
+    batch = mesh_lib.batch_sharding(mesh)
+    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, kind=c.loss.kind,
+                                        chunk=c.loss.chunk or None, mesh=mesh),
+                      in_shardings=(shardings, batch, batch), out_shardings=(shardings, replicated),
+                      donate_argnums=0)
+    del abstract_text
+
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
+    found = ckpt.restore_newest_good(checkpoint.abstract_like(abstract, shardings))
+    if found is None:
+        state, start = jax.jit(init, out_shardings=shardings)(jax.random.key(c.seed)), 0
+    else:
+        state, data_state, start = found
+        if data_state["seed"] != c.seed:
+            raise ValueError(f"config.seed {c.seed} differs from the checkpoint's "
+                             f"{data_state['seed']}; use the same seed or a new workdir")
+    report = reporting.Reporter(workdir, total_steps=c.total_steps, batch_size=c.batch_size,
+                                start_step=start)
+    if report.enabled:
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: LiT "
+                   f"({c.loss.kind}) of a {c.text.size} text tower ({tok.vocab_size:,} tokens) "
+                   f"on {described}, locked: {len(train_x):,} train / {len(test_x):,} test "
+                   f"images, {mesh.size} devices")
+
+    def run_evals(step):
+        report.pause_clock(step)
+        tower = nnx.merge(graphdef, state["params"]["text"])
+        result = evaluate(tower, tok, names, c.evals.prompts, test_x, test_y, test_captions)
+        report.log_eval(step, result)
+        report.start_clock(step)
+
+    sigterm = []
+    signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
+    try:
+        for step in range(start + 1, c.total_steps + 1):
+            rows, which = batch_rows(c.seed, step, len(train_x), c.batch_size,
+                                     train_tokens.shape[1])
+            images = jax.device_put(train_x[rows], batch)
+            tokens = jax.device_put(train_tokens[rows, which], batch)
+            state, metrics = step_fn(state, images, tokens)
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                report.start_clock(step)
+            stop = bool(sigterm)
+            if step % c.log_every == 0 or step == c.total_steps or stop:
+                values = jax.device_get(metrics)
+                if not np.isfinite(values["loss"]):
+                    raise FloatingPointError(f"the loss is {values['loss']} at step {step}; "
+                                             "lower config.optim.lr and rerun")
+                report.log(step, values)
+            if stop or step % c.checkpoint_every == 0 or step == c.total_steps:
+                ckpt.save(step, state, {"step": step, "seed": c.seed})
+            if c.evals.every and (step % c.evals.every == 0 or step == c.total_steps) and not stop:
+                run_evals(step)
+            if stop:
+                ckpt.wait()
+                report.message(f"SIGTERM: saved step {step} to {ckpt.directory}; rerun to resume")
+                return
+        if report.enabled:  # the text tower, for transformers' CLIPTextModelWithProjection
+            hf.save_text_model(nnx.merge(graphdef, state["params"]["text"]),
+                               workdir / "text_model")
+            tok.save(workdir / "text_model")
+            report.message(f"text tower: {workdir / 'text_model'} (transformers "
+                           "CLIPTextModelWithProjection + tokenizer.json)")
+    finally:
+        ckpt.close()
+        report.close()
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main, flags_parser=config_lib.parse_flags)
