@@ -19,7 +19,7 @@ $(TEST_INSTALLED): $(INSTALLED)
 	touch $(TEST_INSTALLED)
 
 # The main job on bundled data: cluster → multi-label → pretrain on 8 simulated devices → evaluate.
-# Writes runs/demo/results.json, loss.png, cosine.png (~5 min on 2 CPU cores).
+# Writes runs/demo/results.json, loss.png, cosine.png (~7 min on 2 CPU cores).
 demo: $(INSTALLED)
 	$(PY) -m mlcd_jax.demo --workdir runs/demo
 

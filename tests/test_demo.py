@@ -15,13 +15,21 @@ ENCODERS = {"raw_pixels", "random_init", "single_label", "mlcd", "teacher"}
 def test_demo_end_to_end_shortened(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "mlcd_jax.demo", f"--workdir={tmp_path}",
-         "--override=--config.total_steps=6", "--override=--config.evals.every=3"],
+         "--override=--config.total_steps=6", "--override=--config.evals.every=3",
+         "--lit_override=--config.total_steps=4", "--lit_override=--config.evals.every=2"],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "results.json").read_text())
-    assert set(out) == {"linear_probe", "knn", "wall_s"}
+    assert set(out) == {"linear_probe", "knn", "zero_shot", "retrieval", "wall_s"}
     for probe in ("linear_probe", "knn"):
         assert set(out[probe]) == ENCODERS
+    assert set(out["zero_shot"]) == set(out["retrieval"]) == {"random_init", "mlcd"}
+    for name in ("random_init", "mlcd"):
+        assert 0 <= out["zero_shot"][name] <= 1
+        assert set(out["retrieval"][name]) == {"image_to_text_R@1", "text_to_image_R@1"}
+        steps = [json.loads(l)["step"]
+                 for l in (tmp_path / f"lit_{name}" / "evals.jsonl").read_text().splitlines()]
+        assert steps == [2, 4]
     # The teacher (clean digits) is near-perfect; raw canvases are weak: the task is as designed.
     assert out["linear_probe"]["teacher"] > 0.9 and out["linear_probe"]["raw_pixels"] < 0.4
     for kind in ("mlcd", "single"):

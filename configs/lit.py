@@ -1,0 +1,17 @@
+"""LiT on your own labelled images (README, "From the demo to real scale", step 5): a B text
+tower (CLIP's) against a locked encoder, captions from class names in CLIP-style templates.
+
+    configs/lit.py          CLIP's softmax loss
+    configs/lit.py:siglip   SigLIP's sigmoid loss
+"""
+
+from mlcd_jax import config as config_lib
+
+
+def get_config(arg=""):
+    config_lib.check_arg(arg, ("", "siglip"), "configs/lit.py")
+    c = config_lib.lit_config()
+    c.loss.kind = "siglip" if arg == "siglip" else "clip"
+    c.data.dataset = "folder"
+    c.evals.every = 1000
+    return c
