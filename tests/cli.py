@@ -46,3 +46,22 @@ def records(workdir, name: str = "metrics.jsonl") -> list[dict]:
 def losses(workdir) -> dict[int, float]:
     """{step: loss} as the trainer logged it."""
     return {r["step"]: r["loss"] for r in records(workdir)}
+
+
+def sigterm_after(module: str, *args, workdir, lines: int = 20, timeout: int = 300) -> str:
+    """Run `python -m module args`, send SIGTERM once `workdir`/metrics.jsonl has `lines` lines
+    (a preemption mid-run), and return its stdout after asserting it saved and exited cleanly."""
+    import signal
+    import time
+    proc = subprocess.Popen(command(module, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = pathlib.Path(workdir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM: saved step" in out
+    return out

@@ -3,9 +3,7 @@ features carry their class, the image tower stays locked, a run resumes exactly 
 the text tower it writes loads in transformers."""
 
 import json
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -82,19 +80,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, encoder):
     # keeps its own in WORKDIR/tokenizer, so it resumes with the vocabulary it started with).
     steps.append(f"--config.text.tokenizer={tmp_path / 'reference' / 'tokenizer'}")
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(cli.command("mlcd_jax.lit", *LIT, f"--workdir={interrupted}",
-                                        f"--config.image.model={encoder}", *steps),
-                            cwd=cli.REPO, env=cli.env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = interrupted / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM: saved step" in out
+    cli.sigterm_after("mlcd_jax.lit", *LIT, f"--workdir={interrupted}",
+                      f"--config.image.model={encoder}", *steps, workdir=interrupted)
     stopped = max(losses(interrupted))
     assert 20 <= stopped < 400
     resumed = lit(interrupted, encoder, *steps)

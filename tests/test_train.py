@@ -4,7 +4,6 @@ person is told, its one-line messages."""
 
 import json
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from flax import nnx
 
 from mlcd_jax import checkpoint, config as config_lib, mesh as mesh_lib
 
-from cli import REPO, env, losses, records, run, train, train_args
+from cli import REPO, env, losses, records, run, sigterm_after, train, train_args
 
 slow = pytest.mark.slow  # runs the trainer in a subprocess
 
@@ -61,17 +60,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
     train(tmp_path / "reference", *steps)
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen(command(interrupted, *steps), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = interrupted / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 20):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM: saved step" in out
+    sigterm_after("mlcd_jax.train", *train_args(interrupted, *steps), workdir=interrupted)
     stopped_at = checkpoint.Checkpointer(interrupted / "checkpoints").latest_step()
     assert 20 <= stopped_at < 300  # it really stopped early
 

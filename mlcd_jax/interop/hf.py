@@ -170,25 +170,26 @@ def vision_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             if not k.startswith(("text_model.", "text_projection", "logit_scale"))}
 
 
-def params_from_hf(cfg: vit.ViTConfig, vision: dict[str, np.ndarray],
-                   source: str = "checkpoint") -> dict:
-    """Our parameter tree (a pure dict) from `vision_tensors` of a transformers checkpoint."""
-    expected = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(vit.ViT(cfg, rngs=nnx.Rngs(0)))))
+def _ours_from(tensors, model, top, projection: str, *, source: str, what: str) -> dict:
+    """Our parameter tree (a pure dict) for `model` (its config's shapes) from transformers
+    `tensors` (names without the tower's prefix): the `top` entries, every block of `_BLOCK`
+    stacked, and the bias-free `projection` if the model has one. `what` the config describes."""
+    cfg = model.cfg
+    expected = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(model)))
     used, params = set(), {}
 
     def take(name, to_ours, want_shape):
-        if name not in vision:
-            raise ValueError(f"{source}: tensor {name!r} (or {PREFIX + name!r}) is missing; the "
-                             f"config describes a {cfg.pos} ViT with {cfg.depth} blocks")
-        value = to_ours(vision[name])
+        if name not in tensors:
+            raise ValueError(f"{source}: tensor {name!r} is missing; the config describes {what}")
+        value = to_ours(tensors[name])
         if value.shape != tuple(want_shape):
-            raise ValueError(f"{source}: tensor {name!r} has shape {vision[name].shape}, which "
+            raise ValueError(f"{source}: tensor {name!r} has shape {tensors[name].shape}, which "
                              f"maps to {value.shape} but the config needs {tuple(want_shape)}; "
                              "does config.json belong to these weights?")
         used.add(name)
         return value
 
-    for path, name, _, to_ours in _top_level(cfg):
+    for path, name, _, to_ours in top:
         _set(params, path, take(name, to_ours, _get(expected, path).shape))
     for path, name, _, to_ours in _BLOCK:
         layer_shape = _get(expected["blocks"], path).shape[1:]
@@ -196,29 +197,40 @@ def params_from_hf(cfg: vit.ViTConfig, vision: dict[str, np.ndarray],
             take(f"encoder.layers.{i}.{name}", to_ours, layer_shape) for i in range(cfg.depth)]))
     if cfg.embed_dim:
         _set(params, ("projection", "kernel"),
-             take("visual_projection.weight", _linear, expected["projection"]["kernel"].shape))
-    unexpected = sorted(k for k in vision if k not in used and not k.endswith(IGNORED_SUFFIXES)
-                        and k != "visual_projection.weight")
+             take(projection, _linear, expected["projection"]["kernel"].shape))
+    unexpected = sorted(k for k in tensors if k not in used and not k.endswith(IGNORED_SUFFIXES)
+                        and k != projection)
     if unexpected:
         raise ValueError(f"{source}: unexpected tensors {unexpected[:5]}"
-                         f"{' …' if len(unexpected) > 5 else ''} for a {cfg.pos} ViT of depth "
-                         f"{cfg.depth}: not an MLCDVisionModel / CLIPVisionModel checkpoint?")
+                         f"{' …' if len(unexpected) > 5 else ''} for {what}")
     return params
+
+
+def _theirs_from(model, top, prefix: str, projection: str) -> dict[str, np.ndarray]:
+    """transformers tensors of `model` (names with `prefix`), the inverse of `_ours_from`."""
+    cfg, params = model.cfg, nnx.to_pure_dict(nnx.state(model))
+    out = {prefix + name: to_hf(np.asarray(_get(params, path))) for path, name, to_hf, _ in top}
+    for path, name, to_hf, _ in _BLOCK:
+        stacked = np.asarray(_get(params["blocks"], path))
+        for i in range(cfg.depth):
+            out[f"{prefix}encoder.layers.{i}.{name}"] = to_hf(stacked[i])
+    if cfg.embed_dim:
+        out[projection] = _linear(np.asarray(params["projection"]["kernel"]))
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def params_from_hf(cfg: vit.ViTConfig, vision: dict[str, np.ndarray],
+                   source: str = "checkpoint") -> dict:
+    """Our parameter tree (a pure dict) from `vision_tensors` of a transformers checkpoint."""
+    model = nnx.eval_shape(lambda: vit.ViT(cfg, rngs=nnx.Rngs(0)))
+    return _ours_from(vision, model, _top_level(cfg), "visual_projection.weight", source=source,
+                      what=f"a {cfg.pos} ViT with {cfg.depth} blocks (an MLCDVisionModel / "
+                      "CLIPVisionModel checkpoint)")
 
 
 def params_to_hf(model: vit.ViT) -> dict[str, np.ndarray]:
     """transformers tensors (``vision_model.`` names, as the released checkpoints) of our model."""
-    cfg, params = model.cfg, nnx.to_pure_dict(nnx.state(model))
-    out = {}
-    for path, name, to_hf, _ in _top_level(cfg):
-        out[PREFIX + name] = to_hf(np.asarray(_get(params, path)))
-    for path, name, to_hf, _ in _BLOCK:
-        stacked = np.asarray(_get(params["blocks"], path))
-        for i in range(cfg.depth):
-            out[f"{PREFIX}encoder.layers.{i}.{name}"] = to_hf(stacked[i])
-    if cfg.embed_dim:
-        out["visual_projection.weight"] = _linear(np.asarray(params["projection"]["kernel"]))
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return _theirs_from(model, _top_level(model.cfg), PREFIX, "visual_projection.weight")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,33 +339,9 @@ def load_text_model(path, **overrides) -> text_lib.TextTransformer:
     # also holds a vision tower, which is dropped.
     text = {k.removeprefix(TEXT_PREFIX): v for k, v in tensors.items()
             if not k.startswith((PREFIX, "visual_projection", "logit_scale"))}
-    expected = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(
-        text_lib.TextTransformer(cfg, rngs=nnx.Rngs(0)))))
-    used, params = set(), {}
-
-    def take(name, to_ours, want_shape):
-        if name not in text:
-            raise ValueError(f"{path}: tensor {TEXT_PREFIX + name!r} is missing for a text tower "
-                             f"of {cfg.depth} blocks")
-        value = to_ours(text[name])
-        if value.shape != tuple(want_shape):
-            raise ValueError(f"{path}: tensor {name!r} has shape {text[name].shape}; the config "
-                             f"needs {tuple(want_shape)}")
-        used.add(name)
-        return value
-
-    for p, name, _, to_ours in TEXT_TOP:
-        _set(params, p, take(name, to_ours, _get(expected, p).shape))
-    for p, name, _, to_ours in _BLOCK:
-        shape = _get(expected["blocks"], p).shape[1:]
-        _set(params, ("blocks", *p), np.stack([
-            take(f"encoder.layers.{i}.{name}", to_ours, shape) for i in range(cfg.depth)]))
-    if cfg.embed_dim:
-        _set(params, ("projection", "kernel"),
-             take("text_projection.weight", _linear, expected["projection"]["kernel"].shape))
-    unexpected = sorted(k for k in text if k not in used and not k.endswith(IGNORED_SUFFIXES))
-    if unexpected:
-        raise ValueError(f"{path}: unexpected text tensors {unexpected[:5]}")
+    model = nnx.eval_shape(lambda: text_lib.TextTransformer(cfg, rngs=nnx.Rngs(0)))
+    params = _ours_from(text, model, TEXT_TOP, "text_projection.weight", source=str(path),
+                        what=f"a CLIP text model with {cfg.depth} blocks")
     return text_lib.with_params(cfg, params)
 
 
@@ -362,17 +350,9 @@ def save_text_model(model: text_lib.TextTransformer, path) -> pathlib.Path:
     from_pretrained loads with no missing or unexpected keys."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg, params = model.cfg, nnx.to_pure_dict(nnx.state(model))
-    out = {TEXT_PREFIX + name: to_hf(np.asarray(_get(params, p))) for p, name, to_hf, _ in TEXT_TOP}
-    for p, name, to_hf, _ in _BLOCK:
-        stacked = np.asarray(_get(params["blocks"], p))
-        for i in range(cfg.depth):
-            out[f"{TEXT_PREFIX}encoder.layers.{i}.{name}"] = to_hf(stacked[i])
-    if cfg.embed_dim:
-        out["text_projection.weight"] = _linear(np.asarray(params["projection"]["kernel"]))
-    save_file({k: np.ascontiguousarray(v) for k, v in out.items()},
+    save_file(_theirs_from(model, TEXT_TOP, TEXT_PREFIX, "text_projection.weight"),
               str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(text_config_to_hf(cfg), indent=2))
+    (path / "config.json").write_text(json.dumps(text_config_to_hf(model.cfg), indent=2))
     return path
 
 

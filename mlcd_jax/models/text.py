@@ -113,8 +113,4 @@ class TextTransformer(nnx.Module):
 
 def with_params(cfg: TextConfig, params: dict) -> TextTransformer:
     """A text tower of `cfg` holding `params` (a pure dict of arrays)."""
-    model = nnx.eval_shape(lambda: TextTransformer(cfg, rngs=nnx.Rngs(0)))
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    nnx.update(model, state)
-    return model
+    return vit.with_params(cfg, params, cls=TextTransformer)

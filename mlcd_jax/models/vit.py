@@ -348,9 +348,10 @@ def remat_policy(name: str):
     return None if kept is None else getattr(jax.checkpoint_policies, kept)
 
 
-def with_params(cfg: ViTConfig, params: dict) -> ViT:
-    """A ViT of `cfg` holding `params` (a pure dict of arrays, as `nnx.to_pure_dict` gives)."""
-    model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
+def with_params(cfg, params: dict, cls=None):
+    """A model of `cfg` (a ViT, or `cls`) holding `params` (a pure dict of arrays, as
+    `nnx.to_pure_dict` gives)."""
+    model = nnx.eval_shape(lambda: (cls or ViT)(cfg, rngs=nnx.Rngs(0)))
     state = nnx.state(model)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     nnx.update(model, state)
