@@ -82,11 +82,12 @@ def test_assign_split_over_two_processes_writes_the_same_store(tmp_path, backend
                                   np.load(tmp_path / "one" / "labels.npy"))
     parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.npy"))
     assert parts == [f"part_{i:05d}.npy" for i in range(5)]
-    if backend == "jax":  # k-means too: every process runs the Lloyd steps on the shared mesh
-        clustered = {}
+    if backend == "jax":  # k-means too: every process reads its share of the sample and runs the
+        clustered = {}    # Lloyd steps on the shared mesh (two levels, k-means++ seeds)
         for n, out in ((1, "all_one"), (2, "all_two")):
             command = [sys.executable, "-m", "mlcd_jax.labels", "all",
                        f"--embeddings={tmp_path / 'emb'}", "--num_centers=10", "--niter=3",
+                       "--two_level=2", "--init=kmeans++", "--points_per_center=100",
                        "--num_labels=3", "--backend=jax", f"--out={tmp_path / out}"]
             run(command if n == 1 else ["bash", str(LAUNCH), "-n", "2", "-d", "2", "--", *command])
             clustered[n] = np.load(tmp_path / out / "labels.npy")

@@ -21,20 +21,23 @@ from mlcd_jax.labels import sharded, store
 INITS = {"random": 0, "kmeans++": 1, "afkmc2": 2}
 
 
-def sample(shards: store.EmbeddingShards, size: int, seed: int) -> np.ndarray:
-    """`size` rows drawn without replacement over all shards, L2-normalised float32."""
+def sample(shards: store.EmbeddingShards, size: int, seed: int, part: tuple[int, int] = (0, 1)
+           ) -> np.ndarray:
+    """`size` rows drawn without replacement over all shards, L2-normalised float32; with
+    `part` = (i, n), only the i-th of n consecutive parts of them (each process reads its own)."""
     size = min(size, shards.total)
     rows = np.sort(np.random.default_rng(seed).choice(shards.total, size, replace=False))
-    offsets, out, done = shards.offsets(), np.empty((size, shards.dim), np.float32), 0
+    rows = np.array_split(rows, part[1])[part[0]]
+    offsets, out, done = shards.offsets(), np.empty((len(rows), shards.dim), np.float32), 0
     for i in tqdm(range(len(shards.files)), desc="kmeans: reading sample", unit="shard"):
         lo, hi = np.searchsorted(rows, [offsets[i], offsets[i + 1]])
         if hi > lo:
             shard = shards.load(i)
             # A shard wholly in the sample is read sequentially, not row by row; each part is
             # converted to float32 and normalised in place, while it is fresh in memory.
-            part = out[done:done + hi - lo]
-            part[:] = shard if hi - lo == len(shard) else shard[rows[lo:hi] - offsets[i]]
-            store.normalize_in_place(part)
+            piece = out[done:done + hi - lo]
+            piece[:] = shard if hi - lo == len(shard) else shard[rows[lo:hi] - offsets[i]]
+            store.normalize_in_place(piece)
             done += hi - lo
     return out
 
@@ -42,18 +45,20 @@ def sample(shards: store.EmbeddingShards, size: int, seed: int) -> np.ndarray:
 def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "random",
                      nredo: int = 1, verbose: bool = True, backend: str = "faiss",
                      jax_dtype: str = "auto"):
-    if len(x) < k:
-        raise ValueError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower "
-                         "--num_centers or raise --points_per_center")
+    """Centers (k × D, normalised) of x (normalised rows). jax: x is this process's share of the
+    points (every process of the job calls this); the best of nredo runs by objective."""
     if k < 1:
         raise ValueError(f"kmeans: --num_centers must be ≥ 1, got {k}")
     if init not in INITS:
         raise ValueError(f"kmeans --init must be one of {list(INITS)}, got {init!r}")
-    if backend == "jax":  # the best of nredo runs by objective, as faiss
+    if backend == "jax":
         runs = [sharded.spherical_kmeans(x, k, niter=niter, seed=seed + r, init=init,
                                          dtype=jax_dtype, verbose=verbose)
                 for r in range(nredo)]
         return max(runs, key=lambda run: run[1][-1] if run[1] else 0.0)[0]
+    if len(x) < k:
+        raise ValueError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower "
+                         "--num_centers or raise --points_per_center")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=verbose,
                       nredo=nredo, max_points_per_centroid=max(1, -(-len(x) // k)))
     km.cp.init_method = INITS[init]
@@ -65,24 +70,36 @@ def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: i
         niter: int = 20, two_level: int = 1, seed: int = 0, init: str = "random",
         nredo: int = 1, verbose: bool = True, backend: str = "faiss",
         jax_dtype: str = "auto") -> tuple[np.ndarray, dict]:
-    """(centers K × D float32, stats) for the embedding shards."""
+    """(centers K × D float32, stats) for the embedding shards. faiss: this process reads the
+    whole sample; jax: every process of the job reads only its share of it."""
     if num_centers > shards.total:
         raise ValueError(f"kmeans: --num_centers {num_centers:,} is more than the "
                          f"{shards.total:,} embeddings in {shards.directory}; K must be at most N")
-    x = sample(shards, num_centers * points_per_center, seed)
-    sample_size = len(x)
+    size = min(num_centers * points_per_center, shards.total)
+    share = (0, 1)
+    if backend == "jax":
+        import jax
+        share = (jax.process_index(), jax.process_count())
+    x = sample(shards, size, seed, part=share)
+    cluster = lambda x, seed: spherical_kmeans(x, num_centers, niter=niter, seed=seed, init=init,
+                                               nredo=nredo, verbose=verbose, backend=backend,
+                                               jax_dtype=jax_dtype)
     t = time.perf_counter()
     if two_level > 1:
-        parts = np.array_split(np.random.default_rng(seed + 1).permutation(len(x)), two_level)
-        firsts = [spherical_kmeans(x[p], num_centers, niter=niter, seed=seed + i, init=init,
-                                   nredo=nredo, verbose=verbose, backend=backend,
-                                   jax_dtype=jax_dtype)
-                  for i, p in enumerate(tqdm(parts, desc="kmeans: level 1", unit="part"))]
-        x = np.concatenate(firsts)
-    centers = spherical_kmeans(x, num_centers, niter=niter, seed=seed, init=init, nredo=nredo,
-                               verbose=verbose, backend=backend, jax_dtype=jax_dtype)
+        # Level 1: P parts of the sample (seeded, over its global positions), K centers each;
+        # each process clusters its rows of each part.
+        first = sum(len(p) for p in np.array_split(np.arange(size), share[1])[:share[0]])
+        positions = first + np.arange(len(x))
+        part_of = np.empty(size, np.int64)
+        for i, p in enumerate(np.array_split(np.random.default_rng(seed + 1).permutation(size),
+                                             two_level)):
+            part_of[p] = i
+        firsts = [cluster(x[part_of[positions] == i], seed + i)
+                  for i in tqdm(range(two_level), desc="kmeans: level 1", unit="part")]
+        # Level 2: the P·K centers (the same on every process), each process feeding its share.
+        x = np.array_split(np.concatenate(firsts), share[1])[share[0]]
+    centers = cluster(x, seed)
     seconds = time.perf_counter() - t
-    return centers, {"sample": sample_size, "niter": niter, "nredo": nredo, "init": init,
-                     "backend": backend,
-                     "two_level": two_level, "seconds": seconds,
-                     "points_per_s_per_iter": sample_size * niter * nredo / seconds}
+    return centers, {"sample": size, "niter": niter, "nredo": nredo, "init": init,
+                     "backend": backend, "two_level": two_level, "seconds": seconds,
+                     "points_per_s_per_iter": size * niter * nredo / seconds}

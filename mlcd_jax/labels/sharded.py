@@ -267,16 +267,38 @@ def reseed_sources(counts: np.ndarray, empty: np.ndarray, rng) -> np.ndarray:
     return sources
 
 
+def _process_counts(n: int) -> np.ndarray:
+    """Rows each process holds (the same array on every process)."""
+    if jax.process_count() == 1:
+        return np.array([n])
+    return np.asarray(multihost_utils.process_allgather(np.int64(n))).reshape(-1)
+
+
+def gather_rows(x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Rows at global `positions` of the sample that the processes hold in order (this one: x),
+    on every process."""
+    counts = _process_counts(len(x))
+    start = int(counts[:jax.process_index()].sum())
+    held = (positions >= start) & (positions < start + len(x))
+    out = np.zeros((len(positions), x.shape[1]), np.float32)
+    out[held] = x[positions[held] - start]
+    if jax.process_count() > 1:  # each row is held by exactly one process
+        out = np.asarray(multihost_utils.process_allgather(out)).sum(axis=0)
+    return out
+
+
 def init_centers(x: np.ndarray, k: int, *, init: str, seed: int) -> np.ndarray:
-    """Seeds from this (whole, normalised) sample: "random" takes k distinct rows; "kmeans++"
-    runs k-means++ (cosine distance) on a subsample of at most 16·k rows, one jitted loop."""
-    rng = np.random.default_rng(seed)
-    if init == "random":
-        return x[np.sort(rng.choice(len(x), k, replace=False))]
-    if init != "kmeans++":
+    """Seeds from the sample (this process's rows x, in process order): "random" takes k distinct
+    rows; "kmeans++" runs k-means++ (cosine distance) on a subsample of at most 16·k rows, one
+    jitted loop (for K up to ~10^4: its k steps are sequential)."""
+    if init not in ("random", "kmeans++"):
         raise ValueError(f"kmeans --init for the jax backend must be random or kmeans++, got "
                          f"{init!r}")
-    sub = x[np.sort(rng.choice(len(x), min(len(x), 16 * k), replace=False))]
+    total = int(_process_counts(len(x)).sum())
+    rng = np.random.default_rng(seed)
+    if init == "random":
+        return gather_rows(x, np.sort(rng.choice(total, k, replace=False)))
+    sub = gather_rows(x, np.sort(rng.choice(total, min(total, 16 * k), replace=False)))
     return np.asarray(_kmeans_pp(jnp.asarray(sub), k, jax.random.key(seed)))
 
 
@@ -297,14 +319,17 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
                      mesh=None, dtype="auto", rows_per_device: int = 4096, verbose: bool = True,
                      log=print) -> tuple[np.ndarray, list[float]]:
     """(centers k × D float32, objective per iteration: mean cosine to the nearest center) of
-    Lloyd's algorithm on the mesh. x: normalised rows, the same sample on every process (each
-    process feeds its own slice of it)."""
+    Lloyd's algorithm on the mesh. x: this process's normalised rows of the sample (in a
+    multi-process job each process holds and reads only its own share)."""
     mesh = mesh or label_mesh()
     dtype = compute_dtype(dtype)
     rng = np.random.default_rng(seed + 1)
+    total = int(_process_counts(len(x)).sum())
+    if total < k:
+        raise ValueError(f"kmeans: {total} points cannot make K = {k} centers; lower "
+                         "--num_centers or raise --points_per_center")
     centers = shard_centers(init_centers(x, k, init=init, seed=seed), mesh, dtype)
-    share = np.array_split(np.arange(len(x)), jax.process_count())[jax.process_index()]
-    mine = x[share[0]:share[-1] + 1] if len(share) else x[:0]
+    mine = x
     blocks = Blocks(mesh, rows_per_device)
     objectives = []
     for it in range(niter):
@@ -317,7 +342,7 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
         if len(empty):
             sources = reseed_sources(counts, empty, rng)
             centers = _split(centers, jnp.asarray(empty), jnp.asarray(sources), dtype=dtype)
-        objectives.append(float(objective) / len(x))
+        objectives.append(float(objective) / total)
         if verbose:
             log(f"kmeans (jax): iteration {it + 1}/{niter}: mean cosine {objectives[-1]:.5f}, "
                 f"{len(empty)} empty re-seeded, {time.perf_counter() - t:.2f} s")
