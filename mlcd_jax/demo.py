@@ -6,8 +6,9 @@ CLIP, embeds the clean, centred 8 × 8 digit (its 64 pixels, L2-normalised); the
 ever sees the canvas. Steps: teacher embeddings → spherical k-means (K = 64) → top-4 labels →
 MLCD pretraining on 8 simulated devices (and single-label UNICOM with the same budget) → linear
 probe and kNN on the held-out canvases for raw pixels, a random-init ViT, both pretrained ViTs and
-the teacher → LiT: a text tower trained on captions of each canvas's digit against the locked MLCD
-and random-init encoders, zero-shot accuracy and retrieval R@1 on the held-out canvases. Writes
+the teacher → LiT: a text tower trained on captions of each canvas against the locked MLCD,
+single-label and random-init encoders, zero-shot accuracy and retrieval R@1 on the held-out
+canvases. Writes
 results.json, a table, and loss / cosine curves (PNG) to the workdir.
 """
 
@@ -143,7 +144,8 @@ def main(argv=None) -> int:
           "locked", flush=True)
     weights.save_model_dir(encoders["random_init"], workdir / "random_init")
     results["zero_shot"], results["retrieval"] = {}, {}
-    for name, model in (("random_init", workdir / "random_init"), ("mlcd", workdir / "mlcd")):
+    for name, model in (("random_init", workdir / "random_init"),
+                        ("single_label", workdir / "single"), ("mlcd", workdir / "mlcd")):
         last = lit(workdir, name, model, a.lit_override)
         results["zero_shot"][name] = last["zero_shot_top1"]
         results["retrieval"][name] = {k: last[k] for k in ("image_to_text_R@1",

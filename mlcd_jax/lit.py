@@ -47,21 +47,6 @@ from mlcd_jax.models import text as text_lib
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/lit_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features, tokenizer.")
 
-DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def class_names(c, train) -> tuple[str, ...]:
-    """The configured class names, else the dataset's own."""
-    if c.data.class_names:
-        return tuple(c.data.class_names)
-    if c.data.dataset in ("digits", "digits_canvas"):
-        return DIGIT_NAMES
-    if getattr(train, "class_index", None):
-        return tuple(sorted(train.class_index, key=train.class_index.get))
-    raise ValueError(f"config.data.class_names: {c.data.dataset} does not name its classes; "
-                     "give them as a tuple")
-
-
 def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray, np.ndarray]:
     """(normalised features, labels) of `source`, computed once: cached with a record of the
     encoder's weights, the images and the image size, and recomputed if any changed."""
@@ -80,24 +65,6 @@ def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray,
         np.save(path.with_suffix(".labels.npy"), y)  # before the record that vouches for both
         store.write_piece(path, x, {"fingerprint": made_by})
     return x, y
-
-
-def captions(c, names, source, labels) -> list[list[str]]:
-    """Each image's captions: config.data.templates filled with its class name ({name}) and what
-    the dataset says of the image (`caption_fields`: the demo's canvases give {size}, {place})."""
-    fields = getattr(source, "caption_fields", lambda i: {})
-    if len(labels) != len(source):
-        raise ValueError(f"{len(source) - len(labels)} unreadable images in {c.data.dataset}: "
-                         "captions are matched to images by position; remove them first")
-    out = []
-    for i, y in enumerate(labels):
-        known = {"name": names[y], **fields(i)}
-        try:
-            out.append([t.format(**known) for t in c.data.templates])
-        except (KeyError, IndexError) as e:
-            raise ValueError(f"config.data.templates: {{{e.args[0]}}} is not a caption field of "
-                             f"{c.data.dataset} (it has {', '.join(known)})") from None
-    return out
 
 
 def make_tokenizer(c, workdir, captions) -> tokenizer_lib.TextTokenizer:
@@ -138,23 +105,6 @@ def train_step(state, images, tokens, *, graphdef, tx, kind, chunk, mesh):
              "grad_norm": optax.global_norm(grads)})
 
 
-def embed_texts(tower, tokens, batch: int = 1024) -> np.ndarray:
-    forward = jax.jit(lambda t: tower(t).embedding)
-    return np.concatenate([np.asarray(forward(jnp.asarray(tokens[s:s + batch])))
-                           for s in range(0, len(tokens), batch)])
-
-
-def evaluate(tower, tok, names, prompts, test_x, test_y, captions) -> dict[str, float]:
-    """Zero-shot accuracy with averaged prompts, and retrieval with every caption of each image."""
-    prompt_tokens = tok([p.format(name=n) for n in names for p in prompts])
-    classes = zero_shot.class_embeddings(
-        embed_texts(tower, prompt_tokens).reshape(len(names), len(prompts), -1))
-    result = {f"zero_shot_{k}": v for k, v in zero_shot.zero_shot(test_x, classes, test_y).items()}
-    texts = [t for row in captions for t in row]
-    owner = np.repeat(np.arange(len(captions)), [len(row) for row in captions])
-    return result | zero_shot.retrieval(test_x, embed_texts(tower, tok(texts)), owner)
-
-
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -191,12 +141,13 @@ def lit(c, workdir: pathlib.Path) -> None:
     del encoder
 
     # Captions and the tokenizer.
-    names = class_names(c, train_src)
+    names = zero_shot.class_names(d.dataset, train_src, d.class_names, "config.data.class_names")
     if max(train_y.max(), test_y.max()) >= len(names):
         raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
                          f"{max(train_y.max(), test_y.max())}")
-    train_captions = captions(c, names, train_src, train_y)
-    test_captions = captions(c, names, test_src, test_y)
+    caption = functools.partial(zero_shot.captions, templates=d.templates, names=names,
+                                field="config.data.templates")
+    train_captions, test_captions = caption(train_src, train_y), caption(test_src, test_y)
     tok = make_tokenizer(c, workdir, [t for row in train_captions for t in row])
     for prompt in c.evals.prompts if c.evals.every else ():  # a mistake shows now, not later
         if prompt.format(name="x") == prompt:
@@ -252,7 +203,8 @@ def lit(c, workdir: pathlib.Path) -> None:
     def run_evals(step):
         report.pause_clock(step)
         tower = nnx.merge(graphdef, state["params"]["text"])
-        result = evaluate(tower, tok, names, c.evals.prompts, test_x, test_y, test_captions)
+        result = zero_shot.text_evals(tower, tok, names, c.evals.prompts, test_x, test_y,
+                                      test_captions)
         report.log_eval(step, result)
         report.start_clock(step)
 

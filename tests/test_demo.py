@@ -23,8 +23,9 @@ def test_demo_end_to_end_shortened(tmp_path):
     assert set(out) == {"linear_probe", "knn", "zero_shot", "retrieval", "wall_s"}
     for probe in ("linear_probe", "knn"):
         assert set(out[probe]) == ENCODERS
-    assert set(out["zero_shot"]) == set(out["retrieval"]) == {"random_init", "mlcd"}
-    for name in ("random_init", "mlcd"):
+    assert set(out["zero_shot"]) == set(out["retrieval"]) == {"random_init", "single_label",
+                                                              "mlcd"}
+    for name in ("random_init", "single_label", "mlcd"):
         assert 0 <= out["zero_shot"][name] <= 1
         assert set(out["retrieval"][name]) == {"image_to_text_R@1", "text_to_image_R@1"}
         steps = [json.loads(l)["step"]

@@ -76,9 +76,6 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, encoder):
     steps = ["--config.total_steps=400", "--config.checkpoint_every=1000",
              "--config.loss.kind=siglip"]
     lit(tmp_path / "reference", encoder, *steps)
-    # The same vocabulary: a BPE trained twice can break ties between merges differently (a run
-    # keeps its own in WORKDIR/tokenizer, so it resumes with the vocabulary it started with).
-    steps.append(f"--config.text.tokenizer={tmp_path / 'reference' / 'tokenizer'}")
     interrupted = tmp_path / "interrupted"
     cli.sigterm_after("mlcd_jax.lit", *LIT, f"--workdir={interrupted}",
                       f"--config.image.model={encoder}", *steps, workdir=interrupted)
@@ -94,3 +91,24 @@ def test_config_mistakes_are_one_line(tmp_path, encoder):
     assert "config.image.model" in out.stderr and "Traceback" not in out.stderr
     out = lit(tmp_path, encoder, "--config.loss.kind=infonce", expect=2)
     assert "config.loss.kind must be one of" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_evaluate_with_the_text_model_repeats_the_runs_own_eval(tmp_path, encoder):
+    """`python -m mlcd_jax.evaluate --text_model` recomputes the test features from the encoder
+    and gives the zero-shot accuracy and recall the LiT run logged (same prompts, same captions)."""
+    lit(tmp_path / "lit", encoder, "--config.total_steps=20", "--config.evals.every=20")
+    logged = cli.records(tmp_path / "lit", "evals.jsonl")[-1]
+    prompts = [f"--prompt={p}" for p in ("a photo of a {name}.", "the digit {name}",
+                                         "a handwritten {name}")]
+    templates = [f"--template={t}" for t in (
+        "a {size} {name} in the {place}", "the digit {name}, {size}, {place}",
+        "a photo of a {size} handwritten {name} at the {place} of the canvas", "{place}: a {name}",
+        "a {size} {name}", "{name}")]
+    cli.run("mlcd_jax.evaluate", f"--model={encoder}", "--dataset=digits_canvas",
+            "--test_split=test", "--image_size=32", "--no-pixels",
+            f"--text_model={tmp_path / 'lit' / 'text_model'}", *prompts, *templates,
+            f"--out={tmp_path / 'eval.json'}")
+    text = json.loads((tmp_path / "eval.json").read_text())["text"]
+    for key in ("zero_shot_top1", "zero_shot_top5", "image_to_text_R@5", "text_to_image_R@10"):
+        assert text[key] == pytest.approx(logged[key], abs=1e-6), key

@@ -43,3 +43,15 @@ def test_context_length_keeps_the_end_token(tmp_path):
 def test_a_directory_without_a_tokenizer_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json, nor vocab.json"):
         tokenizer.load(tmp_path)
+
+
+def test_training_gives_the_same_tokenizer_in_every_process():
+    """(tokenizers' own BpeTrainer broke ties by hash order: another vocabulary per process.)"""
+    import subprocess
+    import sys
+    code = ("from mlcd_jax.data import tokenizer; import tests.test_tokenizer as t; "
+            "print(tokenizer.train(t.CORPUS, vocab_size=400).tokenizer.to_str())")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=tokenizer.pathlib.Path(__file__).parents[1], check=True).stdout
+            for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0]) > 1000

@@ -11,11 +11,12 @@ tower pools at the first one).
 
 from __future__ import annotations
 
+import collections
 import json
 import pathlib
 
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 # CLIP's word pattern: contractions, letter runs, single digits, runs of other symbols.
@@ -80,10 +81,46 @@ def load(directory, context_length: int = 77) -> TextTokenizer:
 
 
 def train(texts, vocab_size: int, context_length: int = 77) -> TextTokenizer:
-    """A byte-level BPE of CLIP's form learnt from `texts` (for data with no tokenizer)."""
-    tok = _clip_form(models.BPE(end_of_word_suffix="</w>", unk_token=END, fuse_unk=False))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[START, END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  end_of_word_suffix="</w>", show_progress=False)
-    tok.train_from_iterator(list(texts), trainer)
-    return TextTokenizer(tok, context_length)
+    """A byte-level BPE of CLIP's form learnt from `texts` (for data with no tokenizer), the same
+    on every run: the most frequent adjacent pair is merged first, ties to the smaller pair.
+    (tokenizers' own BpeTrainer breaks ties by hash order, which differs from process to process.)
+    Written for caption sets of modest vocabulary: bring a tokenizer for web-scale text."""
+    splitter = _clip_form(models.BPE())
+    words = collections.Counter(
+        word for text in texts
+        for word, _ in splitter.pre_tokenizer.pre_tokenize_str(
+            splitter.normalizer.normalize_str(text)))
+    # Each word as symbols, the last one marked as a word's end (CLIP's "</w>").
+    symbols = {w: (*w[:-1], w[-1] + "</w>") for w in words}
+    ends = sorted({s[-1] for s in symbols.values()})
+    vocab = [START, END, *sorted(pre_tokenizers.ByteLevel.alphabet()), *ends]
+    if vocab_size < len(vocab):
+        raise ValueError(f"config.text.vocab_size {vocab_size} is below the {len(vocab)} tokens "
+                         "every byte and word end needs")
+    merges = []
+    while len(vocab) < vocab_size:
+        pairs = collections.Counter()
+        for w, parts in symbols.items():
+            for pair in zip(parts, parts[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        symbols = {w: _merge(parts, best) for w, parts in symbols.items()}
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges,
+                     end_of_word_suffix="</w>", unk_token=END, fuse_unk=False)
+    return TextTokenizer(_clip_form(bpe), context_length)
+
+
+def _merge(parts: tuple, pair: tuple) -> tuple:
+    out, i = [], 0
+    while i < len(parts):
+        if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(parts[i])
+            i += 1
+    return tuple(out)

@@ -6,11 +6,16 @@
     python -m mlcd_jax.evaluate --model HF_OR_MODEL_DIR --dataset tfds --tfds_name cifar10 \\
         --test_split test
 
+    python -m mlcd_jax.evaluate --model RUN --text_model LIT/text_model --dataset ...
+
 MODEL: a training workdir (its latest checkpoint, or --step), our model dir, or a transformers
 MLCD/CLIP checkpoint dir. Linear probe (CLIP protocol) and kNN (k = 20, T = 0.07) accuracy on
-held-out images, with raw pixels (grayscale, at most 32 × 32) as the baseline beside it; prints a
-table and writes JSON ({"linear_probe", "knn", "raw_pixels": {...}, ...}; default: MODEL/eval.json
-for a training workdir, else ./eval.json).
+held-out images, with raw pixels (grayscale, at most 32 × 32) as the baseline beside it; with
+--text_model (a LiT run's text_model dir, or any transformers CLIP text model dir with its
+tokenizer.json), zero-shot accuracy (class names in --prompt templates, averaged) and image–text
+retrieval Recall@1/5/10 (captions from --template). Prints a table and writes JSON
+({"linear_probe", "knn", "raw_pixels", "text": {...}, ...}; default: MODEL/eval.json for a
+training workdir, else ./eval.json).
 """
 
 from __future__ import annotations
@@ -21,6 +26,27 @@ import pathlib
 import sys
 
 from mlcd_jax.evaluate import run
+
+PROMPTS = ("a photo of a {name}.", "{name}", "an image of the {name}.")
+
+
+def text_evals(a, model, train, test, size, mesh) -> dict:
+    """Zero-shot and retrieval of `a.text_model` against the encoder's test embeddings."""
+    from mlcd_jax.data import tokenizer
+    from mlcd_jax.evaluate import features, zero_shot
+    from mlcd_jax.interop import hf
+    tower = hf.load_text_model(a.text_model)
+    tok = tokenizer.load(a.text_model, tower.cfg.context_length)
+    x, y = features.extract(model, test, image_size=size, mesh=mesh, desc="features (test)")
+    if tower.cfg.embed_dim not in (None, x.shape[1]) or (
+            tower.cfg.embed_dim is None and tower.cfg.width != x.shape[1]):
+        raise ValueError(f"--text_model {a.text_model} embeds texts in "
+                         f"{tower.cfg.embed_dim or tower.cfg.width} dimensions, the encoder's "
+                         f"images in {x.shape[1]}: not a text tower trained for this encoder")
+    names = zero_shot.class_names(a.dataset, train, tuple(filter(None, a.class_names.split(","))))
+    prompts = tuple(a.prompt or PROMPTS)
+    captions = zero_shot.captions(test, y, templates=tuple(a.template or prompts), names=names)
+    return zero_shot.text_evals(tower, tok, names, prompts, zero_shot.normalize(x), y, captions)
 
 
 def main(argv=None) -> int:
@@ -43,6 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("--image_size", type=int, default=0, help="default: the model's")
     p.add_argument("--pixels", action=argparse.BooleanOptionalAction, default=True,
                    help="also probe raw pixels, the baseline (default: yes)")
+    p.add_argument("--text_model", default="", help="a text tower (LiT's text_model dir: "
+                   "transformers CLIP text model + tokenizer.json) for zero-shot and retrieval")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="zero-shot prompt with {name} (repeat; default: three CLIP-style ones)")
+    p.add_argument("--template", action="append", default=None,
+                   help="retrieval caption with {name} (and {size}, {place} on digits_canvas; "
+                   "repeat; default: the prompts)")
+    p.add_argument("--class_names", default="", help="comma-separated (default: the dataset's)")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     if a.dataset == "folder" and not a.path:
@@ -64,6 +98,8 @@ def main(argv=None) -> int:
             side = min(size, 32)
             result["raw_pixels"] = run.probe(features.pixels(train, image_size=side),
                                              features.pixels(test, image_size=side))
+        if a.text_model:
+            result["text"] = text_evals(a, model, train, test, size, mesh)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -75,6 +111,9 @@ def main(argv=None) -> int:
     for name, r in ((what, result), ("raw pixels", result.get("raw_pixels"))):
         if r:
             print(f"{name[:32]:<32}{r['linear_probe']['accuracy']:>13.4f}{r['knn']['accuracy']:>8.4f}")
+    if "text" in result:
+        print("with " + a.text_model + ": " + ", ".join(f"{k} {v:.4f}"
+                                                       for k, v in result["text"].items()))
     is_run = (pathlib.Path(a.model) / "checkpoints").is_dir()
     out = pathlib.Path(a.out or (pathlib.Path(a.model) / "eval.json" if is_run else "eval.json"))
     out.write_text(json.dumps(result, indent=2))

@@ -55,3 +55,56 @@ def retrieval(images: np.ndarray, texts: np.ndarray, text_image: np.ndarray,
         out[f"image_to_text_R@{k}"] = float(np.mean(first_i2t < k))
         out[f"text_to_image_R@{k}"] = float(np.mean(first_t2i < k))
     return out
+
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def class_names(dataset: str, train, configured=(), field: str = "--class_names") -> tuple:
+    """The configured class names, else the dataset's own (digits, a folder's sub-folders)."""
+    if configured:
+        return tuple(configured)
+    if dataset in ("digits", "digits_canvas"):
+        return DIGIT_NAMES
+    if getattr(train, "class_index", None):
+        return tuple(sorted(train.class_index, key=train.class_index.get))
+    raise ValueError(f"{field}: {dataset} does not name its classes; give them")
+
+
+def captions(source, labels, *, templates, names, field: str = "--templates") -> list[list[str]]:
+    """Each image's captions: `templates` filled with its class {name} and what the dataset says
+    of the image (`source.caption_fields(i)`: the demo's canvases give {size} and {place})."""
+    fields = getattr(source, "caption_fields", lambda i: {})
+    if len(labels) != len(source):
+        raise ValueError(f"{len(source) - len(labels)} unreadable images: captions are matched "
+                         "to images by position; remove them from the dataset first")
+    out = []
+    for i, y in enumerate(labels):
+        known = {"name": names[y], **fields(i)}
+        try:
+            out.append([t.format(**known) for t in templates])
+        except (KeyError, IndexError) as e:
+            raise ValueError(f"{field}: {{{e.args[0]}}} is not a caption field of this dataset "
+                             f"(it has {', '.join(known)})") from None
+    return out
+
+
+def embed_texts(tower, tokens, batch: int = 1024) -> np.ndarray:
+    """A text tower's embeddings of (N, T) token ids, in batches."""
+    import jax
+    import jax.numpy as jnp
+    forward = jax.jit(lambda t: tower(t).embedding)
+    return np.concatenate([np.asarray(forward(jnp.asarray(tokens[s:s + batch])))
+                           for s in range(0, len(tokens), batch)])
+
+
+def text_evals(tower, tokenizer, names, prompts, images, labels, image_captions) -> dict:
+    """Zero-shot accuracy (each class the average of its `prompts`) and retrieval (every caption
+    of each image) of a text tower against image embeddings."""
+    prompt_tokens = tokenizer([p.format(name=n) for n in names for p in prompts])
+    classes = class_embeddings(
+        embed_texts(tower, prompt_tokens).reshape(len(names), len(prompts), -1))
+    result = {f"zero_shot_{k}": v for k, v in zero_shot(images, classes, labels).items()}
+    texts = [t for row in image_captions for t in row]
+    owner = np.repeat(np.arange(len(image_captions)), [len(row) for row in image_captions])
+    return result | retrieval(images, embed_texts(tower, tokenizer(texts)), owner)
