@@ -54,9 +54,10 @@ def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray,
     made_by = store.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
                            c.image.image_size)
     record = store.piece_record(path) or {}
-    if record.get("fingerprint") == made_by and store.array_sha256(np.load(path)) == record.get(
-            "sha256"):
-        return np.load(path), np.load(path.with_suffix(".labels.npy"))
+    if record.get("fingerprint") == made_by:
+        cached = np.load(path)
+        if store.array_sha256(cached) == record.get("sha256"):
+            return cached, np.load(path.with_suffix(".labels.npy"))
     x, y = features.extract(encoder, source, image_size=c.image.image_size,
                             batch_size=c.image.batch_size, mesh=mesh, desc=f"image features "
                             f"({name})")
@@ -158,7 +159,7 @@ def lit(c, workdir: pathlib.Path) -> None:
     cfg = text_lib.text_config(c.text.size, vocab_size=tok.vocab_size,
                                context_length=c.text.context_length, embed_dim=train_x.shape[1],
                                eos_token_id=tok.end, dtype=c.text.dtype)
-    graphdef, abstract_text = nnx.split(nnx.eval_shape(lambda: text_lib.TextTransformer(
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: text_lib.TextTransformer(
         cfg, rngs=nnx.Rngs(0))))
     tx = optax.chain(
         optax.clip_by_global_norm(c.optim.clip_norm) if c.optim.clip_norm else optax.identity(),
@@ -180,7 +181,6 @@ def lit(c, workdir: pathlib.Path) -> None:
                                         chunk=c.loss.chunk or None, mesh=mesh),
                       in_shardings=(shardings, batch, batch), out_shardings=(shardings, replicated),
                       donate_argnums=0)
-    del abstract_text
 
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
     found = ckpt.restore_newest_good(checkpoint.abstract_like(abstract, shardings))

@@ -348,9 +348,3 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
                 f"{len(empty)} empty re-seeded, {time.perf_counter() - t:.2f} s")
     result = np.asarray(multihost_utils.process_allgather(centers, tiled=True), np.float32)[:k]
     return result / np.maximum(np.linalg.norm(result, axis=1, keepdims=True), 1e-12), objectives
-
-
-def flops_per_point(k: int, d: int) -> float:
-    """Matmul FLOPs of scoring one point against k centers."""
-    return 2.0 * k * d
-
