@@ -130,11 +130,13 @@ def lit_config() -> ml_collections.ConfigDict:
     c.loss.init_scale = 10.0                # exp(t) at the start (the learned temperature)
     c.loss.init_bias = -10.0                # SigLIP's bias at the start
     c.loss.chunk = 0                        # text columns scored at a time; 0 = all
-    # Image–text pairs: a labelled dataset (as evaluation's), each image captioned by `templates`
-    # with its class {name} and what the dataset says of it (the demo's canvases: {size},
-    # {place}); its held-out split is the zero-shot and retrieval test set.
+    # Image–text pairs, each image captioned by `templates` with its class {name}, what the
+    # dataset says of it (the demo's canvases: {size}, {place}) and its own {caption}s (a folder's
+    # IMAGE.txt, convert's ArrayRecord files, a tfds "caption(s)" feature); its held-out split is
+    # the zero-shot and retrieval test set. Without classes (e.g. "arrayrecord" from img2dataset
+    # shards, templates ("{caption}",)): retrieval only.
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "digits_canvas"
+    c.data.dataset = "digits_canvas"        # digits_canvas, digits, folder, arrayrecord, tfds
     c.data.path = ""
     c.data.test_path = ""
     c.data.tfds_name = ""

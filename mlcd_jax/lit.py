@@ -5,11 +5,13 @@ encoder zero-shot classification and image–text retrieval.
 
 Reads top to bottom: the image encoder (a pretraining workdir, our model dir or a transformers
 dir), locked, embeds the train and test images once (cached in WORKDIR/features with a record of
-the weights, images and size) → captions (class names in templates) → tokenizer (a local CLIP one,
-or a BPE trained on the captions, saved in WORKDIR/tokenizer) → the text tower, its temperature
-(and SigLIP's bias), AdamW, one jitted step with the contrastive loss split over the mesh
-(`mlcd_jax/contrastive.py`) → checkpoint or init → loop, with periodic zero-shot and retrieval
-evals on the held-out images. Batch `step` is a function of (seed, step), so a preempted run
+the weights, images and size) → captions (templates with class names, or the data's own
+{caption}s) → tokenizer (a local CLIP one, or a BPE trained on the captions, saved in
+WORKDIR/tokenizer) → the text tower, its temperature (and SigLIP's bias), AdamW, one jitted step
+with the contrastive loss split over the mesh (`mlcd_jax/contrastive.py`) → checkpoint or init →
+loop, with periodic zero-shot and retrieval evals on the held-out images (retrieval only where
+the images have no classes: captioned web data through `python -m mlcd_jax.data.convert`, or a
+tfds dataset with captions). Batch `step` is a function of (seed, step), so a preempted run
 (SIGTERM saves at the next step) resumes exactly. At the end the text tower is written as a
 transformers CLIPTextModelWithProjection (WORKDIR/text_model).
 """
@@ -55,9 +57,13 @@ def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray,
                            c.image.image_size)
     record = store.piece_record(path) or {}
     if record.get("fingerprint") == made_by:
-        cached = np.load(path)
-        if store.array_sha256(cached) == record.get("sha256"):
-            return cached, np.load(path.with_suffix(".labels.npy"))
+        try:
+            cached, labels = np.load(path), np.load(path.with_suffix(".labels.npy"))
+        except (OSError, ValueError, EOFError):  # a damaged file: recomputed below
+            cached = labels = None
+        if (cached is not None and store.array_sha256(cached) == record.get("sha256")
+                and labels.shape == (len(cached),)):
+            return cached, labels
     x, y = features.extract(encoder, source, image_size=c.image.image_size,
                             batch_size=c.image.batch_size, mesh=mesh, desc=f"image features "
                             f"({name})")
@@ -80,15 +86,17 @@ def make_tokenizer(c, workdir, captions) -> tokenizer_lib.TextTokenizer:
     return tok
 
 
-def batch_rows(seed: int, step: int, n: int, size: int, captions_per_row: int):
-    """Rows and caption choices of batch `step`: epoch e is a seeded permutation of the n rows."""
+def batch_rows(seed: int, step: int, size: int, captions_per_row: np.ndarray):
+    """Rows and caption choices of batch `step`: epoch e is a seeded permutation of the rows; each
+    row's caption one of its own, drawn at random."""
+    n = len(captions_per_row)
     positions = (step - 1) * size + np.arange(size)
     epochs, within = positions // n, positions % n
     rows = np.empty(size, np.int64)
     for e in np.unique(epochs):
         order = np.random.default_rng([seed, int(e)]).permutation(n)
         rows[epochs == e] = order[within[epochs == e]]
-    which = np.random.default_rng([seed, step, 1]).integers(0, captions_per_row, size)
+    which = np.random.default_rng([seed, step, 1]).integers(0, captions_per_row[rows])
     return rows, which
 
 
@@ -135,25 +143,31 @@ def lit(c, workdir: pathlib.Path) -> None:
     train_src, test_src = eval_run.dataset_splits(
         d.dataset, path=d.path, test_path=d.test_path, tfds_name=d.tfds_name,
         train_split=d.train_split, test_split=d.test_split, test_fraction=d.test_fraction,
-        flag="config.data.")
+        flag="config.data.", labelled=False)
     encoder, described = weights.load_encoder(c.image.model)
     train_x, train_y = image_features(c, workdir, encoder, train_src, "train", mesh)
     test_x, test_y = image_features(c, workdir, encoder, test_src, "test", mesh)
     del encoder
 
-    # Captions and the tokenizer.
-    names = zero_shot.class_names(d.dataset, train_src, d.class_names, "config.data.class_names")
-    if max(train_y.max(), test_y.max()) >= len(names):
-        raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
-                         f"{max(train_y.max(), test_y.max())}")
+    # Captions and the tokenizer. Unlabelled data (captioned web images) has retrieval only.
+    labelled = (train_y >= 0).all() and (test_y >= 0).all()
+    names = ()
+    if labelled:
+        names = zero_shot.class_names(d.dataset, train_src, d.class_names,
+                                      "config.data.class_names")
+        if max(train_y.max(), test_y.max()) >= len(names):
+            raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
+                             f"{max(train_y.max(), test_y.max())}")
     caption = functools.partial(zero_shot.captions, templates=d.templates, names=names,
                                 field="config.data.templates")
     train_captions, test_captions = caption(train_src, train_y), caption(test_src, test_y)
     tok = make_tokenizer(c, workdir, [t for row in train_captions for t in row])
-    for prompt in c.evals.prompts if c.evals.every else ():  # a mistake shows now, not later
+    for prompt in c.evals.prompts if c.evals.every and labelled else ():  # a mistake shows now
         if prompt.format(name="x") == prompt:
             raise ValueError(f"config.evals.prompts: {prompt!r} has no {{name}}")
-    train_tokens = np.stack([tok(row) for row in train_captions])    # (N, captions, T)
+    captions_per_row = np.array([len(row) for row in train_captions])
+    first_caption = np.concatenate([[0], np.cumsum(captions_per_row)[:-1]])
+    train_tokens = tok([t for row in train_captions for t in row])    # (captions, T)
 
     # The text tower, its temperature and bias, AdamW, the step.
     cfg = text_lib.text_config(c.text.size, vocab_size=tok.vocab_size,
@@ -198,7 +212,8 @@ def lit(c, workdir: pathlib.Path) -> None:
     report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: LiT "
                    f"({c.loss.kind}) of a {c.text.size} text tower ({tok.vocab_size:,} tokens) "
                    f"on {described}, locked: {len(train_x):,} train / {len(test_x):,} test "
-                   f"images, {mesh.size} devices")
+                   f"images, {len(train_tokens):,} train captions, {mesh.size} devices"
+                   + ("" if labelled else "; unlabelled data: retrieval evals only"))
 
     def run_evals(step):
         report.pause_clock(step)
@@ -212,10 +227,9 @@ def lit(c, workdir: pathlib.Path) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
     try:
         for step in range(start + 1, c.total_steps + 1):
-            rows, which = batch_rows(c.seed, step, len(train_x), c.batch_size,
-                                     train_tokens.shape[1])
+            rows, which = batch_rows(c.seed, step, c.batch_size, captions_per_row)
             images = jax.device_put(train_x[rows], batch)
-            tokens = jax.device_put(train_tokens[rows, which], batch)
+            tokens = jax.device_put(train_tokens[first_caption[rows] + which], batch)
             state, metrics = step_fn(state, images, tokens)
             if step == start + 1:
                 jax.block_until_ready(metrics)

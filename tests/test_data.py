@@ -157,6 +157,91 @@ def test_convert_folder_and_tars_to_arrayrecord(tmp_path):
     assert convert.main(["--input", str(tmp_path / "none"), "--output", str(tmp_path / "x")]) == 2
 
 
+def add_to_tar(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_captions_travel_from_img2dataset_shards_and_folders(tmp_path):
+    """img2dataset writes KEY.jpg beside KEY.txt (in tar shards, or files in a folder): each
+    image keeps its own caption through convert, across output shards, read from any of them."""
+    expected = []
+    for t in range(2):
+        with tarfile.open(tmp_path / f"{t:05d}.tar", "w") as tar:
+            for k in range(4):
+                caption = f"photo {t}-{k}: a café" if (t, k) != (1, 2) else None
+                add_to_tar(tar, f"{t}{k:04d}.jpg", jpeg(t * 100 + k))
+                add_to_tar(tar, f"{t}{k:04d}.json", b'{"caption": "not this one"}')
+                if caption:
+                    add_to_tar(tar, f"{t}{k:04d}.txt", f"  {caption}\n".encode())
+                expected.append([caption] if caption else [])
+    result = convert.convert(str(tmp_path / "{00000..00001}.tar"), str(tmp_path / "ar" / "web"),
+                             shard_size=3)
+    assert result["captioned"] == 7 and len(result["shards"]) == 3
+    web = sources.ArrayRecordSource(str(tmp_path / "ar" / "web-*.array_record"))
+    assert [web.captions(i) for i in range(len(web))] == expected
+    assert web[5]["image_bytes"] == jpeg(101)  # captions and images in the same order
+    third = sources.ArrayRecordSource(str(tmp_path / "ar" / "web-00002-of-00003.array_record"))
+    assert [third.captions(i) for i in range(2)] == expected[6:]
+    held_out = sources.Subset(web, np.array([1, 6]))
+    assert [held_out.captions(i) for i in range(2)] == [expected[1], expected[6]]
+
+    # A folder as img2dataset's "files" output: the caption is the .txt beside the image.
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "a.png").write_bytes(jpeg(1, fmt="PNG"))
+    (tmp_path / "files" / "a.txt").write_text("a red square\n")
+    (tmp_path / "files" / "b.png").write_bytes(jpeg(2, fmt="PNG"))
+    folder = sources.FolderSource(tmp_path / "files")
+    assert len(folder) == 2 and folder.captions(0) == ["a red square"] and folder.captions(1) == []
+    convert.convert(str(tmp_path / "files"), str(tmp_path / "ar" / "files"), 10)
+    files = sources.ArrayRecordSource(str(tmp_path / "ar" / "files-*.array_record"))
+    assert [files.captions(i) for i in range(2)] == [["a red square"], []]
+
+    # An index that lists fewer records than the shards hold is stale: said, not misread.
+    index = tmp_path / "ar" / "web.index.jsonl"
+    index.write_text("".join(index.read_text().splitlines(keepends=True)[:6]))
+    with pytest.raises(ValueError, match="web.index.jsonl lists 6 records.*stale"):
+        sources.ArrayRecordSource(str(tmp_path / "ar" / "web-*.array_record")).captions(0)
+
+
+def test_tfds_captions_through_data_source(tmp_path, monkeypatch):
+    """A captioned tfds dataset (COCO-captions' form: a sequence of {"text"}) read through
+    tfds.data_source: every example's captions, as the dataset holds them."""
+    import tensorflow_datasets as tfds
+    package = tmp_path / "captioned_tfds"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "builder.py").write_text('''
+import tensorflow_datasets as tfds
+
+class CaptionedSquares(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(20, 24, 3)),
+            "captions": tfds.features.Sequence({"text": tfds.features.Text()}),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        yield 0, {}
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__("captioned_tfds.builder")
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        src = sources.TfdsSource("captioned_squares", "train")
+        raw = tfds.data_source("captioned_squares", split="train")
+        got = [src.captions(i) for i in range(len(src))]
+        expected = [[str(t) for t in raw[i]["captions"]["text"]] for i in range(len(raw))]
+        assert src[0]["image"].shape == (20, 24, 3) and src[0]["label"] == -1
+    assert len(got) == 6 and got == expected and any(got)
+    assert all(isinstance(t, str) for row in got for t in row)
+
+
 @pytest.mark.slow
 def test_embed_kmeans_assign_then_train_on_digits(tmp_path):
     """The whole label pipeline on real (bundled) images, then the trainer on its labels."""

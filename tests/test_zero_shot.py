@@ -56,3 +56,43 @@ def test_recall_at_k_equals_brute_force():
 def test_an_image_without_caption_is_refused():
     with pytest.raises(ValueError, match="1 images have no caption"):
         zero_shot.retrieval(np.eye(3), np.eye(3)[:2], np.array([0, 1]))
+
+
+class Captioned:
+    """Three images with their own captions (the second has two), as a web dataset gives them."""
+    texts = [["a dog on grass"], ["two cats", "cats asleep"], []]
+
+    def __len__(self):
+        return 3
+
+    def name(self, i):
+        return f"img{i}.jpg"
+
+    def captions(self, i):
+        return self.texts[i]
+
+    def caption_fields(self, i):
+        return {"place": "left"}
+
+
+def test_captions_fill_templates_with_names_fields_and_the_images_own_texts():
+    src, names = Captioned(), ("dog", "cat")
+    src.texts = Captioned.texts[:2] + [["a dog"]]
+    got = zero_shot.captions(src, np.array([0, 1, 0]),
+                             templates=("{caption}", "a {name} at the {place}"), names=names)
+    assert got == [["a dog on grass", "a dog at the left"],
+                   ["two cats", "cats asleep", "a cat at the left"],
+                   ["a dog", "a dog at the left"]]
+    # Unlabelled images (-1) have captions but no {name}.
+    unlabelled = np.full(3, -1)
+    assert zero_shot.captions(src, unlabelled, templates=("{caption}",), names=()) == src.texts
+    with pytest.raises(ValueError, match=r"\{name\} cannot be filled for img0.jpg: it has no "
+                                         "class label"):
+        zero_shot.captions(src, unlabelled, templates=("{name}",), names=())
+    src.texts = Captioned.texts
+    with pytest.raises(ValueError, match="img2.jpg has no caption"):
+        zero_shot.captions(src, unlabelled, templates=("{caption}",), names=())
+    with pytest.raises(ValueError, match="has no captions of its own"):
+        zero_shot.captions([1, 2], [0, 1], templates=("{caption}",), names=names)
+    with pytest.raises(ValueError, match=r"\{size\} cannot be filled.*it has name, place, caption"):
+        zero_shot.captions(src, [0, 1, 0], templates=("{caption} {size}",), names=names)

@@ -5,8 +5,10 @@ images.
     python -m mlcd_jax.data.convert --input "/data/laion/{00000..00099}.tar" --output /data/ar/laion
 
 Writes OUTPUT-00000-of-00010.array_record, ... (one record = one encoded image, bytes as stored,
-no re-encoding) and OUTPUT.index.jsonl (record → original path or tar member, in record order).
-Then: ``--config.data.source=arrayrecord --config.data.path='OUTPUT-*.array_record'``.
+no re-encoding) and OUTPUT.index.jsonl (record → original path or tar member, in record order, and
+the image's caption where it has one: the .txt that img2dataset writes beside each image, in a tar
+shard or a folder). Then: ``--config.data.source=arrayrecord
+--config.data.path='OUTPUT-*.array_record'``; LiT reads the captions with the template "{caption}".
 
 Every image is decoded once here: a file that does not decode (empty, truncated, not an image) is
 left out, listed with its reason in OUTPUT.skipped.jsonl and counted on the console, so that each
@@ -43,21 +45,35 @@ def _expand(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace").strip()
+
+
 def iter_images(inputs: str):
-    """(name, encoded bytes) of every image, in a deterministic order."""
+    """(name, encoded bytes, caption or None) of every image, in a deterministic order. The
+    caption is the text file of the same name (KEY.jpg + KEY.txt), as img2dataset writes them."""
     root = pathlib.Path(inputs)
     if root.is_dir():
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            yield str(path.relative_to(root)), path.read_bytes()
+            text = path.with_suffix(".txt")
+            yield (str(path.relative_to(root)), path.read_bytes(),
+                   _text(text.read_bytes()) if text.is_file() else None)
         return
     tars = _expand(inputs)
     if not tars:
         raise FileNotFoundError(f"--input {inputs}: neither a folder nor matching tar files")
     for tar in tars:
         with tarfile.open(tar) as t:
-            for member in sorted((m for m in t.getmembers() if m.isfile()), key=lambda m: m.name):
-                if pathlib.PurePath(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    yield f"{pathlib.Path(tar).name}:{member.name}", t.extractfile(member).read()
+            members = sorted((m for m in t.getmembers() if m.isfile()), key=lambda m: m.name)
+            texts = {str(pathlib.PurePath(m.name).with_suffix("")): m for m in members
+                     if m.name.endswith(".txt")}
+            for member in members:
+                path = pathlib.PurePath(member.name)
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    text = texts.get(str(path.with_suffix("")))
+                    yield (f"{pathlib.Path(tar).name}:{member.name}",
+                           t.extractfile(member).read(),
+                           _text(t.extractfile(text).read()) if text else None)
 
 
 def existing_shards(output: str) -> list[pathlib.Path]:
@@ -77,8 +93,8 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
                               f"({old[0].name} …); pass --overwrite to replace them, or choose "
                               "another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
-    names, skipped, small, tmp_paths, writer = [], [], [], [], None
-    for name, data in tqdm(iter_images(inputs), desc="convert", unit="img"):
+    names, captions, skipped, small, tmp_paths, writer = [], [], [], [], [], None
+    for name, data, caption in tqdm(iter_images(inputs), desc="convert", unit="img"):
         try:
             image = transforms.decode({"image_bytes": data, "path": name})
         except transforms.CorruptImage as e:
@@ -93,6 +109,7 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
             writer = ArrayRecordWriter(str(tmp_paths[-1]), "group_size:1")
         writer.write(data)
         names.append(name)
+        captions.append(caption)
     if writer:
         writer.close()
     if skipped:
@@ -118,9 +135,12 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
     for stale in set(map(str, old)) - set(shards):  # --overwrite: the old run's other shards
         pathlib.Path(stale).unlink()
     with open(f"{output}.index.jsonl", "w") as f:
-        for i, name in enumerate(names):
-            f.write(json.dumps({"record": i, "name": name}) + "\n")
-    return {"shards": shards, "records": len(names), "skipped": len(skipped), "small": len(small)}
+        for i, (name, caption) in enumerate(zip(names, captions)):
+            line = {"record": i, "name": name} | ({"caption": caption} if caption is not None
+                                                  else {})
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return {"shards": shards, "records": len(names), "skipped": len(skipped), "small": len(small),
+            "captioned": sum(c is not None for c in captions)}
 
 
 def main(argv=None) -> int:
@@ -143,8 +163,9 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = f"; skipped {result['skipped']:,} unreadable" if result["skipped"] else ""
+    captioned = (f" ({result['captioned']:,} with a caption)" if result["captioned"] else "")
     print(f"convert: wrote {result['records']:,} images to {len(result['shards'])} ArrayRecord "
-          f"files ({a.output}-*.array_record) and {a.output}.index.jsonl{skipped}")
+          f"files ({a.output}-*.array_record) and {a.output}.index.jsonl{captioned}{skipped}")
     return 0
 
 

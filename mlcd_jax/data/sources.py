@@ -2,12 +2,16 @@
 "image" (uint8 H × W × 3) or "image_bytes" (an encoded JPEG/PNG/...), plus "label" where known.
 Each also has ``name(i)`` (what a person calls record i: its file, or its place in a shard) and
 ``fingerprint()`` (changes when the records change), so later stages can name a bad record and
-tell stale results from current ones.
+tell stale results from current ones. Sources whose images come with text have ``captions(i)``
+(the image's own captions, a list; LiT and retrieval read them).
 
 * `DigitsSource`: scikit-learn's bundled handwritten digits (1,797 real 8 × 8 images, no download).
-* `FolderSource`: image files under a folder (sorted paths; class = first sub-folder, if any).
-* `ArrayRecordSource`: ArrayRecord files whose records are encoded images (`mlcd_jax.data.convert`).
-* `TfdsSource`: ``tfds.data_source`` (ArrayRecord-backed tfds datasets; no TensorFlow needed).
+* `FolderSource`: image files under a folder (sorted paths; class = first sub-folder, if any;
+  caption = the text file beside an image, as img2dataset's "files" output writes it).
+* `ArrayRecordSource`: ArrayRecord files whose records are encoded images (`mlcd_jax.data.convert`;
+  captions from convert's index).
+* `TfdsSource`: ``tfds.data_source`` (ArrayRecord-backed tfds datasets; no TensorFlow needed;
+  captions from a "caption" or "captions" feature).
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ class Subset:
 
     def name(self, i):
         return self.source.name(int(self.indices[i]))
+
+    def captions(self, i):
+        return self.source.captions(int(self.indices[i]))
 
     def fingerprint(self):
         indices = self.indices
@@ -167,6 +174,10 @@ class FolderSource:
     def name(self, i):
         return str(self.paths[i])
 
+    def captions(self, i) -> list[str]:
+        text = self.paths[i].with_suffix(".txt")
+        return [text.read_text(encoding="utf-8").strip()] if text.is_file() else []
+
     def fingerprint(self):
         return digest("folder", [str(p.relative_to(self.root)) for p in self.paths])
 
@@ -237,12 +248,41 @@ class ArrayRecordSource:
         except (OSError, ValueError, KeyError):
             return place
 
+    def captions(self, i) -> list[str]:
+        """Record i's caption, from convert's index (convert keeps the text beside each image)."""
+        if not hasattr(self, "_captions"):
+            self._captions = self._read_captions()
+        return self._captions[i]
+
+    def _read_captions(self) -> list[list[str]]:
+        out, indexes, follows = [], {}, {}
+        for f, n in zip(self.files, self.counts):
+            match = SHARD_NAME.match(f)
+            index = pathlib.Path(f"{match.group(1)}.index.jsonl") if match else None
+            if index is None or not index.is_file():
+                raise ValueError(f"{f}: no convert index beside it ({index or 'PREFIX.index.jsonl'}"
+                                 "), so its records have no captions; make the files with "
+                                 "`python -m mlcd_jax.data.convert`")
+            if index not in indexes:
+                with index.open() as lines:
+                    indexes[index] = [json.loads(line).get("caption") for line in lines]
+            # Shards come in order: a shard right after the last one starts where it ended.
+            first = follows[f] if f in follows else _records_before(f)
+            k, of = (int(v) for v in re.search(r"-(\d{5})-of-(\d{5})\.array_record$", f).groups())
+            follows[f"{match.group(1)}-{k + 1:05d}-of-{of:05d}.array_record"] = first + n
+            rows = indexes[index][first:first + n]
+            if len(rows) != n:
+                raise ValueError(f"{index} lists {len(indexes[index])} records, fewer than its "
+                                 f"shards hold; it is stale: convert again with --overwrite")
+            out += [[c] if c is not None else [] for c in rows]
+        return out
+
     def fingerprint(self):
         return digest("arrayrecord", [[pathlib.Path(f).name, n, pathlib.Path(f).stat().st_size]
                                        for f, n in zip(self.files, self.counts)])
 
     def __getstate__(self):  # reopened in grain worker processes
-        return {k: v for k, v in self.__dict__.items() if k != "source"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("source", "_captions")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -276,6 +316,18 @@ class TfdsSource:
 
     def name(self, i):
         return f"{self.args[0]}/{self.args[1]}[{i}]"
+
+    def captions(self, i) -> list[str]:
+        """The "caption" (one text) or "captions" (a sequence of texts, or of {"text": ...} as
+        coco_captions has them) feature of example i."""
+        example = self.source[i]
+        found = example.get("caption", example.get("captions"))
+        if isinstance(found, dict):
+            found = found.get("text")
+        if found is None:
+            return []
+        texts = [found] if isinstance(found, (str, bytes)) else list(np.asarray(found).ravel())
+        return [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
 
     def fingerprint(self):
         return digest("tfds", self.args, len(self))

@@ -24,24 +24,32 @@ def split(source, test_fraction: float, seed: int = 0):
 
 def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_name: str = "",
                    train_split: str = "train", test_split: str = "", test_fraction: float = 0.3,
-                   flag: str = "--"):
+                   flag: str = "--", labelled: bool = True):
     """(train, test) sources: the dataset's own test split (`test_split`: tfds, digits_canvas),
-    a test folder (`test_path`, for a folder dataset), else `test_fraction` of the train split
-    held out with a fixed seed. `flag` prefixes option names in errors ("--" or "config.evals.")."""
-    if dataset not in sources.LABELLED:
-        raise ValueError(f"{flag}dataset: must be one of {sources.LABELLED} (images with classes), "
-                         f"got {dataset!r}")
+    test files (`test_path`, for a folder or ArrayRecord files), else `test_fraction` of the train
+    split held out with a fixed seed. `flag` prefixes option names in errors ("--" or
+    "config.evals."). `labelled=False` also takes images without classes (LiT's captioned data)."""
+    allowed = sources.LABELLED if labelled else ("arrayrecord", *sources.LABELLED)
+    if dataset not in allowed:
+        raise ValueError(f"{flag}dataset: must be one of {allowed}"
+                         f"{' (images with classes)' if labelled else ''}, got {dataset!r}")
+    with_files = ("folder", "arrayrecord")  # sources whose test images are other files
     if test_split and dataset not in sources.WITH_SPLITS:
         raise ValueError(f"{flag}test_split: {dataset} has no named splits (only "
                          f"{', '.join(sources.WITH_SPLITS)} do); "
-                         + (f"give the test images as {flag}test_path" if dataset == "folder"
+                         + (f"give the test images as {flag}test_path" if dataset in with_files
                             else f"{flag}test_fraction holds out part of it"))
-    if test_path and dataset != "folder":
-        raise ValueError(f"{flag}test_path: only for a folder dataset; {dataset} takes "
-                         f"{flag}test_split or {flag}test_fraction")
+    if test_path and dataset not in with_files:
+        raise ValueError(f"{flag}test_path: only for a folder or ArrayRecord files; {dataset} "
+                         f"takes {flag}test_split or {flag}test_fraction")
+    if dataset == "arrayrecord":
+        train = sources.ArrayRecordSource(path, field=f"{flag}path")
+        if test_path:
+            return train, sources.ArrayRecordSource(test_path, field=f"{flag}test_path")
+        return split(train, test_fraction)
     if dataset == "folder":
         train = sources.FolderSource(path, field=f"{flag}path")
-        if not train.class_index:
+        if labelled and not train.class_index:
             raise ValueError(f"{flag}path {path}: no class sub-folders; evaluation needs one "
                              "sub-folder per class (PATH/CLASS/image.jpg)")
         if test_path:

@@ -72,20 +72,34 @@ def class_names(dataset: str, train, configured=(), field: str = "--class_names"
 
 
 def captions(source, labels, *, templates, names, field: str = "--templates") -> list[list[str]]:
-    """Each image's captions: `templates` filled with its class {name} and what the dataset says
-    of the image (`source.caption_fields(i)`: the demo's canvases give {size} and {place})."""
+    """Each image's captions: `templates` filled with its class {name}, what the dataset says of
+    the image (`source.caption_fields(i)`: the demo's canvases give {size} and {place}) and its
+    own {caption}s (`source.captions(i)`: a template with {caption} gives one caption per text
+    the image came with). Unlabelled images (label -1) have no {name}."""
     fields = getattr(source, "caption_fields", lambda i: {})
+    own = any("{caption}" in t for t in templates)
     if len(labels) != len(source):
         raise ValueError(f"{len(source) - len(labels)} unreadable images: captions are matched "
                          "to images by position; remove them from the dataset first")
+    if own and not hasattr(source, "captions"):
+        raise ValueError(f"{field}: {{caption}}, but this dataset has no captions of its own; "
+                         "use {name} templates")
     out = []
     for i, y in enumerate(labels):
-        known = {"name": names[y], **fields(i)}
+        known = ({"name": names[y]} if y >= 0 and names else {}) | fields(i)
+        texts = source.captions(i) if own else [None]
+        if not texts:
+            raise ValueError(f"{field}: {{caption}}, but {source.name(i)} has no caption (no "
+                             "text beside it); give every image one, or use {name} templates")
         try:
-            out.append([t.format(**known) for t in templates])
+            out.append([t.format(**known, caption=text) for t in templates
+                        for text in (texts if "{caption}" in t else texts[:1])])
         except (KeyError, IndexError) as e:
-            raise ValueError(f"{field}: {{{e.args[0]}}} is not a caption field of this dataset "
-                             f"(it has {', '.join(known)})") from None
+            why = ("it has no class label" if e.args[0] == "name" else
+                   f"it is not a caption field of this dataset (it has "
+                   f"{', '.join([*known, 'caption'] if own else known)})")
+            raise ValueError(f"{field}: {{{e.args[0]}}} cannot be filled for {source.name(i)}: "
+                             f"{why}") from None
     return out
 
 
@@ -99,12 +113,15 @@ def embed_texts(tower, tokens, batch: int = 1024) -> np.ndarray:
 
 
 def text_evals(tower, tokenizer, names, prompts, images, labels, image_captions) -> dict:
-    """Zero-shot accuracy (each class the average of its `prompts`) and retrieval (every caption
-    of each image) of a text tower against image embeddings."""
-    prompt_tokens = tokenizer([p.format(name=n) for n in names for p in prompts])
-    classes = class_embeddings(
-        embed_texts(tower, prompt_tokens).reshape(len(names), len(prompts), -1))
-    result = {f"zero_shot_{k}": v for k, v in zero_shot(images, classes, labels).items()}
+    """Zero-shot accuracy (each class the average of its `prompts`; skipped when `names` is
+    empty: unlabelled data) and retrieval (every caption of each image) of a text tower against
+    image embeddings."""
+    result = {}
+    if names:
+        prompt_tokens = tokenizer([p.format(name=n) for n in names for p in prompts])
+        classes = class_embeddings(
+            embed_texts(tower, prompt_tokens).reshape(len(names), len(prompts), -1))
+        result = {f"zero_shot_{k}": v for k, v in zero_shot(images, classes, labels).items()}
     texts = [t for row in image_captions for t in row]
     owner = np.repeat(np.arange(len(image_captions)), [len(row) for row in image_captions])
     return result | retrieval(images, embed_texts(tower, tokenizer(texts)), owner)
