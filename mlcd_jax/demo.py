@@ -36,15 +36,27 @@ CONFIG = REPO / "configs" / "demo.py"
 LIT_CONFIG = REPO / "configs" / "lit_demo.py"
 
 
+def teacher_embeddings(workdir: pathlib.Path, train) -> store.EmbeddingShards:
+    """The teacher's embeddings of the train split: each clean digit's 64 pixels (written once)."""
+    directory = workdir / "teacher_embeddings"
+    if (directory / "manifest.json").is_file():
+        return store.open_embeddings(directory)
+    emb = train.clean.reshape(len(train), -1).astype(np.float32)
+    return store.write_embeddings(directory, [emb], model="clean-digit-pixels")
+
+
+def cluster(shards: store.EmbeddingShards, k: int) -> np.ndarray:
+    """The demo's spherical k-means: K centers, k-means++ seeds, the best of 3."""
+    centers, _ = kmeans.fit(shards, k, points_per_center=256, niter=30, init="kmeans++", nredo=3,
+                            verbose=False)
+    return centers
+
+
 def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
     """Cluster the teacher's embeddings of the train split; the label store joins by index."""
-    emb = train.clean.reshape(len(train), -1).astype(np.float32)
-    shards = store.write_embeddings(workdir / "teacher_embeddings", [emb],
-                                    model="clean-digit-pixels")
-    centers, _ = kmeans.fit(shards, K, points_per_center=256, niter=30, init="kmeans++", nredo=3,
-                            verbose=False)
+    shards = teacher_embeddings(workdir, train)
     (workdir / "labels").mkdir(parents=True, exist_ok=True)
-    np.save(workdir / "labels" / "centers.npy", centers)
+    np.save(workdir / "labels" / "centers.npy", cluster(shards, K))
     assign.run(shards.directory, workdir / "labels" / "centers.npy", workdir / "labels",
                num_labels=L)
     return workdir / "labels"
@@ -53,10 +65,15 @@ def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # 8 devices on a CPU
 
 
+def train(flags: list[str]) -> None:
+    """`python -m mlcd_jax.train` with `flags`, on 8 simulated devices."""
+    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True,
+                   env=os.environ | ENV, cwd=REPO)
+
+
 def pretrain(workdir: pathlib.Path, kind: str, labels: pathlib.Path, overrides=()) -> None:
-    subprocess.run([sys.executable, "-m", "mlcd_jax.train", f"--config={CONFIG}:{kind}",
-                    f"--workdir={workdir / kind}", f"--config.data.labels={labels}", *overrides],
-                   check=True, env=os.environ | ENV, cwd=REPO)
+    train([f"--config={CONFIG}:{kind}", f"--workdir={workdir / kind}",
+           f"--config.data.labels={labels}", *overrides])
 
 
 def lit(workdir: pathlib.Path, name: str, model: pathlib.Path, overrides=()) -> dict:
