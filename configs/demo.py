@@ -18,9 +18,11 @@ def get_config(arg="mlcd"):
     c.head.loss = "mlcd" if arg == "mlcd" else "unicom"
     c.head.num_classes = 64
     c.head.sample_ratio = 1.0       # K is small: every class, exactly
-    # ArcFace (the default) trains the MLCD run here, but the single-label run collapses with it
-    # (every embedding opposite every center, pos_cos ≈ -0.8); CosFace trains both, so both use it.
-    c.head.margin_type = "cosface"
+    # The paper's ArcFace with the authors' straight-through gradient (the default). With the
+    # exact gradient the single-label run collapses here (every embedding opposite every center,
+    # pos_cos -1.0 at step 400); tests/test_margin.py repeats that at a smaller size.
+    c.head.margin_type = "arcface"
+    c.head.margin_grad = "straight_through"
     c.data.source = "digits_canvas"
     c.data.split = "train"
     c.data.image_size = 32

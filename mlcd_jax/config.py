@@ -14,7 +14,7 @@ import re
 
 import ml_collections
 
-from mlcd_jax import mesh as mesh_lib
+from mlcd_jax import losses, mesh as mesh_lib
 from mlcd_jax.data import sources
 from mlcd_jax.models import vit
 
@@ -47,7 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.head.num_classes = 1_000_000
     c.head.scale = 32.0
     c.head.margin = 0.3
-    c.head.margin_type = "arcface"
+    c.head.margin_type = "arcface"          # s·cos(θ + m), or "cosface": s·(cos θ − m)
+    c.head.margin_grad = "straight_through" # ArcFace's gradient as for s·cos θ, as the authors'
+                                            # Partial FC code; "exact" turns round past π − m
     c.head.sample_ratio = 0.1
     c.head.lr_mult = 1.0                    # learning-rate multiplier of the class centers
     c.head.chunk = 0                        # classes scored at a time per shard; 0 = automatic
@@ -247,6 +249,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
              f"(got total_steps={c.total_steps}, epochs={c.epochs})")
     if c.head.loss not in LOSSES:
         fail("head.loss", f"must be one of {LOSSES}, got {c.head.loss!r}")
+    if c.head.margin_type not in losses.MARGIN_TYPES:
+        fail("head.margin_type", f"must be one of {losses.MARGIN_TYPES}, got "
+             f"{c.head.margin_type!r}")
+    if c.head.margin_grad not in losses.MARGIN_GRADS:
+        fail("head.margin_grad", f"must be one of {losses.MARGIN_GRADS}, got "
+             f"{c.head.margin_grad!r}")
     if c.data.source not in sources.SOURCES:
         fail("data.source", f"must be one of {sources.SOURCES}, got {c.data.source!r}")
     if not 0 < c.head.sample_ratio <= 1:
@@ -327,6 +335,8 @@ def laion400m_recipe(size: str, *, lr: float, embed_dim: int) -> ml_collections.
     c.head.sample_ratio = 0.1
     c.head.margin = 0.3
     c.head.scale = 32.0
+    c.head.margin_type = "arcface"
+    c.head.margin_grad = "straight_through" # as the authors' code applies the margin
     c.data.source = "arrayrecord"           # LAION-400M with cluster labels (issue 5's pipeline)
     c.data.image_size = 224
     c.data.num_labels = 8

@@ -172,6 +172,8 @@ class HeadConfig:
     scale: float = 32.0            # s
     margin: float = 0.3            # m
     margin_type: str = "arcface"   # s·cos(θ + m), or "cosface": s·(cos θ − m)
+    margin_grad: str = "straight_through"  # ArcFace's gradient: as s·cos θ (the authors' Partial
+                                   # FC), or "exact" (turns round past θ = π − m)
     sample_ratio: float = 0.1      # r: each shard draws ceil(r · K_local) negatives; 1 = all, exact
     num_classes: int | None = None # K when the centers carry padding rows past K
     chunk: int | None = None       # classes scored at a time per shard (None: automatic)
@@ -184,6 +186,9 @@ class HeadConfig:
         if self.margin_type not in losses.MARGIN_TYPES:
             raise ValueError(f"margin_type must be one of {losses.MARGIN_TYPES}, got "
                              f"{self.margin_type!r}")
+        if self.margin_grad not in losses.MARGIN_GRADS:
+            raise ValueError(f"margin_grad must be one of {losses.MARGIN_GRADS}, got "
+                             f"{self.margin_grad!r}")
         if not 0.0 < self.sample_ratio <= 1.0:
             raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
         if self.matmul_dtype not in ("float32", "bfloat16"):
@@ -200,7 +205,8 @@ class HeadConfig:
         head = c.head
         matmul = head.matmul_dtype or ("float32" if c.model.dtype == "float32" else "bfloat16")
         return cls(loss=head.loss, scale=float(head.scale), margin=float(head.margin),
-                   margin_type=head.margin_type, sample_ratio=float(head.sample_ratio),
+                   margin_type=head.margin_type, margin_grad=head.margin_grad,
+                   sample_ratio=float(head.sample_ratio),
                    num_classes=head.num_classes, chunk=head.chunk or None, matmul_dtype=matmul)
 
 
@@ -238,7 +244,8 @@ def _loss_terms(cfg, pos_cos, pos_mask, neg_lse, class_axes):
     """Per-sample loss and the mean of its terms, from the positives' cosines and this shard's
     negative log-sum-exps."""
     pos_logits = losses.positive_logits(pos_cos, scale=cfg.scale, margin=cfg.margin,
-                                        margin_type=cfg.margin_type)
+                                        margin_type=cfg.margin_type,
+                                        margin_grad=cfg.margin_grad)
     if cfg.loss == "mlcd":
         pos_term, neg_term = losses.mlcd_terms(pos_logits, pos_mask, neg_lse, class_axes)
         return pos_term + neg_term, {"pos_term": jnp.mean(pos_term), "neg_term": jnp.mean(neg_term)}

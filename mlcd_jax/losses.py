@@ -18,10 +18,20 @@ import jax
 import jax.numpy as jnp
 
 MARGIN_TYPES = ("arcface", "cosface")
+MARGIN_GRADS = ("straight_through", "exact")
 
 
-def positive_logits(cos: jax.Array, *, scale: float, margin: float, margin_type: str) -> jax.Array:
-    """Margin-adjusted positive logits: s·cos(arccos(c) + m) (ArcFace) or s·(c − m) (CosFace)."""
+def positive_logits(cos: jax.Array, *, scale: float, margin: float, margin_type: str,
+                    margin_grad: str = "straight_through") -> jax.Array:
+    """Margin-adjusted positive logits: s·cos(arccos(c) + m) (ArcFace) or s·(c − m) (CosFace).
+
+    `margin_grad` (ArcFace only; CosFace's gradient is s either way): "straight_through" gives the
+    value s·cos(θ + m) the gradient of s·cos θ, as the authors' Partial FC code does (it applies the
+    margin under no_grad); "exact" differentiates cos(θ + m), whose gradient turns round once
+    θ > π − m and pushes such a positive further away.
+    """
+    if margin_grad not in MARGIN_GRADS:
+        raise ValueError(f"margin_grad must be one of {MARGIN_GRADS}, got {margin_grad!r}")
     c = jnp.clip(cos, -1.0, 1.0)
     if margin_type == "arcface":
         # cos(θ + m) = c·cos m − sin θ·sin m with sin θ = sqrt(1 − c²) ≥ 0 for θ ∈ [0, π]. The inner
@@ -29,7 +39,10 @@ def positive_logits(cos: jax.Array, *, scale: float, margin: float, margin_type:
         one_minus_c2 = 1.0 - c * c
         positive = one_minus_c2 > 0
         sin = jnp.where(positive, jnp.sqrt(jnp.where(positive, one_minus_c2, 1.0)), 0.0)
-        return scale * (c * jnp.cos(margin) - sin * jnp.sin(margin))
+        margined = c * jnp.cos(margin) - sin * jnp.sin(margin)
+        if margin_grad == "straight_through":
+            margined = c + jax.lax.stop_gradient(margined - c)
+        return scale * margined
     if margin_type == "cosface":
         return scale * (c - margin)
     raise ValueError(f"margin_type must be one of {MARGIN_TYPES}, got {margin_type!r}")
