@@ -18,24 +18,33 @@ B, D, K, L = 16, 12, 37, 3  # K = 37 divides none of 2, 4, 8 devices
 # Reference: dense B × K cosines in float64, each sample's sets spelled out, the paper's formula.
 # ---------------------------------------------------------------------------------------------
 
-def reference_loss(features, centers, labels, negatives, *, kind, scale, margin, margin_type):
-    """Per DESIGN.md, with `negatives` the global ids drawn this step (before removing
-    positives)."""
+def reference_cosines(features, centers):
+    """Dense B × K cosines."""
     e = features / jnp.linalg.norm(features, axis=1, keepdims=True)
     w = centers / jnp.linalg.norm(centers, axis=1, keepdims=True)
-    cos = e @ w.T
+    return e @ w.T
+
+
+def reference_margin(cos, *, scale, margin, margin_type):
+    """Every cosine's positive logit: s·cos(θ + m) or s·(cos θ − m)."""
+    c = jnp.clip(cos, -1.0, 1.0)
+    if margin_type == "arcface":
+        return scale * jnp.cos(jnp.arccos(c) + margin)
+    return scale * (c - margin)
+
+
+def reference_loss_of_logits(pos, neg, labels, negatives, *, kind):
+    """Per DESIGN.md from dense B × K positive logits `pos` and negative logits `neg`, each sample
+    taking its positives' entries of `pos` and its negatives' of `neg`; `negatives` are the global
+    ids drawn this step (before removing positives)."""
     losses = []
-    for b in range(features.shape[0]):
+    for b in range(pos.shape[0]):
         positives = [int(y) for y in labels[b] if y >= 0]
         if kind == "unicom":
             positives = positives[:1]
-        neg = [int(j) for j in negatives if j not in positives]
-        c = jnp.clip(cos[b, jnp.array(positives)], -1.0, 1.0)
-        if margin_type == "arcface":
-            p = scale * jnp.cos(jnp.arccos(c) + margin)
-        else:
-            p = scale * (c - margin)
-        n = scale * cos[b, jnp.array(neg, dtype=int)]
+        drawn = [int(j) for j in negatives if j not in positives]
+        p = pos[b, jnp.array(positives)]
+        n = neg[b, jnp.array(drawn, dtype=int)]
         if kind == "mlcd":
             losses.append(jnp.log(1 + jnp.sum(jnp.exp(-p))) + jnp.log(1 + jnp.sum(jnp.exp(n))))
         else:
@@ -43,13 +52,33 @@ def reference_loss(features, centers, labels, negatives, *, kind, scale, margin,
     return jnp.mean(jnp.stack(losses))
 
 
-def reference_value_and_grad(features, centers, labels, negatives, **kw):
+def reference_loss(features, centers, labels, negatives, *, kind, scale, margin, margin_type):
+    """The loss as a function of features and centers (its autodiff gradient: the exact one)."""
+    cos = reference_cosines(features, centers)
+    pos = reference_margin(cos, scale=scale, margin=margin, margin_type=margin_type)
+    return reference_loss_of_logits(pos, scale * cos, labels, negatives, kind=kind)
+
+
+def reference_value_and_grad(features, centers, labels, negatives, *,
+                             margin_grad="straight_through", **kw):
+    """Loss and gradients in float64. "exact": autodiff through cos(arccos(c) + m).
+    "straight_through" (the authors' Partial FC): the positive logits' values as above, but taken
+    as free variables: d loss / d logit, times s (d(s·c)/dc), pulled back through the cosines."""
     with jax.enable_x64(True):
         f = jnp.asarray(np.asarray(features, np.float64))
         c = jnp.asarray(np.asarray(centers, np.float64))
-        fn = functools.partial(reference_loss, labels=np.asarray(labels),
-                               negatives=np.asarray(negatives), **kw)
-        loss, (gf, gc) = jax.value_and_grad(lambda f, c: fn(f, c), argnums=(0, 1))(f, c)
+        labels, negatives = np.asarray(labels), np.asarray(negatives)
+        if margin_grad == "exact":
+            fn = functools.partial(reference_loss, labels=labels, negatives=negatives, **kw)
+            loss, (gf, gc) = jax.value_and_grad(fn, argnums=(0, 1))(f, c)
+        else:
+            assert margin_grad == "straight_through"
+            kind, scale = kw.pop("kind"), kw["scale"]
+            cos, pullback = jax.vjp(reference_cosines, f, c)
+            pos = reference_margin(cos, **kw)
+            loss, (d_pos, d_neg) = jax.value_and_grad(reference_loss_of_logits, argnums=(0, 1))(
+                pos, scale * cos, labels, negatives, kind=kind)
+            gf, gc = pullback(scale * (d_pos + d_neg))
         return float(loss), np.asarray(gf), np.asarray(gc)
 
 
@@ -62,6 +91,25 @@ def make_inputs(seed=0, b=B, d=D, k=K, l=L, dtype=np.float32):
     # Features near their first positive so positive cosines are large, as in training.
     features = centers[labels[:, 0]] + 0.7 * rng.normal(size=(b, d))
     return features.astype(dtype), centers.astype(dtype), labels
+
+
+# Angles between samples 0, 1, 2 and their first positive: beyond π − m (m = 0.3), just beyond,
+# and before it. Past π − m the exact ArcFace gradient pushes a positive away (at π − 0.2:
+# d cos(θ + m)/d cos θ = sin(θ + m)/sin θ ≈ −0.5); the straight-through one still pulls.
+FAR_ANGLES = (np.pi - 0.2, np.pi - 0.28, np.pi - 0.4)
+
+
+def with_far_positives(features, centers, labels, angles=FAR_ANGLES, seed=0):
+    """`features` with sample b placed at angles[b] from its first positive's center."""
+    rng = np.random.default_rng(seed)
+    features = np.array(features)
+    for b, angle in enumerate(angles):
+        w = centers[labels[b, 0]].astype(np.float64)
+        w /= np.linalg.norm(w)
+        u = rng.normal(size=w.shape)
+        u -= (u @ w) * w
+        features[b] = np.cos(angle) * w + np.sin(angle) * u / np.linalg.norm(u)
+    return features
 
 
 def rel_err(x, ref):
@@ -96,26 +144,46 @@ def mesh_for(name, devices):
 
 @pytest.mark.parametrize("mesh_name", ["1", "2", "4", "8", "4x2", "2x2x2"])
 @pytest.mark.parametrize("kind", ["mlcd", "unicom"])
-@pytest.mark.parametrize("margin_type", ["arcface", "cosface"])
+@pytest.mark.parametrize("margin_type, margin_grad", [("arcface", "straight_through"),
+                                                      ("arcface", "exact"),
+                                                      ("cosface", "straight_through")])
 @pytest.mark.parametrize("ratio", [1.0, 0.3])
-def test_sharded_matches_dense_float64_reference(devices, mesh_name, kind, margin_type, ratio):
+def test_sharded_matches_dense_float64_reference(devices, mesh_name, kind, margin_type,
+                                                 margin_grad, ratio):
     mesh = mesh_for(mesh_name, devices)
     features, centers, labels = make_inputs(seed=len(mesh_name) + int(ratio * 10))
+    features = with_far_positives(features, centers, labels)
     key = jax.random.key(7)
     kw = dict(scale=32.0, margin=0.3, margin_type=margin_type)
     loss, metrics, gf, gc = sharded_value_and_grad(kind, mesh, features, centers, labels, key=key,
-                                                   sample_ratio=ratio, **kw)
+                                                   sample_ratio=ratio, margin_grad=margin_grad,
+                                                   **kw)
     drawn = np.asarray(head.sample_negative_classes(key, K, num_shards=mesh.size,
                                                     sample_ratio=ratio))
     drawn = drawn[drawn >= 0]
     if ratio == 1.0:
         np.testing.assert_array_equal(np.sort(drawn), np.arange(K))  # exact: every class
     ref_loss, ref_gf, ref_gc = reference_value_and_grad(features, centers, labels, drawn, kind=kind,
-                                                        **kw)
+                                                        margin_grad=margin_grad, **kw)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
     assert rel_err(gf, ref_gf) <= 1e-5
     assert rel_err(gc, ref_gc) <= 1e-5
     assert gf.shape == features.shape and gc.shape == centers.shape
+
+
+@pytest.mark.parametrize("kind", ["mlcd", "unicom"])
+def test_margin_grad_references_differ_on_these_inputs(kind):
+    """The inputs above tell the two ArcFace gradients apart, far beyond the tolerance (a mode
+    ignored fails there); the loss is the same."""
+    features, centers, labels = make_inputs(seed=3)
+    features = with_far_positives(features, centers, labels)
+    kw = dict(kind=kind, scale=32.0, margin=0.3, margin_type="arcface")
+    straight = reference_value_and_grad(features, centers, labels, np.arange(K), **kw)
+    exact = reference_value_and_grad(features, centers, labels, np.arange(K),
+                                     margin_grad="exact", **kw)
+    assert straight[0] == pytest.approx(exact[0], rel=1e-12)
+    assert rel_err(straight[1], exact[1]) > 1e-2 and rel_err(straight[2], exact[2]) > 1e-2
+    print(kind, rel_err(straight[1], exact[1]), rel_err(straight[2], exact[2]))
 
 
 @pytest.mark.parametrize("mesh_name", ["1", "2", "4", "8"])
