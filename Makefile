@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 TEST_INSTALLED := $(VENV)/.installed-test
 
-.PHONY: demo test plan-env bench-head clean
+.PHONY: demo test ablate plan-env bench-head clean
 
 $(INSTALLED): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ $(TEST_INSTALLED): $(INSTALLED)
 # Writes runs/demo/results.json, loss.png, cosine.png (~7 min on 2 CPU cores).
 demo: $(INSTALLED)
 	$(PY) -m mlcd_jax.demo --workdir runs/demo
+
+# The paper's ablations (l, r, K) at the demo's scale, 3 seeds each: runs/ablate/ablation.md and a
+# PNG per swept field (README "The paper's ablations, at our scale").
+ablate: $(INSTALLED)
+	$(PY) -m mlcd_jax.ablate --config=configs/demo.py:mlcd --workdir=runs/ablate --seeds=3 \
+	  --grid=data.num_labels=1,2,4,8 --grid=head.sample_ratio=0.1,0.3,1.0 \
+	  --grid=head.num_classes=16,64,256
 
 # The suite runs on 8 simulated CPU devices (tests/conftest.py sets XLA_FLAGS before jax loads).
 test: $(TEST_INSTALLED)

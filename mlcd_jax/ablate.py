@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -117,10 +118,11 @@ def label_store(shards, workdir: pathlib.Path, k: int, l: int) -> pathlib.Path:
     return out
 
 
-def pretrain_and_probe(c, run: pathlib.Path, labels: pathlib.Path, flags_: list[str]) -> dict:
+def pretrain_and_probe(run: pathlib.Path, labels: pathlib.Path, flags_: list[str]) -> dict:
     if not (run / "result.json").is_file():
         demo.train(flags_ + [f"--config.data.labels={labels}"])
         encoder, step = weights.load_from_workdir(run)
+        c = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))  # the run's
         e = c.evals
         train, test = eval_run.dataset_splits(
             e.dataset, path=e.path, test_path=e.test_path, tfds_name=e.tfds_name,
@@ -216,13 +218,13 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str]) -> int:
         done = (run / "result.json").is_file()
         print(f"[{i}/{len(jobs)}] {name(point)}, seed {seed}: "
               f"{'done before' if done else f'K = {k}, l = {l}'}", flush=True)
-        labels = label_store(shards, workdir, k, l)
+        labels = None if done else label_store(shards, workdir, k, l)
         # Probed here at the end: no periodic evals while training, unless asked for.
         flags_ = [overrides[0], f"--workdir={run}", "--config.evals.every=0", *overrides[1:],
                   f"--config.seed={seed}",
                   *(f"--config.{f}={v}" for f, v in point.items())]
         try:
-            result = pretrain_and_probe(c, run, labels, flags_)
+            result = pretrain_and_probe(run, labels, flags_)
         except subprocess.CalledProcessError as e:
             if e.returncode == 2:  # the trainer's one-line config error, the same for every point
                 raise ValueError(f"{name(point)}: the trainer refused its flags (above)") from None
