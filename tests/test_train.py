@@ -4,6 +4,7 @@ person is told, its one-line messages."""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -148,7 +149,9 @@ def test_nan_sets_aside_the_checkpoints_it_ruined_and_resumes_from_a_good_one(tm
                    "--config.log_every=1", "--config.checkpoint_every=1", expect=3)
     nan_step = max(losses(tmp_path))
     assert not np.isfinite(losses(tmp_path)[nan_step]) and nan_step > 3
-    assert result.stderr.count("\n") == 1 and f"the loss is nan at step {nan_step}" in result.stderr
+    # One line of ours (a library's log line may come too: orbax warns of a slow save under load).
+    ours = [line for line in result.stderr.splitlines() if not re.match(r"[IWEF]\d{4} ", line)]
+    assert len(ours) == 1 and f"the loss is nan at step {nan_step}" in ours[0], result.stderr
     assert f"newest good checkpoint is step {nan_step - 2}" in result.stderr
     assert f"checkpoint {nan_step - 1} set aside as {nan_step - 1}.nan" in result.stdout
     assert (tmp_path / "checkpoints" / f"{nan_step - 1}.nan").is_dir()
