@@ -34,7 +34,7 @@ from ml_collections import config_flags
 
 from mlcd_jax import config as config_lib, demo, weights
 from mlcd_jax.evaluate import run as eval_run
-from mlcd_jax.labels import assign, store
+from mlcd_jax.labels import assign, stats, store
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "A training config (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Label stores, runs, results, table and plots.")
@@ -133,6 +133,21 @@ def pretrain_and_probe(run: pathlib.Path, labels: pathlib.Path, flags_: list[str
         store.write_json_atomic(run / "result.json", {p: result[p]["accuracy"] for p in PROBES}
                                 | {"step": step})
     return json.loads((run / "result.json").read_text())
+
+
+def label_purity(c, workdir: pathlib.Path) -> dict[str, list[float]]:
+    """{"K64/l4": share of images per label rank whose label is a cluster of their own class}, for
+    training data whose classes are known (the demo's digits); {} otherwise."""
+    from mlcd_jax.data import sources
+    source = sources.make_source(c.data)
+    if getattr(source, "labels", None) is None:
+        return {}
+    out = {}
+    for path in sorted((workdir / "labels").glob("K*/l*/labels.npy")):
+        found = store.open_label_store(path.parent)
+        out[f"{path.parent.parent.name}/{path.parent.name}"] = stats.purity(
+            found.labels, source.labels, found.num_classes)
+    return out
 
 
 def summarize(c, grid, runs: list[dict]) -> list[dict]:
@@ -242,10 +257,15 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str]) -> int:
         print(f"error: {len(failed)} pretrainings failed: {'; '.join(failed)}; rerun the same "
               "command to retry them (finished points are kept)", file=sys.stderr, flush=True)
         return 1
-    rows = summarize(c, grid, runs)
+    rows, purity = summarize(c, grid, runs), label_purity(c, workdir)
     store.write_json_atomic(workdir / "ablation.json", {"grid": grid, "seeds": _SEEDS.value,
-                                                        "product": _PRODUCT.value, "rows": rows})
+                                                        "product": _PRODUCT.value, "rows": rows,
+                                                        "label_purity": purity})
     text = table(rows, grid)
+    if purity:
+        text += ("\n\nShare of labels that are a cluster of the image's own class, by rank:\n"
+                 + "\n".join(f"  {k}: {', '.join(f'{v:.2f}' for v in shares)}"
+                              for k, shares in purity.items()))
     (workdir / "ablation.md").write_text(text + "\n")
     pngs = plot(rows, grid, workdir)
     print(f"\n{text}\n\n{time.time() - start:.0f} s; wrote {workdir / 'ablation.json'}, "

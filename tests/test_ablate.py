@@ -48,6 +48,11 @@ def test_sweeps_make_labels_once_train_each_point_and_seed_and_summarize(tmp_pat
             assert row[probe]["mean"] == pytest.approx(sum(each) / 2)
             assert row[probe]["std"] == pytest.approx(abs(each[0] - each[1]) / np.sqrt(2))
             assert 0.05 < row[probe]["mean"] <= 1
+    # Label purity per store and rank, against the digits' own classes.
+    purity = summary["label_purity"]
+    assert sorted(purity) == stores and [len(purity[s]) for s in stores] == [4, 1, 4]
+    assert all(0 <= v <= 1 for shares in purity.values() for v in shares)
+    assert purity["K64/l1"][0] == purity["K64/l4"][0] > 0.8  # same centers, same first label
     table = (tmp_path / "ablation.md").read_text()
     assert "| data.num_labels | head.num_classes | linear probe | kNN | seeds |" in table
     assert "| 1 | 64 |" in table and "| 4 | 16 |" in table and table in out.stdout
@@ -72,3 +77,12 @@ def test_grid_mistakes_are_one_line(tmp_path):
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = ablate(tmp_path, "--grid=data.num_labels=1", "--config.optim.lr=oops", expect=2)
     assert "Traceback" not in out.stderr
+
+
+def test_label_purity_per_rank():
+    """Clusters 0 and 1 are mostly class 0 (cluster 1 by a tie, broken to the lower class),
+    cluster 2 class 1; the share per rank of labels that are a cluster of the image's class."""
+    from mlcd_jax.labels import stats
+    labels = np.array([[0, 2], [0, 1], [1, 2], [2, 0], [2, -1], [1, 0]])
+    classes = np.array([0, 0, 0, 1, 1, 1])
+    assert stats.purity(labels, classes, 3) == [5 / 6, 1 / 6]

@@ -31,6 +31,18 @@ def compute(label_dir, chunk: int = 1 << 20) -> dict:
     }
 
 
+def purity(labels: np.ndarray, classes: np.ndarray, num_classes: int) -> list[float]:
+    """Where the images' true classes are known: for each label rank j, the share of images whose
+    j-th label is a cluster mostly of their own class (a cluster's class: the most common class
+    among the images it is the first label of). How clean the extra labels are."""
+    labels, classes = np.asarray(labels), np.asarray(classes)
+    counts = np.zeros((num_classes, classes.max() + 1), np.int64)
+    np.add.at(counts, (labels[:, 0], classes), 1)
+    major = np.where(counts.sum(1) > 0, counts.argmax(1), -1)
+    return [float(np.mean((labels[:, j] >= 0) & (major[labels[:, j]] == classes)))
+            for j in range(labels.shape[1])]
+
+
 def plot(stats: dict, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
