@@ -140,10 +140,7 @@ def lit(c, workdir: pathlib.Path) -> None:
 
     # The locked image tower: every image embedded once.
     d = c.data
-    train_src, test_src = eval_run.dataset_splits(
-        d.dataset, path=d.path, test_path=d.test_path, tfds_name=d.tfds_name,
-        train_split=d.train_split, test_split=d.test_split, test_fraction=d.test_fraction,
-        flag="config.data.", labelled=False)
+    train_src, test_src = eval_run.splits_of(d, "config.data.", labelled=False)
     encoder, described = weights.load_encoder(c.image.model)
     train_x, train_y = image_features(c, workdir, encoder, train_src, "train", mesh)
     test_x, test_y = image_features(c, workdir, encoder, test_src, "test", mesh)
@@ -161,13 +158,14 @@ def lit(c, workdir: pathlib.Path) -> None:
     caption = functools.partial(zero_shot.captions, templates=d.templates, names=names,
                                 field="config.data.templates")
     train_captions, test_captions = caption(train_src, train_y), caption(test_src, test_y)
-    tok = make_tokenizer(c, workdir, [t for row in train_captions for t in row])
+    every_caption = [t for row in train_captions for t in row]
+    tok = make_tokenizer(c, workdir, every_caption)
     for prompt in c.evals.prompts if c.evals.every and labelled else ():  # a mistake shows now
         if prompt.format(name="x") == prompt:
             raise ValueError(f"config.evals.prompts: {prompt!r} has no {{name}}")
     captions_per_row = np.array([len(row) for row in train_captions])
     first_caption = np.concatenate([[0], np.cumsum(captions_per_row)[:-1]])
-    train_tokens = tok([t for row in train_captions for t in row])    # (captions, T)
+    train_tokens = tok(every_caption)    # (captions, T)
 
     # The text tower, its temperature and bias, AdamW, the step.
     cfg = text_lib.text_config(c.text.size, vocab_size=tok.vocab_size,

@@ -488,3 +488,14 @@ def test_prefetch_raises_the_input_error_in_the_trainer():
     inputs.next(), inputs.next()
     with pytest.raises(ValueError, match="batch 2 is broken"):
         inputs.next()
+
+
+def test_a_caption_that_is_not_utf8_is_read_not_fatal(tmp_path):
+    """A web caption with a stray byte: read with the byte replaced, the same by the folder
+    source and by convert, instead of a UnicodeDecodeError traceback in LiT."""
+    (tmp_path / "a.png").write_bytes(jpeg(1, fmt="PNG"))
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait\n")
+    assert sources.FolderSource(tmp_path).captions(0) == ["caf\ufffd au lait"]
+    convert.convert(str(tmp_path), str(tmp_path / "ar" / "x"), 10)
+    assert sources.ArrayRecordSource(str(tmp_path / "ar" / "x-*.array_record")).captions(0) == [
+        "caf\ufffd au lait"]

@@ -31,7 +31,7 @@ import tarfile
 from tqdm import tqdm
 
 from mlcd_jax.data import transforms
-from mlcd_jax.data.sources import IMAGE_SUFFIXES, SHARD_NAME
+from mlcd_jax.data.sources import IMAGE_SUFFIXES, SHARD_NAME, caption_text
 
 
 def _expand(pattern: str) -> list[str]:
@@ -45,10 +45,6 @@ def _expand(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", errors="replace").strip()
-
-
 def iter_images(inputs: str):
     """(name, encoded bytes, caption or None) of every image, in a deterministic order. The
     caption is the text file of the same name (KEY.jpg + KEY.txt), as img2dataset writes them."""
@@ -57,7 +53,7 @@ def iter_images(inputs: str):
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             text = path.with_suffix(".txt")
             yield (str(path.relative_to(root)), path.read_bytes(),
-                   _text(text.read_bytes()) if text.is_file() else None)
+                   caption_text(text.read_bytes()) if text.is_file() else None)
         return
     tars = _expand(inputs)
     if not tars:
@@ -73,7 +69,7 @@ def iter_images(inputs: str):
                     text = texts.get(str(path.with_suffix("")))
                     yield (f"{pathlib.Path(tar).name}:{member.name}",
                            t.extractfile(member).read(),
-                           _text(t.extractfile(text).read()) if text else None)
+                           caption_text(t.extractfile(text).read()) if text else None)
 
 
 def existing_shards(output: str) -> list[pathlib.Path]:

@@ -34,6 +34,11 @@ WITH_SPLITS = ("digits_canvas", "tfds")  # sources whose `split` selects other r
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
+def caption_text(data: bytes) -> str:
+    """A caption file's text (img2dataset's KEY.txt): UTF-8, a bad byte replaced, not fatal."""
+    return data.decode("utf-8", errors="replace").strip()
+
+
 def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
@@ -176,13 +181,13 @@ class FolderSource:
 
     def captions(self, i) -> list[str]:
         text = self.paths[i].with_suffix(".txt")
-        return [text.read_text(encoding="utf-8").strip()] if text.is_file() else []
+        return [caption_text(text.read_bytes())] if text.is_file() else []
 
     def fingerprint(self):
         return digest("folder", [str(p.relative_to(self.root)) for p in self.paths])
 
 
-SHARD_NAME = re.compile(r"(.*)-\d{5}-of-\d{5}\.array_record$")
+SHARD_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.array_record$")  # prefix, shard k, of N
 
 
 class ArrayRecordSource:
@@ -237,8 +242,7 @@ class ArrayRecordSource:
         f = int(np.searchsorted(self.offsets, i, side="right")) - 1
         local = int(i - self.offsets[f])
         place = f"{self.files[f]}[{local}]"
-        match = SHARD_NAME.match(self.files[f])
-        index = pathlib.Path(f"{match.group(1)}.index.jsonl") if match else None
+        index = _index_of(self.files[f])
         if index is None or not index.is_file():
             return place
         try:  # the index numbers the records of all of that convert's files in order
@@ -257,8 +261,7 @@ class ArrayRecordSource:
     def _read_captions(self) -> list[list[str]]:
         out, indexes, follows = [], {}, {}
         for f, n in zip(self.files, self.counts):
-            match = SHARD_NAME.match(f)
-            index = pathlib.Path(f"{match.group(1)}.index.jsonl") if match else None
+            index = _index_of(f)
             if index is None or not index.is_file():
                 raise ValueError(f"{f}: no convert index beside it ({index or 'PREFIX.index.jsonl'}"
                                  "), so its records have no captions; make the files with "
@@ -268,8 +271,8 @@ class ArrayRecordSource:
                     indexes[index] = [json.loads(line).get("caption") for line in lines]
             # Shards come in order: a shard right after the last one starts where it ended.
             first = follows[f] if f in follows else _records_before(f)
-            k, of = (int(v) for v in re.search(r"-(\d{5})-of-(\d{5})\.array_record$", f).groups())
-            follows[f"{match.group(1)}-{k + 1:05d}-of-{of:05d}.array_record"] = first + n
+            prefix, k, of = SHARD_NAME.match(f).groups()
+            follows[f"{prefix}-{int(k) + 1:05d}-of-{of}.array_record"] = first + n
             rows = indexes[index][first:first + n]
             if len(rows) != n:
                 raise ValueError(f"{index} lists {len(indexes[index])} records, fewer than its "
@@ -289,10 +292,16 @@ class ArrayRecordSource:
         self._open()
 
 
+def _index_of(shard: str) -> pathlib.Path | None:
+    """Convert's PREFIX.index.jsonl for a shard PREFIX-0000k-of-N (None: not convert's name)."""
+    match = SHARD_NAME.match(shard)
+    return pathlib.Path(f"{match.group(1)}.index.jsonl") if match else None
+
+
 def _records_before(shard: str) -> int:
     """Records in the files that precede `shard` (PREFIX-0000k-of-N) in its convert output."""
     from array_record.python.array_record_module import ArrayRecordReader
-    prefix, k, n = re.match(r"(.*)-(\d{5})-of-(\d{5})\.array_record$", shard).groups()
+    prefix, k, n = SHARD_NAME.match(shard).groups()
     total = 0
     for j in range(int(k)):
         reader = ArrayRecordReader(f"{prefix}-{j:05d}-of-{n}.array_record")
