@@ -123,11 +123,7 @@ def pretrain_and_probe(run: pathlib.Path, labels: pathlib.Path, flags_: list[str
         demo.train(flags_ + [f"--config.data.labels={labels}"])
         encoder, step = weights.load_from_workdir(run)
         c = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))  # the run's
-        e = c.evals
-        train, test = eval_run.dataset_splits(
-            e.dataset, path=e.path, test_path=e.test_path, tfds_name=e.tfds_name,
-            train_split=e.train_split, test_split=e.test_split, test_fraction=e.test_fraction,
-            flag="config.evals.")
+        train, test = eval_run.splits_of(c.evals, "config.evals.")
         result = eval_run.evaluate(encoder, train, test, which=PROBES, desc=run.parent.name,
                                    image_size=c.model.image_size or c.data.image_size)
         store.write_json_atomic(run / "result.json", {p: result[p]["accuracy"] for p in PROBES}

@@ -128,11 +128,7 @@ def train(c, workdir: pathlib.Path) -> None:
     shardings, graphdef = built.shardings, built.graphdef
     inputs = input_lib.make_train_input(c, built.batch_sharding, source)
     if c.evals.every:
-        e = c.evals
-        eval_splits = eval_run.dataset_splits(
-            e.dataset, path=e.path, test_path=e.test_path, tfds_name=e.tfds_name,
-            train_split=e.train_split, test_split=e.test_split, test_fraction=e.test_fraction,
-            flag="config.evals.")
+        eval_splits = eval_run.splits_of(c.evals, "config.evals.")
 
     # Checkpoint: resume from the newest one that reads back whole, else initialize.
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)

@@ -62,6 +62,15 @@ def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_na
     return split(sources.make_source(spec(train_split)), test_fraction)
 
 
+def splits_of(section, flag: str, labelled: bool = True):
+    """`dataset_splits` of a config section with its fields (`config.evals`, LiT's
+    `config.data`); `flag` names the section in errors."""
+    return dataset_splits(section.dataset, path=section.path, test_path=section.test_path,
+                          tfds_name=section.tfds_name, train_split=section.train_split,
+                          test_split=section.test_split, test_fraction=section.test_fraction,
+                          flag=flag, labelled=labelled)
+
+
 def evaluate(model, train, test, *, image_size: int, mesh=None, which=PROBES,
              desc: str = "features") -> dict:
     """{probe: result} for the probes in `which`, on the encoder's embeddings."""
