@@ -28,7 +28,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = (("data", -1),)                # (axis, size) pairs; -1 = the remaining devices
 
     c.model = ml_collections.ConfigDict()
-    c.model.size = "B/16"                   # a name in mlcd_jax.models.vit.SIZES
+    c.model.size = "B/16"                   # a name in mlcd_jax.models.vit.SIZES; "" = the
+                                            # five fields below
+    c.model.width = 0                       # 0 = the size's; with model.init_from all of these
+    c.model.depth = 0                       # (and pos, act, rope_theta, ln_eps) come from the
+    c.model.heads = 0                       # checkpoint it names
+    c.model.mlp_dim = 0
+    c.model.patch = 0
+    c.model.rope_theta = 10000.0
+    c.model.ln_eps = 1e-5
     c.model.pos = "rope"                    # "rope" (MLCD) or "learned" (CLIP)
     c.model.act = ""                        # "" = the default of `pos` (gelu / quick_gelu)
     c.model.embed_dim = 512                 # projection width fed to the head; 0 = none
@@ -40,7 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
                                             # dense layers' outputs)
     c.model.attention = "auto"              # "auto" (cuDNN on GPU in bf16), "xla", "cudnn"
     c.model.attention_pad = 0               # pad tokens to a multiple (0: what attention needs)
-    c.model.init_from = ""                  # a model dir (`python -m mlcd_jax.interop.hf import`)
+    c.model.init_from = ""                  # continue from an encoder: a transformers MLCD /
+                                            # CLIP vision dir, our model dir or a training
+                                            # workdir; its architecture replaces the config's
 
     c.head = ml_collections.ConfigDict()
     c.head.loss = "mlcd"                    # "mlcd" (multi-label) or "unicom" (single label)
@@ -226,17 +236,28 @@ def check_arg(arg, allowed: tuple, config_file: str) -> None:
         raise ValueError(f"--config={config_file}:{arg}: unknown config argument; allowed: {shown}")
 
 
+SHAPE_FIELDS = ("width", "depth", "heads", "mlp_dim", "patch")  # model.size, field by field
+
+
 def vit_config(c: ml_collections.ConfigDict) -> vit.ViTConfig:
-    overrides = dict(pos=c.model.pos, embed_dim=c.model.embed_dim or None, dtype=c.model.dtype,
-                     scan=c.model.scan, remat=c.model.remat,
-                     remat_policy=c.model.remat_policy, attention=c.model.attention,
-                     attention_pad=c.model.attention_pad,
-                     image_size=c.model.image_size or c.data.image_size)
-    if c.model.act:
-        overrides["act"] = c.model.act
-    elif c.model.pos == "learned":
+    m = c.model
+    overrides = dict(pos=m.pos, embed_dim=m.embed_dim or None, dtype=m.dtype, scan=m.scan,
+                     remat=m.remat, remat_policy=m.remat_policy, attention=m.attention,
+                     attention_pad=m.attention_pad, image_size=m.image_size or c.data.image_size,
+                     # a workdir's config.json from before these fields existed has the defaults
+                     rope_theta=m.get("rope_theta", 10000.0), ln_eps=m.get("ln_eps", 1e-5))
+    overrides |= {f: m[f] for f in SHAPE_FIELDS if m.get(f, 0)}
+    if m.act:
+        overrides["act"] = m.act
+    elif m.pos == "learned":
         overrides["act"] = "quick_gelu"
-    return vit.vit_config(c.model.size, **overrides)
+    if not m.size:
+        unset = [f"model.{f}" for f in SHAPE_FIELDS if not m.get(f, 0)]
+        if unset:
+            raise ValueError(f"config.model.size is '': set {', '.join(unset)} (or a size name: "
+                             f"{', '.join(vit.SIZES)})")
+        return vit.ViTConfig(**overrides)
+    return vit.vit_config(m.size, **overrides)
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:

@@ -30,7 +30,13 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step as step_lib  # noqa: E402
+from mlcd_jax import (  # noqa: E402
+    config as config_lib,
+    flops,
+    mesh as mesh_lib,
+    step as step_lib,
+    weights,
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]), as "
                                           "the trainer's.")
@@ -122,7 +128,8 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
     # libtpu's estimate; a lax.scan body (scanned blocks) is costed once, so only without scan.
     estimate = None if c.model.scan else cost.get("optimal_seconds")
     result = {
-        "config": c.model.size, "topology": topology, "device_kind": kind,
+        "config": c.model.size or f"width {built.model_cfg.width} depth {built.model_cfg.depth}",
+        "topology": topology, "device_kind": kind,
         "devices": len(devices), "mesh": dict(mesh.shape), "global_batch": c.batch_size,
         "grad_accum": c.grad_accum, "num_classes": c.head.num_classes,
         "remat": bool(c.model.remat), "dtype": c.model.dtype,
@@ -204,9 +211,13 @@ def show(r: dict) -> str:
 def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)
+    c = _CONFIG.value
     try:
-        result = plan(_CONFIG.value, _TOPOLOGY.value, _MFU.value)
-    except ValueError as e:
+        if c.model.init_from:  # the architecture of the encoder the run would continue from
+            explicit = set(config_flags.get_override_values(flags.FLAGS["config"]))
+            print(f"encoder: {weights.adopt_architecture(c, explicit)}", flush=True)
+        result = plan(c, _TOPOLOGY.value, _MFU.value)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(show(result), flush=True)

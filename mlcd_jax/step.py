@@ -83,7 +83,8 @@ class Built(NamedTuple):
     def describe(self) -> str:
         n = sum(math.prod(x.shape)
                 for x in jax.tree.leaves(self.abstract_state["params"]["encoder"]))
-        return (f"encoder {self.model_cfg.pos} {self.c.model.size} {n / 1e6:.2f}M params, head "
+        size = self.c.model.size or f"width {self.model_cfg.width} depth {self.model_cfg.depth}"
+        return (f"encoder {self.model_cfg.pos} {size} {n / 1e6:.2f}M params, head "
                 f"{self.c.head.num_classes:,} × {self.model_cfg.embed_dim or self.model_cfg.width} "
                 "centers")
 

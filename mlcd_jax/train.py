@@ -105,7 +105,10 @@ def main(argv):
 def train(c, workdir: pathlib.Path) -> None:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-    # Mesh (over every process's devices), and every check that can fail before compute.
+    # Mesh (over every process's devices), and every check that can fail before compute. An
+    # encoder to continue from sets the architecture (a command-line field may not contradict it).
+    explicit = set(config_flags.get_override_values(flags.FLAGS["config"]))
+    adopted = weights.adopt_architecture(c, explicit) if c.model.init_from else ""
     config_lib.validate(c, jax.device_count())
     mesh = mesh_lib.make_mesh(c.mesh)
     if _COMPILE_ONLY.value:  # memory from shapes alone: no data, nothing allocated
@@ -137,11 +140,13 @@ def train(c, workdir: pathlib.Path) -> None:
         state = jax.jit(built.init, out_shardings=shardings)(jax.random.key(c.seed))
         start = 0
         if c.model.init_from:
-            state["params"]["encoder"], taken, total = weights.init_from(
+            state["params"]["encoder"], loaded = weights.init_from(
                 c.model.init_from, state["params"]["encoder"], shardings["params"]["encoder"])
-            print(f"encoder: {taken} of {total} parameter arrays from {c.model.init_from}")
+            adopted = f"encoder: {adopted}: {loaded}"
     else:
         state, data_state, start = found
+        if adopted:
+            adopted = f"encoder: {adopted}: resuming, its weights not loaded again"
         if data_state["seed"] != c.seed:
             raise ValueError(f"config.seed {c.seed} differs from the checkpoint's "
                              f"{data_state['seed']} in {ckpt.directory}; use the same seed or a "
@@ -154,6 +159,8 @@ def train(c, workdir: pathlib.Path) -> None:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
     report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: "
                    f"{step_lib.summarize(built, mesh, compiled)}")
+    if adopted:
+        report.message(adopted)
     for warning in config_lib.warnings(c, total_steps, num_examples) + built.replicated:
         report.message(f"warning: {warning}")
 

@@ -27,9 +27,7 @@ def save_model_dir(model: vit.ViT, path) -> pathlib.Path:
     return path
 
 
-def load_model_dir(path, **overrides) -> vit.ViT:
-    import orbax.checkpoint as ocp
-    path = pathlib.Path(path).absolute()
+def _read_model_dir_config(path: pathlib.Path, **overrides) -> vit.ViTConfig:
     config_file = path / "vit_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: expected a model directory written by "
@@ -39,28 +37,35 @@ def load_model_dir(path, **overrides) -> vit.ViT:
     if isinstance(fields.get("image_size"), list):
         fields["image_size"] = tuple(fields["image_size"])
     try:
-        cfg = vit.ViTConfig(**(fields | overrides))
-    except TypeError as e:  # a field ViTConfig does not have
+        return vit.ViTConfig(**(fields | overrides))
+    except (TypeError, ValueError) as e:  # TypeError: a field ViTConfig does not have
         raise ValueError(f"{config_file}: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from None
+
+
+def load_model_dir(path, **overrides) -> vit.ViT:
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(path).absolute()
+    cfg = _read_model_dir_config(path, **overrides)
     target = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(vit.ViT(cfg, rngs=nnx.Rngs(0)))))
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(path / "params", target)
     return vit.with_params(cfg, params)
 
 
+def _workdir_config(workdir):
+    import ml_collections
+    config_file = pathlib.Path(workdir) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a training workdir")
+    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+
+
 def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
     """(encoder, step) of a training workdir: its resolved config.json and checkpoint `step`
     (default: the latest), checksums verified, restored onto this process's first device."""
-    import ml_collections
-
     from mlcd_jax import checkpoint, config as config_lib
     workdir = pathlib.Path(workdir).absolute()
-    config_file = workdir / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: not a training workdir")
-    c = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    c = _workdir_config(workdir)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
     try:
         steps = ckpt.steps()
@@ -98,19 +103,98 @@ def load_encoder(path, step: int | None = None) -> tuple[vit.ViT, str]:
                             "(config.json + *.safetensors)")
 
 
-def init_from(path, encoder, shardings, step: int | None = None):
+def architecture(path) -> vit.ViTConfig:
+    """The ViTConfig of the encoder at `path` (any form `load_encoder` takes), weights unread."""
+    from mlcd_jax import config as config_lib
+    from mlcd_jax.interop import hf
+    path = pathlib.Path(path)
+    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+        return config_lib.vit_config(_workdir_config(path))
+    if (path / "vit_config.json").is_file():
+        return _read_model_dir_config(path)
+    if (path / "config.json").is_file():
+        return hf.read_vision_config(path)
+    raise FileNotFoundError(f"config.model.init_from: {path}: neither a training workdir "
+                            "(config.json + checkpoints/), our model dir (vit_config.json) nor a "
+                            "transformers checkpoint (config.json + *.safetensors)")
+
+
+# Config fields the checkpoint decides (ViTConfig's name for each), beside the shape.
+_DECIDED = {"model.pos": "pos", "model.act": "act", "model.rope_theta": "rope_theta",
+            "model.ln_eps": "ln_eps"}
+
+
+def adopt_architecture(c, explicit=frozenset()) -> str:
+    """With `config.model.init_from`, its encoder's architecture replaces the config's: the
+    shape (model.size or width/depth/heads/mlp_dim/patch), pos, act, rope_theta, ln_eps, the
+    projection width where it has one, and for learned positions the image size they were made
+    for. A field given on the command line (`explicit`: names like "model.size") that contradicts
+    the checkpoint is one line naming both values. Returns what was taken, for the start line."""
+    from mlcd_jax import config as config_lib
+    path, m = c.model.init_from, c.model
+    arch = architecture(path)
+    shape = {f: getattr(arch, f) for f in config_lib.SHAPE_FIELDS}
+    said = " ".join(f"{k} {v}" for k, v in shape.items())
+
+    def contradicts(field, mine, theirs):
+        return ValueError(f"config.{field}: {mine} on the command line contradicts "
+                          f"config.model.init_from {path}, which has {theirs}; drop "
+                          f"--config.{field} to take the checkpoint's")
+
+    if "model.size" in explicit and m.size:
+        named = {f: vit.SIZES.get(m.size, {}).get(f) for f in shape}
+        if named != shape:
+            mine = " ".join(f"{k} {v}" for k, v in named.items())
+            raise contradicts("model.size", f"{m.size} ({mine})", said)
+    for f, v in shape.items():
+        if f"model.{f}" in explicit and m[f] and m[f] != v:
+            raise contradicts(f"model.{f}", m[f], v)
+    for field, name in _DECIDED.items():
+        mine = m[field.split(".")[1]]
+        if field in explicit and mine not in ("", getattr(arch, name)):
+            raise contradicts(field, mine, getattr(arch, name))
+    notes = []
+    named = next((n for n, spec in vit.SIZES.items()
+                  if all(spec[f] == v for f, v in shape.items())), "")
+    if m.size != named or any(m[f] not in (0, v) for f, v in shape.items()):
+        notes.append(f"replacing the config's model.size {m.size!r}")
+    m.size = named
+    for f, v in shape.items():
+        m[f] = 0 if named else v
+    m.pos, m.act, m.rope_theta, m.ln_eps = arch.pos, arch.act, float(arch.rope_theta), \
+        float(arch.ln_eps)
+    if arch.pos == "learned":  # its position embedding is for one image size
+        side = arch.image_hw[0] if arch.image_hw[0] == arch.image_hw[1] else list(arch.image_hw)
+        for field in ("model.image_size", "data.image_size"):
+            mine = c.model.image_size if field == "model.image_size" else c.data.image_size
+            if field in explicit and mine and mine != side:
+                raise contradicts(field, mine, f"learned positions for {side} px")
+        m.image_size, c.data.image_size = 0, side
+    if arch.embed_dim and "model.embed_dim" not in explicit:
+        m.embed_dim = arch.embed_dim
+    return (f"{arch.pos} ViT {named or 'of'} {said}, {arch.act}"
+            + (f", {arch.embed_dim}-d projection" if arch.embed_dim else ", no projection")
+            + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def init_from(path, encoder, shardings, step: int | None = None) -> tuple[dict, str]:
     """`encoder` (a pure dict of sharded arrays) with every parameter the model at `path` has
     (any form `load_encoder` takes, e.g. a transformers MLCD model to continue pretraining);
-    others (a new projection) stay. Returns (encoder, arrays taken, arrays in all)."""
+    the others stay as initialized: a projection the checkpoint lacks, or one of another width
+    (`config.model.embed_dim` given). Returns (encoder, what was loaded and what not)."""
     model, _ = load_encoder(path, step)
     loaded = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0])
-    taken = []
+    taken, fresh = [], []
 
     def take(key_path, current, sharding):
-        if key_path not in loaded:
-            return current
         name = jax.tree_util.keystr(key_path)
+        if key_path not in loaded:
+            fresh.append(f"{name} (not in the checkpoint)")
+            return current
         if loaded[key_path].shape != current.shape:
+            if getattr(key_path[0], "key", None) == "projection":
+                fresh.append(f"{name} (the checkpoint's is {loaded[key_path].shape})")
+                return current
             raise ValueError(f"config.model.init_from: {path} has {name} of shape "
                              f"{loaded[key_path].shape}, the configured model needs "
                              f"{current.shape}")
@@ -118,4 +202,5 @@ def init_from(path, encoder, shardings, step: int | None = None):
         return jax.device_put(loaded[key_path], sharding)
 
     new = jax.tree_util.tree_map_with_path(take, encoder, shardings)
-    return new, len(taken), len(jax.tree.leaves(encoder))
+    said = f"{len(taken)} of {len(jax.tree.leaves(encoder))} parameter arrays from {path}"
+    return new, said + (f"; newly initialized: {', '.join(fresh)}" if fresh else "")

@@ -123,9 +123,13 @@ def test_cli_on_folders_reports_the_pixel_baseline(tmp_path, capsys):
                            digit_folders(tmp_path / "test", "test"))
     weights.save_model_dir(vit.ViT(vit.vit_config("micro", image_size=32), rngs=nnx.Rngs(0)),
                            tmp_path / "model")
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
     result = cli.run("mlcd_jax.evaluate", f"--model={tmp_path / 'model'}", "--dataset=folder",
-                     f"--path={train_dir}", f"--test_path={test_dir}", cwd=tmp_path)
-    out = json.loads((tmp_path / "eval.json").read_text())
+                     f"--path={train_dir}", f"--test_path={test_dir}",
+                     f"--out={tmp_path / 'out' / 'eval.json'}", cwd=elsewhere)
+    assert not list(elsewhere.iterdir()) and not (tmp_path / "model" / "eval.json").exists()
+    out = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert (out["train"], out["test"]) == (len(list(train_dir.rglob("*.png"))),
                                            len(list(test_dir.rglob("*.png"))))
     assert out["raw_pixels"]["knn"]["accuracy"] > 0.8  # clean digits: pixels carry the class

@@ -320,7 +320,9 @@ def test_init_from_an_imported_transformers_model(tmp_path):
     result = train(tmp_path / "run", f"--config.model.init_from={tmp_path / 'ours'}",
                    "--config.total_steps=2", "--config.checkpoint_every=1")
     # 23 arrays from the import; the projection (not in MLCDVisionModel) is newly initialized
-    assert f"encoder: 23 of 24 parameter arrays from {tmp_path / 'ours'}" in result.stdout
+    assert (f"encoder: rope ViT micro width 32 depth 2 heads 2 mlp_dim 64 patch 4, gelu, no "
+            f"projection: 23 of 24 parameter arrays from {tmp_path / 'ours'}; newly initialized: "
+            "['projection']['kernel'] (not in the checkpoint)") in result.stdout
     with ocp.StandardCheckpointer() as ckpt:  # step 1 has moved them only by one small update
         first = ckpt.restore(tmp_path / "run" / "checkpoints" / "1" / "state")
     want = nnx.to_pure_dict(nnx.state(model))["class_embedding"]
@@ -328,7 +330,8 @@ def test_init_from_an_imported_transformers_model(tmp_path):
 
     wrong = train(tmp_path / "run2", f"--config.model.init_from={tmp_path / 'ours'}",
                   "--config.model.size=tiny", expect=2)
-    assert "config.model.init_from" in wrong.stderr
+    assert "config.model.size: tiny (width 64 depth 2 heads 4 mlp_dim 128 patch 8) on the " \
+        "command line contradicts config.model.init_from" in wrong.stderr
 
 
 @slow

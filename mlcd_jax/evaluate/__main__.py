@@ -14,8 +14,8 @@ held-out images, with raw pixels (grayscale, at most 32 × 32) as the baseline b
 --text_model (a LiT run's text_model dir, or any transformers CLIP text model dir with its
 tokenizer.json), zero-shot accuracy (class names in --prompt templates, averaged) and image–text
 retrieval Recall@1/5/10 (captions from --template). Prints a table and writes JSON
-({"linear_probe", "knn", "raw_pixels", "text": {...}, ...}; default: MODEL/eval.json for a
-training workdir, else ./eval.json).
+({"linear_probe", "knn", "raw_pixels", "text": {...}, ...}) to --out; without it, a training
+workdir gets MODEL/eval.json, and any other model only the printed table.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
                    help="retrieval caption with {name} (and {size}, {place} on digits_canvas; "
                    "repeat; default: the prompts)")
     p.add_argument("--class_names", default="", help="comma-separated (default: the dataset's)")
-    p.add_argument("--out", default="")
+    p.add_argument("--out", default="", help="the JSON results (default: MODEL/eval.json for a "
+                   "training workdir, else none)")
     a = p.parse_args(argv)
     if a.dataset == "folder" and not a.path:
         p.error("--dataset folder needs --path (the image folder, one sub-folder per class)")
@@ -115,7 +116,11 @@ def main(argv=None) -> int:
         print("with " + a.text_model + ": " + ", ".join(f"{k} {v:.4f}"
                                                        for k, v in result["text"].items()))
     is_run = (pathlib.Path(a.model) / "checkpoints").is_dir()
-    out = pathlib.Path(a.out or (pathlib.Path(a.model) / "eval.json" if is_run else "eval.json"))
+    out = pathlib.Path(a.out) if a.out else pathlib.Path(a.model) / "eval.json" if is_run else None
+    if out is None:  # never into a downloaded model's dir, nor the current directory unasked
+        print("not written: --out FILE.json keeps these results as JSON")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0

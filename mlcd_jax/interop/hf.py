@@ -246,19 +246,34 @@ def load_vision_model(path, **overrides) -> vit.ViT:
     transformers' outputs for the same (NCHW) pixels.
     """
     path = pathlib.Path(path)
+    cfg = read_vision_config(path, **overrides)
+    vision = vision_tensors(read_safetensors(path))
+    return vit.with_params(cfg, params_from_hf(cfg, vision, source=str(path)))
+
+
+def read_vision_config(path, **overrides) -> vit.ViTConfig:
+    """The ViTConfig of a transformers vision checkpoint dir, from config.json and the shape of
+    its projection (if it has one), without reading the weights."""
+    path = pathlib.Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: expected a transformers checkpoint "
                                 "directory (config.json + *.safetensors)")
-    hf = json.loads(config_file.read_text())
-    vision = vision_tensors(read_safetensors(path))
-    projection = vision.get("visual_projection.weight")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors files (expected a transformers "
+                                "checkpoint directory saved with safe_serialization)")
+    projection_dim = None
+    for file in files:
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                if name.removeprefix(PREFIX) == "visual_projection.weight":
+                    projection_dim = f.get_slice(name).get_shape()[0]
     try:
-        cfg = config_from_hf(hf, projection_dim=None if projection is None else projection.shape[0],
-                             **overrides)
+        return config_from_hf(json.loads(config_file.read_text()), projection_dim=projection_dim,
+                              **overrides)
     except ValueError as e:
         raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
-    return vit.with_params(cfg, params_from_hf(cfg, vision, source=str(path)))
 
 
 def save_vision_model(model: vit.ViT, path) -> pathlib.Path:
