@@ -124,11 +124,6 @@ def build(c, mesh, total_steps: int | None = None) -> Built:
                  abstract_batch, step_fn, mesh_lib.replicated_parameters(abstract_encoder, mesh))
 
 
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def summarize(built: Built, mesh, compiled=None) -> str:
     """Steps, mesh, model and the compiled step's per-device memory, in one line."""
     compiled = compiled or built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()

@@ -15,8 +15,8 @@ LAYERS = [
      "mlcd_jax.labels.store"),
     # the heads (MLCD, contrastive), checkpoints, the transformers mapping
     ("mlcd_jax.head", "mlcd_jax.contrastive", "mlcd_jax.checkpoint", "mlcd_jax.interop.hf"),
-    # the train step, encoder weights from anywhere, FLOP counts
-    ("mlcd_jax.step", "mlcd_jax.weights", "mlcd_jax.flops"),
+    # the train step, encoder weights from anywhere, FLOP counts, the run loop of the trainers
+    ("mlcd_jax.step", "mlcd_jax.weights", "mlcd_jax.flops", "mlcd_jax.loop"),
     # the jobs
     ("mlcd_jax.train", "mlcd_jax.labels", "mlcd_jax.evaluate"),
     # entry points

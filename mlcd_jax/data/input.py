@@ -49,10 +49,13 @@ class _Input:
         self._queue: queue.Queue | None = None
         self._consumed_state = None
 
-    def new_skips(self) -> list[str]:
-        """Names of skipped images not yet returned by an earlier call."""
+    def log_values(self) -> dict[str, float]:
+        return {"skipped_images": self.skipped.count}
+
+    def messages(self) -> list[str]:
+        """A line for each skipped image not named by an earlier call."""
         new, self._unsaid = self._unsaid, []
-        return new
+        return [f"skipped an unreadable image: {name}" for name in new]
 
     def _global(self, images, labels):
         local = self.shape[0], self.shape[1] // jax.process_count()
