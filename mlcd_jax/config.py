@@ -171,6 +171,7 @@ def lit_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    c.profile_steps = 0                     # > 0: a jax.profiler trace of this many steps
     c.evals = ml_collections.ConfigDict()
     c.evals.every = 0                       # steps between zero-shot / retrieval evals (and
                                             # after the last); 0 = off

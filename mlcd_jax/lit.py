@@ -11,8 +11,10 @@ WORKDIR/tokenizer) → the text tower, its temperature (and SigLIP's bias), Adam
 with the contrastive loss split over the mesh (`mlcd_jax/contrastive.py`) → checkpoint or init →
 loop, with periodic zero-shot and retrieval evals on the held-out images (retrieval only where
 the images have no classes: captioned web data through `python -m mlcd_jax.data.convert`, or a
-tfds dataset with captions). Batch `step` is a function of (seed, step), so a preempted run
-(SIGTERM saves at the next step) resumes exactly. At the end the text tower is written as a
+tfds dataset with captions). Batch `step` is a function of (seed, step). The run loop is the
+trainer's (`loop.py`): one multi-host job over every process's devices, the workdir lock,
+checkpoints proven by a later finite loss, a corrupt one set aside, SIGTERM saving at a step every
+process agrees on; a rerun resumes exactly. At the end the text tower is written as a
 transformers CLIPTextModelWithProjection (WORKDIR/text_model).
 """
 
@@ -20,14 +22,12 @@ from __future__ import annotations
 
 import functools
 import pathlib
-import signal
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -35,9 +35,10 @@ from mlcd_jax import (
     checkpoint,
     config as config_lib,
     contrastive,
+    distributed,
+    loop,
     mesh as mesh_lib,
     optim,
-    reporting,
     weights,
 )
 from mlcd_jax.data import tokenizer as tokenizer_lib
@@ -49,6 +50,7 @@ from mlcd_jax.models import text as text_lib
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/lit_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features, tokenizer.")
 
+
 def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray, np.ndarray]:
     """(normalised features, labels) of `source`, computed once: cached with a record of the
     encoder's weights, the images and the image size, and recomputed if any changed."""
@@ -56,14 +58,16 @@ def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray,
     made_by = store.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
                            c.image.image_size)
     record = store.piece_record(path) or {}
+    cached = labels = None
     if record.get("fingerprint") == made_by:
         try:
             cached, labels = np.load(path), np.load(path.with_suffix(".labels.npy"))
         except (OSError, ValueError, EOFError):  # a damaged file: recomputed below
             cached = labels = None
-        if (cached is not None and store.array_sha256(cached) == record.get("sha256")
-                and labels.shape == (len(cached),)):
-            return cached, labels
+    whole = (cached is not None and store.array_sha256(cached) == record.get("sha256")
+             and labels.shape == (len(cached),))
+    if all(distributed.gather_json(whole)):  # every process, or none: extract is collective
+        return cached, labels
     x, y = features.extract(encoder, source, image_size=c.image.image_size,
                             batch_size=c.image.batch_size, mesh=mesh, desc=f"image features "
                             f"({name})")
@@ -78,10 +82,11 @@ def make_tokenizer(c, workdir, captions) -> tokenizer_lib.TextTokenizer:
     saved = workdir / "tokenizer"
     if c.text.tokenizer:
         return tokenizer_lib.load(c.text.tokenizer, c.text.context_length)
-    if (saved / "tokenizer.json").is_file():  # a resumed run keeps its vocabulary
+    # A resumed run keeps its vocabulary (process 0's view decides: every process must agree).
+    if distributed.gather_json((saved / "tokenizer.json").is_file())[0]:
         return tokenizer_lib.load(saved, c.text.context_length)
-    tok = tokenizer_lib.train(captions, c.text.vocab_size, c.text.context_length)
-    if jax.process_index() == 0:
+    tok = tokenizer_lib.train(captions, c.text.vocab_size, c.text.context_length)  # the same in
+    if jax.process_index() == 0:                                                # every process
         tok.save(saved)
     return tok
 
@@ -100,7 +105,36 @@ def batch_rows(seed: int, step: int, size: int, captions_per_row: np.ndarray):
     return rows, which
 
 
-def train_step(state, images, tokens, *, graphdef, tx, kind, chunk, mesh):
+class CaptionBatches:
+    """LiT's batches (`loop.Inputs`): (image features, caption tokens) of batch `step`, a function
+    of (seed, step) alone, so the step is the whole state. Every process holds the features and
+    places its own devices' rows of the global batch."""
+
+    def __init__(self, c, features, tokens, captions_per_row, sharding, start: int):
+        self.c, self.features, self.tokens, self.sharding = c, features, tokens, sharding
+        self.captions_per_row = captions_per_row
+        self.first_caption = np.concatenate([[0], np.cumsum(captions_per_row)[:-1]])
+        self.step = start
+
+    def next(self, in_flight):
+        self.step += 1
+        rows, which = batch_rows(self.c.seed, self.step, self.c.batch_size, self.captions_per_row)
+        host = (self.features[rows], self.tokens[self.first_caption[rows] + which])
+        return tuple(mesh_lib.global_array(x, self.sharding) for x in host), None
+
+    def get_state(self):
+        return {"step": self.step}
+
+    def log_values(self):
+        return {}
+
+    def messages(self):
+        return []
+
+
+def train_step(state, batch, *, graphdef, tx, kind, chunk, mesh):
+    images, tokens = batch
+
     def loss_fn(params):
         texts = nnx.merge(graphdef, params["text"])(tokens).embedding
         return contrastive.loss(images, texts, params["log_scale"], params["bias"], kind=kind,
@@ -114,17 +148,19 @@ def train_step(state, images, tokens, *, graphdef, tx, kind, chunk, mesh):
              "grad_norm": optax.global_norm(grads)})
 
 
+def host_copy(tree):
+    """A replicated tree on one of this host's devices (a multi-host array is not readable
+    whole, nor usable beside this host's own arrays)."""
+    return jax.tree.map(lambda x: x.addressable_shards[0].data, tree)
+
+
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)
-    try:
-        lit(CONFIG.value, pathlib.Path(_WORKDIR.value).absolute())
-    except (ValueError, FileNotFoundError, FloatingPointError, checkpoint.SaveFailed) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    loop.main(lit, CONFIG.value, _WORKDIR.value)
 
 
 def lit(c, workdir: pathlib.Path) -> None:
+    loop.join()
     if not c.image.model:
         raise ValueError("config.image.model: the image encoder to lock (a training workdir, a "
                          "model dir or a transformers dir) is not set")
@@ -135,127 +171,85 @@ def lit(c, workdir: pathlib.Path) -> None:
     if c.batch_size % mesh_lib.num_batch_shards(mesh):
         raise ValueError(f"config.batch_size {c.batch_size} is not divisible by the "
                          f"{mesh_lib.num_batch_shards(mesh)} devices of the mesh")
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "features").mkdir(exist_ok=True)
+    with loop.Run(c, workdir) as run:  # the workdir locked, its checkpoints opened
+        (workdir / "features").mkdir(exist_ok=True)
 
-    # The locked image tower: every image embedded once.
-    d = c.data
-    train_src, test_src = eval_run.splits_of(d, "config.data.", labelled=False)
-    encoder, described = weights.load_encoder(c.image.model)
-    train_x, train_y = image_features(c, workdir, encoder, train_src, "train", mesh)
-    test_x, test_y = image_features(c, workdir, encoder, test_src, "test", mesh)
-    del encoder
+        # The locked image tower: every image embedded once.
+        d = c.data
+        train_src, test_src = eval_run.splits_of(d, "config.data.", labelled=False)
+        encoder, described = weights.load_encoder(c.image.model)
+        train_x, train_y = image_features(c, workdir, encoder, train_src, "train", mesh)
+        test_x, test_y = image_features(c, workdir, encoder, test_src, "test", mesh)
+        del encoder
 
-    # Captions and the tokenizer. Unlabelled data (captioned web images) has retrieval only.
-    labelled = (train_y >= 0).all() and (test_y >= 0).all()
-    names = ()
-    if labelled:
-        names = zero_shot.class_names(d.dataset, train_src, d.class_names,
-                                      "config.data.class_names")
-        if max(train_y.max(), test_y.max()) >= len(names):
-            raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
-                             f"{max(train_y.max(), test_y.max())}")
-    caption = functools.partial(zero_shot.captions, templates=d.templates, names=names,
-                                field="config.data.templates")
-    train_captions, test_captions = caption(train_src, train_y), caption(test_src, test_y)
-    every_caption = [t for row in train_captions for t in row]
-    tok = make_tokenizer(c, workdir, every_caption)
-    for prompt in c.evals.prompts if c.evals.every and labelled else ():  # a mistake shows now
-        if prompt.format(name="x") == prompt:
-            raise ValueError(f"config.evals.prompts: {prompt!r} has no {{name}}")
-    captions_per_row = np.array([len(row) for row in train_captions])
-    first_caption = np.concatenate([[0], np.cumsum(captions_per_row)[:-1]])
-    train_tokens = tok(every_caption)    # (captions, T)
+        # Captions and the tokenizer. Unlabelled data (captioned web images): retrieval only.
+        labelled = (train_y >= 0).all() and (test_y >= 0).all()
+        names = ()
+        if labelled:
+            names = zero_shot.class_names(d.dataset, train_src, d.class_names,
+                                          "config.data.class_names")
+            if max(train_y.max(), test_y.max()) >= len(names):
+                raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
+                                 f"{max(train_y.max(), test_y.max())}")
+        caption = functools.partial(zero_shot.captions, templates=d.templates, names=names,
+                                    field="config.data.templates")
+        train_captions, test_captions = caption(train_src, train_y), caption(test_src, test_y)
+        every_caption = [t for row in train_captions for t in row]
+        tok = make_tokenizer(c, workdir, every_caption)
+        for prompt in c.evals.prompts if c.evals.every and labelled else ():  # a mistake: now
+            if prompt.format(name="x") == prompt:
+                raise ValueError(f"config.evals.prompts: {prompt!r} has no {{name}}")
+        captions_per_row = np.array([len(row) for row in train_captions])
+        train_tokens = tok(every_caption)    # (captions, T)
 
-    # The text tower, its temperature and bias, AdamW, the step.
-    cfg = text_lib.text_config(c.text.size, vocab_size=tok.vocab_size,
-                               context_length=c.text.context_length, embed_dim=train_x.shape[1],
-                               eos_token_id=tok.end, dtype=c.text.dtype)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: text_lib.TextTransformer(
-        cfg, rngs=nnx.Rngs(0))))
-    tx = optax.chain(
-        optax.clip_by_global_norm(c.optim.clip_norm) if c.optim.clip_norm else optax.identity(),
-        optax.adamw(optim.schedule(c, c.total_steps), b1=c.optim.b1, b2=c.optim.b2,
-                    eps=c.optim.eps, weight_decay=c.optim.weight_decay, mask=optim.decay_mask))
+        # The text tower, its temperature and bias, the optimizer, the step.
+        cfg = text_lib.text_config(c.text.size, vocab_size=tok.vocab_size,
+                                   context_length=c.text.context_length,
+                                   embed_dim=train_x.shape[1], eos_token_id=tok.end,
+                                   dtype=c.text.dtype)
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: text_lib.TextTransformer(
+            cfg, rngs=nnx.Rngs(0))))
+        tx = optim.make_optimizer(c.optim, c.total_steps)
 
-    def init(key):
-        tower = text_lib.TextTransformer(cfg, rngs=nnx.Rngs(key))
-        params = {"text": nnx.to_pure_dict(nnx.state(tower)),
-                  "log_scale": jnp.log(jnp.float32(c.loss.init_scale)),
-                  "bias": jnp.float32(c.loss.init_bias if c.loss.kind == "siglip" else 0.0)}
-        return {"params": params, "opt": tx.init(params), "step": jnp.int32(0)}
+        def init(key):
+            tower = text_lib.TextTransformer(cfg, rngs=nnx.Rngs(key))
+            params = {"text": nnx.to_pure_dict(nnx.state(tower)),
+                      "log_scale": jnp.log(jnp.float32(c.loss.init_scale)),
+                      "bias": jnp.float32(c.loss.init_bias if c.loss.kind == "siglip" else 0.0)}
+            return {"params": params, "opt": tx.init(params), "step": jnp.int32(0)}
 
-    replicated = mesh_lib.replicated(mesh)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = jax.tree.map(lambda _: replicated, abstract)
-    batch = mesh_lib.batch_sharding(mesh)
-    step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, kind=c.loss.kind,
-                                        chunk=c.loss.chunk or None, mesh=mesh),
-                      in_shardings=(shardings, batch, batch), out_shardings=(shardings, replicated),
-                      donate_argnums=0)
+        replicated = mesh_lib.replicated(mesh)
+        abstract = jax.eval_shape(init, jax.random.key(0))
+        shardings = jax.tree.map(lambda _: replicated, abstract)
+        batch = mesh_lib.batch_sharding(mesh)
+        step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx,
+                                            kind=c.loss.kind, chunk=c.loss.chunk or None,
+                                            mesh=mesh),
+                          in_shardings=(shardings, (batch, batch)),
+                          out_shardings=(shardings, replicated), donate_argnums=0)
 
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=c.keep_checkpoints)
-    found = ckpt.restore_newest_good(checkpoint.abstract_like(abstract, shardings))
-    if found is None:
-        state, start = jax.jit(init, out_shardings=shardings)(jax.random.key(c.seed)), 0
-    else:
-        state, data_state, start = found
-        if data_state["seed"] != c.seed:
-            raise ValueError(f"config.seed {c.seed} differs from the checkpoint's "
-                             f"{data_state['seed']}; use the same seed or a new workdir")
-    report = reporting.Reporter(workdir, total_steps=c.total_steps, batch_size=c.batch_size,
-                                start_step=start)
-    if report.enabled:
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-    report.message(f"{'resuming at step ' + str(start) if start else 'starting'}: LiT "
-                   f"({c.loss.kind}) of a {c.text.size} text tower ({tok.vocab_size:,} tokens) "
-                   f"on {described}, locked: {len(train_x):,} train / {len(test_x):,} test "
-                   f"images, {len(train_tokens):,} train captions, {mesh.size} devices"
-                   + ("" if labelled else "; unlabelled data: retrieval evals only"))
+        found = run.restore(checkpoint.abstract_like(abstract, shardings))
+        state = (jax.jit(init, out_shardings=shardings)(jax.random.key(c.seed)) if found is None
+                 else found[0])
+        run.begin(c.total_steps, f"LiT ({c.loss.kind}) of a {c.text.size} text tower "
+                  f"({tok.vocab_size:,} tokens) on {described}, locked: {len(train_x):,} train / "
+                  f"{len(test_x):,} test images, {len(train_tokens):,} train captions, "
+                  f"{mesh.size} devices"
+                  + ("" if labelled else "; unlabelled data: retrieval evals only"))
 
-    def run_evals(step):
-        report.pause_clock(step)
-        tower = nnx.merge(graphdef, state["params"]["text"])
-        result = zero_shot.text_evals(tower, tok, names, c.evals.prompts, test_x, test_y,
-                                      test_captions)
-        report.log_eval(step, result)
-        report.start_clock(step)
+        def evaluate(step, state):  # on each host, from its copy of the replicated tower
+            tower = nnx.merge(graphdef, host_copy(state["params"]["text"]))
+            return zero_shot.text_evals(tower, tok, names, c.evals.prompts, test_x, test_y,
+                                        test_captions)
 
-    sigterm = []
-    signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
-    try:
-        for step in range(start + 1, c.total_steps + 1):
-            rows, which = batch_rows(c.seed, step, c.batch_size, captions_per_row)
-            images = jax.device_put(train_x[rows], batch)
-            tokens = jax.device_put(train_tokens[first_caption[rows] + which], batch)
-            state, metrics = step_fn(state, images, tokens)
-            if step == start + 1:
-                jax.block_until_ready(metrics)
-                report.start_clock(step)
-            stop = bool(sigterm)
-            if step % c.log_every == 0 or step == c.total_steps or stop:
-                values = jax.device_get(metrics)
-                if not np.isfinite(values["loss"]):
-                    raise FloatingPointError(f"the loss is {values['loss']} at step {step}; "
-                                             "lower config.optim.lr and rerun")
-                report.log(step, values)
-            if stop or step % c.checkpoint_every == 0 or step == c.total_steps:
-                ckpt.save(step, state, {"step": step, "seed": c.seed})
-            if c.evals.every and (step % c.evals.every == 0 or step == c.total_steps) and not stop:
-                run_evals(step)
-            if stop:
-                ckpt.wait()
-                report.message(f"SIGTERM: saved step {step} to {ckpt.directory}; rerun to resume")
-                return
-        if report.enabled:  # the text tower, for transformers' CLIPTextModelWithProjection
-            hf.save_text_model(nnx.merge(graphdef, state["params"]["text"]),
+        inputs = CaptionBatches(c, train_x, train_tokens, captions_per_row, batch, run.start)
+        state, preempted = run.steps(state, step_fn, inputs, evaluate=evaluate)
+        if not preempted and run.report.enabled:  # for transformers' CLIPTextModelWithProjection
+            hf.save_text_model(nnx.merge(graphdef, host_copy(state["params"]["text"])),
                                workdir / "text_model")
             tok.save(workdir / "text_model")
-            report.message(f"text tower: {workdir / 'text_model'} (transformers "
-                           "CLIPTextModelWithProjection + tokenizer.json)")
-    finally:
-        ckpt.close()
-        report.close()
+            run.report.message(f"text tower: {workdir / 'text_model'} (transformers "
+                               "CLIPTextModelWithProjection + tokenizer.json)")
 
 
 if __name__ == "__main__":

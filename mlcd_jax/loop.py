@@ -172,7 +172,7 @@ class Run:
         profiling, in_flight = False, None  # in_flight: the loss of the step the devices run
         try:
             for step in range(start + 1, total + 1):
-                if c.get("profile_steps") and step == start + 2:  # after compile and warm-up
+                if c.profile_steps and step == start + 2:  # after compile and warm-up
                     jax.profiler.start_trace(str(self.workdir / "profile"))
                     profiling = True
                 batch, idle = inputs.next(in_flight)  # made ahead while the devices ran

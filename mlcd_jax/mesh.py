@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 # Axes over which the global batch is split. Any other axis (e.g. "model") sees the whole batch.
@@ -93,6 +94,17 @@ def class_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def global_array(value, sharding: NamedSharding) -> jax.Array:
+    """`value`, the same whole array on every process (numpy, or a jax array this process holds
+    whole), as one array laid out by `sharding` over every process's devices: each process places
+    its own devices' parts (device_put would move a device's array across hosts, which CPU and
+    some GPU backends refuse). An array already spread over the job is resharded."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def padded_num_classes(num_classes: int, num_shards: int) -> int:

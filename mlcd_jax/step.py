@@ -106,7 +106,7 @@ def build(c, mesh, total_steps: int | None = None) -> Built:
                                            sharding=batch_sharding))
 
     # Model, head and optimizer: shapes first; a jitted init creates them sharded.
-    tx = optim.make_optimizer(c, total_steps)
+    tx = optim.make_optimizer(c.optim, total_steps, centers_lr_mult=c.head.lr_mult)
     graphdef, abstract_encoder = nnx.split(nnx.eval_shape(lambda: vit.ViT(model_cfg,
                                                                          rngs=nnx.Rngs(0))))
     init = functools.partial(init_state, model_cfg=model_cfg, num_rows=num_rows, tx=tx)
@@ -116,7 +116,7 @@ def build(c, mesh, total_steps: int | None = None) -> Built:
     # The train step: explicit shardings, the state donated.
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx,
-                          lr_schedule=optim.schedule(c, total_steps), mesh=mesh, c=c),
+                          lr_schedule=optim.schedule(c.optim, total_steps), mesh=mesh, c=c),
         in_shardings=(shardings, (batch_sharding, batch_sharding)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     return Built(c, total_steps, model_cfg, graphdef, init, shardings,

@@ -16,6 +16,12 @@ from flax import nnx
 from mlcd_jax.models import vit
 
 
+def _this_host():
+    """This process's first device: where a loaded model lives (in a multi-host job, each process
+    holds its own copy)."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
 def save_model_dir(model: vit.ViT, path) -> pathlib.Path:
     """Our own format: vit_config.json + an orbax checkpoint of the parameters."""
     import orbax.checkpoint as ocp
@@ -46,7 +52,9 @@ def load_model_dir(path, **overrides) -> vit.ViT:
     import orbax.checkpoint as ocp
     path = pathlib.Path(path).absolute()
     cfg = _read_model_dir_config(path, **overrides)
-    target = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(vit.ViT(cfg, rngs=nnx.Rngs(0)))))
+    shapes = jax.eval_shape(lambda: nnx.to_pure_dict(nnx.state(vit.ViT(cfg, rngs=nnx.Rngs(0)))))
+    here = _this_host()  # each process of a job reads the whole model for itself
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), shapes)
     with ocp.StandardCheckpointer() as ckpt:
         params = ckpt.restore(path / "params", target)
     return vit.with_params(cfg, params)
@@ -75,8 +83,8 @@ def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
                                     f"{workdir / 'checkpoints'} (have {steps})")
         # The run may have used another device count: every array onto this process's first
         # device, shapes as stored.
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        here = _this_host()
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
                               ckpt.metadata(step))
         state, _ = ckpt.restore(target, step)
     finally:

@@ -178,3 +178,71 @@ def test_retrieval_only_on_captioned_web_shards(tmp_path, encoder):
     path.write_bytes(path.read_bytes()[:200])
     out = lit(run, encoder, *data, "--config.total_steps=100")
     assert "image features (train)" in out.stderr and len(np.load(path)) == len(order["train"])
+
+
+@pytest.mark.slow
+def test_lit_has_the_trainers_protections(tmp_path, encoder):
+    """The run loop is the trainer's: a second LiT on a running LiT's workdir is refused, a
+    SIGKILLed run resumes exactly, a corrupt newest checkpoint is set aside and the one before it
+    resumes exactly, and a diverged run sets aside the checkpoint it ruined (exit 3, one line)."""
+    import shutil
+    import signal
+    import time
+    steps = ["--config.total_steps=120", "--config.checkpoint_every=40"]
+    reference = tmp_path / "reference"
+    lit(reference, encoder, *steps)
+    assert cli.records(reference)[-1]["step"] == 120
+
+    def start(workdir, *args, lines: int):
+        """A LiT in the background, once its metrics.jsonl has `lines` records."""
+        proc = subprocess.Popen(cli.command("mlcd_jax.lit", *LIT, f"--workdir={workdir}",
+                                            f"--config.image.model={encoder}", *args),
+                                cwd=cli.REPO, env=cli.env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not ((workdir / "metrics.jsonl").exists() and len(losses(workdir)) >= lines):
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        return proc
+
+    busy = tmp_path / "busy"
+    proc = start(busy, "--config.total_steps=100000", lines=1)
+    try:
+        second = lit(busy, encoder, *steps, expect=2)
+        assert f"{busy} is in use by another trainer (pid {proc.pid}" in second.stderr
+        assert proc.poll() is None  # the first one trains on
+    finally:
+        proc.kill()
+        proc.wait()
+
+    killed = tmp_path / "killed"
+    proc = start(killed, *steps, lines=60)  # checkpoint 40 saved (and written) by then
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = lit(killed, encoder, *steps)
+    assert "resuming at step 40" in resumed.stdout
+    assert losses(killed) == losses(reference)  # every step, exactly
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(reference, corrupt)
+    for f in (corrupt / "checkpoints" / "120" / "state").rglob("d/*"):
+        f.unlink()  # the array data of the newest checkpoint is lost
+    (corrupt / "text_model").rename(tmp_path / "text_model_before")
+    again = lit(corrupt, encoder, *steps)
+    assert "checkpoint 120 set aside as 120.corrupt" in again.stdout
+    assert "resuming at step 80" in again.stdout
+    assert losses(corrupt) == losses(reference)
+    assert (corrupt / "text_model" / "model.safetensors").read_bytes() == (
+        tmp_path / "text_model_before" / "model.safetensors").read_bytes()
+
+    nan = lit(tmp_path / "nan", encoder, "--config.total_steps=40", "--config.checkpoint_every=1",
+              "--config.optim.lr=1e6", "--config.optim.warmup_steps=0",
+              "--config.optim.clip_norm=0", expect=3)
+    diverged = max(losses(tmp_path / "nan"))
+    assert not np.isfinite(losses(tmp_path / "nan")[diverged])
+    ours = [line for line in nan.stderr.splitlines() if line.startswith("error:")]
+    assert ours == [line for line in nan.stderr.splitlines() if "Traceback" in line or
+                    line.startswith("error:")]  # one line of ours, no traceback
+    assert f"the loss is nan at step {diverged}" in ours[0]
+    assert f"newest good checkpoint is step {diverged - 2}" in ours[0]
+    assert (tmp_path / "nan" / "checkpoints" / f"{diverged - 1}.nan").is_dir()

@@ -1,6 +1,7 @@
 """Multi-host, with real processes on 127.0.0.1 (launch/local_multiprocess.sh, gloo collectives):
-2 processes × 4 devices train like 1 process × 8, their checkpoint resumes in 1 process, and
-`assign` split over 2 processes writes the label store of 1."""
+2 processes × 4 devices train like 1 process × 8, their checkpoint resumes in 1 process, LiT
+runs as one job over 2 processes and resumes exactly after SIGTERM on both, and `assign` split
+over 2 processes writes the label store of 1."""
 
 import json
 import os
@@ -92,6 +93,66 @@ def test_assign_split_over_two_processes_writes_the_same_store(tmp_path, backend
             run(command if n == 1 else ["bash", str(LAUNCH), "-n", "2", "-d", "2", "--", *command])
             clustered[n] = np.load(tmp_path / out / "labels.npy")
         assert (clustered[1] == clustered[2]).mean() >= 0.999
+
+
+def lit_command(workdir, encoder, *args):
+    return [sys.executable, "-m", "mlcd_jax.lit", "--config=configs/lit_demo.py",
+            f"--workdir={workdir}", f"--config.image.model={encoder}", "--config.log_every=1",
+            "--config.total_steps=60", "--config.checkpoint_every=1000", "--config.evals.every=0",
+            *args]
+
+
+@pytest.mark.slow
+def test_lit_is_one_job_over_two_processes_and_sigterm_on_both_resumes_exactly(tmp_path):
+    """LiT over 2 processes × 4 devices trains as 1 × 8 (one metrics file, written by process
+    0); SIGTERM to both (as a scheduler's preemption sends) saves one step they agree on, and
+    the rerun as 2 processes ends where the uninterrupted run ended."""
+    import signal
+    import time
+
+    from flax import nnx
+
+    from mlcd_jax import weights
+    from mlcd_jax.models import vit
+    encoder = tmp_path / "encoder"
+    weights.save_model_dir(vit.ViT(vit.vit_config("micro", image_size=32, embed_dim=16),
+                                   rngs=nnx.Rngs(0)), encoder)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(lit_command(one, encoder), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    reference = losses(one)
+    assert sorted(reference) == list(range(1, 61))
+
+    port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
+                           "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
+                          capture_output=True, text=True).stdout.strip()
+    procs = [subprocess.Popen(lit_command(two, encoder), cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=clean_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                            JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                            XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+             for i in range(2)]
+    try:
+        deadline = time.time() + 300
+        while not ((two / "metrics.jsonl").exists() and len(losses(two)) >= 15):
+            assert all(p.poll() is None for p in procs) and time.time() < deadline
+            time.sleep(0.05)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    saved = int(outs[0][0].split("SIGTERM: saved step ")[1].split()[0])
+    assert 15 <= saved < 60 and "SIGTERM" not in outs[1][0]  # process 0 reports
+    np.testing.assert_allclose([losses(two)[s] for s in range(1, saved + 1)],
+                               [reference[s] for s in range(1, saved + 1)], rtol=1e-5)
+
+    out = run(["bash", str(LAUNCH), "-n", "2", "-d", "4", "--logs", str(tmp_path / "logs"), "--",
+               *lit_command(two, encoder)])
+    assert f"resuming at step {saved}" in out.stdout and "8 devices" in out.stdout
+    np.testing.assert_allclose([losses(two)[s] for s in range(1, 61)],
+                               [reference[s] for s in range(1, 61)], rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def test_weight_decay_only_on_matrices_and_centers():
 def test_centers_lr_multiplier_and_schedule():
     c = config_lib.base_config()
     c.optim.warmup_steps, c.optim.lr, c.head.lr_mult = 2, 1e-2, 0.0
-    tx = optim.make_optimizer(c, total_steps=10)
+    tx = optim.make_optimizer(c.optim, total_steps=10, centers_lr_mult=c.head.lr_mult)
     p = params()
     grads = jax.tree.map(jnp.ones_like, p)
     state = tx.init(p)
@@ -39,5 +39,5 @@ def test_centers_lr_multiplier_and_schedule():
     np.testing.assert_array_equal(p2["centers"], p["centers"])  # lr × 0: frozen
     assert not np.array_equal(p2["encoder"]["blocks"]["fc1"]["kernel"],
                               p["encoder"]["blocks"]["fc1"]["kernel"])
-    lr = optim.schedule(c, 10)
+    lr = optim.schedule(c.optim, 10)
     assert float(lr(0)) == 0.0 and float(lr(2)) == np.float32(1e-2) and float(lr(10)) == 0.0

@@ -28,7 +28,7 @@ def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=No
         batch_size = -(-batch_size // shards) * shards
         sharding = mesh_lib.batch_sharding(mesh)
         out_sharding = mesh_lib.replicated(mesh)  # every process reads all embeddings
-        params = jax.device_put(params, out_sharding)
+        params = jax.tree.map(lambda x: mesh_lib.global_array(x, out_sharding), params)
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def forward(params, images):
@@ -47,7 +47,7 @@ def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=No
         padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
                                                   images.dtype)])  # one compiled shape
         if sharding is not None:
-            padded = jax.device_put(padded, sharding)
+            padded = mesh_lib.global_array(padded, sharding)
         yield np.asarray(forward(params, padded))[:n], batch
 
 
