@@ -171,7 +171,7 @@ def config_for(row):
 def ours(c):
     """The trainer's step on one device; and its memory: the compiled step's temporaries."""
     mesh = mesh_lib.make_mesh([("data", 1)], jax.devices()[:1])
-    built = step_lib.build(c, mesh)
+    built = step_lib.build(c, mesh, config_lib.total_steps(c))
     compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
     state = jax.jit(built.init, out_shardings=built.shardings)(jax.random.key(0))
     images = jnp.asarray(np.random.default_rng(0).normal(size=built.abstract_batch[0].shape),
@@ -327,7 +327,7 @@ def main():
         runs = results[json.dumps(row)]
         best = min(runs, key=lambda r: r["seconds"])
         c = config_for(row)
-        model_flops = flops.train_step(c, 1)["per_step"]
+        model_flops = flops.train_step(c, config_lib.vit_config(c), 1)["per_step"]
         table.append(row | best | {
             "image_size": c.data.image_size, "batch": c.batch_size, "dtype": ARGS.dtype,
             "gflop_per_step": model_flops / 1e9, "images_per_s": c.batch_size / best["seconds"],

@@ -5,11 +5,11 @@
     configs/demo.py:single   single label (l = 1), UNICOM loss, same budget
 """
 
-from mlcd_jax import config as config_lib
+from mlcd_jax import config as config_lib, flag_parsing
 
 
 def get_config(arg="mlcd"):
-    config_lib.check_arg(arg, ("mlcd", "single"), "configs/demo.py")
+    flag_parsing.check_arg(arg, ("mlcd", "single"), "configs/demo.py")
     c = config_lib.base_config()
     c.mesh = (("data", -1),)
     c.model.size = "demo"

@@ -5,12 +5,12 @@ tower (CLIP's) against a locked encoder, captions from class names in CLIP-style
     configs/lit.py:siglip   SigLIP's sigmoid loss
 """
 
-from mlcd_jax import config as config_lib
+from mlcd_jax import flag_parsing, lit_config
 
 
 def get_config(arg=""):
-    config_lib.check_arg(arg, ("", "siglip"), "configs/lit.py")
-    c = config_lib.lit_config()
+    flag_parsing.check_arg(arg, ("", "siglip"), "configs/lit.py")
+    c = lit_config.lit_config()
     c.loss.kind = "siglip" if arg == "siglip" else "clip"
     c.data.dataset = "folder"
     c.evals.every = 1000

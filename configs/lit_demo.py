@@ -7,12 +7,12 @@ prompts) and retrieval on the held-out canvases.
     configs/lit_demo.py:siglip   SigLIP's sigmoid loss
 """
 
-from mlcd_jax import config as config_lib
+from mlcd_jax import flag_parsing, lit_config
 
 
 def get_config(arg=""):
-    config_lib.check_arg(arg, ("", "siglip"), "configs/lit_demo.py")
-    c = config_lib.lit_config()
+    flag_parsing.check_arg(arg, ("", "siglip"), "configs/lit_demo.py")
+    c = lit_config.lit_config()
     c.image.image_size = 32
     c.text.size = "tiny"
     c.text.context_length = 16

@@ -21,7 +21,7 @@ Time: on 80 A100s at 40 % of 312 TFLOP/s. Arithmetic, not measurements: forward 
 topologies (README's planning table).
 """
 
-from mlcd_jax import config as config_lib
+from mlcd_jax import flag_parsing, recipes
 
 VARIANTS = {  # ViT size: (peak learning rate, embedding width)
     "B/32": (5e-4, 512),
@@ -31,6 +31,6 @@ VARIANTS = {  # ViT size: (peak learning rate, embedding width)
 
 
 def get_config(arg="B/16"):
-    config_lib.check_arg(arg, tuple(VARIANTS), "configs/mlcd_laion400m.py")
+    flag_parsing.check_arg(arg, tuple(VARIANTS), "configs/mlcd_laion400m.py")
     lr, embed_dim = VARIANTS[arg]
-    return config_lib.laion400m_recipe(arg, lr=lr, embed_dim=embed_dim)
+    return recipes.laion400m_recipe(arg, lr=lr, embed_dim=embed_dim)

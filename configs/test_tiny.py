@@ -4,11 +4,11 @@
     python -m mlcd_jax.train --config=configs/test_tiny.py:unicom --workdir=/tmp/tiny_unicom
 """
 
-from mlcd_jax import config as config_lib
+from mlcd_jax import config as config_lib, flag_parsing
 
 
 def get_config(arg=None):
-    config_lib.check_arg(arg, (None, "mlcd", "unicom"), "configs/test_tiny.py")
+    flag_parsing.check_arg(arg, (None, "mlcd", "unicom"), "configs/test_tiny.py")
     c = config_lib.base_config()
     c.mesh = (("data", -1),)
     c.model.size = "micro"          # width 32, depth 2, patch 4, 16 px

@@ -32,8 +32,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlcd_jax import config as config_lib, demo, weights
+from mlcd_jax import demo, flag_parsing, records, weights
 from mlcd_jax.evaluate import run as eval_run
+from mlcd_jax.evaluate.probes import PROBES
 from mlcd_jax.labels import assign, stats, store
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "A training config (configs/*.py).")
@@ -44,7 +45,6 @@ _PRODUCT = flags.DEFINE_boolean("product", False, "Every combination of the grid
                                 "instead of one field at a time around the config's values.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", "", "Teacher embeddings of the training data "
                                   "(`labels embed`); default for digits_canvas: the demo's.")
-PROBES = ("linear_probe", "knn")
 
 
 def parse_grid(c, grids: list[str]) -> dict[str, list]:
@@ -109,10 +109,10 @@ def teacher(c, workdir: pathlib.Path, embeddings: str) -> store.EmbeddingShards:
 def label_store(shards, workdir: pathlib.Path, k: int, l: int) -> pathlib.Path:
     """The top-l labels of K centers, made once (k-means once per K; assign resumes by itself)."""
     centers = workdir / "labels" / f"K{k}" / "centers.npy"
-    made_from = store.digest(shards.fingerprint(), k)  # other embeddings: clustered again
-    if (store.piece_record(centers) or {}).get("fingerprint") != made_from:
+    made_from = records.digest(shards.fingerprint(), k)  # other embeddings: clustered again
+    if (records.piece_record(centers) or {}).get("fingerprint") != made_from:
         centers.parent.mkdir(parents=True, exist_ok=True)
-        store.write_piece(centers, demo.cluster(shards, k), {"fingerprint": made_from})
+        records.write_piece(centers, demo.cluster(shards, k), {"fingerprint": made_from})
     out = centers.parent / f"l{l}"
     assign.run(shards.directory, centers, out, num_labels=l)
     return out
@@ -126,7 +126,7 @@ def pretrain_and_probe(run: pathlib.Path, labels: pathlib.Path, flags_: list[str
         train, test = eval_run.splits_of(c.evals, "config.evals.")
         result = eval_run.evaluate(encoder, train, test, which=PROBES, desc=run.parent.name,
                                    image_size=c.model.image_size or c.data.image_size)
-        store.write_json_atomic(run / "result.json", {p: result[p]["accuracy"] for p in PROBES}
+        records.write_json_atomic(run / "result.json", {p: result[p]["accuracy"] for p in PROBES}
                                 | {"step": step})
     return json.loads((run / "result.json").read_text())
 
@@ -254,7 +254,7 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str]) -> int:
               "command to retry them (finished points are kept)", file=sys.stderr, flush=True)
         return 1
     rows, purity = summarize(c, grid, runs), label_purity(c, workdir)
-    store.write_json_atomic(workdir / "ablation.json", {"grid": grid, "seeds": _SEEDS.value,
+    records.write_json_atomic(workdir / "ablation.json", {"grid": grid, "seeds": _SEEDS.value,
                                                         "product": _PRODUCT.value, "rows": rows,
                                                         "label_purity": purity})
     text = table(rows, grid)
@@ -290,4 +290,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=flag_parsing.parse_flags)

@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 
-from mlcd_jax import reporting, weights
+from mlcd_jax import features, reporting, weights
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import features, run as eval_run
+from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.labels import assign, kmeans, store
 
 K, L = 64, 4

@@ -7,7 +7,6 @@ analysis counts a `lax.scan` body once, so it undercounts scanned ViTs by their 
 
 from __future__ import annotations
 
-from mlcd_jax import config as config_lib
 from mlcd_jax.head import num_sampled
 from mlcd_jax.mesh import padded_num_classes
 from mlcd_jax.models import vit
@@ -35,9 +34,9 @@ def head_forward(embed_dim: int, num_classes: int, num_labels: int, sample_ratio
     return float(2 * embed_dim * scored)
 
 
-def train_step(c, num_devices: int) -> dict:
-    """Model FLOPs of one optimizer step of config `c` on `num_devices` devices."""
-    cfg = config_lib.vit_config(c)
+def train_step(c, cfg: vit.ViTConfig, num_devices: int) -> dict:
+    """Model FLOPs of one optimizer step of config `c` (its model `cfg`) on `num_devices`
+    devices."""
     size = c.data.image_size
     encoder = encoder_forward(cfg, size, size)
     head = head_forward(cfg.embed_dim or cfg.width, c.head.num_classes, c.data.num_labels,

@@ -26,9 +26,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mlcd_jax import config as config_lib, losses, mesh as mesh_lib
+from mlcd_jax import losses, mesh as mesh_lib
 
 Metrics = dict[str, jax.Array]
+# multi-label (MLCD); single-label baseline (UNICOM / Partial FC); the OneVision-Encoder form (a
+# margin-softmax per label column, averaged)
+LOSSES = ("mlcd", "unicom", "multi_softmax")
+# How each shard draws: "uniform" (ceil(r·K_local) classes at random), or "batch" (Partial FC
+# v2's rule: the batch's positives always, the rest at random)
+NEGATIVES = ("uniform", "batch")
+CENTER_UPDATES = ("dense", "sparse")  # every center row each step, or only the rows used
 
 
 def num_sampled(num_local: int, sample_ratio: float) -> int:
@@ -36,36 +43,73 @@ def num_sampled(num_local: int, sample_ratio: float) -> int:
     return max(1, math.ceil(sample_ratio * num_local))
 
 
+def draw_size(num_local: int, sample_ratio: float, negatives: str, num_positives: int) -> int:
+    """Slots of one shard's draw, a static bound. "uniform": m = ceil(r·K_local). "batch": the
+    batch's positives (at most `num_positives` = B·l of the global batch, all possibly on this
+    shard) may alone exceed m, and are then all kept, so the bound is min(K_local, max(m, B·l));
+    slots past what a step uses are masked, and the scoring loop stops at the last used chunk."""
+    m = num_sampled(num_local, sample_ratio)
+    if negatives == "batch" and m < num_local:
+        return min(num_local, max(m, num_positives))
+    return min(m, num_local)
+
+
 def _draw_local_classes(key: jax.Array, shard: jax.Array, num_local: int, num_valid: jax.Array,
-                        sample_ratio: float) -> tuple[jax.Array, jax.Array]:
-    """Local row indices sampled on one shard, and whether each is a real (not padding) class.
+                        sample_ratio: float, batch_rows: jax.Array | None = None,
+                        size: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Local row indices drawn on one shard (`size` slots), whether each slot is a real class in
+    this step's draw, and how many slots are used.
 
     Distinct indices: the top-m of i.i.d. uniform scores is a uniform m-subset. Padding rows score
     below every real row, so they are drawn only when the shard has fewer than m real rows (and are
-    then masked out). r = 1 takes every row, with no randomness.
+    then masked out). r = 1 takes every row, with no randomness. With `batch_rows` (K_local,)
+    bool, the batch's positives on this shard (Partial FC v2, insightface
+    recognition/arcface_torch/partial_fc_v2.py `sample`): they score above every other row, so
+    the draw keeps them all and fills up to m at random; when they alone exceed m, only they are
+    used.
     """
     m = num_sampled(num_local, sample_ratio)
+    size = min(m, num_local) if size is None else size
     if m >= num_local:
         idx = jnp.arange(num_local, dtype=jnp.int32)
-    else:
-        scores = jax.random.uniform(jax.random.fold_in(key, shard), (num_local,))
-        scores = jnp.where(jnp.arange(num_local) < num_valid, scores, -1.0)
-        _, idx = jax.lax.top_k(scores, m)
-        idx = idx.astype(jnp.int32)
-    return idx, idx < num_valid
+        return idx, idx < num_valid, jnp.int32(num_local)
+    scores = jax.random.uniform(jax.random.fold_in(key, shard), (num_local,))
+    used = jnp.int32(m)
+    if batch_rows is not None:
+        scores = jnp.where(batch_rows, 2.0, scores)
+        used = jnp.maximum(used, jnp.sum(batch_rows, dtype=jnp.int32))
+    scores = jnp.where(jnp.arange(num_local) < num_valid, scores, -1.0)
+    _, idx = jax.lax.top_k(scores, size)
+    idx = idx.astype(jnp.int32)
+    return idx, (idx < num_valid) & (jnp.arange(size) < used), used
+
+
+def _owned_rows(labels: jax.Array, offset, num_local: int) -> jax.Array:
+    """(K_local,) bool: the rows of this shard that are some sample's positive."""
+    local = labels - offset
+    mine = (labels >= 0) & (local >= 0) & (local < num_local)
+    return jnp.zeros((num_local,), bool).at[jnp.where(mine, local, num_local)].set(
+        True, mode="drop")
 
 
 def sample_negative_classes(key: jax.Array, num_classes: int, *, num_shards: int = 1,
-                            sample_ratio: float = 0.1) -> jax.Array:
-    """The global class ids that each shard draws for `key`: (num_shards, m) int32, -1 = padding.
-
-    The same draw the head makes inside the sharded loss (for analysis and tests).
-    """
+                            sample_ratio: float = 0.1, negatives: str = "uniform",
+                            labels: jax.Array | None = None) -> jax.Array:
+    """The global class ids that each shard draws for `key`: (num_shards, slots) int32, -1 = a
+    padding row or an unused slot. `negatives="batch"` needs the global batch's `labels` (B, l)
+    (-1 padding), whose classes it keeps. The same draw the head makes inside the sharded loss (for
+    analysis and tests; a multi_softmax column's draw uses that column's labels and key)."""
     num_local = mesh_lib.padded_num_classes(num_classes, num_shards) // num_shards
+    if negatives == "batch":
+        labels = jnp.asarray(labels, jnp.int32)
+    size = draw_size(num_local, sample_ratio, negatives, 0 if labels is None else labels.size)
 
     def one(shard):
         num_valid = jnp.clip(num_classes - shard * num_local, 0, num_local)
-        idx, valid = _draw_local_classes(key, shard, num_local, num_valid, sample_ratio)
+        rows = (None if negatives != "batch"
+                else _owned_rows(labels, shard * num_local, num_local))
+        idx, valid, _ = _draw_local_classes(key, shard, num_local, num_valid, sample_ratio, rows,
+                                            size)
         return jnp.where(valid, shard * num_local + idx, -1)
 
     return jax.vmap(one)(jnp.arange(num_shards))
@@ -90,10 +134,12 @@ def _dot(a, b, dtype):
     return jnp.matmul(a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype):
+def _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype, threshold):
     """Chunk c of the drawn classes: normalised rows w (with 1/|x| and |x|², which the backward
-    pass needs), cos(emb, w) (the matmul in `dtype`), and the mask of real negatives (not padding,
-    not the sample's own positive)."""
+    pass needs), cos(emb, w) (the matmul in `dtype`), the mask of real negatives (not padding,
+    not the sample's own positive), and where a negative's cosine is above `threshold` (it then
+    counts as cosine 0 with no gradient: insightface's interclass filtering, a likely duplicate of
+    the positive)."""
     rows = centers[idx[c]].astype(jnp.float32)                            # (chunk, D)
     sq = jnp.sum(rows * rows, axis=-1, keepdims=True)
     inv = jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
@@ -105,27 +151,31 @@ def _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype):
     is_pos = jnp.zeros(cos.shape, bool).at[jnp.arange(cos.shape[0])[:, None], col].set(
         True, mode="drop")
     mask = valid[c][None, :] & ~is_pos
-    return w, inv, sq, cos, mask
+    filtered = (cos > threshold) if threshold < 1.0 else jnp.zeros(cos.shape, bool)
+    return w, inv, sq, jnp.where(filtered, 0.0, cos), mask, filtered
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _negatives(emb, centers, idx, valid, pos_slot, scale, dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _negatives(emb, centers, idx, valid, pos_slot, num_chunks, scale, dtype, threshold):
     """Per sample, log Σ exp(s·cos) over this shard's drawn negatives (−inf if none), with the sum
     and count of those cosines (for metrics; no gradient).
 
     emb (B, D) normalised; centers (K_local, D) raw; idx, valid (chunks, chunk) drawn local rows;
-    pos_slot (B, l) each positive's position in the flattened draw (m, the number drawn, if it
-    was not drawn here: a padding column or none); dtype: of the matmuls' inputs.
+    pos_slot (B, l) each positive's position in the flattened draw (past the last slot if it was
+    not drawn here); num_chunks: the chunks this step uses (the rest are all masked, not scored);
+    dtype: of the matmuls' inputs; threshold: the negative filter's cosine (≥ 1: off).
     The backward pass recomputes each chunk's logits from the per-sample log-sum-exp, so memory
     holds O(B × chunk) logits, never B × r·K_local.
     """
-    return _negatives_fwd(emb, centers, idx, valid, pos_slot, scale, dtype)[0]
+    return _negatives_fwd(emb, centers, idx, valid, pos_slot, num_chunks, scale, dtype,
+                          threshold)[0]
 
 
-def _negatives_fwd(emb, centers, idx, valid, pos_slot, scale, dtype):
+def _negatives_fwd(emb, centers, idx, valid, pos_slot, num_chunks, scale, dtype, threshold):
     def step(c, carry):  # online log-sum-exp: both running sums rescaled to the larger max
         top, total, cos_sum, count = carry
-        _, _, _, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype)
+        _, _, _, cos, mask, _ = _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype,
+                                              threshold)
         logits = jnp.where(mask, scale * cos, -jnp.inf)
         new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
         shift = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
@@ -137,20 +187,23 @@ def _negatives_fwd(emb, centers, idx, valid, pos_slot, scale, dtype):
     # *_like(emb) gives the carry emb's device-varying type inside shard_map.
     per_sample, scalar = jnp.zeros_like(emb[:, 0]), jnp.zeros_like(emb[0, 0])
     init = (per_sample - jnp.inf, per_sample, scalar, scalar)
-    top, total, cos_sum, count = jax.lax.fori_loop(0, idx.shape[0], step, init)
+    top, total, cos_sum, count = jax.lax.fori_loop(0, num_chunks, step, init)
     lse = jnp.where(jnp.isfinite(top), top, 0.0) + jnp.log(total)  # log 0 = −inf: no negatives
-    return (lse, cos_sum, count), (emb, centers, idx, valid, pos_slot, lse)
+    return (lse, cos_sum, count), (emb, centers, idx, valid, pos_slot, num_chunks, lse)
 
 
-def _negatives_bwd(scale, dtype, residuals, cotangents):
-    emb, centers, idx, valid, pos_slot, lse = residuals
+def _negatives_bwd(scale, dtype, threshold, residuals, cotangents):
+    emb, centers, idx, valid, pos_slot, num_chunks, lse = residuals
     g = cotangents[0]                                                     # d loss / d lse, (B,)
 
     def step(c, carry):
         d_emb, d_centers = carry
-        w, inv, sq, cos, mask = _chunk_scores(emb, centers, idx, valid, pos_slot, c, dtype)
-        # d lse / d cos_j = s · softmax_j; masked entries (and rows with lse = −inf) get 0.
-        d_cos = jnp.where(mask, scale * jnp.exp(scale * cos - lse[:, None]), 0.0) * g[:, None]
+        w, inv, sq, cos, mask, filtered = _chunk_scores(emb, centers, idx, valid, pos_slot, c,
+                                                        dtype, threshold)
+        # d lse / d cos_j = s · softmax_j; masked and filtered entries (and rows with lse = −inf)
+        # get 0.
+        d_cos = jnp.where(mask & ~filtered, scale * jnp.exp(scale * cos - lse[:, None]),
+                          0.0) * g[:, None]
         d_w = _dot(d_cos.T, emb, dtype)                                   # (chunk, D)
         # Through w = x / |x|: d x = (d w − w (w · d w)) / |x| (no projection where |x| is clamped).
         d_rows = inv * (d_w - jnp.where(sq > 1e-24, w * jnp.sum(w * d_w, -1, keepdims=True), 0.0))
@@ -158,8 +211,8 @@ def _negatives_bwd(scale, dtype, residuals, cotangents):
         return d_emb + _dot(d_cos, w, dtype), d_centers.at[idx[c]].add(d_rows)
 
     init = (jnp.zeros_like(emb), jnp.zeros_like(centers, jnp.float32))
-    d_emb, d_centers = jax.lax.fori_loop(0, idx.shape[0], step, init)
-    return d_emb, d_centers.astype(centers.dtype), None, None, None
+    d_emb, d_centers = jax.lax.fori_loop(0, num_chunks, step, init)
+    return d_emb, d_centers.astype(centers.dtype), None, None, None, None
 
 
 _negatives.defvjp(_negatives_fwd, _negatives_bwd)
@@ -176,38 +229,39 @@ class HeadConfig:
                                    # FC), or "exact" (turns round past θ = π − m)
     sample_ratio: float = 0.1      # r: each shard draws ceil(r · K_local) negatives; 1 = all, exact
     num_classes: int | None = None # K when the centers carry padding rows past K
-    chunk: int | None = None       # classes scored at a time per shard (None: automatic)
+    chunk: int | None = None       # classes scored at a time per shard (0 or None: automatic)
     matmul_dtype: str = "float32"  # inputs of the negatives' matmuls ("bfloat16": float32
                                    # accumulation; the positives stay float32)
+    negatives: str = "uniform"     # NEGATIVES: each shard's draw, uniform or Partial FC v2's
+    center_update: str = "dense"   # CENTER_UPDATES; "sparse": `loss` also returns the rows used
+    label_columns: int = 0         # multi_softmax: label columns per sample and step, drawn from
+                                   # its l (0: all l)
+    negative_filter: float = 1.0   # a negative whose cosine is above this counts as cosine 0, with
+                                   # no gradient (insightface's interclass filtering); ≥ 1: off
 
     def __post_init__(self):
-        if self.loss not in config_lib.LOSSES:
-            raise ValueError(f"head loss must be one of {config_lib.LOSSES}, got {self.loss!r}")
-        if self.margin_type not in losses.MARGIN_TYPES:
-            raise ValueError(f"margin_type must be one of {losses.MARGIN_TYPES}, got "
-                             f"{self.margin_type!r}")
-        if self.margin_grad not in losses.MARGIN_GRADS:
-            raise ValueError(f"margin_grad must be one of {losses.MARGIN_GRADS}, got "
-                             f"{self.margin_grad!r}")
-        if not 0.0 < self.sample_ratio <= 1.0:
-            raise ValueError(f"sample_ratio must be in (0, 1], got {self.sample_ratio}")
-        if self.matmul_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"matmul_dtype must be 'float32' or 'bfloat16', got "
-                             f"{self.matmul_dtype!r}")
-        if self.chunk is not None and self.chunk < 1:
-            raise ValueError(f"chunk (classes scored at a time) must be ≥ 1 or None (automatic), "
-                             f"got {self.chunk}")
+        """Every option checked here, once: a mistake names the `head.` field (a config's
+        section), e.g. "head.margin_type: must be one of ..."."""
+        def check(ok, field, problem):
+            if not ok:
+                raise ValueError(f"head.{field}: {problem}, got {getattr(self, field)!r}")
 
-    @classmethod
-    def from_config(cls, c) -> HeadConfig:
-        """From a config's `head` section (its `lr_mult` belongs to the optimizer); the matmuls
-        run in the model's compute dtype unless head.matmul_dtype says otherwise."""
-        head = c.head
-        matmul = head.matmul_dtype or ("float32" if c.model.dtype == "float32" else "bfloat16")
-        return cls(loss=head.loss, scale=float(head.scale), margin=float(head.margin),
-                   margin_type=head.margin_type, margin_grad=head.margin_grad,
-                   sample_ratio=float(head.sample_ratio),
-                   num_classes=head.num_classes, chunk=head.chunk or None, matmul_dtype=matmul)
+        check(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
+        check(self.margin_type in losses.MARGIN_TYPES, "margin_type",
+              f"must be one of {losses.MARGIN_TYPES}")
+        check(self.margin_grad in losses.MARGIN_GRADS, "margin_grad",
+              f"must be one of {losses.MARGIN_GRADS}")
+        check(0.0 < self.sample_ratio <= 1.0, "sample_ratio", "must be in (0, 1]")
+        check(self.matmul_dtype in ("float32", "bfloat16"), "matmul_dtype",
+              "must be 'float32' or 'bfloat16' (in a config also '': the model's dtype)")
+        check(self.chunk is None or self.chunk >= 0, "chunk",
+              "must be ≥ 0 (0 or None = automatic)")
+        check(self.negatives in NEGATIVES, "negatives", f"must be one of {NEGATIVES}")
+        check(self.center_update in CENTER_UPDATES, "center_update",
+              f"must be one of {CENTER_UPDATES}")
+        check(self.label_columns >= 0, "label_columns", "must be ≥ 0 (0 = every label column)")
+        check(-1.0 < self.negative_filter, "negative_filter",
+              "must be a cosine above -1 (≥ 1: off)")
 
 
 def _positive_cosines(emb, centers, labels, offset, psum):
@@ -221,44 +275,68 @@ def _positive_cosines(emb, centers, labels, offset, psum):
     return psum(jnp.where(mine, jnp.einsum("bld,bd->bl", pos_rows, emb), 0.0)), mine, local
 
 
-def _draw(key, shard, num_local, num_valid, sample_ratio, mine, local):
-    """This shard's drawn local rows, whether each is a real class, and each label's position in
-    the draw (m, the number drawn, where it was not drawn here), so positives can be left out."""
-    idx, valid = _draw_local_classes(key, shard, num_local, num_valid, sample_ratio)
-    m = idx.shape[0]
-    slot = jnp.full((num_local,), m, jnp.int32).at[idx].set(jnp.arange(m, dtype=jnp.int32))
-    return idx, valid, jnp.where(mine, slot[local], m)
+def _draw(key, shard, num_local, num_valid, cfg, labels, offset, mine, local):
+    """This shard's drawn local rows, whether each slot is a real class of this step's draw, how
+    many slots are used, and each label's position in the draw (past the last slot where it was
+    not drawn here), so positives can be left out. "batch" keeps every class of `labels`."""
+    rows = _owned_rows(labels, offset, num_local) if cfg.negatives == "batch" else None
+    size = draw_size(num_local, cfg.sample_ratio, cfg.negatives, labels.size)
+    idx, valid, used = _draw_local_classes(key, shard, num_local, num_valid, cfg.sample_ratio,
+                                           rows, size)
+    slot = jnp.full((num_local,), size, jnp.int32).at[idx].set(jnp.arange(size, dtype=jnp.int32))
+    return idx, valid, used, jnp.where(mine, slot[local], size)
 
 
-def _chunk_layout(idx, valid, chunk, batch):
+def _chunk_layout(idx, valid, used, chunk, batch):
     """The drawn rows as (chunks, size): even chunks of at most `chunk` classes (default: as many
-    as keep batch × size ≤ 2^20 logits, at least 128), so the last one is barely padded."""
+    as keep batch × size ≤ 2^20 logits, at least 128), so the last one is barely padded; and the
+    chunks that hold the `used` slots (the scoring loop stops there)."""
     m = idx.shape[0]
     num_chunks = -(-m // (chunk or max(_MIN_CHUNK, _LOGITS_PER_CHUNK // batch)))
     size = -(-m // num_chunks)
     pad = num_chunks * size - m
-    return jnp.pad(idx, (0, pad)).reshape(-1, size), jnp.pad(valid, (0, pad)).reshape(-1, size)
+    return (jnp.pad(idx, (0, pad)).reshape(-1, size), jnp.pad(valid, (0, pad)).reshape(-1, size),
+            jnp.minimum((used + size - 1) // size, num_chunks))
 
 
-def _loss_terms(cfg, pos_cos, pos_mask, neg_lse, class_axes):
-    """Per-sample loss and the mean of its terms, from the positives' cosines and this shard's
-    negative log-sum-exps."""
-    pos_logits = losses.positive_logits(pos_cos, scale=cfg.scale, margin=cfg.margin,
-                                        margin_type=cfg.margin_type,
-                                        margin_grad=cfg.margin_grad)
-    if cfg.loss == "mlcd":
-        pos_term, neg_term = losses.mlcd_terms(pos_logits, pos_mask, neg_lse, class_axes)
-        return pos_term + neg_term, {"pos_term": jnp.mean(pos_term), "neg_term": jnp.mean(neg_term)}
-    log_partition, per_sample = losses.unicom_terms(pos_logits[:, 0], neg_lse, class_axes)
-    return per_sample, {"pos_logit": jnp.mean(pos_logits[:, 0]),
-                        "log_partition": jnp.mean(log_partition)}
+def _scored(emb, centers, labels, key, shard, offset, num_valid, cfg, psum):
+    """One draw of this shard scored against the batch, for `labels` (B, l) (-1 padding): the
+    positives' cosines, each sample's log-sum-exp over this shard's drawn negatives (its own
+    positives left out), the negatives' cosine sum and count, and the rows used (drawn or
+    positive, for sparse center updates)."""
+    num_local = centers.shape[0]
+    pos_cos, mine, local = _positive_cosines(emb, centers, labels, offset, psum)
+    idx, valid, used, pos_slot = _draw(key, shard, num_local, num_valid, cfg, labels, offset,
+                                       mine, local)
+    rows_used = (jnp.zeros((num_local,), bool).at[idx].max(valid)
+                 | _owned_rows(labels, offset, num_local))
+    idx, valid, num_chunks = _chunk_layout(idx, valid, used, cfg.chunk, labels.shape[0])
+    neg_lse, neg_cos_sum, num_neg = _negatives(emb, centers, idx, valid, pos_slot, num_chunks,
+                                               cfg.scale, jnp.dtype(cfg.matmul_dtype),
+                                               float(cfg.negative_filter))
+    return pos_cos, neg_lse, neg_cos_sum, num_neg, rows_used
+
+
+def _positive_logits(cfg, pos_cos):
+    return losses.positive_logits(pos_cos, scale=cfg.scale, margin=cfg.margin,
+                                  margin_type=cfg.margin_type, margin_grad=cfg.margin_grad)
+
+
+def label_columns(key: jax.Array, labels: jax.Array, columns: int) -> jax.Array:
+    """multi_softmax's labels of this step: (B, columns), for each sample `columns` of its l label
+    columns drawn at random (its real labels before its -1 padding), as OneVision-Encoder's
+    trainer keeps 8 of each sample's top-10 centers per step."""
+    columns = columns or labels.shape[1]
+    scores = jax.random.uniform(key, labels.shape) + jnp.where(labels >= 0, 0.0, 2.0)
+    keep = jnp.argsort(scores, axis=1)[:, :columns]
+    return jnp.take_along_axis(labels, keep, axis=1)
 
 
 def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes: int,
                 class_axes: tuple[str, ...],
-                batch_axes: tuple[str, ...]) -> tuple[jax.Array, Metrics]:
-    """Loss on one shard of centers (the body of the shard_map; also the whole job for
-    mesh=None)."""
+                batch_axes: tuple[str, ...]) -> tuple[jax.Array, Metrics, jax.Array]:
+    """Loss, metrics and the rows used (drawn or positive) on one shard of centers (the body of
+    the shard_map; also the whole job for mesh=None)."""
     psum = (lambda x: jax.lax.psum(x, class_axes)) if class_axes else (lambda x: x)
     if batch_axes:  # "invarying": the gathered batch is the same on every device (and typed so)
         features, labels = jax.lax.all_gather((features, labels), batch_axes, axis=0, tiled=True,
@@ -270,16 +348,41 @@ def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes:
     # Cast the replicated batch to "varying" once, so its cotangent is summed over the devices by
     # one B × D all-reduce (otherwise each use below would get its own).
     emb = jax.lax.pcast(_normalize(features), class_axes, to="varying")  # (B, D)
+    score = functools.partial(_scored, emb, centers, shard=shard, offset=offset,
+                              num_valid=num_valid, cfg=cfg, psum=psum)
 
-    pos_cos, mine, local = _positive_cosines(emb, centers, labels, offset, psum)
-    # Sampled negatives of this shard, minus each sample's own positives, reduced to one
-    # log-sum-exp per sample in chunks of classes (logits recomputed in the backward pass).
-    idx, valid, pos_slot = _draw(key, shard, num_local, num_valid, cfg.sample_ratio, mine, local)
-    idx, valid = _chunk_layout(idx, valid, cfg.chunk, labels.shape[0])
-    neg_lse, neg_cos_sum, num_neg = _negatives(emb, centers, idx, valid, pos_slot, cfg.scale,
-                                               jnp.dtype(cfg.matmul_dtype))
-    pos_mask = labels >= 0
-    per_sample, terms = _loss_terms(cfg, pos_cos, pos_mask, neg_lse, class_axes)
+    if cfg.loss == "multi_softmax":
+        # OneVision-Encoder (training/fused_partial_fc_v2_multi_res.py): a margin-softmax per label
+        # column, each column with its own draw (its own batch positives under "batch"), averaged.
+        column_key, draw_key = jax.random.split(key)
+        columns = label_columns(column_key, labels, cfg.label_columns)
+        per_column = [score(columns[:, j:j + 1], jax.random.fold_in(draw_key, j))
+                      for j in range(columns.shape[1])]
+        pos_cos = jnp.concatenate([p[0] for p in per_column], axis=1)     # (B, C)
+        neg_lse = jnp.stack([p[1] for p in per_column], axis=1)           # (B, C)
+        neg_cos_sum, num_neg = sum(p[2] for p in per_column), sum(p[3] for p in per_column)
+        rows_used = functools.reduce(jnp.logical_or, [p[4] for p in per_column])
+        pos_mask = columns >= 0
+        pos_logit = _positive_logits(cfg, pos_cos)
+        log_partition, per_label = losses.unicom_terms(pos_logit, neg_lse, class_axes)
+        weight = pos_mask / jnp.maximum(jnp.sum(pos_mask), 1)
+        loss = jnp.sum(jnp.where(pos_mask, per_label, 0.0) * weight)
+        terms = {"pos_logit": jnp.sum(jnp.where(pos_mask, pos_logit, 0.0) * weight),
+                 "log_partition": jnp.sum(jnp.where(pos_mask, log_partition, 0.0) * weight)}
+        num_neg = num_neg / columns.shape[1]  # per sample and column
+    else:
+        pos_cos, neg_lse, neg_cos_sum, num_neg, rows_used = score(labels, key)
+        pos_mask = labels >= 0
+        pos_logits = _positive_logits(cfg, pos_cos)
+        if cfg.loss == "mlcd":
+            pos_term, neg_term = losses.mlcd_terms(pos_logits, pos_mask, neg_lse, class_axes)
+            loss = jnp.mean(pos_term + neg_term)
+            terms = {"pos_term": jnp.mean(pos_term), "neg_term": jnp.mean(neg_term)}
+        else:
+            log_partition, per_sample = losses.unicom_terms(pos_logits[:, 0], neg_lse, class_axes)
+            loss = jnp.mean(per_sample)
+            terms = {"pos_logit": jnp.mean(pos_logits[:, 0]),
+                     "log_partition": jnp.mean(log_partition)}
 
     num_neg = psum(num_neg)
     metrics = {
@@ -288,7 +391,7 @@ def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes:
         "neg_per_sample": num_neg / labels.shape[0],
         **terms,
     }
-    return jnp.mean(per_sample), jax.tree.map(jax.lax.stop_gradient, metrics)
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics), rows_used
 
 
 def _check_args(features, centers, labels, *, num_classes, mesh):
@@ -315,7 +418,7 @@ def _check_args(features, centers, labels, *, num_classes, mesh):
 
 def loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax.Array,
          cfg: HeadConfig = HeadConfig(), mesh: Mesh | None = None) -> tuple[jax.Array, Metrics]:
-    """The head's loss (`cfg.loss`: MLCD or UNICOM), mean over the global batch.
+    """The head's loss (`cfg.loss`: MLCD, UNICOM or multi_softmax), mean over the global batch.
 
     Args:
       features: (B, D) embeddings, any float dtype; L2-normalised here, computed in float32.
@@ -329,18 +432,24 @@ def loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax
 
     Returns:
       (loss, metrics): float32 scalar loss; metrics `pos_cos`, `neg_cos` (mean cosine of positives
-      and of sampled negatives), `neg_per_sample`, and the terms: `pos_term`, `neg_term` (MLCD) or
-      `pos_logit`, `log_partition` (UNICOM: loss = log_partition − pos_logit per sample).
+      and of sampled negatives), `neg_per_sample` (per sample and label column for
+      multi_softmax), and the terms: `pos_term`, `neg_term` (MLCD) or `pos_logit`,
+      `log_partition` (UNICOM and multi_softmax: loss = log_partition − pos_logit per label);
+      with `cfg.center_update="sparse"` also `rows_used` (K_padded,), 1.0 where a center row was
+      drawn or positive this step (sharded as the centers).
     """
     features, centers, labels = jnp.asarray(features), jnp.asarray(centers), jnp.asarray(labels)
+    labels = labels.reshape(labels.shape[0], -1)
     if cfg.loss == "unicom":  # only the first label counts
-        labels = labels.reshape(labels.shape[0], -1)[:, :1]
+        labels = labels[:, :1]
     num_classes = centers.shape[0] if cfg.num_classes is None else int(cfg.num_classes)
     _check_args(features, centers, labels, num_classes=num_classes, mesh=mesh)
     labels = labels.astype(jnp.int32)
     if mesh is None:
-        return _shard_loss(features, centers, labels, key, cfg=cfg, num_classes=num_classes,
-                           class_axes=(), batch_axes=())
+        loss, metrics, rows_used = _shard_loss(features, centers, labels, key, cfg=cfg,
+                                               num_classes=num_classes, class_axes=(),
+                                               batch_axes=())
+        return loss, _with_rows_used(cfg, metrics, rows_used)
 
     padded = mesh_lib.padded_num_classes(centers.shape[0], mesh.size)
     if padded != centers.shape[0]:
@@ -349,16 +458,32 @@ def loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax
     body = functools.partial(_shard_loss, cfg=cfg, num_classes=num_classes,
                              class_axes=tuple(mesh.axis_names),
                              batch_axes=mesh_lib.batch_axes(mesh))
-    return jax.shard_map(
+    loss, metrics, rows_used = jax.shard_map(
         body, mesh=mesh,
         in_specs=(batch, mesh_lib.class_spec(mesh), batch, P()),
-        out_specs=(P(), P()),
+        out_specs=(P(), P(), P(tuple(mesh.axis_names))),
     )(features, centers, labels, key)
+    return loss, _with_rows_used(cfg, metrics, rows_used)
+
+
+def _with_rows_used(cfg, metrics, rows_used):
+    """Sparse center updates need the rows used, (K_padded,) 1.0 / 0.0 laid out as the centers."""
+    if cfg.center_update == "sparse":
+        metrics = metrics | {"rows_used": rows_used.astype(jnp.float32)}
+    return metrics
 
 
 def mlcd_loss(features, centers, labels, *, key, mesh=None, **options) -> tuple[jax.Array, Metrics]:
     """`loss` with `HeadConfig(loss="mlcd", **options)`: the multi-label loss."""
     return loss(features, centers, labels, key=key, mesh=mesh, cfg=HeadConfig("mlcd", **options))
+
+
+def multi_softmax_loss(features, centers, labels, *, key, mesh=None,
+                       **options) -> tuple[jax.Array, Metrics]:
+    """`loss` with `HeadConfig(loss="multi_softmax", **options)`: OneVision-Encoder's form, the
+    mean over label columns of a margin-softmax, each column with its own draw."""
+    return loss(features, centers, labels, key=key, mesh=mesh,
+                cfg=HeadConfig("multi_softmax", **options))
 
 
 def unicom_loss(features, centers, labels, *, key, mesh=None,

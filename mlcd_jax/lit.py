@@ -33,18 +33,20 @@ from ml_collections import config_flags
 
 from mlcd_jax import (
     checkpoint,
-    config as config_lib,
     contrastive,
     distributed,
+    features,
+    flag_parsing,
     loop,
     mesh as mesh_lib,
     optim,
+    records,
     weights,
 )
 from mlcd_jax.data import tokenizer as tokenizer_lib
-from mlcd_jax.evaluate import features, run as eval_run, zero_shot
+from mlcd_jax.evaluate import run as eval_run, zero_shot
 from mlcd_jax.interop import hf
-from mlcd_jax.labels import embed, store
+from mlcd_jax.labels import embed
 from mlcd_jax.models import text as text_lib
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/lit_*.py).")
@@ -55,16 +57,16 @@ def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray,
     """(normalised features, labels) of `source`, computed once: cached with a record of the
     encoder's weights, the images and the image size, and recomputed if any changed."""
     path = workdir / "features" / f"{name}.npy"
-    made_by = store.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
+    made_by = records.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
                            c.image.image_size)
-    record = store.piece_record(path) or {}
+    record = records.piece_record(path) or {}
     cached = labels = None
     if record.get("fingerprint") == made_by:
         try:
             cached, labels = np.load(path), np.load(path.with_suffix(".labels.npy"))
         except (OSError, ValueError, EOFError):  # a damaged file: recomputed below
             cached = labels = None
-    whole = (cached is not None and store.array_sha256(cached) == record.get("sha256")
+    whole = (cached is not None and records.array_sha256(cached) == record.get("sha256")
              and labels.shape == (len(cached),))
     if all(distributed.gather_json(whole)):  # every process, or none: extract is collective
         return cached, labels
@@ -74,7 +76,7 @@ def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray,
     x = zero_shot.normalize(x)
     if jax.process_index() == 0:
         np.save(path.with_suffix(".labels.npy"), y)  # before the record that vouches for both
-        store.write_piece(path, x, {"fingerprint": made_by})
+        records.write_piece(path, x, {"fingerprint": made_by})
     return x, y
 
 
@@ -254,4 +256,4 @@ def lit(c, workdir: pathlib.Path) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=flag_parsing.parse_flags)

@@ -151,12 +151,21 @@ def state_shardings(abstract_state, abstract_encoder, mesh: Mesh):
     subtree shaped like the parameters (Adam's moments) as the parameters, the rest (counters)
     replicated."""
     from flax import nnx
+
+    from mlcd_jax import optim
     params = {"encoder": nnx.to_pure_dict(param_shardings(abstract_encoder, mesh)),
               "centers": class_sharding(mesh)}
-    params_def = jax.tree.structure(abstract_state["params"])
-    like_params = lambda x: jax.tree.structure(x) == params_def
-    opt_state = jax.tree.map(lambda x: params if like_params(x) else replicated(mesh),
-                             abstract_state["opt_state"], is_leaf=like_params)
+    structures = {jax.tree.structure(abstract_state["params"]): params,
+                  jax.tree.structure(abstract_state["params"]["encoder"]): params["encoder"]}
+    like = lambda x: jax.tree.structure(x) in structures or isinstance(x, optim.SparseRowsState)
+
+    def shard(x):
+        if isinstance(x, optim.SparseRowsState):  # rows split as the centers, the step whole
+            rows = class_sharding(mesh)
+            return optim.SparseRowsState(rows, rows, rows, replicated(mesh))
+        return structures[jax.tree.structure(x)] if like(x) else replicated(mesh)
+
+    opt_state = jax.tree.map(shard, abstract_state["opt_state"], is_leaf=like)
     return {"params": params, "opt_state": opt_state, "step": replicated(mesh)}
 
 

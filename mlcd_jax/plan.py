@@ -32,9 +32,11 @@ from ml_collections import config_flags  # noqa: E402
 
 from mlcd_jax import (  # noqa: E402
     config as config_lib,
+    flag_parsing,
     flops,
     mesh as mesh_lib,
     step as step_lib,
+    validation,
     weights,
 )
 
@@ -100,9 +102,9 @@ def num_chips(topology: str) -> int:
 def plan(c, topology: str, mfu: float = 0.5) -> dict:
     """Compile config `c`'s train step for `topology`; the plan as a dict (also printed)."""
     devices = topology_devices(topology)
-    config_lib.validate(c, len(devices))
+    model_cfg, head_cfg = validation.validate(c, len(devices))
     mesh = mesh_lib.make_mesh(c.mesh, devices=devices)
-    built = step_lib.build(c, mesh)
+    built = step_lib.build(c, mesh, config_lib.total_steps(c), model_cfg, head_cfg)  # no data
     kind = devices[0].device_kind
     chip = CHIPS.get(kind)
     chips = num_chips(topology) or len(devices)
@@ -124,7 +126,7 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
         arguments, temporaries = mem.argument_size_in_bytes, mem.temp_size_in_bytes
     total = arguments + temporaries + (mem.output_size_in_bytes - mem.alias_size_in_bytes
                                        if mem else 0)
-    model_flops = flops.train_step(c, len(devices))["per_step"]
+    model_flops = flops.train_step(c, built.model_cfg, len(devices))["per_step"]
     # libtpu's estimate; a lax.scan body (scanned blocks) is costed once, so only without scan.
     estimate = None if c.model.scan else cost.get("optimal_seconds")
     result = {
@@ -229,4 +231,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=flag_parsing.parse_flags)

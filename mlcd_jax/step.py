@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from mlcd_jax import checkpoint, config as config_lib, head, mesh as mesh_lib, optim
+from mlcd_jax import checkpoint, head, mesh as mesh_lib, optim
 from mlcd_jax.data import input as input_lib, transforms
 from mlcd_jax.models import vit
 
@@ -32,13 +32,13 @@ def init_state(key, *, model_cfg, num_rows, tx):
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
+def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed):
     """One optimizer step over `grad_accum` micro-batches; the key folds in the step."""
     images, labels = batch  # (grad_accum, micro, H, W, 3), (grad_accum, micro, l)
     if images.dtype == jnp.uint8:  # real images travel as uint8: 4× less host → device traffic
         images = transforms.normalize(images.astype(jnp.float32))
-    key = jax.random.fold_in(jax.random.key(c.seed), state["step"])
-    loss_fn = functools.partial(head.loss, cfg=head.HeadConfig.from_config(c), mesh=mesh)
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+    loss_fn = functools.partial(head.loss, cfg=head_cfg, mesh=mesh)
 
     def micro_step(params, images, labels, key):
         def f(params):
@@ -59,7 +59,10 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, c):
                                                             labels[0], key))
         total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(images.shape[0]), (images, labels)))
         grads, metrics = jax.tree.map(lambda x: x / images.shape[0], total)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    extra = {}  # sparse center updates: the rows used by any micro-batch
+    if "rows_used" in metrics:
+        extra["rows_used"] = metrics.pop("rows_used")
+    updates, opt_state = tx.update(grads, state["opt_state"], params, **extra)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
     metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr_schedule(state["step"])}
@@ -71,6 +74,7 @@ class Built(NamedTuple):
     c: Any
     total_steps: int
     model_cfg: vit.ViTConfig
+    head_cfg: head.HeadConfig
     graphdef: Any
     init: Callable                # key → state (jit it with out_shardings=shardings)
     shardings: Any
@@ -89,11 +93,11 @@ class Built(NamedTuple):
                 "centers")
 
 
-def build(c, mesh, total_steps: int | None = None) -> Built:
-    """The model, head, optimizer and jitted train step of config `c` on `mesh`, all abstract.
-    `total_steps` (the schedule's length) defaults to the config's (planning has no data)."""
-    total_steps = config_lib.total_steps(c) if total_steps is None else total_steps
-    model_cfg = config_lib.vit_config(c)
+def build(c, mesh, total_steps: int, model_cfg: vit.ViTConfig,
+          head_cfg: head.HeadConfig) -> Built:
+    """The model, head, optimizer and jitted train step of config `c` on `mesh`, all abstract,
+    for a schedule of `total_steps`; `model_cfg` and `head_cfg` as `validation.validate` made
+    them."""
     num_rows = mesh_lib.padded_num_classes(c.head.num_classes, mesh.size)
 
     # Data layout: batch `step` is (grad_accum, micro, ...), micro split over the batch axes.
@@ -106,7 +110,8 @@ def build(c, mesh, total_steps: int | None = None) -> Built:
                                            sharding=batch_sharding))
 
     # Model, head and optimizer: shapes first; a jitted init creates them sharded.
-    tx = optim.make_optimizer(c.optim, total_steps, centers_lr_mult=c.head.lr_mult)
+    tx = optim.make_optimizer(c.optim, total_steps, centers_lr_mult=c.head.lr_mult,
+                              sparse_centers=head_cfg.center_update == "sparse")
     graphdef, abstract_encoder = nnx.split(nnx.eval_shape(lambda: vit.ViT(model_cfg,
                                                                          rngs=nnx.Rngs(0))))
     init = functools.partial(init_state, model_cfg=model_cfg, num_rows=num_rows, tx=tx)
@@ -116,10 +121,11 @@ def build(c, mesh, total_steps: int | None = None) -> Built:
     # The train step: explicit shardings, the state donated.
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx,
-                          lr_schedule=optim.schedule(c.optim, total_steps), mesh=mesh, c=c),
+                          lr_schedule=optim.schedule(c.optim, total_steps), mesh=mesh,
+                          head_cfg=head_cfg, seed=c.seed),
         in_shardings=(shardings, (batch_sharding, batch_sharding)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-    return Built(c, total_steps, model_cfg, graphdef, init, shardings,
+    return Built(c, total_steps, model_cfg, head_cfg, graphdef, init, shardings,
                  checkpoint.abstract_like(abstract_state, shardings), batch_sharding,
                  abstract_batch, step_fn, mesh_lib.replicated_parameters(abstract_encoder, mesh))
 

@@ -20,9 +20,11 @@ from ml_collections import config_flags
 
 from mlcd_jax import (
     config as config_lib,
+    flag_parsing,
     loop,
     mesh as mesh_lib,
     step as step_lib,
+    validation,
     weights,
 )
 from mlcd_jax.data import input as input_lib
@@ -60,10 +62,10 @@ def train(c, workdir: pathlib.Path) -> None:
     # encoder to continue from sets the architecture (a command-line field may not contradict it).
     explicit = set(config_flags.get_override_values(flags.FLAGS["config"]))
     adopted = weights.adopt_architecture(c, explicit) if c.model.init_from else ""
-    config_lib.validate(c, jax.device_count())
+    model_cfg, head_cfg = validation.validate(c, jax.device_count())
     mesh = mesh_lib.make_mesh(c.mesh)
     if _COMPILE_ONLY.value:  # memory from shapes alone: no data, nothing allocated
-        built = step_lib.build(c, mesh)
+        built = step_lib.build(c, mesh, config_lib.total_steps(c), model_cfg, head_cfg)
         print(f"compiled: {step_lib.summarize(built, mesh)}", flush=True)
         for line in built.replicated:
             print(f"warning: {line}", flush=True)
@@ -77,7 +79,7 @@ def train(c, workdir: pathlib.Path) -> None:
 
         # Model, head, optimizer and the train step, from shapes (`python -m mlcd_jax.plan`
         # compiles this same step for TPUs).
-        built = step_lib.build(c, mesh, total_steps)
+        built = step_lib.build(c, mesh, total_steps, model_cfg, head_cfg)
         shardings, graphdef = built.shardings, built.graphdef
         inputs = input_lib.make_train_input(c, built.batch_sharding, source)
         if c.evals.every:
@@ -98,7 +100,7 @@ def train(c, workdir: pathlib.Path) -> None:
                 adopted = f"encoder: {adopted}: resuming, its weights not loaded again"
         compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
         report = run.begin(total_steps, step_lib.summarize(built, mesh, compiled),
-                           config_lib.warnings(c, total_steps, num_examples) + built.replicated)
+                           validation.warnings(c, total_steps, num_examples) + built.replicated)
         if adopted:
             report.message(adopted)
 
@@ -114,4 +116,4 @@ def train(c, workdir: pathlib.Path) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=flag_parsing.parse_flags)

@@ -64,7 +64,7 @@ def test_unreadable_images_are_named_by_every_stage(tmp_path, capsys):
     record needs its label row); the pipeline carries their indices."""
     from flax import nnx
 
-    from mlcd_jax.evaluate import features
+    from mlcd_jax import features
     from mlcd_jax.models import vit
     unreadable_files(tmp_path / "imgs")
     folder = sources.FolderSource(tmp_path / "imgs")

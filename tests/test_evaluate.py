@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlcd_jax import mesh as mesh_lib
+from mlcd_jax import features, mesh as mesh_lib
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import features, probes, run
+from mlcd_jax.evaluate import probes, run
 from mlcd_jax.models import vit
 
 import cli

@@ -371,7 +371,7 @@ def test_unicom_accepts_1d_labels(devices):
     (dict(sample_ratio=0.0), "sample_ratio"),
     (dict(sample_ratio=1.5), "sample_ratio"),
     (dict(num_classes=K + 1), "num_classes"),
-    (dict(chunk=0), "chunk"),
+    (dict(chunk=-1), "chunk"),  # 0 or None: automatic
 ])
 def test_bad_arguments_raise_clear_errors(change, message):
     features, centers, labels = make_inputs()

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlcd_jax import weights
-from mlcd_jax.labels import store
+from mlcd_jax import records, weights
 from mlcd_jax.models import vit
 
 import cli
@@ -48,8 +47,8 @@ def test_text_tower_learns_captions_of_informative_image_features(tmp_path, enco
         labels = np.load(features / f"{split}.labels.npy")
         x = directions[labels] + 0.3 * rng.normal(size=(len(labels), 16))
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-        record = store.piece_record(features / f"{split}.npy")
-        store.write_piece(features / f"{split}.npy", x, {"fingerprint": record["fingerprint"]})
+        record = records.piece_record(features / f"{split}.npy")
+        records.write_piece(features / f"{split}.npy", x, {"fingerprint": record["fingerprint"]})
     before = {s: np.load(features / f"{s}.npy") for s in ("train", "test")}
     for name in ("checkpoints", "metrics.jsonl", "evals.jsonl", "tensorboard"):
         subprocess.run(["rm", "-rf", str(tmp_path / name)], check=True)
@@ -160,8 +159,8 @@ def test_retrieval_only_on_captioned_web_shards(tmp_path, encoder):
     for split, rows in order.items():
         x = directions[digits.target[rows]] + 0.3 * rng.normal(size=(len(rows), 16))
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-        record = store.piece_record(features / f"{split}.npy")
-        store.write_piece(features / f"{split}.npy", x, {"fingerprint": record["fingerprint"]})
+        record = records.piece_record(features / f"{split}.npy")
+        records.write_piece(features / f"{split}.npy", x, {"fingerprint": record["fingerprint"]})
     for name in ("checkpoints", "metrics.jsonl", "evals.jsonl", "tensorboard"):
         subprocess.run(["rm", "-rf", str(run / name)], check=True)
     out = lit(run, encoder, *data, "--config.total_steps=100", "--config.evals.every=100")

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mlcd_jax import checkpoint, config as config_lib, mesh as mesh_lib
+from mlcd_jax import checkpoint, config as config_lib, mesh as mesh_lib, validation
 
 from cli import REPO, env, losses, records, run, sigterm_after, train, train_args
 
@@ -56,8 +56,14 @@ def test_unicom_loss_trains(tmp_path):
 
 
 @slow
-def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
-    steps = ["--config.total_steps=300", "--config.log_every=1", "--config.checkpoint_every=1000"]
+@pytest.mark.parametrize("head", [
+    [], ["--config.head.center_update=sparse", "--config.head.negatives=batch",
+         "--config.head.sample_ratio=0.1"]], ids=["dense", "sparse_batch"])
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, head):
+    """Exact resume, and on another device count (the centers' padding rows, and with sparse
+    updates their per-row moments and counts, resized)."""
+    steps = ["--config.total_steps=300", "--config.log_every=1", "--config.checkpoint_every=1000",
+             *head]
     train(tmp_path / "reference", *steps)
 
     interrupted = tmp_path / "interrupted"
@@ -73,7 +79,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(x, y)
 
     # The same checkpoint resumes on 4 devices (another mesh) and trains on.
-    more = train(interrupted, "--config.total_steps=305", "--config.log_every=1", devices=4)
+    more = train(interrupted, "--config.total_steps=305", "--config.log_every=1", *head,
+                 devices=4)
     assert "resuming at step 300" in more.stdout and "{'data': 4}" in more.stdout
     assert all(np.isfinite(losses(interrupted)[s]) for s in range(301, 306))
 
@@ -119,7 +126,7 @@ def test_config_validation_names_field_and_fix(field, value, message):
         parent, _, name = field.rpartition(".")
         setattr(c[parent] if parent else c, name, value)
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(c, 8)
+        validation.validate(c, 8)
 
 
 def test_paper_recipes_are_one_file_with_a_variant():
@@ -129,7 +136,7 @@ def test_paper_recipes_are_one_file_with_a_variant():
         c = mlcd_laion400m.get_config(variant)
         assert (c.model.size, c.optim.lr, c.model.embed_dim) == (variant, lr, width)
         assert (c.head.num_classes, c.data.num_labels, c.batch_size) == (1_000_000, 8, 32_768)
-        config_lib.validate(c, 8)
+        validation.validate(c, 8)
     with pytest.raises(ValueError, match="mlcd_laion400m.py:B/8: unknown config argument"):
         mlcd_laion400m.get_config("B/8")
 

@@ -9,7 +9,6 @@ devices run the current step; `next` also says how long the devices sat idle wai
 from __future__ import annotations
 
 import os
-import pathlib
 import queue
 import threading
 import time
@@ -136,18 +135,17 @@ class GrainInput(_Input):
 
     def __init__(self, c, sharding, source):
         super().__init__(c, sharding, source)
-        labels_path = None
-        if c.data.labels:
+        labels = None  # the source's own class as the single label
+        if c.data.labels:  # opened and checked once, here
             labels = store.open_label_store(c.data.labels, num_examples=len(source),
                                             num_classes=c.head.num_classes)
             if labels.labels.shape[1] < c.data.num_labels:
-                raise ValueError(f"{c.data.labels}/labels.npy has {labels.labels.shape[1]} labels "
-                                 f"per example but config.data.num_labels = {c.data.num_labels}")
+                raise ValueError(f"{labels.path} has {labels.labels.shape[1]} labels per example "
+                                 f"but config.data.num_labels = {c.data.num_labels}")
             store.check_label_range(labels)
-            labels_path = str(pathlib.Path(c.data.labels) / "labels.npy")
         self.dataset = pipeline.dataset(
             source, batch_size=c.batch_size, image_size=c.data.image_size,
-            num_labels=c.data.num_labels, seed=c.seed, labels_path=labels_path,
+            num_labels=c.data.num_labels, seed=c.seed, labels=labels,
             crop_scale=tuple(c.data.crop_scale), flip=c.data.flip, workers=num_workers(c))
         self.iterator = iter(self.dataset)
 

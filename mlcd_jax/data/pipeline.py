@@ -21,20 +21,22 @@ from mlcd_jax.data import transforms
 
 
 class LabelLookup:
-    """Joins a record with its labels by source index; the label store stays memory-mapped (and is
-    reopened, not copied, in worker processes)."""
+    """Joins a record with its labels by source index, from the label store the trainer opened
+    and checked (`labels.store.LabelStore`; None: the source's own class as the single label).
+    Its labels stay memory-mapped: a worker process maps the same file again, never a copy."""
 
-    def __init__(self, labels_path: str | None, num_labels: int, num_records: int):
-        self.path, self.num_labels, self.num_records = labels_path, num_labels, num_records
-        self._labels = None
+    def __init__(self, store, num_labels: int, num_records: int):
+        self.num_labels, self.num_records = num_labels, num_records
+        self.path = None if store is None else str(store.path)
+        self._labels = None if store is None else store.labels
 
     def __call__(self, index: int, record: dict) -> dict:
         index %= self.num_records  # after repeat(), positions run past the source's length
-        if self.path is None:  # the source's own class as the single label
+        if self.path is None:
             labels = np.full((self.num_labels,), -1, np.int32)
             labels[0] = record.get("label", -1)
         else:
-            if self._labels is None:
+            if self._labels is None:  # in a worker process
                 self._labels = np.load(self.path, mmap_mode="r")
             labels = np.asarray(self._labels[index], np.int32)
         return {**record, "index": index, "labels": labels}
@@ -118,7 +120,7 @@ class Skipped:
 
 
 def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: int,
-            labels_path: str | None = None, train: bool = True, crop_scale=(0.08, 1.0),
+            labels=None, train: bool = True, crop_scale=(0.08, 1.0),
             flip: bool = True, workers: int = 0, process_index: int | None = None,
             process_count: int | None = None) -> grain.IterDataset:
     """This process's batches: {"image": uint8 (b, S, S, 3), "labels": int32 (b, l), "index",
@@ -129,7 +131,7 @@ def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: 
     if batch_size % process_count:
         raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
     ds = grain.MapDataset.source(source).map_with_index(
-        LabelLookup(labels_path, num_labels, len(source)))
+        LabelLookup(labels, num_labels, len(source)))
     if train:
         ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
     ds = ds[process_index::process_count]  # disjoint shares that cover every epoch

@@ -26,7 +26,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from mlcd_jax.labels.store import digest
+from mlcd_jax.records import digest
 
 SOURCES = ("synthetic", "digits", "digits_canvas", "folder", "arrayrecord", "tfds")
 LABELLED = ("digits", "digits_canvas", "folder", "tfds")  # real images with classes: evaluable

@@ -32,8 +32,9 @@ PROMPTS = ("a photo of a {name}.", "{name}", "an image of the {name}.")
 
 def text_evals(a, model, train, test, size, mesh) -> dict:
     """Zero-shot and retrieval of `a.text_model` against the encoder's test embeddings."""
+    from mlcd_jax import features
     from mlcd_jax.data import tokenizer
-    from mlcd_jax.evaluate import features, zero_shot
+    from mlcd_jax.evaluate import zero_shot
     from mlcd_jax.interop import hf
     tower = hf.load_text_model(a.text_model)
     tok = tokenizer.load(a.text_model, tower.cfg.context_length)
@@ -85,8 +86,7 @@ def main(argv=None) -> int:
     try:
         import jax
 
-        from mlcd_jax import distributed, mesh as mesh_lib, weights
-        from mlcd_jax.evaluate import features
+        from mlcd_jax import distributed, features, mesh as mesh_lib, weights
         distributed.initialize()  # a multi-process job (mlcd_jax/distributed.py) shares the work
         model, what = weights.load_encoder(a.model, a.step)
         train, test = run.dataset_splits(a.dataset, path=a.path, test_path=a.test_path,

@@ -12,6 +12,8 @@ from threadpoolctl import threadpool_limits
 
 from mlcd_jax.labels import store
 
+PROBES = ("linear_probe", "knn")  # the evaluators of frozen features, by name
+
 
 def _fit_score(c, train_x, train_y, test_x, test_y, max_iter):
     clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)

@@ -9,9 +9,9 @@ import types
 
 import numpy as np
 
-from mlcd_jax.config import PROBES
+from mlcd_jax import features
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import features, probes
+from mlcd_jax.evaluate import probes
 
 
 def split(source, test_fraction: float, seed: int = 0):
@@ -71,19 +71,19 @@ def splits_of(section, flag: str, labelled: bool = True):
                           flag=flag, labelled=labelled)
 
 
-def evaluate(model, train, test, *, image_size: int, mesh=None, which=PROBES,
+def evaluate(model, train, test, *, image_size: int, mesh=None, which=probes.PROBES,
              desc: str = "features") -> dict:
     """{probe: result} for the probes in `which`, on the encoder's embeddings."""
-    unknown = set(which) - set(PROBES)
+    unknown = set(which) - set(probes.PROBES)
     if unknown:
-        raise ValueError(f"unknown probes {sorted(unknown)}; known: {PROBES}")
+        raise ValueError(f"unknown probes {sorted(unknown)}; known: {probes.PROBES}")
     train_xy = features.extract(model, train, image_size=image_size, mesh=mesh,
                                 desc=f"{desc} (train)")
     test_xy = features.extract(model, test, image_size=image_size, mesh=mesh, desc=f"{desc} (test)")
     return probe(train_xy, test_xy, which)
 
 
-def probe(train_xy, test_xy, which=PROBES) -> dict:
+def probe(train_xy, test_xy, which=probes.PROBES) -> dict:
     """{probe: result} of the probes in `which` on given (features, labels) pairs."""
     for what, (_, y) in (("train", train_xy), ("test", test_xy)):
         if not len(y) or (y < 0).any():

@@ -24,7 +24,7 @@ import sys
 
 import jax
 
-from mlcd_jax import distributed
+from mlcd_jax import distributed, records
 from mlcd_jax.labels import assign, embed, kmeans, stats, store
 
 PROCESS_HELP = ("this process's share of the shards (default: the multi-process job's, else all); "
@@ -66,8 +66,8 @@ def run_kmeans(a):
             (out / f).unlink()
         print(f"kmeans: removed {' and '.join(stale)} of the previous clustering in {out}; run "
               "`assign` for labels of the new centers")
-    store.write_npy_atomic(out / "centers.npy", centers)
-    store.write_json_atomic(out / "kmeans.json",
+    records.write_npy_atomic(out / "centers.npy", centers)
+    records.write_json_atomic(out / "kmeans.json",
                             info | {"num_centers": a.num_centers,
                                     "source_fingerprint": shards.fingerprint()})
     print(f"kmeans: wrote {out / 'centers.npy'} ({info['points_per_s_per_iter']:,.0f} points/s per "
@@ -87,7 +87,7 @@ def run_stats(a):
     out = pathlib.Path(a.labels)
     stats.plot(s, out / "cluster_sizes.png")
     public = {k: v for k, v in s.items() if not k.startswith("_")}
-    store.write_json_atomic(out / "stats.json", public)
+    records.write_json_atomic(out / "stats.json", public)
     print(json.dumps(public, indent=2))
     print(f"stats: wrote {out / 'stats.json'} and {out / 'cluster_sizes.png'}")
 

@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mlcd_jax import distributed
+from mlcd_jax import distributed, records
 from mlcd_jax.labels import kmeans, sharded, store
 
 # K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at
@@ -125,15 +125,16 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
         kind = f"exact (jax, {index.searcher.dtype.name})"
     else:
         index, kind = build_index(centers, index_kind, nprobe)
-    made_by = store.digest(store.array_sha256(raw_centers), num_labels, kind,
+    made_by = records.digest(records.array_sha256(raw_centers), num_labels, kind,
                            index.nprobe if kind == "ivf" else None)
-    fingerprints = [store.digest(made_by, shards.shard_fingerprint(i))
+    fingerprints = [records.digest(made_by, shards.shard_fingerprint(i))
                     for i in range(len(shards.files))]
     parts = [out / "parts" / f"part_{i:05d}.npy" for i in range(len(shards.files))]
-    finished = lambda i: (store.piece_record(parts[i]) or {}).get("fingerprint") == fingerprints[i]
+    finished = lambda i: ((records.piece_record(parts[i]) or {}).get("fingerprint")
+                          == fingerprints[i])
     mine = [i for i in range(len(shards.files)) if i % process_count == process_index]
     todo = [i for i in mine if not finished(i)]
-    stale = [i for i in todo if store.piece_record(parts[i]) is not None]
+    stale = [i for i in todo if records.piece_record(parts[i]) is not None]
     if stale:
         print(f"assign: redoing {len(stale)} parts made from other centers, another "
               f"--num_labels/--index or other embeddings (e.g. {parts[stale[0]].name})")
@@ -159,7 +160,7 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
             found.append(index.search(x, num_labels)[1].astype(np.int32))
             bar.update(len(x))
             if shard_ends:
-                store.write_piece(parts[i], np.concatenate(found),
+                records.write_piece(parts[i], np.concatenate(found),
                                   {"fingerprint": fingerprints[i], "shard": shards.files[i].name})
                 found = []
     if backend == "jax":
@@ -195,13 +196,13 @@ def merge(parts, fingerprints, out: pathlib.Path, shards, centers, num_labels, r
     labels = np.lib.format.open_memmap(out / "labels.npy.tmp", mode="w+", dtype=np.int32,
                                        shape=(shards.total, num_labels))
     for i, part in enumerate(parts):
-        array, record = np.load(part), store.piece_record(part) or {}
+        array, record = np.load(part), records.piece_record(part) or {}
         problem = None
         if record.get("fingerprint") != fingerprints[i]:
             problem = "it was made from other inputs"
         elif array.shape != (shards.counts[i], num_labels):
             problem = f"shape {array.shape}, expected {(shards.counts[i], num_labels)}"
-        elif store.array_sha256(array) != record.get("sha256"):
+        elif records.array_sha256(array) != record.get("sha256"):
             problem = "its contents changed since it was written (checksum)"
         elif array.size and (array.min() < 0 or array.max() >= k):
             problem = f"ids outside [0, {k})"
@@ -214,8 +215,6 @@ def merge(parts, fingerprints, out: pathlib.Path, shards, centers, num_labels, r
     labels.flush()
     del labels
     (out / "labels.npy.tmp").replace(out / "labels.npy")
-    store.write_json_atomic(out / "manifest.json", {
-        "num_examples": shards.total, "num_classes": len(centers), "num_labels": num_labels,
-        "source_fingerprint": shards.fingerprint(), "embedding_model": shards.model,
-        "embeddings": str(shards.directory), "index": result["index"],
-        "recall_at_l": result.get("recall_at_l", 1.0)})
+    store.write_label_manifest(out, num_examples=shards.total, num_classes=len(centers),
+                               num_labels=num_labels, embeddings=shards, index=result["index"],
+                               recall_at_l=result.get("recall_at_l", 1.0))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mlcd_jax import distributed
+from mlcd_jax import distributed, records
 from mlcd_jax.data import pipeline, sources
 from mlcd_jax.labels import store
 
@@ -46,8 +46,7 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
         source_name: str = "", mesh=None) -> dict:
     """Embed this process's share of `source` into `out_dir`, batches split over `mesh` (default:
     this process's devices; processes embed different shards, so the mesh is theirs alone)."""
-    from mlcd_jax import mesh as mesh_lib
-    from mlcd_jax.evaluate import features
+    from mlcd_jax import features, mesh as mesh_lib
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mesh = mesh or mesh_lib.make_mesh([("data", -1)], jax.local_devices())
@@ -57,12 +56,12 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     # The compute dtype changes the embeddings a little: part of the record (float32 records
     # keep the form they had before the dtype was a choice).
     precision = () if model.cfg.dtype == "float32" else (model.cfg.dtype,)
-    made_by = store.digest(source.fingerprint(), model_fingerprint(nnx.state(model)), image_size,
+    made_by = records.digest(source.fingerprint(), model_fingerprint(nnx.state(model)), image_size,
                            *precision)
-    fingerprints = [store.digest(made_by, a, b) for a, b in bounds]
+    fingerprints = [records.digest(made_by, a, b) for a, b in bounds]
     _refuse_other_runs(out, names, fingerprints)
     todo = [i for i in range(len(bounds)) if i % process_count == process_index
-            and store.piece_record(out / names[i]) is None]
+            and records.piece_record(out / names[i]) is None]
     start = time.perf_counter()
     with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc="embed",
               unit="img") as bar:
@@ -81,17 +80,17 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
                     "record needs an embedding (its index is its label row): make the dataset "
                     "without them (`python -m mlcd_jax.data.convert` leaves unreadable images out) "
                     f"and embed that into a new --out; the {i} shards before are kept")
-            store.write_piece(out / names[i], np.concatenate(parts),
+            records.write_piece(out / names[i], np.concatenate(parts),
                               {"fingerprint": fingerprints[i], "records": list(bounds[i])})
     seconds = time.perf_counter() - start
     distributed.barrier("embed: shards written")  # in a multi-process job, process 0 then indexes
-    done = all(store.piece_record(out / f) is not None for f in names)
+    done = all(records.piece_record(out / f) is not None for f in names)
     if process_index == 0 and done:
         width = int(np.load(out / names[0], mmap_mode="r").shape[1])
-        store.write_json_atomic(out / "manifest.json", {
-            "shards": [{"file": f, "count": b - a, "fingerprint": fp}
-                       for f, (a, b), fp in zip(names, bounds, fingerprints)],
-            "dim": width, "model": model_name, "source": source_name})
+        store.write_embeddings_manifest(
+            out, [{"file": f, "count": b - a, "fingerprint": fp}
+                  for f, (a, b), fp in zip(names, bounds, fingerprints)],
+            dim=width, model=model_name, source=source_name)
     embedded = sum(bounds[i][1] - bounds[i][0] for i in todo)
     return {"shards": len(bounds), "embedded_now": len(todo), "complete": done,
             "devices": mesh.size, "dtype": model.cfg.dtype,
@@ -104,7 +103,7 @@ def _refuse_other_runs(out: pathlib.Path, names, fingerprints) -> None:
     redone.)"""
     expected = dict(zip(names, fingerprints))
     for path in sorted(out.glob("emb_*.npy")):
-        record = store.piece_record(path)
+        record = records.piece_record(path)
         if record is not None and record.get("fingerprint") != expected.get(path.name):
             raise ValueError(
                 f"--out {out} already holds {path.name}, made from other images, another model "

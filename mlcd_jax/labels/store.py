@@ -7,21 +7,20 @@ or clip-retrieval's ``img_emb/img_emb_{i}.npy`` (LAION's published format), read
 Label store: ``labels.npy`` (N × l int32, most similar center first; read memory-mapped) and
 ``manifest.json`` (N, K, l, the embeddings' fingerprint and model, the assign index and recall).
 
-Resumable steps (`embed` shards, `assign` parts) write each piece as ``NAME.npy`` plus ``NAME.json``
-(what made it: a fingerprint of its inputs and parameters; its rows and sha256), so a rerun reuses
-only pieces made from the same inputs and a merge notices a piece that changed on disk.
+Both are written through `records` (atomic writes; `embed`'s shards and `assign`'s parts are
+resumable pieces); this module owns both manifests, reading and writing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import pathlib
 import re
 
 import numpy as np
+
+from mlcd_jax.records import array_sha256, digest, write_json_atomic, write_npy_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,39 +103,6 @@ def normalize_in_place(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def digest(*parts) -> str:
-    """A short, stable fingerprint of JSON-serialisable parts."""
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
-
-
-def array_sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
-
-
-def write_piece(path: pathlib.Path, array: np.ndarray, meta: dict) -> None:
-    """One piece of a resumable step: the array at `path` (.npy), then `path`.json with `meta`,
-    its rows and its sha256. The old record goes first, so a kill at any moment leaves either a
-    matching pair or a piece the next run does not count as done."""
-    record = path.with_suffix(".json")
-    record.unlink(missing_ok=True)
-    write_npy_atomic(path, array)
-    write_json_atomic(record, meta | {"rows": len(array), "sha256": array_sha256(array)})
-
-
-def piece_record(path: pathlib.Path) -> dict | None:
-    """The record of a finished piece (None: not finished, or its array is missing or has
-    another number of rows than recorded)."""
-    record = path.with_suffix(".json")
-    if not (path.is_file() and record.is_file()):
-        return None
-    try:
-        meta = json.loads(record.read_text())
-        rows = np.load(path, mmap_mode="r").shape[0]
-    except (ValueError, OSError):
-        return None
-    return meta if meta.get("rows") == rows else None
-
-
 def write_embeddings(directory, shards, *, model: str, source: str = "") -> EmbeddingShards:
     """Write L2-normalised float16 shards emb_00000.npy, ... and the manifest (last, atomically)."""
     directory = pathlib.Path(directory)
@@ -148,29 +114,23 @@ def write_embeddings(directory, shards, *, model: str, source: str = "") -> Embe
         write_npy_atomic(directory / f"emb_{i:05d}.npy", x)
         entries.append({"file": f"emb_{i:05d}.npy", "count": len(x),
                         "fingerprint": digest(model, source, array_sha256(x))})
-    write_json_atomic(directory / "manifest.json",
-                      {"shards": entries, "dim": dim, "model": model, "source": source})
+    write_embeddings_manifest(directory, entries, dim=dim, model=model, source=source)
     return open_embeddings(directory)
 
 
-def write_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-    """Write then rename, so a killed job never leaves a half-written file under the final name."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: pathlib.Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+def write_embeddings_manifest(directory, shards: list[dict], *, dim: int, model: str,
+                              source: str) -> None:
+    """The embeddings' manifest (`open_embeddings` reads it), written last and atomically:
+    `shards` as [{"file", "count", "fingerprint"}] in order."""
+    write_json_atomic(pathlib.Path(directory) / "manifest.json",
+                      {"shards": shards, "dim": dim, "model": model, "source": source})
 
 
 @dataclasses.dataclass(frozen=True)
 class LabelStore:
     labels: np.ndarray  # (N, l) int32, memory-mapped
     manifest: dict
+    path: pathlib.Path  # labels.npy (grain's workers map it again in their own processes)
 
     @property
     def num_classes(self) -> int:
@@ -197,7 +157,17 @@ def open_label_store(directory, *, num_examples: int | None = None,
     if num_classes is not None and k != num_classes:
         raise ValueError(f"{labels_file} uses K = {k} classes but config.head.num_classes = "
                          f"{num_classes}; set them equal")
-    return LabelStore(labels, manifest)
+    return LabelStore(labels, manifest, labels_file)
+
+
+def write_label_manifest(directory, *, num_examples: int, num_classes: int, num_labels: int,
+                         embeddings: EmbeddingShards, index: str, recall_at_l: float) -> None:
+    """The label store's manifest (`open_label_store` reads and checks it), written after
+    labels.npy: what the labels are and which embeddings (and assign index) made them."""
+    write_json_atomic(pathlib.Path(directory) / "manifest.json", {
+        "num_examples": num_examples, "num_classes": num_classes, "num_labels": num_labels,
+        "source_fingerprint": embeddings.fingerprint(), "embedding_model": embeddings.model,
+        "embeddings": str(embeddings.directory), "index": index, "recall_at_l": recall_at_l})
 
 
 def check_label_range(store: LabelStore, chunk: int = 1 << 20) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -369,8 +368,3 @@ def save_text_model(model: text_lib.TextTransformer, path) -> pathlib.Path:
               str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(text_config_to_hf(model.cfg), indent=2))
     return path
-
-
-if __name__ == "__main__":  # the command-line entry point sits above this module
-    from mlcd_jax.interop import __main__ as cli
-    sys.exit(cli.main())

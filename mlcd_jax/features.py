@@ -1,4 +1,5 @@
-"""Frozen features of a dataset: eval transform, jitted forward in batches split over the mesh."""
+"""Frozen features of a dataset: eval transform, jitted forward in batches split over the mesh. The
+one embedding loop of evaluation, periodic evals, LiT and `labels embed` (below all of them)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,64 @@
+"""Records of what was made, and writes a kill cannot tear: the digests, checksums, atomic writes
+and resumable pieces that data, labels, LiT, ablate and evaluate share.
+
+A resumable step (embed's shards, assign's parts, LiT's features, ablate's runs) writes each piece
+as ``NAME.npy`` plus ``NAME.json`` (what made it: a fingerprint of its inputs and parameters; its
+rows and sha256), so a rerun reuses only pieces made from the same inputs and a merge notices a
+piece that changed on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+
+def digest(*parts) -> str:
+    """A short, stable fingerprint of JSON-serialisable parts."""
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def array_sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+
+
+def write_piece(path: pathlib.Path, array: np.ndarray, meta: dict) -> None:
+    """One piece of a resumable step: the array at `path` (.npy), then `path`.json with `meta`,
+    its rows and its sha256. The old record goes first, so a kill at any moment leaves either a
+    matching pair or a piece the next run does not count as done."""
+    record = path.with_suffix(".json")
+    record.unlink(missing_ok=True)
+    write_npy_atomic(path, array)
+    write_json_atomic(record, meta | {"rows": len(array), "sha256": array_sha256(array)})
+
+
+def piece_record(path: pathlib.Path) -> dict | None:
+    """The record of a finished piece (None: not finished, or its array is missing or has
+    another number of rows than recorded)."""
+    record = path.with_suffix(".json")
+    if not (path.is_file() and record.is_file()):
+        return None
+    try:
+        meta = json.loads(record.read_text())
+        rows = np.load(path, mmap_mode="r").shape[0]
+    except (ValueError, OSError):
+        return None
+    return meta if meta.get("rows") == rows else None
+
+
+def write_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
+    """Write then rename, so a killed job never leaves a half-written file under the final name."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
