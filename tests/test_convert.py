@@ -4,6 +4,7 @@ convert into the same prefix refused."""
 
 import io
 import json
+import pathlib
 import tarfile
 
 import numpy as np
@@ -87,11 +88,31 @@ def test_captions_travel_from_img2dataset_shards_and_folders(tmp_path):
     files = sources.ArrayRecordSource(str(tmp_path / "ar" / "files-*.array_record"))
     assert [files.captions(i) for i in range(2)] == [["a red square"], []]
 
-    # An index that lists fewer records than the shards hold is stale: said, not misread.
+    # Names and captions by record (the offsets table) are what the index's lines say, in order,
+    # read here line by line as the old reader did.
+    lines = [json.loads(line) for line in (tmp_path / "ar" / "web.index.jsonl").open()]
+    assert [web.name(i).split(" (")[0] for i in range(len(web))] == [x["name"] for x in lines]
+    assert [x.get("caption") for x in lines] == [c[0] if c else None for c in expected]
+
+    # An index from before the offsets table: one line naming the fix; names fall back to the
+    # record's place; `--reindex` adds the table and everything reads as before.
     index = tmp_path / "ar" / "web.index.jsonl"
+    pathlib.Path(f"{tmp_path / 'ar' / 'web'}.index.json").unlink()
+    pathlib.Path(f"{tmp_path / 'ar' / 'web'}.index.offsets").unlink()
+    legacy = sources.ArrayRecordSource(str(tmp_path / "ar" / "web-*.array_record"))
+    with pytest.raises(ValueError, match=r"has no offsets table .* --reindex .*ar/web`"):
+        legacy.captions(0)
+    assert legacy.name(4).endswith("web-00001-of-00003.array_record[1]")
+    assert convert.main(["--reindex", str(tmp_path / "ar" / "web")]) == 0
+    again = sources.ArrayRecordSource(str(tmp_path / "ar" / "web-*.array_record"))
+    assert [again.captions(i) for i in range(len(again))] == expected
+    assert [again.name(i) for i in range(len(again))] == [web.name(i) for i in range(len(web))]
+
+    # An index that lists fewer records than the shards hold is stale: said, not misread.
     index.write_text("".join(index.read_text().splitlines(keepends=True)[:6]))
-    with pytest.raises(ValueError, match="web.index.jsonl lists 6 records.*stale"):
+    with pytest.raises(ValueError, match="web.index.json does not match .*convert again"):
         sources.ArrayRecordSource(str(tmp_path / "ar" / "web-*.array_record")).captions(0)
+    assert convert.main(["--reindex", str(tmp_path / "ar" / "web")]) == 2  # and refused
 
 
 def test_convert_leaves_out_and_lists_unreadable_files_and_refuses_to_mix_runs(tmp_path, capsys):

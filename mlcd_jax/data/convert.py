@@ -7,7 +7,11 @@ images.
 Writes OUTPUT-00000-of-00010.array_record, ... (one record = one encoded image, bytes as stored,
 no re-encoding) and OUTPUT.index.jsonl (record → original path or tar member, in record order, and
 the image's caption where it has one: the .txt that img2dataset writes beside each image, in a tar
-shard or a folder). Then: ``--config.data.source=arrayrecord
+shard or a folder), with its offsets table and manifest (`mlcd_jax/data/index.py`: any record's
+name and caption in O(1)). Everything streams: memory does not grow with the number of
+images.
+`--reindex OUTPUT` adds the table to an index an older convert wrote.
+Then: ``--config.data.source=arrayrecord
 --config.data.path='OUTPUT-*.array_record'``; LiT reads the captions with the template "{caption}".
 
 Every image is decoded once here: a file that does not decode (empty, truncated, not an image) is
@@ -30,7 +34,7 @@ import tarfile
 
 from tqdm import tqdm
 
-from mlcd_jax.data import transforms
+from mlcd_jax.data import index as index_lib, transforms
 from mlcd_jax.data.sources import IMAGE_SUFFIXES, SHARD_NAME, caption_text
 
 
@@ -81,6 +85,8 @@ def existing_shards(output: str) -> list[pathlib.Path]:
 
 def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = False,
             warn_below: int = 16, report=print) -> dict:
+    """Every readable image of `inputs` into ArrayRecord shards and their index, streamed: memory
+    holds one image and a few counters, whatever the number of images."""
     from array_record.python.array_record_module import ArrayRecordWriter
     out = pathlib.Path(output)
     old = existing_shards(output)
@@ -89,40 +95,56 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
                               f"({old[0].name} …); pass --overwrite to replace them, or choose "
                               "another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
-    names, captions, skipped, small, tmp_paths, writer = [], [], [], [], [], None
-    for name, data, caption in tqdm(iter_images(inputs), desc="convert", unit="img"):
-        try:
-            image = transforms.decode({"image_bytes": data, "path": name})
-        except transforms.CorruptImage as e:
-            skipped.append({"name": name, "reason": str(e).removeprefix(f"{name}: ")})
-            continue
-        if min(image.size) < warn_below:
-            small.append(f"{name} ({image.size[0]}×{image.size[1]})")
-        if len(names) % shard_size == 0:
-            if writer:
-                writer.close()
-            tmp_paths.append(out.parent / f"{out.name}-{len(tmp_paths):05d}.array_record.tmp")
-            writer = ArrayRecordWriter(str(tmp_paths[-1]), "group_size:1")
-        writer.write(data)
-        names.append(name)
-        captions.append(caption)
-    if writer:
-        writer.close()
-    if skipped:
-        with open(f"{output}.skipped.jsonl", "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in skipped)
-        shown = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:5])
-        report(f"convert: skipped {len(skipped)} files that are not readable images "
-               f"({shown}{' …' if len(skipped) > 5 else ''}); all listed in "
-               f"{output}.skipped.jsonl")
+    index = index_lib.Writer(output)
+    skipped_path = pathlib.Path(f"{output}.skipped.jsonl")
+    skipped_file, skipped, small, tmp_paths, writer = None, [], [], [], None
+    num_skipped = num_small = 0
+    try:
+        for name, data, caption in tqdm(iter_images(inputs), desc="convert", unit="img"):
+            try:
+                image = transforms.decode({"image_bytes": data, "path": name})
+            except transforms.CorruptImage as e:
+                if skipped_file is None:
+                    skipped_file = open(f"{skipped_path}.tmp", "w")
+                entry = {"name": name, "reason": str(e).removeprefix(f"{name}: ")}
+                skipped_file.write(json.dumps(entry) + "\n")
+                num_skipped += 1
+                if len(skipped) < 5:  # shown on the console; all are in the file
+                    skipped.append(entry)
+                continue
+            if min(image.size) < warn_below:
+                num_small += 1
+                if len(small) < 5:
+                    small.append(f"{name} ({image.size[0]}×{image.size[1]})")
+            if index.records % shard_size == 0:
+                if writer:
+                    writer.close()
+                tmp_paths.append(out.parent / f"{out.name}-{len(tmp_paths):05d}.array_record.tmp")
+                writer = ArrayRecordWriter(str(tmp_paths[-1]), "group_size:1")
+                index.new_shard()
+            writer.write(data)
+            index.add(name, caption)
+        if writer:
+            writer.close()
+    except BaseException:
+        index.abandon()
+        raise
+    if skipped_file is not None:
+        skipped_file.close()
+        pathlib.Path(f"{skipped_path}.tmp").replace(skipped_path)
+        shown = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped)
+        report(f"convert: skipped {num_skipped} files that are not readable images "
+               f"({shown}{' …' if num_skipped > len(skipped) else ''}); all listed in "
+               f"{skipped_path}")
     if small:
-        report(f"convert: warning: {len(small)} images are smaller than {warn_below} px on a "
-               f"side and will be upscaled: {', '.join(small[:5])}{' …' if len(small) > 5 else ''}")
-    if not names:
+        report(f"convert: warning: {num_small} images are smaller than {warn_below} px on a "
+               f"side and will be upscaled: {', '.join(small)}{' …' if num_small > 5 else ''}")
+    if not index.records:
+        index.abandon()
         for tmp in tmp_paths:
             tmp.unlink()
         raise FileNotFoundError(f"--input {inputs}: no readable images "
-                                f"({', '.join(IMAGE_SUFFIXES)}; {len(skipped)} unreadable)")
+                                f"({', '.join(IMAGE_SUFFIXES)}; {num_skipped} unreadable)")
     shards = []
     for i, tmp in enumerate(tmp_paths):  # final names carry the shard count
         final = out.parent / f"{out.name}-{i:05d}-of-{len(tmp_paths):05d}.array_record"
@@ -130,26 +152,50 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
         shards.append(str(final))
     for stale in set(map(str, old)) - set(shards):  # --overwrite: the old run's other shards
         pathlib.Path(stale).unlink()
-    with open(f"{output}.index.jsonl", "w") as f:
-        for i, (name, caption) in enumerate(zip(names, captions)):
-            line = {"record": i, "name": name} | ({"caption": caption} if caption is not None
-                                                  else {})
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    return {"shards": shards, "records": len(names), "skipped": len(skipped), "small": len(small),
-            "captioned": sum(c is not None for c in captions)}
+    index.finish(shards)
+    return {"shards": shards, "records": index.records, "skipped": num_skipped,
+            "small": num_small, "captioned": index.captioned}
+
+
+def reindex(output: str) -> dict:
+    """The offsets table of an earlier convert's index (it predates them): one pass over its
+    lines, each shard opened once to count its records; no image is read again."""
+    from array_record.python.array_record_module import ArrayRecordReader
+    shards = [str(p) for p in existing_shards(output)]
+    if not shards:
+        raise FileNotFoundError(f"--reindex {output}: no shards {output}-*-of-*.array_record")
+    counts = []
+    for shard in tqdm(shards, desc="reindex: counting records", unit="shard"):
+        reader = ArrayRecordReader(shard)
+        counts.append(reader.num_records())
+        reader.close()
+    return index_lib.reindex(output, shards, counts) | {"shards": len(shards)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m mlcd_jax.data.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", required=True, help="image folder, or tar files (glob / {a..b})")
-    p.add_argument("--output", required=True, help="output prefix")
+    p.add_argument("--input", help="image folder, or tar files (glob / {a..b})")
+    p.add_argument("--output", help="output prefix")
+    p.add_argument("--reindex", metavar="OUTPUT", help="add the offsets table to an earlier "
+                   "convert's OUTPUT.index.jsonl (records by number in O(1)), nothing re-encoded")
     p.add_argument("--shard_size", type=int, default=10_000)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards of an earlier convert with this --output")
     p.add_argument("--warn_below", type=int, default=16,
                    help="list images smaller than this many pixels on a side")
     a = p.parse_args(argv)
+    if a.reindex:
+        try:
+            done = reindex(a.reindex)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"reindex: {done['records']:,} records of {done['shards']} shards: wrote "
+              f"{a.reindex}.index.offsets and {a.reindex}.index.json")
+        return 0
+    if not (a.input and a.output):
+        p.error("--input and --output are required (or --reindex OUTPUT)")
     if a.shard_size < 1:
         p.error(f"--shard_size must be ≥ 1, got {a.shard_size}")
     try:

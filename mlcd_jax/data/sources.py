@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import itertools
-import json
 import pathlib
 import re
 
 import numpy as np
 from PIL import Image
 
+from mlcd_jax.data import index as index_lib
 from mlcd_jax.records import digest
 
 SOURCES = ("synthetic", "digits", "digits_canvas", "folder", "arrayrecord", "tfds")
@@ -192,8 +191,10 @@ SHARD_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.array_record$")  # prefix, sh
 
 class ArrayRecordSource:
     """ArrayRecord files matching `pattern` (only `*.array_record`: a glob such as 'data/train*'
-    also matches convert's index). Each file is opened once up front, so a damaged or foreign
-    file is named before training; convert's PREFIX.index.jsonl, when present, names records."""
+    also matches convert's index). A file that convert's index (`data/index.py`) lists with its
+    size is counted from the index; any other is opened once up front, so a damaged or foreign
+    file is named before training. The index names records and gives their captions, by record,
+    in O(1): start-up and memory do not grow with the data."""
 
     def __init__(self, pattern, *, field="config.data.path"):
         from array_record.python.array_record_module import ArrayRecordReader
@@ -207,8 +208,15 @@ class ArrayRecordSource:
                      else "")
             raise FileNotFoundError(f"{field}: no *.array_record files match {pattern}{extra}; "
                                     "make them with `python -m mlcd_jax.data.convert`")
-        self.counts = []
+        self._indexes: dict[str, index_lib.Index | index_lib.StaleIndex | None] = {}
+        self.counts, self.first = [], []  # per file: records, and its first record in its index
         for f in self.files:
+            listed = self._listed(f)
+            if listed is not None:
+                self.first.append(listed[0])
+                self.counts.append(listed[1])
+                continue
+            self.first.append(None)
             try:
                 reader = ArrayRecordReader(f)
                 self.counts.append(reader.num_records())
@@ -219,6 +227,33 @@ class ArrayRecordSource:
                                  "remake it with `python -m mlcd_jax.data.convert`") from None
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._open()
+
+    def _index(self, shard: str):
+        """Convert's index of `shard`'s output (None: not convert's name, or no index; a
+        StaleIndex: one that cannot be used, kept to say why)."""
+        match = SHARD_NAME.match(shard)
+        if match is None:
+            return None
+        prefix = match.group(1)
+        if prefix not in self._indexes:
+            if not index_lib.paths(prefix)[0].is_file():
+                self._indexes[prefix] = None
+            else:
+                try:
+                    self._indexes[prefix] = index_lib.Index(prefix)
+                except index_lib.StaleIndex as e:
+                    self._indexes[prefix] = e
+        return self._indexes[prefix]
+
+    def _listed(self, shard: str) -> tuple[int, int] | None:
+        """(first record, records) of `shard` in its index, if the index lists it at its size."""
+        index = self._index(shard)
+        if not isinstance(index, index_lib.Index):
+            return None
+        entry = index.shards.get(pathlib.Path(shard).name)
+        if entry is None or entry[2] != pathlib.Path(shard).stat().st_size:
+            return None
+        return entry[0], entry[1]
 
     def _open(self):
         import grain
@@ -236,56 +271,46 @@ class ArrayRecordSource:
             return {"image_bytes": b"", "label": -1, "path": self.name(i),
                     "error": _first_line(e)}
 
-    def name(self, i):
-        """Record i's original name from convert's index (when it lies beside the files) and its
-        place in its file."""
+    def _locate(self, i) -> tuple[int, int]:
         f = int(np.searchsorted(self.offsets, i, side="right")) - 1
-        local = int(i - self.offsets[f])
+        return f, int(i - self.offsets[f])
+
+    def name(self, i):
+        """Record i's original name from convert's index (when it lists the file) and its place
+        in its file."""
+        f, local = self._locate(i)
         place = f"{self.files[f]}[{local}]"
-        index = _index_of(self.files[f])
-        if index is None or not index.is_file():
+        if self.first[f] is None:
             return place
-        try:  # the index numbers the records of all of that convert's files in order
-            line = next(itertools.islice(index.open(), _records_before(self.files[f]) + local,
-                                         None), None)
-            return f"{json.loads(line)['name']} ({place})" if line else place
+        try:
+            return f"{self._index(self.files[f]).line(self.first[f] + local)['name']} ({place})"
         except (OSError, ValueError, KeyError):
             return place
 
     def captions(self, i) -> list[str]:
         """Record i's caption, from convert's index (convert keeps the text beside each image)."""
-        if not hasattr(self, "_captions"):
-            self._captions = self._read_captions()
-        return self._captions[i]
-
-    def _read_captions(self) -> list[list[str]]:
-        out, indexes, follows = [], {}, {}
-        for f, n in zip(self.files, self.counts):
-            index = _index_of(f)
-            if index is None or not index.is_file():
-                raise ValueError(f"{f}: no convert index beside it ({index or 'PREFIX.index.jsonl'}"
-                                 "), so its records have no captions; make the files with "
+        f, local = self._locate(i)
+        if self.first[f] is None:
+            index = self._index(self.files[f])
+            if isinstance(index, index_lib.StaleIndex):
+                raise index
+            if index is None:
+                raise ValueError(f"{self.files[f]}: no convert index beside it "
+                                 f"({_index_of(self.files[f]) or 'PREFIX.index.jsonl'}), so its "
+                                 "records have no captions; make the files with "
                                  "`python -m mlcd_jax.data.convert`")
-            if index not in indexes:
-                with index.open() as lines:
-                    indexes[index] = [json.loads(line).get("caption") for line in lines]
-            # Shards come in order: a shard right after the last one starts where it ended.
-            first = follows[f] if f in follows else _records_before(f)
-            prefix, k, of = SHARD_NAME.match(f).groups()
-            follows[f"{prefix}-{int(k) + 1:05d}-of-{of}.array_record"] = first + n
-            rows = indexes[index][first:first + n]
-            if len(rows) != n:
-                raise ValueError(f"{index} lists {len(indexes[index])} records, fewer than its "
-                                 f"shards hold; it is stale: convert again with --overwrite")
-            out += [[c] if c is not None else [] for c in rows]
-        return out
+            raise ValueError(f"{index.lines_path} lists {index.records:,} records but not "
+                             f"{self.files[f]} as it is now; it is stale: convert again with "
+                             "--overwrite")
+        caption = self._index(self.files[f]).line(self.first[f] + local).get("caption")
+        return [caption] if caption is not None else []
 
     def fingerprint(self):
         return digest("arrayrecord", [[pathlib.Path(f).name, n, pathlib.Path(f).stat().st_size]
                                        for f, n in zip(self.files, self.counts)])
 
     def __getstate__(self):  # reopened in grain worker processes
-        return {k: v for k, v in self.__dict__.items() if k not in ("source", "_captions")}
+        return {k: v for k, v in self.__dict__.items() if k != "source"}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -295,19 +320,7 @@ class ArrayRecordSource:
 def _index_of(shard: str) -> pathlib.Path | None:
     """Convert's PREFIX.index.jsonl for a shard PREFIX-0000k-of-N (None: not convert's name)."""
     match = SHARD_NAME.match(shard)
-    return pathlib.Path(f"{match.group(1)}.index.jsonl") if match else None
-
-
-def _records_before(shard: str) -> int:
-    """Records in the files that precede `shard` (PREFIX-0000k-of-N) in its convert output."""
-    from array_record.python.array_record_module import ArrayRecordReader
-    prefix, k, n = SHARD_NAME.match(shard).groups()
-    total = 0
-    for j in range(int(k)):
-        reader = ArrayRecordReader(f"{prefix}-{j:05d}-of-{n}.array_record")
-        total += reader.num_records()
-        reader.close()
-    return total
+    return index_lib.paths(match.group(1))[0] if match else None
 
 
 class TfdsSource:

@@ -1,0 +1,149 @@
+"""Convert's record index: each record's original name and caption, read by record in O(1).
+
+A convert output PREFIX has, beside its shards PREFIX-0000k-of-N.array_record:
+
+* PREFIX.index.jsonl     one JSON line per record, in record order: {"record", "name",
+                         "caption"?} (a person can read it)
+* PREFIX.index.offsets   the byte offset of every line and the file's size: N + 1 little-endian
+                         int64 (memory-mapped, so record i's line is one seek away)
+* PREFIX.index.json      the manifest, written last: records, each shard's name, records and
+                         bytes, how many records have a caption, the .jsonl's size
+
+Nothing here holds more than one record in memory: LAION's 400 M records are 400 M lines a seek
+apart. An index from before the offsets table (no PREFIX.index.json) is named in one line with
+the command that adds the table (`python -m mlcd_jax.data.convert --reindex PREFIX`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from mlcd_jax.records import write_json_atomic
+
+FORMAT = 1
+
+
+class StaleIndex(ValueError):
+    """The index does not describe the shards beside it (or predates the offsets table)."""
+
+
+def paths(prefix) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
+    """(lines, offsets, manifest) of a convert output prefix."""
+    prefix = str(prefix)
+    return (pathlib.Path(f"{prefix}.index.jsonl"), pathlib.Path(f"{prefix}.index.offsets"),
+            pathlib.Path(f"{prefix}.index.json"))
+
+
+class Writer:
+    """Writes the index as convert goes: a line and an offset per record (nothing kept in
+    memory), the manifest at `finish`. Until then everything is under .tmp names."""
+
+    def __init__(self, prefix):
+        self.prefix = str(prefix)
+        self.lines_path, self.offsets_path, self.manifest_path = paths(prefix)
+        self._lines = open(f"{self.lines_path}.tmp", "wb")
+        self._offsets = open(f"{self.offsets_path}.tmp", "wb")
+        self.records = self.captioned = 0
+        self.shard_records: list[int] = []
+
+    def new_shard(self) -> None:
+        self.shard_records.append(0)
+
+    def add(self, name: str, caption: str | None) -> None:
+        self._offsets.write(np.int64(self._lines.tell()).astype("<i8").tobytes())
+        line = {"record": self.records, "name": name} | (
+            {"caption": caption} if caption is not None else {})
+        self._lines.write((json.dumps(line, ensure_ascii=False) + "\n").encode())
+        self.records += 1
+        self.captioned += caption is not None
+        self.shard_records[-1] += 1
+
+    def finish(self, shards: list[str]) -> None:
+        """The index of `shards` (their final names): files renamed into place, manifest last."""
+        self._offsets.write(np.int64(self._lines.tell()).astype("<i8").tobytes())
+        size = self._lines.tell()
+        self._lines.close()
+        self._offsets.close()
+        os.replace(f"{self.lines_path}.tmp", self.lines_path)
+        os.replace(f"{self.offsets_path}.tmp", self.offsets_path)
+        write_manifest(self.prefix, shards, self.shard_records, self.captioned, size)
+
+    def abandon(self) -> None:
+        for f, path in ((self._lines, self.lines_path), (self._offsets, self.offsets_path)):
+            f.close()
+            pathlib.Path(f"{path}.tmp").unlink(missing_ok=True)
+
+
+def write_manifest(prefix, shards: list[str], counts: list[int], captioned: int,
+                   lines_bytes: int) -> None:
+    write_json_atomic(paths(prefix)[2], {
+        "format": FORMAT, "records": int(sum(counts)), "captioned": int(captioned),
+        "lines_bytes": int(lines_bytes),
+        "shards": [{"file": pathlib.Path(s).name, "records": int(n),
+                    "bytes": pathlib.Path(s).stat().st_size} for s, n in zip(shards, counts)]})
+
+
+def reindex(prefix, shards: list[str], counts: list[int]) -> dict:
+    """The offsets table and manifest of an existing PREFIX.index.jsonl (one pass over it)."""
+    lines_path, offsets_path, _ = paths(prefix)
+    if not lines_path.is_file():
+        raise FileNotFoundError(f"{lines_path} not found: --reindex needs convert's index")
+    records = captioned = 0
+    with open(lines_path, "rb") as lines, open(f"{offsets_path}.tmp", "wb") as offsets:
+        while True:
+            start = lines.tell()
+            line = lines.readline()
+            offsets.write(np.int64(start).astype("<i8").tobytes())
+            if not line:
+                break
+            records += 1
+            captioned += b'"caption"' in line
+        size = start
+    if records != sum(counts):
+        pathlib.Path(f"{offsets_path}.tmp").unlink()
+        raise StaleIndex(f"{lines_path} lists {records:,} records but the shards hold "
+                         f"{sum(counts):,}; it is stale: convert again with --overwrite")
+    os.replace(f"{offsets_path}.tmp", offsets_path)
+    write_manifest(prefix, shards, counts, captioned, size)
+    return {"records": records, "captioned": captioned}
+
+
+class Index:
+    """Record i's name and caption by one seek (`line`); `shards`: {file name: (first record,
+    records, bytes)} as convert wrote them."""
+
+    def __init__(self, prefix):
+        self.prefix = str(prefix)
+        self.lines_path, self.offsets_path, manifest_path = paths(prefix)
+        if not manifest_path.is_file():
+            raise StaleIndex(
+                f"{self.lines_path} has no offsets table (an older convert wrote it), so its "
+                f"records cannot be looked up one by one; add it with `python -m "
+                f"mlcd_jax.data.convert --reindex {self.prefix}` (one pass, nothing re-encoded)")
+        m = json.loads(manifest_path.read_text())
+        self.records, self.captioned = int(m["records"]), int(m["captioned"])
+        if (not self.lines_path.is_file() or self.lines_path.stat().st_size != m["lines_bytes"]
+                or not self.offsets_path.is_file()
+                or self.offsets_path.stat().st_size != 8 * (self.records + 1)):
+            raise StaleIndex(f"{manifest_path} does not match {self.lines_path} and "
+                             f"{self.offsets_path} beside it; convert again with --overwrite, "
+                             f"or `--reindex {self.prefix}`")
+        first = np.concatenate([[0], np.cumsum([s["records"] for s in m["shards"]])])
+        self.shards = {s["file"]: (int(f), int(s["records"]), int(s["bytes"]))
+                       for s, f in zip(m["shards"], first)}
+        self._offsets = self._file = None
+
+    def line(self, record: int) -> dict:
+        if self._file is None:  # opened lazily: again in each grain worker process
+            self._offsets = np.memmap(self.offsets_path, dtype="<i8", mode="r")
+            self._file = open(self.lines_path, "rb")
+        start, end = int(self._offsets[record]), int(self._offsets[record + 1])
+        self._file.seek(start)
+        return json.loads(self._file.read(end - start))
+
+    def __getstate__(self):
+        return self.__dict__ | {"_offsets": None, "_file": None}
