@@ -4,6 +4,7 @@ one embedding loop of evaluation, periodic evals, LiT and `labels embed` (below 
 from __future__ import annotations
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,43 @@ def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
             bar.update(len(x) + int(batch["skipped"].sum()))
     _say_skipped(desc, skipped)
     return np.concatenate(feats), np.concatenate(labels)
+
+
+def extract_to(model, source, path: pathlib.Path, *, image_size: int, batch_size: int = 256,
+               mesh=None, desc: str = "features", rows=None, write: bool = True) -> int:
+    """`extract`, streamed to disk: the features into `path` (.npy) and the labels into
+    PATH.labels.npy, each filled through a memory map batch by batch and renamed into place at
+    the end, so memory holds one batch whatever the data's size. `rows` (optional) maps each
+    batch of features first (e.g. L2 normalisation). Every process of a job takes part (the
+    forward is split over the mesh); only those with `write` write. Returns the rows made (fewer
+    than the source's if images were unreadable; nothing is renamed into place then)."""
+    labels_path = path.with_suffix(".labels.npy")
+    tmp = [p.with_name(p.name + ".tmp") for p in (path, labels_path)]
+    out, done, skipped = None, 0, pipeline.Skipped(source)
+    with tqdm(total=len(source), desc=desc, unit="img") as bar:
+        for x, batch in embeddings(model, source, image_size=image_size, batch_size=batch_size,
+                                   mesh=mesh, skipped=skipped):
+            x = rows(x) if rows is not None else x
+            if write and out is None:
+                out = (np.lib.format.open_memmap(tmp[0], "w+", np.float32,
+                                                 (len(source), x.shape[1])),
+                       np.lib.format.open_memmap(tmp[1], "w+", np.int32, (len(source),)))
+            if write:
+                out[0][done:done + len(x)] = x
+                out[1][done:done + len(x)] = batch["labels"][:, 0]
+            done += len(x)
+            bar.update(len(x) + int(batch["skipped"].sum()))
+    _say_skipped(desc, skipped)
+    if out is not None:
+        for array in out:
+            array.flush()
+        del out
+        for t, final in zip(tmp, (path, labels_path)):
+            if done == len(source):
+                t.replace(final)
+            else:
+                t.unlink()
+    return done
 
 
 def _say_skipped(desc: str, skipped: pipeline.Skipped) -> None:

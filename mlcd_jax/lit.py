@@ -30,6 +30,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from mlcd_jax import (
     checkpoint,
@@ -54,41 +55,72 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features,
 
 
 def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised features, labels) of `source`, computed once: cached with a record of the
-    encoder's weights, the images and the image size, and recomputed if any changed."""
+    """(normalised features, labels) of `source`, memory-mapped from WORKDIR/features: computed
+    once, streamed to disk, with a record of the encoder's weights, the images and the image size;
+    recomputed if any changed or the file does not read back whole. Memory holds a batch, not
+    the split: web data far larger than host memory works."""
     path = workdir / "features" / f"{name}.npy"
     made_by = records.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
-                           c.image.image_size)
+                             c.image.image_size)
     record = records.piece_record(path) or {}
-    cached = labels = None
+    whole = False
     if record.get("fingerprint") == made_by:
         try:
-            cached, labels = np.load(path), np.load(path.with_suffix(".labels.npy"))
+            x = np.load(path, mmap_mode="r")
+            labels = np.load(path.with_suffix(".labels.npy"), mmap_mode="r")
+            whole = (labels.shape == (len(x),)
+                     and records.array_sha256(x) == record.get("sha256"))
         except (OSError, ValueError, EOFError):  # a damaged file: recomputed below
-            cached = labels = None
-    whole = (cached is not None and records.array_sha256(cached) == record.get("sha256")
-             and labels.shape == (len(cached),))
-    if all(distributed.gather_json(whole)):  # every process, or none: extract is collective
-        return cached, labels
-    x, y = features.extract(encoder, source, image_size=c.image.image_size,
-                            batch_size=c.image.batch_size, mesh=mesh, desc=f"image features "
-                            f"({name})")
-    x = zero_shot.normalize(x)
+            whole = False
+    if not all(distributed.gather_json(whole)):  # every process, or none: extract is collective
+        first = jax.process_index() == 0
+        if first:
+            path.with_suffix(".json").unlink(missing_ok=True)  # no record vouches while it fills
+        made = features.extract_to(encoder, source, path, image_size=c.image.image_size,
+                                   batch_size=c.image.batch_size, mesh=mesh,
+                                   desc=f"image features ({name})", rows=zero_shot.normalize,
+                                   write=first)
+        if made != len(source):
+            raise ValueError(f"{len(source) - made} unreadable images in the {name} split: "
+                             "captions are matched to images by position; remove them from the "
+                             "dataset first")
+        if first:
+            records.record_piece(path, {"fingerprint": made_by})
+        distributed.barrier(f"LiT features ({name})")
+    return (np.load(path, mmap_mode="r"),
+            np.load(path.with_suffix(".labels.npy"), mmap_mode="r"))
+
+
+def caption_counts(c, workdir, source, labels, names, fill) -> np.ndarray:
+    """Each train image's number of captions (uint16, memory-mapped), made in one pass over the
+    split that also checks every image's captions can be made (a mistake names the image now,
+    not mid-run), cached in WORKDIR/features with a record of the images, templates and names."""
+    path = workdir / "features" / "train.captions.npy"
+    made_by = records.digest(source.fingerprint(), list(c.data.templates), list(names))
+    if (records.piece_record(path) or {}).get("fingerprint") == made_by:
+        counts = np.load(path, mmap_mode="r")
+        if len(counts) == len(source):
+            return counts
+    counts = np.zeros(len(source), np.uint16)
+    for i in tqdm(range(len(source)), desc="captions (train)", unit="img",
+                  disable=jax.process_index() != 0 or len(source) < 100_000):
+        counts[i] = len(fill(i, int(labels[i])))
     if jax.process_index() == 0:
-        np.save(path.with_suffix(".labels.npy"), y)  # before the record that vouches for both
-        records.write_piece(path, x, {"fingerprint": made_by})
-    return x, y
+        records.write_piece(path, counts, {"fingerprint": made_by})
+    return counts
 
 
-def make_tokenizer(c, workdir, captions) -> tokenizer_lib.TextTokenizer:
+def make_tokenizer(c, workdir, texts) -> tokenizer_lib.TextTokenizer:
+    """The configured tokenizer, the one this run trained before, or a BPE trained on `texts()`
+    (called only then)."""
     saved = workdir / "tokenizer"
     if c.text.tokenizer:
         return tokenizer_lib.load(c.text.tokenizer, c.text.context_length)
     # A resumed run keeps its vocabulary (process 0's view decides: every process must agree).
     if distributed.gather_json((saved / "tokenizer.json").is_file())[0]:
         return tokenizer_lib.load(saved, c.text.context_length)
-    tok = tokenizer_lib.train(captions, c.text.vocab_size, c.text.context_length)  # the same in
-    if jax.process_index() == 0:                                                # every process
+    tok = tokenizer_lib.train(texts(), c.text.vocab_size, c.text.context_length)  # the same in
+    if jax.process_index() == 0:                                                 # every process
         tok.save(saved)
     return tok
 
@@ -109,20 +141,29 @@ def batch_rows(seed: int, step: int, size: int, captions_per_row: np.ndarray):
 
 class CaptionBatches:
     """LiT's batches (`loop.Inputs`): (image features, caption tokens) of batch `step`, a function
-    of (seed, step) alone, so the step is the whole state. Every process holds the features and
-    places its own devices' rows of the global batch."""
+    of (seed, step) alone, so the step is the whole state. Each process reads, captions and
+    tokenizes only the rows its own devices take (the features memory-mapped, the captions one
+    image at a time)."""
 
-    def __init__(self, c, features, tokens, captions_per_row, sharding, start: int):
-        self.c, self.features, self.tokens, self.sharding = c, features, tokens, sharding
-        self.captions_per_row = captions_per_row
-        self.first_caption = np.concatenate([[0], np.cumsum(captions_per_row)[:-1]])
-        self.step = start
+    def __init__(self, c, features, fill, labels, counts, tok, sharding, start: int):
+        self.c, self.features, self.fill, self.labels = c, features, fill, labels
+        self.counts, self.tok, self.sharding, self.step = counts, tok, sharding, start
 
     def next(self, in_flight):
         self.step += 1
-        rows, which = batch_rows(self.c.seed, self.step, self.c.batch_size, self.captions_per_row)
-        host = (self.features[rows], self.tokens[self.first_caption[rows] + which])
-        return tuple(mesh_lib.global_array(x, self.sharding) for x in host), None
+        rows, which = batch_rows(self.c.seed, self.step, self.c.batch_size, self.counts)
+
+        def texts(index):
+            return self.tok([self.fill(int(r), int(self.labels[r]))[int(w)]
+                             for r, w in zip(rows[index], which[index])])
+
+        batch = self.c.batch_size
+        images = jax.make_array_from_callback(
+            (batch, self.features.shape[1]), self.sharding,
+            lambda index: np.asarray(self.features[rows[index[0]]]))
+        tokens = jax.make_array_from_callback(
+            (batch, self.c.text.context_length), self.sharding, lambda index: texts(index[0]))
+        return (images, tokens), None
 
     def get_state(self):
         return {"step": self.step}
@@ -193,16 +234,24 @@ def lit(c, workdir: pathlib.Path) -> None:
             if max(train_y.max(), test_y.max()) >= len(names):
                 raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
                                  f"{max(train_y.max(), test_y.max())}")
-        caption = functools.partial(zero_shot.captions, templates=d.templates, names=names,
-                                    field="config.data.templates")
-        train_captions, test_captions = caption(train_src, train_y), caption(test_src, test_y)
-        every_caption = [t for row in train_captions for t in row]
-        tok = make_tokenizer(c, workdir, every_caption)
+        zero_shot.check_templates(train_src, d.templates, "config.data.templates")
+        fill = functools.partial(zero_shot.row_captions, train_src, templates=d.templates,
+                                 names=names, field="config.data.templates")
+        counts = caption_counts(c, workdir, train_src, train_y, names, fill)
+        test_captions = zero_shot.captions(test_src, test_y, templates=d.templates, names=names,
+                                           field="config.data.templates")
+
+        def tokenizer_texts():  # every caption of (a seeded sample of) the train images
+            rows = np.arange(len(train_src))
+            if len(rows) > c.text.tokenizer_images:
+                rows = np.sort(np.random.default_rng(c.seed).choice(
+                    rows, c.text.tokenizer_images, replace=False))
+            return [t for i in rows for t in fill(int(i), int(train_y[i]))]
+
+        tok = make_tokenizer(c, workdir, tokenizer_texts)
         for prompt in c.evals.prompts if c.evals.every and labelled else ():  # a mistake: now
             if prompt.format(name="x") == prompt:
                 raise ValueError(f"config.evals.prompts: {prompt!r} has no {{name}}")
-        captions_per_row = np.array([len(row) for row in train_captions])
-        train_tokens = tok(every_caption)    # (captions, T)
 
         # The text tower, its temperature and bias, the optimizer, the step.
         cfg = text_lib.text_config(c.text.size, vocab_size=tok.vocab_size,
@@ -235,7 +284,7 @@ def lit(c, workdir: pathlib.Path) -> None:
                  else found[0])
         run.begin(c.total_steps, f"LiT ({c.loss.kind}) of a {c.text.size} text tower "
                   f"({tok.vocab_size:,} tokens) on {described}, locked: {len(train_x):,} train / "
-                  f"{len(test_x):,} test images, {len(train_tokens):,} train captions, "
+                  f"{len(test_x):,} test images, {int(counts.sum()):,} train captions, "
                   f"{mesh.size} devices"
                   + ("" if labelled else "; unlabelled data: retrieval evals only"))
 
@@ -244,7 +293,7 @@ def lit(c, workdir: pathlib.Path) -> None:
             return zero_shot.text_evals(tower, tok, names, c.evals.prompts, test_x, test_y,
                                         test_captions)
 
-        inputs = CaptionBatches(c, train_x, train_tokens, captions_per_row, batch, run.start)
+        inputs = CaptionBatches(c, train_x, fill, train_y, counts, tok, batch, run.start)
         state, preempted = run.steps(state, step_fn, inputs, evaluate=evaluate)
         if not preempted and run.report.enabled:  # for transformers' CLIPTextModelWithProjection
             hf.save_text_model(nnx.merge(graphdef, host_copy(state["params"]["text"])),

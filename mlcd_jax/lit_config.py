@@ -22,6 +22,8 @@ def lit_config() -> ml_collections.ConfigDict:
     c.text.tokenizer = ""                   # a dir with tokenizer.json or vocab.json + merges.txt;
                                             # "" = a BPE trained on the captions, saved in WORKDIR
     c.text.vocab_size = 8192                # of that trained BPE
+    c.text.tokenizer_images = 1_000_000     # whose captions train it (a seeded sample of the
+                                            # train split when it has more)
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "clip"                    # "clip" (softmax) or "siglip" (sigmoid)
     c.loss.init_scale = 10.0                # exp(t) at the start (the learned temperature)

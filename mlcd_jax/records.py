@@ -22,8 +22,17 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def array_sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
+def array_sha256(array: np.ndarray, chunk_bytes: int = 1 << 26) -> str:
+    """sha256 of the array's bytes, read a chunk of rows at a time (a memory-mapped array of any
+    size is hashed in bounded memory; the digest is that of the whole buffer)."""
+    h = hashlib.sha256()
+    if array.ndim == 0 or not len(array):
+        h.update(np.ascontiguousarray(array).data)
+        return h.hexdigest()
+    rows = max(1, chunk_bytes // max(1, array[:1].nbytes))
+    for start in range(0, len(array), rows):
+        h.update(np.ascontiguousarray(array[start:start + rows]).data)
+    return h.hexdigest()
 
 
 def write_piece(path: pathlib.Path, array: np.ndarray, meta: dict) -> None:
@@ -34,6 +43,14 @@ def write_piece(path: pathlib.Path, array: np.ndarray, meta: dict) -> None:
     record.unlink(missing_ok=True)
     write_npy_atomic(path, array)
     write_json_atomic(record, meta | {"rows": len(array), "sha256": array_sha256(array)})
+
+
+def record_piece(path: pathlib.Path, meta: dict) -> None:
+    """The record of a piece already written in place at `path` (.npy, e.g. filled through a
+    memory map): its rows and sha256, read back a chunk at a time, with `meta`."""
+    array = np.load(path, mmap_mode="r")
+    write_json_atomic(path.with_suffix(".json"),
+                      meta | {"rows": len(array), "sha256": array_sha256(array)})
 
 
 def piece_record(path: pathlib.Path) -> dict | None:

@@ -72,35 +72,44 @@ def class_names(dataset: str, train, configured=(), field: str = "--class_names"
 
 
 def captions(source, labels, *, templates, names, field: str = "--templates") -> list[list[str]]:
-    """Each image's captions: `templates` filled with its class {name}, what the dataset says of
-    the image (`source.caption_fields(i)`: the demo's canvases give {size} and {place}) and its
-    own {caption}s (`source.captions(i)`: a template with {caption} gives one caption per text
-    the image came with). Unlabelled images (label -1) have no {name}."""
-    fields = getattr(source, "caption_fields", lambda i: {})
-    own = any("{caption}" in t for t in templates)
+    """Each image's captions (`row_captions`), for every image of `source` (in memory: for a
+    held-out split; LiT reads a train split's one row at a time)."""
     if len(labels) != len(source):
         raise ValueError(f"{len(source) - len(labels)} unreadable images: captions are matched "
                          "to images by position; remove them from the dataset first")
-    if own and not hasattr(source, "captions"):
+    check_templates(source, templates, field)
+    return [row_captions(source, i, y, templates=templates, names=names, field=field)
+            for i, y in enumerate(labels)]
+
+
+def check_templates(source, templates, field: str = "--templates") -> None:
+    if any("{caption}" in t for t in templates) and not hasattr(source, "captions"):
         raise ValueError(f"{field}: {{caption}}, but this dataset has no captions of its own; "
                          "use {name} templates")
-    out = []
-    for i, y in enumerate(labels):
-        known = ({"name": names[y]} if y >= 0 and names else {}) | fields(i)
-        texts = source.captions(i) if own else [None]
-        if not texts:
-            raise ValueError(f"{field}: {{caption}}, but {source.name(i)} has no caption (no "
-                             "text beside it); give every image one, or use {name} templates")
-        try:
-            out.append([t.format(**known, caption=text) for t in templates
-                        for text in (texts if "{caption}" in t else texts[:1])])
-        except (KeyError, IndexError) as e:
-            why = ("it has no class label" if e.args[0] == "name" else
-                   f"it is not a caption field of this dataset (it has "
-                   f"{', '.join([*known, 'caption'] if own else known)})")
-            raise ValueError(f"{field}: {{{e.args[0]}}} cannot be filled for {source.name(i)}: "
-                             f"{why}") from None
-    return out
+
+
+def row_captions(source, i: int, label: int, *, templates, names,
+                 field: str = "--templates") -> list[str]:
+    """Image i's captions: `templates` filled with its class {name}, what the dataset says of
+    the image (`source.caption_fields(i)`: the demo's canvases give {size} and {place}) and its
+    own {caption}s (`source.captions(i)`: a template with {caption} gives one caption per text
+    the image came with). An unlabelled image (label -1) has no {name}."""
+    own = any("{caption}" in t for t in templates)
+    known = ({"name": names[label]} if label >= 0 and names else {}) | (
+        source.caption_fields(i) if hasattr(source, "caption_fields") else {})
+    texts = source.captions(i) if own else [None]
+    if not texts:
+        raise ValueError(f"{field}: {{caption}}, but {source.name(i)} has no caption (no "
+                         "text beside it); give every image one, or use {name} templates")
+    try:
+        return [t.format(**known, caption=text) for t in templates
+                for text in (texts if "{caption}" in t else texts[:1])]
+    except (KeyError, IndexError) as e:
+        why = ("it has no class label" if e.args[0] == "name" else
+               f"it is not a caption field of this dataset (it has "
+               f"{', '.join([*known, 'caption'] if own else known)})")
+        raise ValueError(f"{field}: {{{e.args[0]}}} cannot be filled for {source.name(i)}: "
+                         f"{why}") from None
 
 
 def embed_texts(tower, tokens, batch: int = 1024) -> np.ndarray:
