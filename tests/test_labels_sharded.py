@@ -100,8 +100,9 @@ def test_empty_clusters_are_reseeded_by_splitting_a_large_one(devices):
     counts = np.asarray(counts)[:8]
     assert counts[3] == counts[5] == 0
     empty = np.flatnonzero(counts == 0)
-    sources = sharded.reseed_sources(counts, empty, np.random.default_rng(0))
-    assert counts[sources].min() > 1  # split clusters that have points to give
+    targets, sources = sharded.reseed_sources(counts, empty, np.random.default_rng(0))
+    np.testing.assert_array_equal(targets, empty)  # enough clusters to split for every one
+    assert counts[sources].min() > 1 and len(set(sources)) == len(sources)  # points to give
     new = sharded._new_centers(sums, counts, start, dtype=dtype)
     split = np.asarray(sharded._split(new, jax.numpy.asarray(empty), jax.numpy.asarray(sources),
                                       dtype=dtype))
@@ -199,3 +200,27 @@ def test_jax_backend_mistakes_are_one_line(tmp_path, capsys):
 def test_auto_backend_is_faiss_on_cpu():
     assert assign.resolve_backend("auto") == "faiss"
     assert kmeans.INITS  # the faiss inits stay available
+
+
+def test_reseeding_is_vectorised_and_never_splits_a_cluster_twice():
+    """Thousands of empty clusters at once: distinct sources, each with points to give, drawn
+    ∝ (size − 1) (a large cluster is split far more often than a small one); more empty clusters
+    than clusters able to give: the rest wait for the next iteration."""
+    rng = np.random.default_rng(0)
+    counts = np.zeros(200_000, np.int64)
+    counts[:50_000] = rng.integers(2, 5, 50_000)
+    counts[50_000] = 10_000_000                    # one huge cluster
+    empty = np.flatnonzero(counts == 0)[:5_000]
+    hits = 0
+    for seed in range(20):
+        targets, sources = sharded.reseed_sources(counts, empty, np.random.default_rng(seed))
+        assert len(targets) == len(sources) == 5_000 and len(set(sources)) == 5_000
+        assert counts[sources].min() >= 2
+        hits += 50_000 in sources
+    assert hits == 20  # weight 10^7 − 1 against ~2 each: drawn every time
+    few = np.array([3, 0, 0, 0, 2, 1])
+    targets, sources = sharded.reseed_sources(few, np.flatnonzero(few == 0),
+                                              np.random.default_rng(0))
+    assert len(targets) == 2 and set(sources) == {0, 4}
+    with pytest.raises(ValueError, match="at most one point"):
+        sharded.reseed_sources(np.array([1, 0, 1]), np.array([1]), np.random.default_rng(0))

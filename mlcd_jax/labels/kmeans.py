@@ -2,8 +2,9 @@
 iterations on the device mesh (`labels/sharded.py`, backend "jax").
 
 The sample is `points_per_center × K` rows drawn uniformly over all shards (only those rows are
-read). `two_level=P` clusters P disjoint parts of the sample into K centers each, then clusters the
-P·K centers into K, as the authors did at LAION scale.
+read; each process of a job reads its own share). `two_level=P` clusters P disjoint parts of the
+sample into K centers each, reading each part only when it is clustered (memory: one part), then
+clusters the P·K centers into K, as the authors did at LAION scale.
 """
 
 from __future__ import annotations
@@ -21,25 +22,36 @@ from mlcd_jax.labels import sharded, store
 INITS = {"random": 0, "kmeans++": 1, "afkmc2": 2}
 
 
-def sample(shards: store.EmbeddingShards, size: int, seed: int, part: tuple[int, int] = (0, 1)
-           ) -> np.ndarray:
-    """`size` rows drawn without replacement over all shards, L2-normalised float32; with
-    `part` = (i, n), only the i-th of n consecutive parts of them (each process reads its own)."""
-    size = min(size, shards.total)
-    rows = np.sort(np.random.default_rng(seed).choice(shards.total, size, replace=False))
-    rows = np.array_split(rows, part[1])[part[0]]
+def sample_rows(total: int, size: int, seed: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """The sample's row numbers, sorted: `size` of `total` drawn without replacement; with
+    `part` = (i, n), only the i-th of n consecutive parts of them (each process its own)."""
+    size = min(size, total)
+    rows = np.sort(np.random.default_rng(seed).choice(total, size, replace=False))
+    return np.array_split(rows, part[1])[part[0]]
+
+
+def read_rows(shards: store.EmbeddingShards, rows: np.ndarray, desc: str = "kmeans: reading "
+              "sample") -> np.ndarray:
+    """Embeddings of the sorted `rows`, L2-normalised float32, read shard by shard (only those
+    rows; a shard wholly in them sequentially)."""
     offsets, out, done = shards.offsets(), np.empty((len(rows), shards.dim), np.float32), 0
-    for i in tqdm(range(len(shards.files)), desc="kmeans: reading sample", unit="shard"):
+    for i in tqdm(range(len(shards.files)), desc=desc, unit="shard"):
         lo, hi = np.searchsorted(rows, [offsets[i], offsets[i + 1]])
         if hi > lo:
             shard = shards.load(i)
-            # A shard wholly in the sample is read sequentially, not row by row; each part is
-            # converted to float32 and normalised in place, while it is fresh in memory.
+            # Each piece is converted to float32 and normalised in place, fresh in memory.
             piece = out[done:done + hi - lo]
             piece[:] = shard if hi - lo == len(shard) else shard[rows[lo:hi] - offsets[i]]
             store.normalize_in_place(piece)
             done += hi - lo
     return out
+
+
+def sample(shards: store.EmbeddingShards, size: int, seed: int, part: tuple[int, int] = (0, 1)
+           ) -> np.ndarray:
+    """`size` rows drawn without replacement over all shards, L2-normalised float32; with
+    `part` = (i, n), only the i-th of n consecutive parts of them (each process reads its own)."""
+    return read_rows(shards, sample_rows(shards.total, size, seed, part))
 
 
 def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str = "random",
@@ -80,24 +92,30 @@ def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: i
     if backend == "jax":
         import jax
         share = (jax.process_index(), jax.process_count())
-    x = sample(shards, size, seed, part=share)
+    rows = sample_rows(shards.total, size, seed, part=share)
     cluster = lambda x, seed: spherical_kmeans(x, num_centers, niter=niter, seed=seed, init=init,
                                                nredo=nredo, verbose=verbose, backend=backend,
                                                jax_dtype=jax_dtype)
     t = time.perf_counter()
     if two_level > 1:
         # Level 1: P parts of the sample (seeded, over its global positions), K centers each;
-        # each process clusters its rows of each part.
+        # each process clusters its rows of each part, read when that part's turn comes, so
+        # memory holds one part (and the P·K centers), not the sample.
         first = sum(len(p) for p in np.array_split(np.arange(size), share[1])[:share[0]])
-        positions = first + np.arange(len(x))
-        part_of = np.empty(size, np.int64)
+        positions = first + np.arange(len(rows))
+        part_of = np.empty(size, np.int32)
         for i, p in enumerate(np.array_split(np.random.default_rng(seed + 1).permutation(size),
                                              two_level)):
             part_of[p] = i
-        firsts = [cluster(x[part_of[positions] == i], seed + i)
+        mine = part_of[positions]
+        del part_of, positions
+        firsts = [cluster(read_rows(shards, rows[mine == i], f"kmeans: reading part {i + 1}"),
+                          seed + i)
                   for i in tqdm(range(two_level), desc="kmeans: level 1", unit="part")]
         # Level 2: the P·K centers (the same on every process), each process feeding its share.
         x = np.array_split(np.concatenate(firsts), share[1])[share[0]]
+    else:
+        x = read_rows(shards, rows)
     centers = cluster(x, seed)
     seconds = time.perf_counter() - t
     return centers, {"sample": size, "niter": niter, "nredo": nredo, "init": init,

@@ -251,20 +251,21 @@ def _split(centers, empty, source, *, dtype):
     return centers.at[source].set(norm(down).astype(dtype))
 
 
-def reseed_sources(counts: np.ndarray, empty: np.ndarray, rng) -> np.ndarray:
-    """For each empty cluster, a cluster to split: drawn with probability ∝ (size − 1), sizes
-    updated as each split halves one (faiss's rule), so no cluster is split into nothing."""
-    sizes = counts.astype(np.float64).copy()
-    sources = np.empty(len(empty), np.int64)
-    for n, e in enumerate(empty):
-        weights = np.maximum(sizes - 1, 0)
-        if weights.sum() <= 0:
-            raise ValueError("kmeans: every cluster has at most one point; lower --num_centers")
-        j = rng.choice(len(sizes), p=weights / weights.sum())
-        sources[n] = j
-        sizes[e] = sizes[j] / 2
-        sizes[j] -= sizes[e]
-    return sources
+def reseed_sources(counts: np.ndarray, empty: np.ndarray,
+                   rng) -> tuple[np.ndarray, np.ndarray]:
+    """(empty clusters, clusters to split for them): distinct sources drawn with probability
+    ∝ (size − 1) without replacement (Gumbel top-k, vectorised: thousands of empty clusters at
+    K = 1M cost one pass over the sizes), so no cluster is split twice in an iteration or split
+    into nothing. Where fewer clusters have points to give than are empty, the rest stay empty
+    until the next iteration."""
+    weights = np.maximum(counts.astype(np.float64) - 1, 0)
+    eligible = np.flatnonzero(weights > 0)
+    if not eligible.size:
+        raise ValueError("kmeans: every cluster has at most one point; lower --num_centers")
+    take = min(len(empty), len(eligible))
+    keys = np.log(weights[eligible]) + rng.gumbel(size=len(eligible))
+    sources = eligible[np.argpartition(-keys, take - 1)[:take]]
+    return np.asarray(empty)[:take], sources
 
 
 def _process_counts(n: int) -> np.ndarray:
@@ -340,8 +341,8 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
         counts = np.asarray(multihost_utils.process_allgather(counts, tiled=True))[:k]
         empty = np.flatnonzero(counts == 0)
         if len(empty):
-            sources = reseed_sources(counts, empty, rng)
-            centers = _split(centers, jnp.asarray(empty), jnp.asarray(sources), dtype=dtype)
+            targets, sources = reseed_sources(counts, empty, rng)
+            centers = _split(centers, jnp.asarray(targets), jnp.asarray(sources), dtype=dtype)
         objectives.append(float(objective) / total)
         if verbose:
             log(f"kmeans (jax): iteration {it + 1}/{niter}: mean cosine {objectives[-1]:.5f}, "
