@@ -13,18 +13,14 @@ import pytest
 
 from mlcd_jax import head, mesh as mesh_lib
 
-B, D, L = 16, 12, 3
+from test_head import make_inputs as head_inputs
+
+B, L = 16, 3  # as test_head's inputs
 S, M = 32.0, 0.3
 
 
-def make_inputs(seed, k, b=B, l=L):
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(k, D))
-    labels = np.stack([rng.choice(k, l, replace=False) for _ in range(b)]).astype(np.int32)
-    labels[::3, -1] = -1           # shorter label lists
-    labels[1::4, 1:] = -1          # a single positive
-    features = centers[labels[:, 0]] + 0.7 * rng.normal(size=(b, D))
-    return features.astype(np.float32), centers.astype(np.float32), labels
+def make_inputs(seed, k):
+    return head_inputs(seed=seed, k=k)
 
 
 def mesh_of(n, devices):
