@@ -148,8 +148,7 @@ def test_uniform_draw_ignores_the_batch_and_is_unchanged():
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 @pytest.mark.parametrize("kind", ["mlcd", "unicom"])
-@pytest.mark.parametrize("ratio", [0.5, 0.05])
-@pytest.mark.parametrize("chunk", [0, 3])
+@pytest.mark.parametrize("ratio, chunk", [(0.5, 0), (0.05, 3)])
 def test_batch_negatives_match_reference(devices, n, kind, ratio, chunk):
     """Every sample's negatives are the batch draw minus its own positives: the other samples'
     positives are always among them. r = 0.05: the positives exceed the draw on every shard
@@ -192,8 +191,7 @@ def test_negative_filter_matches_reference(devices, n, kind, negatives):
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 @pytest.mark.parametrize("negatives", ["uniform", "batch"])
-@pytest.mark.parametrize("columns", [2, 0])
-@pytest.mark.parametrize("margin_type", ["arcface", "cosface"])
+@pytest.mark.parametrize("columns, margin_type", [(2, "arcface"), (0, "cosface")])
 def test_multi_softmax_matches_reference(devices, n, negatives, columns, margin_type):
     """OneVision-Encoder's loss: per sample `columns` of its label columns (its real labels
     first), each a margin-softmax over its own column's draw, averaged over the (sample, column)
