@@ -307,6 +307,24 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def markdown(saved: dict) -> str:
+    lines = ["| stage | N | seconds | rows/s | peak RSS (MiB) | of it anonymous (MiB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(saved["results"], key=lambda r: (STAGES_ORDER.index(r["stage"]), r["n"])):
+        lines.append(f"| {r['stage']} | {r['n']:,} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f} "
+                     f"| {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |")
+    lines += ["", "| stage | largest N | time exponent (two largest N) | anonymous RSS ratio |",
+              "|---|---:|---:|---:|"]
+    for stage, v in sorted(saved["summary"].items(), key=lambda kv: STAGES_ORDER.index(kv[0])):
+        lines.append(f"| {stage} | {v['largest_n']:,} | {v['time_exponent']:.2f} | "
+                     f"{v['anon_rss_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+STAGES_ORDER = ["convert", "lookup", "input", "embed", "kmeans", "assign_faiss", "assign_jax",
+                "lit"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,8 +336,13 @@ def main(argv=None) -> int:
     p.add_argument("--png", default="docs/scale.png")
     p.add_argument("--append", action="store_true", help="add to the results already in --out "
                    "(a stage and N measured again replaces the old row)")
+    p.add_argument("--markdown", action="store_true", help="print the results in --out as a "
+                   "markdown table (docs/scale.md) and exit")
     p.add_argument("--child", nargs=2, metavar=("STAGE", "N"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.markdown:
+        print(markdown(json.loads(pathlib.Path(a.out).read_text())))
+        return 0
     work = pathlib.Path(a.work or tempfile.mkdtemp(prefix="mlcd_scale_"))
     if a.child:
         child(a.child[0], int(a.child[1]), work)
