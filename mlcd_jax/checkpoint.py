@@ -129,8 +129,15 @@ class Checkpointer:
             raise ConfigMismatch(f"{where} holds {len(stored_leaves)} arrays but this config's "
                                  f"state has {len(_leaves(abstract_state))}; resume with the "
                                  "config that wrote it, or start in a new workdir")
+        # Matched by name, not position: the metadata lists a named tuple's fields (e.g. sparse
+        # AdamW's moments) as a dict in sorted order, the state in declaration order.
+        stored_by_name = {_names(path): have for path, have in stored_leaves}
         resized = set()
-        for (path, want), (_, have) in zip(_leaves(abstract_state), stored_leaves):
+        for path, want in _leaves(abstract_state):
+            have = stored_by_name.get(_names(path))
+            if have is None:
+                raise ConfigMismatch(f"{where} holds no {jax.tree_util.keystr(path)}; resume "
+                                     "with the config that wrote it, or start in a new workdir")
             if tuple(want.shape) == tuple(have.shape):
                 continue
             name = jax.tree_util.keystr(path)
@@ -235,6 +242,11 @@ def abstract_like(tree, shardings):
 
 def _leaves(tree):
     return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _names(path) -> tuple[str, ...]:
+    """A leaf's path as plain names, the same for a dict key, an attribute and an index."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _one_line(e: BaseException) -> str:

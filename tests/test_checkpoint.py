@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from mlcd_jax import checkpoint, mesh as mesh_lib, reporting
+from mlcd_jax import checkpoint, mesh as mesh_lib, optim, reporting
 
 
 def make_state(mesh, scale):
@@ -95,6 +95,37 @@ def test_a_checkpoint_of_another_config_is_an_error_not_corruption(devices, tmp_
         ckpt.restore_newest_good(other)
     ckpt.close()
     assert (tmp_path / "1").is_dir()  # kept where it was
+
+
+def test_named_tuple_state_restores_field_by_field_and_resizes(devices, tmp_path):
+    """Sparse AdamW's state is a named tuple whose fields' shapes differ; the stored metadata
+    lists them in another order (sorted), so they must be matched by name, not position."""
+    mesh = mesh_lib.make_mesh([("data", -1)], devices)
+    rng = np.random.default_rng(2)
+    rows = lambda k, d: jax.device_put(rng.normal(size=(k, d)).astype(np.float32),
+                                       mesh_lib.class_sharding(mesh))
+    state = {"opt": optim.SparseRowsState(rows(64, 32), rows(64, 32),
+                                          jax.device_put(np.arange(64, dtype=np.int32)[:, None],
+                                                         mesh_lib.class_sharding(mesh)),
+                                          jax.device_put(np.int32(7), mesh_lib.replicated(mesh)))}
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(1, state, {"step": 1, "seed": 0})
+    ckpt.wait()
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    restored, _ = ckpt.restore(checkpoint.abstract_like(state, shardings))
+    assert isinstance(restored["opt"], optim.SparseRowsState)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(got, want)
+    # another device count pads the centers' rows differently: every field resizes by rows
+    grown = jax.tree.map(lambda x: jax.ShapeDtypeStruct((72, *x.shape[1:]), x.dtype,
+                                                        sharding=x.sharding) if x.ndim else
+                         jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, _ = ckpt.restore(grown, resizable="opt")
+    ckpt.close()
+    np.testing.assert_array_equal(np.asarray(restored["opt"].centers_count)[:64],
+                                  np.arange(64)[:, None])
+    np.testing.assert_array_equal(np.asarray(restored["opt"].centers_mu)[:64], state["opt"][0])
+    assert int(restored["opt"].step) == 7
 
 
 def test_logging_survives_a_torn_line_and_a_full_disk(tmp_path, monkeypatch, capsys):
