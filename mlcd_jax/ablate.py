@@ -218,7 +218,9 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str]) -> int:
     todo = points(c, grid, _PRODUCT.value)
     workdir.mkdir(parents=True, exist_ok=True)
     shards = teacher(c, workdir, _EMBEDDINGS.value)
-    jobs = [(p, s) for p in todo for s in range(_SEEDS.value)]
+    # Seed by seed: a sweep cut short has every point at seed 0 (then 1, …), and a rerun with
+    # fewer --seeds summarizes what finished.
+    jobs = [(p, s) for s in range(_SEEDS.value) for p in todo]
     print(f"ablate: {len(todo)} points × {_SEEDS.value} seeds = {len(jobs)} pretrainings in "
           f"{workdir}", flush=True)
     runs, failed, start, trained = [], [], time.time(), 0
