@@ -17,7 +17,9 @@ def get_config(arg="mlcd"):
     c.model.dtype = "float32"
     c.head.loss = "mlcd" if arg == "mlcd" else "unicom"
     c.head.num_classes = 64
-    c.head.sample_ratio = 1.0       # K is small: every class, exactly
+    # K is small: every class, exactly. With batch · l = 512 labels over K = 64, the authors'
+    # head.negatives = "batch" would draw every class anyway (docs/ablations.md).
+    c.head.sample_ratio = 1.0
     # The paper's ArcFace with the authors' straight-through gradient (the default). With the
     # exact gradient the single-label run collapses here (every embedding opposite every center,
     # pos_cos -1.0 at step 400); tests/test_margin.py repeats that at a smaller size.
