@@ -310,19 +310,20 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 def markdown(saved: dict) -> str:
     lines = ["| stage | N | seconds | rows/s | peak RSS (MiB) | of it anonymous (MiB) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(saved["results"], key=lambda r: (STAGES_ORDER.index(r["stage"]), r["n"])):
+    for r in sorted(saved["results"], key=lambda r: (_order(r["stage"]), r["n"])):
         lines.append(f"| {r['stage']} | {r['n']:,} | {r['seconds']:.2f} | {r['rows_per_s']:,.0f} "
                      f"| {r['peak_rss_mb']:.0f} | {r['peak_anon_mb']:.0f} |")
     lines += ["", "| stage | largest N | time exponent (two largest N) | anonymous RSS ratio |",
               "|---|---:|---:|---:|"]
-    for stage, v in sorted(saved["summary"].items(), key=lambda kv: STAGES_ORDER.index(kv[0])):
+    for stage, v in sorted(saved["summary"].items(), key=lambda kv: _order(kv[0])):
         lines.append(f"| {stage} | {v['largest_n']:,} | {v['time_exponent']:.2f} | "
                      f"{v['anon_rss_ratio']:.2f} |")
     return "\n".join(lines)
 
 
-STAGES_ORDER = ["convert", "lookup", "input", "embed", "kmeans", "assign_faiss", "assign_jax",
-                "lit"]
+def _order(stage: str) -> tuple[int, str]:
+    """A result's stage in STAGES' order; assign's two backends (assign_faiss, assign_jax) apart."""
+    return STAGES.index(stage.split("_")[0]), stage
 
 
 def main(argv=None) -> int:
