@@ -14,7 +14,11 @@ Stages (each on the data of the size asked for; the inputs are made first, untim
   embed     `labels embed` of the ArrayRecord images with a micro ViT (16 px)
   kmeans    `labels kmeans` of N × 32 embeddings into K = 1,000 (a sample of 64 per center: the
             same sample at every N), faiss, 5 iterations
-  assign    `labels assign`, top-8 of 1,000 centers, faiss and jax
+  assign    `labels assign`, top-8 of 1,000 centers, faiss and jax (the embeddings keyed: the
+            store's key table included)
+  join      the trainer's join of N records with a label store by key (labels/join.py): the
+            records' key table built on disk, then matched with the store's (its keys in another
+            order; 1 % of records without labels, 1 % of labels without a record)
   lit       LiT's feature cache of the ArrayRecord images (micro ViT) and one epoch of its input
             (batches of 256: features, a caption each, tokens)
 
@@ -44,7 +48,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("convert", "lookup", "input", "embed", "kmeans", "assign", "lit")
+STAGES = ("convert", "lookup", "input", "embed", "kmeans", "assign", "join", "lit")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,18 +120,20 @@ def prepared(work: pathlib.Path, n: int, what: str) -> pathlib.Path:
         from mlcd_jax.data import convert
         convert.convert(str(base / "tars" / f"{{00000..{-(-n // 1000) - 1:05d}}}.tar"),
                         str(base / "ar" / "data"), 1000, report=lambda s: None)
-    elif what == "labels":
-        from mlcd_jax.labels import store
-        (base / "labels").mkdir(parents=True, exist_ok=True)
-        labels = np.lib.format.open_memmap(base / "labels" / "labels.npy", "w+", np.int32, (n, 8))
+    elif what == "labels":  # a keyed store of the tars' keys, in another order
+        random_store(base / "labels", [f"{k:09d}" for k in np.random.default_rng(3).permutation(n)])
+    elif what == "keys":  # the join's inputs: records' key hashes, and a store of other keys
+        from mlcd_jax import keys
+        (base / "keys").mkdir(parents=True, exist_ok=True)
+        hashes = np.lib.format.open_memmap(base / "keys" / "records.npy", "w+", keys.HASH, (n,))
         for s in range(0, n, 1 << 20):
-            m = min(1 << 20, n - s)
-            labels[s:s + m] = np.random.default_rng(s).integers(0, 1000, (m, 8))
-        labels.flush()
-        del labels
-        fake = store.EmbeddingShards(base, (), (n,), 32, "bench")
-        store.write_label_manifest(base / "labels", num_examples=n, num_classes=1000,
-                                   num_labels=8, embeddings=fake, index="flat", recall_at_l=1.0)
+            part = range(s, min(n, s + (1 << 20)))
+            hashes[s:s + len(part)] = keys.hashes(f"{k:09d}" for k in part)
+        hashes.flush()
+        del hashes
+        order = np.random.default_rng(4).permutation(n)
+        stored = [f"{k:09d}" for k in order if k % 100] + [f"x{k:09d}" for k in range(n // 100)]
+        random_store(base / "keys" / "labels", stored)
     elif what == "emb":
         from mlcd_jax.labels import store
         means = np.random.default_rng(0).standard_normal((1000, 32), dtype=np.float32)
@@ -138,9 +144,54 @@ def prepared(work: pathlib.Path, n: int, what: str) -> pathlib.Path:
                 m = min(500_000, n - s)
                 yield means[rng.integers(0, 1000, m)] + rng.standard_normal((m, 32), np.float32)
 
-        store.write_embeddings(base / "emb", shards(), model="bench")
+        store.write_embeddings(base / "emb", shards(), model="bench",
+                               keys=[[f"{k:09d}" for k in range(s, min(n, s + 500_000))]
+                                     for s in range(0, n, 500_000)])
     done.touch()
     return base
+
+
+def random_store(directory: pathlib.Path, names: list[str]) -> None:
+    """A label store of random labels (N × 8 of K = 1,000) whose rows are the keys `names`."""
+    from mlcd_jax import keys
+    from mlcd_jax.labels import store
+    directory.mkdir(parents=True, exist_ok=True)
+    n = len(names)
+    labels = np.lib.format.open_memmap(directory / "labels.npy", "w+", np.int32, (n, 8))
+    for s in range(0, n, 1 << 20):
+        m = min(1 << 20, n - s)
+        labels[s:s + m] = np.random.default_rng(s).integers(0, 1000, (m, 8))
+    labels.flush()
+    del labels
+    keys.build(directory / "keys.npy", (keys.hashes(names[s:s + (1 << 20)])
+                                        for s in range(0, n, 1 << 20)), n)
+    fake = store.EmbeddingShards(directory, (), (n,), 32, "bench")
+    store.write_label_manifest(directory, num_examples=n, num_classes=1000, num_labels=8,
+                               embeddings=fake, index="flat", recall_at_l=1.0, keys="keys.npy")
+
+
+class HashedRecords:
+    """N records known only by their keys (`f"{k:09d}"`), their hashes memory-mapped as convert's
+    index keeps them: the records side of the join, without images."""
+
+    unkeyed = None
+
+    def __init__(self, path: pathlib.Path):
+        self.path, self.hashes = path, np.load(path, mmap_mode="r")
+
+    def __len__(self):
+        return len(self.hashes)
+
+    def key(self, i):
+        return f"{i:09d}"
+
+    name = key
+
+    def key_hashes(self, indices):
+        return self.hashes[np.asarray(indices)]
+
+    def fingerprint(self):
+        return str(self.path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,6 +277,16 @@ def run_stage(stage: str, n: int, work: pathlib.Path) -> dict:
                             process_index=0, process_count=1, backend=stage.split("_")[1],
                             jax_dtype="float32")
         return {"rows": n, "index": result.get("index")}
+    if stage == "join":
+        import shutil
+
+        from mlcd_jax.labels import join, store
+        shutil.rmtree(base / "keys" / "labels" / "joins", ignore_errors=True)
+        joined = join.join(HashedRecords(base / "keys" / "records.npy"),
+                           store.open_label_store(base / "keys" / "labels"), missing="skip")
+        assert (joined.missing, joined.unused) == (-(-n // 100), n // 100), joined.how
+        disk = sum(f.stat().st_size for f in (base / "keys" / "labels" / "joins").rglob("*.npy"))
+        return {"rows": n, "missing": joined.missing, "join_bytes_per_record": disk / n}
     if stage == "lit":
         import jax
 
@@ -243,11 +304,11 @@ def run_stage(stage: str, n: int, work: pathlib.Path) -> dict:
         src = sources.ArrayRecordSource(str(base / "ar" / "data-*.array_record"))
         model, _ = weights.load_encoder(micro_model_dir(work))
         t = time.perf_counter()
-        x, y = lit.image_features(c, workdir, model, src, "train", mesh)
+        x, y, rows = lit.image_features(c, workdir, model, src, "train", mesh)
         featured = time.perf_counter() - t
-        fill = lambda i, label: zero_shot.row_captions(src, i, label, templates=c.data.templates,
+        fill = lambda i, label: zero_shot.row_captions(rows, i, label, templates=c.data.templates,
                                                        names=())
-        counts = lit.caption_counts(c, workdir, src, y, (), fill)
+        counts = lit.caption_counts(c, workdir, rows, y, (), fill)
         tok = tokenizer_lib.train([f"image number {i}" for i in range(1000)], 300, 16)
         inputs = lit.CaptionBatches(c, x, fill, y, counts, tok, mesh_lib.batch_sharding(mesh), 0)
         for _ in range(n // c.batch_size):
@@ -279,7 +340,8 @@ def child(stage: str, n: int, work: pathlib.Path) -> None:
 # ------------------------------------------------------------------------------------------------
 
 NEEDS = {"convert": ("tars",), "lookup": ("ar",), "input": ("ar", "labels"), "embed": ("ar",),
-         "lit": ("ar",), "kmeans": ("emb",), "assign_faiss": ("emb",), "assign_jax": ("emb",)}
+         "lit": ("ar",), "kmeans": ("emb",), "assign_faiss": ("emb",), "assign_jax": ("emb",),
+         "join": ("keys",)}
 
 
 def exponent(rows, key):

@@ -142,7 +142,7 @@ def label_purity(c, workdir: pathlib.Path) -> dict[str, list[float]]:
     for path in sorted((workdir / "labels").glob("K*/l*/labels.npy")):
         found = store.open_label_store(path.parent)
         out[f"{path.parent.parent.name}/{path.parent.name}"] = stats.purity(
-            found.labels, source.labels, found.num_classes)
+            *stats.joined_labels(source, found), found.num_classes)
     return out
 
 

@@ -79,6 +79,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split = "train"
     c.data.labels = ""                      # label store dir (`python -m mlcd_jax.labels`); "" =
                                             # the source's own class as the single label
+    c.data.missing_labels = "error"         # a record whose key the store lacks: "error" (names
+                                            # them) or "skip" (left out, counted)
     c.data.workers = -1                     # grain worker processes: 0 = in the main process;
                                             # -1 = the cores on accelerators, 0 on CPU devices
     c.data.crop_scale = (0.08, 1.0)         # random-resized-crop area fraction

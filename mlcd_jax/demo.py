@@ -37,12 +37,14 @@ LIT_CONFIG = REPO / "configs" / "lit_demo.py"
 
 
 def teacher_embeddings(workdir: pathlib.Path, train) -> store.EmbeddingShards:
-    """The teacher's embeddings of the train split: each clean digit's 64 pixels (written once)."""
+    """The teacher's embeddings of the train split: each clean digit's 64 pixels, with each
+    image's key (written once)."""
     directory = workdir / "teacher_embeddings"
     if (directory / "manifest.json").is_file():
         return store.open_embeddings(directory)
     emb = train.clean.reshape(len(train), -1).astype(np.float32)
-    return store.write_embeddings(directory, [emb], model="clean-digit-pixels")
+    return store.write_embeddings(directory, [emb], model="clean-digit-pixels",
+                                  keys=[[train.key(i) for i in range(len(train))]])
 
 
 def cluster(shards: store.EmbeddingShards, k: int) -> np.ndarray:
@@ -53,7 +55,8 @@ def cluster(shards: store.EmbeddingShards, k: int) -> np.ndarray:
 
 
 def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
-    """Cluster the teacher's embeddings of the train split; the label store joins by index."""
+    """Cluster the teacher's embeddings of the train split; the trainer joins records to the
+    label store by key."""
     shards = teacher_embeddings(workdir, train)
     (workdir / "labels").mkdir(parents=True, exist_ok=True)
     np.save(workdir / "labels" / "centers.npy", cluster(shards, K))

@@ -54,41 +54,45 @@ def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=No
 
 
 def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
-            desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, D) float32, labels (N,)) of `source` in order; the source's own labels."""
-    feats, labels, skipped = [], [], pipeline.Skipped(source)
+            desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (n, D) float32, labels (n,), records (n,)) of the readable records of `source`
+    in order: the source's own labels, and which record each row is (captions and names are
+    found by it: an unreadable image moves nothing onto another)."""
+    feats, labels, rows, skipped = [], [], [], pipeline.Skipped(source)
     with tqdm(total=len(source), desc=desc, unit="img") as bar:
         for x, batch in embeddings(model, source, image_size=image_size, batch_size=batch_size,
                                    mesh=mesh, skipped=skipped):
             feats.append(x)
             labels.append(batch["labels"][:, 0])
+            rows.append(batch["index"])
             bar.update(len(x) + int(batch["skipped"].sum()))
     _say_skipped(desc, skipped)
-    return np.concatenate(feats), np.concatenate(labels)
+    return np.concatenate(feats), np.concatenate(labels), np.concatenate(rows).astype(np.int64)
 
 
 def extract_to(model, source, path: pathlib.Path, *, image_size: int, batch_size: int = 256,
                mesh=None, desc: str = "features", rows=None, write: bool = True) -> int:
-    """`extract`, streamed to disk: the features into `path` (.npy) and the labels into
-    PATH.labels.npy, each filled through a memory map batch by batch and renamed into place at
-    the end, so memory holds one batch whatever the data's size. `rows` (optional) maps each
-    batch of features first (e.g. L2 normalisation). Every process of a job takes part (the
-    forward is split over the mesh); only those with `write` write. Returns the rows made (fewer
-    than the source's if images were unreadable; nothing is renamed into place then)."""
-    labels_path = path.with_suffix(".labels.npy")
-    tmp = [p.with_name(p.name + ".tmp") for p in (path, labels_path)]
+    """`extract`, streamed to disk: the features into `path` (.npy), the labels into
+    PATH.labels.npy and each row's record into PATH.records.npy, each filled through a memory map
+    batch by batch, cut to the rows made and renamed into place at the end, so memory holds one
+    batch whatever the data's size. `rows` (optional) maps each batch of features first (e.g. L2
+    normalisation). Every process of a job takes part (the forward is split over the mesh); only
+    those with `write` write. Returns the rows made (fewer than the source's records where images
+    were unreadable: they are left out, named)."""
+    finals = (path, path.with_suffix(".labels.npy"), path.with_suffix(".records.npy"))
+    tmp = [p.with_name(p.name + ".tmp") for p in finals]
     out, done, skipped = None, 0, pipeline.Skipped(source)
     with tqdm(total=len(source), desc=desc, unit="img") as bar:
         for x, batch in embeddings(model, source, image_size=image_size, batch_size=batch_size,
                                    mesh=mesh, skipped=skipped):
             x = rows(x) if rows is not None else x
             if write and out is None:
-                out = (np.lib.format.open_memmap(tmp[0], "w+", np.float32,
-                                                 (len(source), x.shape[1])),
-                       np.lib.format.open_memmap(tmp[1], "w+", np.int32, (len(source),)))
+                out = [np.lib.format.open_memmap(t, "w+", dtype, (len(source),) + shape)
+                       for t, dtype, shape in zip(tmp, (np.float32, np.int32, np.int64),
+                                                  ((x.shape[1],), (), ()))]
             if write:
-                out[0][done:done + len(x)] = x
-                out[1][done:done + len(x)] = batch["labels"][:, 0]
+                for o, v in zip(out, (x, batch["labels"][:, 0], batch["index"])):
+                    o[done:done + len(x)] = v
             done += len(x)
             bar.update(len(x) + int(batch["skipped"].sum()))
     _say_skipped(desc, skipped)
@@ -96,12 +100,26 @@ def extract_to(model, source, path: pathlib.Path, *, image_size: int, batch_size
         for array in out:
             array.flush()
         del out
-        for t, final in zip(tmp, (path, labels_path)):
-            if done == len(source):
-                t.replace(final)
-            else:
+        for t, final in zip(tmp, finals):
+            if done < len(source):  # unreadable images left out: the files cut to the rows made
+                whole = np.load(t, mmap_mode="r")
+                write_npy_prefix(final, whole, done)
+                del whole
                 t.unlink()
+            else:
+                t.replace(final)
     return done
+
+
+def write_npy_prefix(path: pathlib.Path, array: np.ndarray, rows: int, chunk: int = 1 << 16):
+    """The first `rows` rows of `array` (memory-mapped) as a new .npy, a chunk at a time."""
+    out = np.lib.format.open_memmap(path.with_name(path.name + ".part"), "w+", array.dtype,
+                                    (rows,) + array.shape[1:])
+    for s in range(0, rows, chunk):
+        out[s:s + chunk] = array[s:min(rows, s + chunk)]
+    out.flush()
+    del out
+    path.with_name(path.name + ".part").replace(path)
 
 
 def _say_skipped(desc: str, skipped: pipeline.Skipped) -> None:

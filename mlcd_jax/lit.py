@@ -44,7 +44,7 @@ from mlcd_jax import (
     records,
     weights,
 )
-from mlcd_jax.data import tokenizer as tokenizer_lib
+from mlcd_jax.data import sources, tokenizer as tokenizer_lib
 from mlcd_jax.evaluate import run as eval_run, zero_shot
 from mlcd_jax.interop import hf
 from mlcd_jax.labels import embed
@@ -54,11 +54,13 @@ CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/l
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features, tokenizer.")
 
 
-def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray, np.ndarray]:
-    """(normalised features, labels) of `source`, memory-mapped from WORKDIR/features: computed
-    once, streamed to disk, with a record of the encoder's weights, the images and the image size;
-    recomputed if any changed or the file does not read back whole. Memory holds a batch, not
-    the split: web data far larger than host memory works."""
+def image_features(c, workdir, encoder, source, name, mesh):
+    """(normalised features, labels, the records they are) of `source`'s readable images, the
+    records as a Subset of `source` (row i of the features is its record i: captions are read
+    from it, so an unreadable image left out moves no caption onto another), memory-mapped from
+    WORKDIR/features: computed once, streamed to disk, with a record of the encoder's weights, the
+    images and the image size; recomputed if any changed or the file does not read back whole.
+    Memory holds a batch, not the split: web data far larger than host memory works."""
     path = workdir / "features" / f"{name}.npy"
     made_by = records.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
                              c.image.image_size)
@@ -68,7 +70,8 @@ def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray,
         try:
             x = np.load(path, mmap_mode="r")
             labels = np.load(path.with_suffix(".labels.npy"), mmap_mode="r")
-            whole = (labels.shape == (len(x),)
+            rows = np.load(path.with_suffix(".records.npy"), mmap_mode="r")
+            whole = (labels.shape == rows.shape == (len(x),)
                      and records.array_sha256(x) == record.get("sha256"))
         except (OSError, ValueError, EOFError):  # a damaged file: recomputed below
             whole = False
@@ -76,19 +79,15 @@ def image_features(c, workdir, encoder, source, name, mesh) -> tuple[np.ndarray,
         first = jax.process_index() == 0
         if first:
             path.with_suffix(".json").unlink(missing_ok=True)  # no record vouches while it fills
-        made = features.extract_to(encoder, source, path, image_size=c.image.image_size,
-                                   batch_size=c.image.batch_size, mesh=mesh,
-                                   desc=f"image features ({name})", rows=zero_shot.normalize,
-                                   write=first)
-        if made != len(source):
-            raise ValueError(f"{len(source) - made} unreadable images in the {name} split: "
-                             "captions are matched to images by position; remove them from the "
-                             "dataset first")
+        features.extract_to(encoder, source, path, image_size=c.image.image_size,
+                            batch_size=c.image.batch_size, mesh=mesh,
+                            desc=f"image features ({name})", rows=zero_shot.normalize,
+                            write=first)
         if first:
             records.record_piece(path, {"fingerprint": made_by})
         distributed.barrier(f"LiT features ({name})")
-    return (np.load(path, mmap_mode="r"),
-            np.load(path.with_suffix(".labels.npy"), mmap_mode="r"))
+    return (np.load(path, mmap_mode="r"), np.load(path.with_suffix(".labels.npy"), mmap_mode="r"),
+            sources.Subset(source, records.Mapped(path.with_suffix(".records.npy"))))
 
 
 def caption_counts(c, workdir, source, labels, names, fill) -> np.ndarray:
@@ -221,8 +220,10 @@ def lit(c, workdir: pathlib.Path) -> None:
         d = c.data
         train_src, test_src = eval_run.splits_of(d, "config.data.", labelled=False)
         encoder, described = weights.load_encoder(c.image.model)
-        train_x, train_y = image_features(c, workdir, encoder, train_src, "train", mesh)
-        test_x, test_y = image_features(c, workdir, encoder, test_src, "test", mesh)
+        # Row i of the features is record i of train_rows / test_rows: captions follow it.
+        train_x, train_y, train_rows = image_features(c, workdir, encoder, train_src, "train",
+                                                      mesh)
+        test_x, test_y, test_rows = image_features(c, workdir, encoder, test_src, "test", mesh)
         del encoder
 
         # Captions and the tokenizer. Unlabelled data (captioned web images): retrieval only.
@@ -234,15 +235,15 @@ def lit(c, workdir: pathlib.Path) -> None:
             if max(train_y.max(), test_y.max()) >= len(names):
                 raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
                                  f"{max(train_y.max(), test_y.max())}")
-        zero_shot.check_templates(train_src, d.templates, "config.data.templates")
-        fill = functools.partial(zero_shot.row_captions, train_src, templates=d.templates,
+        zero_shot.check_templates(train_rows, d.templates, "config.data.templates")
+        fill = functools.partial(zero_shot.row_captions, train_rows, templates=d.templates,
                                  names=names, field="config.data.templates")
-        counts = caption_counts(c, workdir, train_src, train_y, names, fill)
-        test_captions = zero_shot.captions(test_src, test_y, templates=d.templates, names=names,
+        counts = caption_counts(c, workdir, train_rows, train_y, names, fill)
+        test_captions = zero_shot.captions(test_rows, test_y, templates=d.templates, names=names,
                                            field="config.data.templates")
 
         def tokenizer_texts():  # every caption of (a seeded sample of) the train images
-            rows = np.arange(len(train_src))
+            rows = np.arange(len(train_rows))
             if len(rows) > c.text.tokenizer_images:
                 rows = np.sort(np.random.default_rng(c.seed).choice(
                     rows, c.text.tokenizer_images, replace=False))

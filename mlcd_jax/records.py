@@ -79,3 +79,29 @@ def write_json_atomic(path: pathlib.Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+class Mapped:
+    """An .npy array read memory-mapped and opened lazily in each process: it pickles as its path,
+    so grain's worker processes map the same file again instead of copying it."""
+
+    def __init__(self, path):
+        self.path, self._array = str(path), None
+
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self):
+        return len(self.array())
+
+    def __getitem__(self, i):
+        return self.array()[i]
+
+    def fingerprint(self) -> str:
+        stat = os.stat(self.path)
+        return digest(pathlib.Path(self.path).name, stat.st_size, stat.st_mtime_ns)
+
+    def __getstate__(self):
+        return {"path": self.path, "_array": None}

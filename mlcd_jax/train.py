@@ -71,17 +71,18 @@ def train(c, workdir: pathlib.Path) -> None:
             print(f"warning: {line}", flush=True)
         return
     with loop.Run(c, workdir) as run:  # the workdir locked, its checkpoints opened
-        # Data: synthetic, or a real source through grain joined with its label store (checked
-        # now); an epoch is the data's own size.
+        # Data: synthetic, or a real source through grain, each record joined with its labels by
+        # key (the store checked now); an epoch is the labelled records.
         source = input_lib.open_source(c)
-        num_examples = len(source) if source is not None else None
+        joined = input_lib.join_labels(c, source)
+        num_examples = (len(joined.source) if joined else len(source)) if source else None
         total_steps = config_lib.total_steps(c, num_examples)
 
         # Model, head, optimizer and the train step, from shapes (`python -m mlcd_jax.plan`
         # compiles this same step for TPUs).
         built = step_lib.build(c, mesh, total_steps, model_cfg, head_cfg)
         shardings, graphdef = built.shardings, built.graphdef
-        inputs = input_lib.make_train_input(c, built.batch_sharding, source)
+        inputs = input_lib.make_train_input(c, built.batch_sharding, source, joined)
         if c.evals.every:
             eval_splits = eval_run.splits_of(c.evals, "config.evals.")
 
@@ -99,7 +100,8 @@ def train(c, workdir: pathlib.Path) -> None:
             if adopted:
                 adopted = f"encoder: {adopted}: resuming, its weights not loaded again"
         compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
-        report = run.begin(total_steps, step_lib.summarize(built, mesh, compiled),
+        labelled = f"; labels joined {joined.how}" if joined else ""
+        report = run.begin(total_steps, step_lib.summarize(built, mesh, compiled) + labelled,
                            validation.warnings(c, total_steps, num_examples) + built.replicated)
         if adopted:
             report.message(adopted)

@@ -11,6 +11,7 @@ import ml_collections
 from mlcd_jax import config as config_lib, head, mesh as mesh_lib
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate.probes import PROBES
+from mlcd_jax.labels import join
 from mlcd_jax.models import vit
 
 
@@ -30,6 +31,9 @@ def validate(c: ml_collections.ConfigDict,
         fail("data.workers", f"must be ≥ -1 (-1 = automatic, 0 = none), got {c.data.workers}")
     if c.data.num_labels < 1:
         fail("data.num_labels", f"must be ≥ 1, got {c.data.num_labels}")
+    if c.data.missing_labels not in join.MISSING:
+        fail("data.missing_labels", f"must be one of {join.MISSING}, got "
+             f"{c.data.missing_labels!r}")
     if c.head.label_columns > c.data.num_labels:
         fail("head.label_columns", f"{c.head.label_columns} columns of data.num_labels = "
              f"{c.data.num_labels}: at most that many")

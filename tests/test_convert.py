@@ -32,7 +32,7 @@ def test_convert_folder_and_tars_to_arrayrecord(tmp_path):
         assert ar[i]["image_bytes"] == folder[i]["image_bytes"]
     index = [json.loads(l)
              for l in (tmp_path / "ar" / "train.index.jsonl").read_text().splitlines()]
-    assert index[3] == {"record": 3, "name": "dog/3.png"}
+    assert index[3] == {"record": 3, "key": "dog/3.png", "name": "dog/3.png"}
 
     for t in range(2):  # webdataset shards, as img2dataset writes them
         with tarfile.open(tmp_path / f"shard-{t:05d}.tar", "w") as tar:

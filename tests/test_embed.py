@@ -60,8 +60,10 @@ def test_embed_kmeans_assign_then_train_on_digits(tmp_path):
 
 
 def test_unreadable_images_are_named_by_every_stage(tmp_path, capsys):
-    """Features for evaluation leave them out and say which; embed refuses, naming them (every
-    record needs its label row); the pipeline carries their indices."""
+    """Features for evaluation leave them out, say which and give the records of the rows made;
+    embed leaves them out and names them, the readable ones keyed (their labels are joined by
+    key); a source without keys refuses them (its rows would be its label rows)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
     from flax import nnx
 
     from mlcd_jax import features
@@ -69,14 +71,31 @@ def test_unreadable_images_are_named_by_every_stage(tmp_path, capsys):
     unreadable_files(tmp_path / "imgs")
     folder = sources.FolderSource(tmp_path / "imgs")
     model = vit.ViT(vit.vit_config("micro"), rngs=nnx.Rngs(0))
-    x, y = features.extract(model, folder, image_size=16, batch_size=4)
+    x, y, rows = features.extract(model, folder, image_size=16, batch_size=4)
     assert len(x) == 7
+    assert [folder.key(int(r)) for r in rows] == [f"cls/good{i}.png" for i in range(6)] + [
+        "cls/tiny.png"]
     printed = capsys.readouterr().out
     assert ("3 unreadable images skipped" in printed
             and str(tmp_path / "imgs/cls/empty.jpg") in printed)
-    with pytest.raises(ValueError, match=r"3 unreadable images skipped .*cut.jpg.*Every record "
-                                         r"needs an embedding"):
-        embed.run(folder, model, tmp_path / "emb", model_name="micro", image_size=16)
+    done = embed.run(folder, model, tmp_path / "emb", model_name="micro", image_size=16)
+    assert done["keyed"] and done["complete"]
+    assert "embed: left out 3 unreadable images skipped" in capsys.readouterr().out
+    shards = store.open_embeddings(tmp_path / "emb")
+    assert shards.total == 7 and shards.keys(0) == [folder.key(int(r)) for r in rows]
+    np.testing.assert_allclose(shards.load(0).astype(np.float32),
+                               x / np.linalg.norm(x, axis=1, keepdims=True), atol=2e-3)
+
+    writer = ArrayRecordWriter(str(tmp_path / "raw.array_record"), "group_size:1")
+    for i in range(4):  # ArrayRecord files made elsewhere: no convert index, so no keys
+        data = (tmp_path / "imgs" / "cls" / f"good{i}.png").read_bytes()
+        writer.write(data[:20] if i == 2 else data)
+    writer.close()
+    raw = sources.ArrayRecordSource(str(tmp_path / "raw.array_record"))
+    assert "no convert index beside it" in raw.unkeyed
+    with pytest.raises(ValueError, match=r"1 unreadable images skipped .*raw.array_record\[2\].*"
+                                         r"Without keys every record needs an embedding"):
+        embed.run(raw, model, tmp_path / "emb_raw", model_name="micro", image_size=16)
 
 
 def test_embed_refuses_an_out_dir_of_another_run_and_checks_its_shards(tmp_path):

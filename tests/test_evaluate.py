@@ -51,8 +51,8 @@ def test_knn_on_digits_and_vote_by_hand(digits):
 def test_features_sharded_equal_unsharded(devices, n):
     model = vit.ViT(vit.vit_config("micro", embed_dim=8), rngs=nnx.Rngs(0))
     src = sources.Subset(sources.DigitsSource(), np.arange(100))
-    one, y1 = features.extract(model, src, image_size=16, batch_size=32)
-    many, y8 = features.extract(model, src, image_size=16, batch_size=32,
+    one, y1, _ = features.extract(model, src, image_size=16, batch_size=32)
+    many, y8, _ = features.extract(model, src, image_size=16, batch_size=32,
                                 mesh=mesh_lib.make_mesh([("data", -1)], devices[:n]))
     assert_same_math(many, one)
     np.testing.assert_array_equal(y1, sources.DigitsSource().labels[:100])

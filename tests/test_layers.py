@@ -14,7 +14,7 @@ LAYERS = [
     ("mlcd_jax.config", "mlcd_jax.lit_config", "mlcd_jax.recipes", "mlcd_jax.flag_parsing",
      "mlcd_jax.mesh", "mlcd_jax.losses", "mlcd_jax.optim", "mlcd_jax.distributed",
      "mlcd_jax.reporting", "mlcd_jax.models", "mlcd_jax.data", "mlcd_jax.records",
-     "mlcd_jax.labels.store"),
+     "mlcd_jax.keys", "mlcd_jax.labels.store", "mlcd_jax.labels.join"),
     # the heads (MLCD, contrastive), checkpoints, the transformers mapping, the embedding loop
     # and the evaluators of its features
     ("mlcd_jax.head", "mlcd_jax.contrastive", "mlcd_jax.checkpoint", "mlcd_jax.interop.hf",

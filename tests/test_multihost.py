@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlcd_jax import distributed
+from mlcd_jax import distributed, keys
 from mlcd_jax.labels import store
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -67,11 +67,15 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
 @pytest.mark.parametrize("backend, devices", [("faiss", 1), ("jax", 2)])
 def test_assign_split_over_two_processes_writes_the_same_store(tmp_path, backend, devices):
     """jax: the centers split over the 4 devices of both processes; process 0 has 3 shards and
-    process 1 two, so process 1 makes empty mesh calls while process 0 finishes."""
+    process 1 two, so process 1 makes empty mesh calls while process 0 finishes. The embeddings
+    carry keys in a shuffled order: every key's labels are the float64 top-3 of its own row."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 16)).astype(np.float32)
-    store.write_embeddings(tmp_path / "emb", np.array_split(x, 5), model="random")
-    np.save(tmp_path / "centers.npy", store.normalize(rng.normal(size=(41, 16)).astype(np.float32)))
+    names = [f"img/{i:05d}.jpg" for i in rng.permutation(3000)]
+    store.write_embeddings(tmp_path / "emb", np.array_split(x, 5), model="random",
+                           keys=np.array_split(names, 5))
+    centers = store.normalize(rng.normal(size=(41, 16)).astype(np.float32))
+    np.save(tmp_path / "centers.npy", centers)
     assign = [sys.executable, "-m", "mlcd_jax.labels", "assign", f"--embeddings={tmp_path / 'emb'}",
               f"--centers={tmp_path / 'centers.npy'}", "--num_labels=3", f"--backend={backend}"]
     run(assign + [f"--out={tmp_path / 'one'}"])
@@ -81,6 +85,13 @@ def test_assign_split_over_two_processes_writes_the_same_store(tmp_path, backend
     assert "assign (process 0)" in logs[0] and "assign (process 1)" in logs[1]
     np.testing.assert_array_equal(np.load(tmp_path / "two" / "labels.npy"),
                                   np.load(tmp_path / "one" / "labels.npy"))
+    two = store.open_label_store(tmp_path / "two")
+    own = np.asarray(store.open_embeddings(tmp_path / "emb").load(0), np.float64)  # float16 kept
+    rows = keys.lookup(two.keys(), keys.hashes(names[:600]))
+    np.testing.assert_array_equal(rows, np.arange(600))
+    top = np.argsort(-(own / np.linalg.norm(own, axis=1, keepdims=True)) @ centers.T.astype(
+        np.float64), axis=1)[:, :3]
+    np.testing.assert_array_equal(two.labels[rows], top)
     parts = sorted(p.name for p in (tmp_path / "two" / "parts").glob("*.npy"))
     assert parts == [f"part_{i:05d}.npy" for i in range(5)]
     if backend == "jax":  # k-means too: every process reads its share of the sample and runs the

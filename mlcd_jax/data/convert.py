@@ -5,18 +5,20 @@ images.
     python -m mlcd_jax.data.convert --input "/data/laion/{00000..00099}.tar" --output /data/ar/laion
 
 Writes OUTPUT-00000-of-00010.array_record, ... (one record = one encoded image, bytes as stored,
-no re-encoding) and OUTPUT.index.jsonl (record → original path or tar member, in record order, and
-the image's caption where it has one: the .txt that img2dataset writes beside each image, in a tar
-shard or a folder), with its offsets table and manifest (`mlcd_jax/data/index.py`: any record's
-name and caption in O(1)). Everything streams: memory does not grow with the number of
-images.
-`--reindex OUTPUT` adds the table to an index an older convert wrote.
+no re-encoding) and OUTPUT.index.jsonl (record → its key, original path or tar member, in record
+order, and the image's caption where it has one: the .txt that img2dataset writes beside each
+image, in a tar shard or a folder), with its offsets table, key hashes and manifest
+(`mlcd_jax/data/index.py`: any record's key, name and caption in O(1)). The key is what labels
+are joined by: in img2dataset's tars the `key` of each sample's .json (else webdataset's key of the
+member), in a folder the file's relative path; two records with one key are an error naming
+both. Everything streams: memory does not grow with the number of images.
+`--reindex OUTPUT` adds the table and the keys to an index an older convert wrote.
 Then: ``--config.data.source=arrayrecord
 --config.data.path='OUTPUT-*.array_record'``; LiT reads the captions with the template "{caption}".
 
 Every image is decoded once here: a file that does not decode (empty, truncated, not an image) is
 left out, listed with its reason in OUTPUT.skipped.jsonl and counted on the console, so that each
-record of the output is an image (the record index is the row of the label store). Images smaller
+record of the output is an image (its labels are found by its key). Images smaller
 than --warn_below pixels on a side are kept and listed as a warning (they will be upscaled).
 Existing shards under OUTPUT are never mixed with new ones: convert refuses, or with --overwrite
 replaces them once the new ones are written.
@@ -49,14 +51,42 @@ def _expand(pattern: str) -> list[str]:
     return sorted(glob.glob(pattern))
 
 
+def webdataset_key(member: str) -> str:
+    """webdataset's `__key__` of a tar member: its path up to the first dot of its file name
+    (`00000/000000123.jpg` → `00000/000000123`)."""
+    folder, _, name = member.rpartition("/")
+    return f"{folder}/{name.split('.', 1)[0]}" if folder else name.split(".", 1)[0]
+
+
+def key_of_name(name: str) -> str:
+    """The key an older index's record name implies (`--reindex`): a tar member's webdataset key
+    (`shard.tar:KEY.jpg`), a folder file's relative path. For img2dataset's shards that is the
+    `key` of each sample's .json as well."""
+    tar, sep, member = name.partition(".tar:")
+    return webdataset_key(member) if sep else name
+
+
+def _sidecar_key(data: bytes, where: str) -> str | None:
+    """The "key" of an img2dataset .json sidecar (None: no such field)."""
+    try:
+        key = json.loads(data).get("key")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{where}: not a JSON object ({e}); fix or remove that sidecar") from None
+    return None if key is None else str(key)
+
+
 def iter_images(inputs: str):
-    """(name, encoded bytes, caption or None) of every image, in a deterministic order. The
-    caption is the text file of the same name (KEY.jpg + KEY.txt), as img2dataset writes them."""
+    """(key, name, encoded bytes, caption or None) of every image, in a deterministic order. The
+    key is what labels are joined by: in a tar, the `key` of the sample's .json sidecar
+    (img2dataset writes one) or else webdataset's key of the member; in a folder, the file's
+    relative path. The caption is the text file of the same name (KEY.jpg + KEY.txt), as
+    img2dataset writes them."""
     root = pathlib.Path(inputs)
     if root.is_dir():
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             text = path.with_suffix(".txt")
-            yield (str(path.relative_to(root)), path.read_bytes(),
+            name = path.relative_to(root).as_posix()
+            yield (name, name, path.read_bytes(),
                    caption_text(text.read_bytes()) if text.is_file() else None)
         return
     tars = _expand(inputs)
@@ -64,16 +94,22 @@ def iter_images(inputs: str):
         raise FileNotFoundError(f"--input {inputs}: neither a folder nor matching tar files")
     for tar in tars:
         with tarfile.open(tar) as t:
-            members = sorted((m for m in t.getmembers() if m.isfile()), key=lambda m: m.name)
-            texts = {str(pathlib.PurePath(m.name).with_suffix("")): m for m in members
-                     if m.name.endswith(".txt")}
-            for member in members:
-                path = pathlib.PurePath(member.name)
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    text = texts.get(str(path.with_suffix("")))
-                    yield (f"{pathlib.Path(tar).name}:{member.name}",
-                           t.extractfile(member).read(),
-                           caption_text(t.extractfile(text).read()) if text else None)
+            samples: dict[str, dict[str, tarfile.TarInfo]] = {}  # webdataset key → {suffix: member}
+            for m in sorted((m for m in t.getmembers() if m.isfile()), key=lambda m: m.name):
+                suffix = m.name[len(webdataset_key(m.name)):].lower()
+                samples.setdefault(webdataset_key(m.name), {}).setdefault(suffix, m)
+            for key, files in samples.items():
+                sidecar = files.get(".json")
+                if sidecar is not None:
+                    key = _sidecar_key(t.extractfile(sidecar).read(),
+                                       f"{tar}:{sidecar.name}") or key
+                text = files.get(".txt")
+                for suffix, member in files.items():
+                    if "." + suffix.rsplit(".", 1)[-1] in IMAGE_SUFFIXES:  # .jpg, or .x.jpg
+                        yield (key, f"{pathlib.Path(tar).name}:{member.name}",
+                               t.extractfile(member).read(),
+                               caption_text(t.extractfile(text).read()) if text else None)
+                        break  # one image per sample
 
 
 def existing_shards(output: str) -> list[pathlib.Path]:
@@ -100,13 +136,13 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
     skipped_file, skipped, small, tmp_paths, writer = None, [], [], [], None
     num_skipped = num_small = 0
     try:
-        for name, data, caption in tqdm(iter_images(inputs), desc="convert", unit="img"):
+        for key, name, data, caption in tqdm(iter_images(inputs), desc="convert", unit="img"):
             try:
                 image = transforms.decode({"image_bytes": data, "path": name})
             except transforms.CorruptImage as e:
                 if skipped_file is None:
                     skipped_file = open(f"{skipped_path}.tmp", "w")
-                entry = {"name": name, "reason": str(e).removeprefix(f"{name}: ")}
+                entry = {"name": name, "key": key, "reason": str(e).removeprefix(f"{name}: ")}
                 skipped_file.write(json.dumps(entry) + "\n")
                 num_skipped += 1
                 if len(skipped) < 5:  # shown on the console; all are in the file
@@ -123,7 +159,7 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
                 writer = ArrayRecordWriter(str(tmp_paths[-1]), "group_size:1")
                 index.new_shard()
             writer.write(data)
-            index.add(name, caption)
+            index.add(key, name, caption)
         if writer:
             writer.close()
     except BaseException:
@@ -169,7 +205,7 @@ def reindex(output: str) -> dict:
         reader = ArrayRecordReader(shard)
         counts.append(reader.num_records())
         reader.close()
-    return index_lib.reindex(output, shards, counts) | {"shards": len(shards)}
+    return index_lib.reindex(output, shards, counts, key_of_name) | {"shards": len(shards)}
 
 
 def main(argv=None) -> int:
@@ -177,8 +213,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", help="image folder, or tar files (glob / {a..b})")
     p.add_argument("--output", help="output prefix")
-    p.add_argument("--reindex", metavar="OUTPUT", help="add the offsets table to an earlier "
-                   "convert's OUTPUT.index.jsonl (records by number in O(1)), nothing re-encoded")
+    p.add_argument("--reindex", metavar="OUTPUT", help="add the offsets table and record keys "
+                   "to an earlier convert's OUTPUT.index.jsonl, nothing re-encoded")
     p.add_argument("--shard_size", type=int, default=10_000)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards of an earlier convert with this --output")
@@ -201,7 +237,7 @@ def main(argv=None) -> int:
     try:
         result = convert(a.input, a.output, a.shard_size, overwrite=a.overwrite,
                          warn_below=a.warn_below)
-    except (FileNotFoundError, FileExistsError, OSError) as e:
+    except (FileNotFoundError, FileExistsError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = f"; skipped {result['skipped']:,} unreadable" if result["skipped"] else ""

@@ -1,17 +1,21 @@
-"""Convert's record index: each record's original name and caption, read by record in O(1).
+"""Convert's record index: each record's key, original name and caption, read by record in O(1).
 
 A convert output PREFIX has, beside its shards PREFIX-0000k-of-N.array_record:
 
-* PREFIX.index.jsonl     one JSON line per record, in record order: {"record", "name",
+* PREFIX.index.jsonl     one JSON line per record, in record order: {"record", "key", "name",
                          "caption"?} (a person can read it)
 * PREFIX.index.offsets   the byte offset of every line and the file's size: N + 1 little-endian
                          int64 (memory-mapped, so record i's line is one seek away)
+* PREFIX.index.hashes    every record's key hashed (`mlcd_jax/keys.py`): N × 16 bytes in record
+                         order, memory-mapped (a join reads it without parsing a line)
 * PREFIX.index.json      the manifest, written last: records, each shard's name, records and
-                         bytes, how many records have a caption, the .jsonl's size
+                         bytes, how many records have a caption, the .jsonl's size, "keys"
 
-Nothing here holds more than one record in memory: LAION's 400 M records are 400 M lines a seek
-apart. An index from before the offsets table (no PREFIX.index.json) is named in one line with
-the command that adds the table (`python -m mlcd_jax.data.convert --reindex PREFIX`).
+The key is what labels are joined by (img2dataset's sample key, a folder's relative path); keys are
+unique within an output (`finish` checks, in bounded memory). Nothing here holds more than one
+record in memory: LAION's 400 M records are 400 M lines a seek apart. An index from before the
+offsets table or the keys is named in one line with the command that adds them
+(`python -m mlcd_jax.data.convert --reindex PREFIX`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ import pathlib
 
 import numpy as np
 
+from mlcd_jax import keys as keys_lib
 from mlcd_jax.records import write_json_atomic
 
-FORMAT = 1
+FORMAT = 2  # 2: keys (1: names and captions only)
 
 
 class StaleIndex(ValueError):
@@ -38,6 +43,14 @@ def paths(prefix) -> tuple[pathlib.Path, pathlib.Path, pathlib.Path]:
             pathlib.Path(f"{prefix}.index.json"))
 
 
+def hashes_path(prefix) -> pathlib.Path:
+    return pathlib.Path(f"{prefix}.index.hashes")
+
+
+class DuplicateKey(ValueError):
+    """Two records of one convert output have the same key."""
+
+
 class Writer:
     """Writes the index as convert goes: a line and an offset per record (nothing kept in
     memory), the manifest at `finish`. Until then everything is under .tmp names."""
@@ -45,35 +58,42 @@ class Writer:
     def __init__(self, prefix):
         self.prefix = str(prefix)
         self.lines_path, self.offsets_path, self.manifest_path = paths(prefix)
+        self.hashes_path = hashes_path(prefix)
         self._lines = open(f"{self.lines_path}.tmp", "wb")
         self._offsets = open(f"{self.offsets_path}.tmp", "wb")
+        self._hashes = open(f"{self.hashes_path}.tmp", "wb")
         self.records = self.captioned = 0
         self.shard_records: list[int] = []
 
     def new_shard(self) -> None:
         self.shard_records.append(0)
 
-    def add(self, name: str, caption: str | None) -> None:
+    def add(self, key: str, name: str, caption: str | None) -> None:
         self._offsets.write(np.int64(self._lines.tell()).astype("<i8").tobytes())
-        line = {"record": self.records, "name": name} | (
+        line = {"record": self.records, "key": key, "name": name} | (
             {"caption": caption} if caption is not None else {})
         self._lines.write((json.dumps(line, ensure_ascii=False) + "\n").encode())
+        self._hashes.write(keys_lib.hashes([key]).tobytes())
         self.records += 1
         self.captioned += caption is not None
         self.shard_records[-1] += 1
 
     def finish(self, shards: list[str]) -> None:
-        """The index of `shards` (their final names): files renamed into place, manifest last."""
+        """The index of `shards` (their final names): files renamed into place, manifest last.
+        Two records with one key raise DuplicateKey, naming both, after the index is in place
+        (nothing converted is lost: remove one of the two and `--reindex`, or convert again)."""
         self._offsets.write(np.int64(self._lines.tell()).astype("<i8").tobytes())
         size = self._lines.tell()
-        self._lines.close()
-        self._offsets.close()
-        os.replace(f"{self.lines_path}.tmp", self.lines_path)
-        os.replace(f"{self.offsets_path}.tmp", self.offsets_path)
+        for f in (self._lines, self._offsets, self._hashes):
+            f.close()
+        for path in (self.lines_path, self.offsets_path, self.hashes_path):
+            os.replace(f"{path}.tmp", path)
         write_manifest(self.prefix, shards, self.shard_records, self.captioned, size)
+        check_unique(self.prefix)
 
     def abandon(self) -> None:
-        for f, path in ((self._lines, self.lines_path), (self._offsets, self.offsets_path)):
+        for f, path in ((self._lines, self.lines_path), (self._offsets, self.offsets_path),
+                        (self._hashes, self.hashes_path)):
             f.close()
             pathlib.Path(f"{path}.tmp").unlink(missing_ok=True)
 
@@ -82,39 +102,65 @@ def write_manifest(prefix, shards: list[str], counts: list[int], captioned: int,
                    lines_bytes: int) -> None:
     write_json_atomic(paths(prefix)[2], {
         "format": FORMAT, "records": int(sum(counts)), "captioned": int(captioned),
-        "lines_bytes": int(lines_bytes),
+        "lines_bytes": int(lines_bytes), "keys": True,
         "shards": [{"file": pathlib.Path(s).name, "records": int(n),
                     "bytes": pathlib.Path(s).stat().st_size} for s, n in zip(shards, counts)]})
 
 
-def reindex(prefix, shards: list[str], counts: list[int]) -> dict:
-    """The offsets table and manifest of an existing PREFIX.index.jsonl (one pass over it)."""
+def check_unique(prefix) -> None:
+    """Every key of the output once (a sorted key table built on the side, in bounded memory,
+    then removed); a duplicate names both records."""
+    index = Index(prefix)
+    table = pathlib.Path(f"{prefix}.index.keys-check.npy")
+    try:
+        keys_lib.build(table, [index.hashes()], index.records, what=f"{index.lines_path}",
+                       describe=lambda r: f"record {r} ({index.line(r)['name']!r}, key "
+                                          f"{index.line(r)['key']!r})")
+    except keys_lib.DuplicateKey as e:
+        raise DuplicateKey(f"{e}: remove one of the two images from the input and convert "
+                           "again with --overwrite") from None
+    finally:
+        table.unlink(missing_ok=True)
+
+
+def reindex(prefix, shards: list[str], counts: list[int], key_of) -> dict:
+    """The offsets table, key hashes and manifest of an existing PREFIX.index.jsonl (one pass
+    over it). A line without a key (an older convert) gets `key_of(name)`; the lines are
+    rewritten with their keys then."""
     lines_path, offsets_path, _ = paths(prefix)
+    keys_path = hashes_path(prefix)
     if not lines_path.is_file():
         raise FileNotFoundError(f"{lines_path} not found: --reindex needs convert's index")
     records = captioned = 0
-    with open(lines_path, "rb") as lines, open(f"{offsets_path}.tmp", "wb") as offsets:
-        while True:
-            start = lines.tell()
-            line = lines.readline()
-            offsets.write(np.int64(start).astype("<i8").tobytes())
-            if not line:
-                break
+    with (open(lines_path, "rb") as lines, open(f"{lines_path}.tmp", "wb") as out,
+          open(f"{offsets_path}.tmp", "wb") as offsets, open(f"{keys_path}.tmp", "wb") as hashed):
+        for raw in lines:
+            line = json.loads(raw)
+            if "key" not in line:
+                line = {"record": line["record"], "key": key_of(line["name"])} | line
+                raw = (json.dumps(line, ensure_ascii=False) + "\n").encode()
+            offsets.write(np.int64(out.tell()).astype("<i8").tobytes())
+            out.write(raw)
+            hashed.write(keys_lib.hashes([line["key"]]).tobytes())
             records += 1
-            captioned += b'"caption"' in line
-        size = start
+            captioned += "caption" in line
+        offsets.write(np.int64(out.tell()).astype("<i8").tobytes())
+        size = out.tell()
     if records != sum(counts):
-        pathlib.Path(f"{offsets_path}.tmp").unlink()
+        for path in (lines_path, offsets_path, keys_path):
+            pathlib.Path(f"{path}.tmp").unlink()
         raise StaleIndex(f"{lines_path} lists {records:,} records but the shards hold "
                          f"{sum(counts):,}; it is stale: convert again with --overwrite")
-    os.replace(f"{offsets_path}.tmp", offsets_path)
+    for path in (lines_path, offsets_path, keys_path):
+        os.replace(f"{path}.tmp", path)
     write_manifest(prefix, shards, counts, captioned, size)
+    check_unique(prefix)
     return {"records": records, "captioned": captioned}
 
 
 class Index:
-    """Record i's name and caption by one seek (`line`); `shards`: {file name: (first record,
-    records, bytes)} as convert wrote them."""
+    """Record i's key, name and caption by one seek (`line`), every key's hash memory-mapped
+    (`hashes`); `shards`: {file name: (first record, records, bytes)} as convert wrote them."""
 
     def __init__(self, prefix):
         self.prefix = str(prefix)
@@ -126,6 +172,7 @@ class Index:
                 f"mlcd_jax.data.convert --reindex {self.prefix}` (one pass, nothing re-encoded)")
         m = json.loads(manifest_path.read_text())
         self.records, self.captioned = int(m["records"]), int(m["captioned"])
+        self.keyed = bool(m.get("keys"))
         if (not self.lines_path.is_file() or self.lines_path.stat().st_size != m["lines_bytes"]
                 or not self.offsets_path.is_file()
                 or self.offsets_path.stat().st_size != 8 * (self.records + 1)):
@@ -144,6 +191,19 @@ class Index:
         start, end = int(self._offsets[record]), int(self._offsets[record + 1])
         self._file.seek(start)
         return json.loads(self._file.read(end - start))
+
+    def hashes(self) -> np.ndarray:
+        """Every record's key hash (`keys.HASH`), memory-mapped, in record order."""
+        path = hashes_path(self.prefix)
+        if not self.keyed:
+            raise StaleIndex(f"{self.lines_path} has no record keys (an older convert wrote it), "
+                             f"so labels cannot be joined to its records by key; add them with "
+                             f"`python -m mlcd_jax.data.convert --reindex {self.prefix}` (one "
+                             f"pass, nothing re-encoded)")
+        if not path.is_file() or path.stat().st_size != keys_lib.HASH.itemsize * self.records:
+            raise StaleIndex(f"{path} is missing or does not match {self.lines_path}; "
+                             f"`python -m mlcd_jax.data.convert --reindex {self.prefix}`")
+        return np.memmap(path, dtype=keys_lib.HASH, mode="r", shape=(self.records,))
 
     def __getstate__(self):
         return self.__dict__ | {"_offsets": None, "_file": None}

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from mlcd_jax.data import pipeline, sources, synthetic
-from mlcd_jax.labels import store
+from mlcd_jax.labels import join, store
 
 PREFETCH = 2  # batches made ahead, on the devices (≥ 2)
 
@@ -25,6 +25,19 @@ PREFETCH = 2  # batches made ahead, on the devices (≥ 2)
 def open_source(c):
     """The config's real data source (None for synthetic data): opened, and so checked, first."""
     return None if c.data.source == "synthetic" else sources.make_source(c.data)
+
+
+def join_labels(c, source) -> join.Joined | None:
+    """The records of `source` joined with config.data.labels by key (`labels/join.py`; the
+    store opened and checked once, here). None: synthetic data, or the source's own classes."""
+    if source is None or not c.data.labels:
+        return None
+    labels = store.open_label_store(c.data.labels, num_classes=c.head.num_classes)
+    if labels.labels.shape[1] < c.data.num_labels:
+        raise ValueError(f"{labels.path} has {labels.labels.shape[1]} labels per example "
+                         f"but config.data.num_labels = {c.data.num_labels}")
+    store.check_label_range(labels)
+    return join.join(source, labels, missing=c.data.missing_labels)
 
 
 def num_workers(c) -> int:
@@ -131,23 +144,23 @@ class SyntheticInput(_Input):
 
 
 class GrainInput(_Input):
-    """A real source through the grain pipeline, joined with a label store by record index."""
+    """A real source through the grain pipeline, each record with its labels (`joined`: the
+    label store's rows by key, `join_labels`; None: the source's own class)."""
 
-    def __init__(self, c, sharding, source):
+    def __init__(self, c, sharding, source, joined=None):
+        source = source if joined is None else joined.source  # records without labels skipped
         super().__init__(c, sharding, source)
-        labels = None  # the source's own class as the single label
-        if c.data.labels:  # opened and checked once, here
-            labels = store.open_label_store(c.data.labels, num_examples=len(source),
-                                            num_classes=c.head.num_classes)
-            if labels.labels.shape[1] < c.data.num_labels:
-                raise ValueError(f"{labels.path} has {labels.labels.shape[1]} labels per example "
-                                 f"but config.data.num_labels = {c.data.num_labels}")
-            store.check_label_range(labels)
+        self.joined = joined
         self.dataset = pipeline.dataset(
             source, batch_size=c.batch_size, image_size=c.data.image_size,
-            num_labels=c.data.num_labels, seed=c.seed, labels=labels,
+            num_labels=c.data.num_labels, seed=c.seed, labels=joined,
             crop_scale=tuple(c.data.crop_scale), flip=c.data.flip, workers=num_workers(c))
         self.iterator = iter(self.dataset)
+
+    def log_values(self) -> dict[str, float]:
+        missing = {} if self.joined is None or not self.joined.missing else {
+            "records_without_labels": self.joined.missing}
+        return super().log_values() | missing
 
     def _make(self):
         batch = next(self.iterator)
@@ -161,11 +174,12 @@ class GrainInput(_Input):
         self.iterator.set_state(state)
 
 
-def make_train_input(c, sharding, source=None):
-    """The trainer's input for config `c`: synthetic, or `source` (`open_source`) through grain."""
+def make_train_input(c, sharding, source=None, joined=None):
+    """The trainer's input for config `c`: synthetic, or `source` (`open_source`) with its labels
+    (`join_labels`) through grain."""
     if c.data.source == "synthetic":
         return SyntheticInput(c, sharding)
-    return GrainInput(c, sharding, source)
+    return GrainInput(c, sharding, source, joined)
 
 
 def image_dtype(c):

@@ -21,14 +21,16 @@ from mlcd_jax.data import transforms
 
 
 class LabelLookup:
-    """Joins a record with its labels by source index, from the label store the trainer opened
-    and checked (`labels.store.LabelStore`; None: the source's own class as the single label).
-    Its labels stay memory-mapped: a worker process maps the same file again, never a copy."""
+    """Gives a record its labels: its row of the label store, as the trainer's join by key found
+    it (`labels.join.Joined`: the row of each record; None: the source's own class as the single
+    label). Labels and rows stay memory-mapped: a worker process maps the same files again, never
+    a copy."""
 
-    def __init__(self, store, num_labels: int, num_records: int):
+    def __init__(self, joined, num_labels: int, num_records: int):
         self.num_labels, self.num_records = num_labels, num_records
-        self.path = None if store is None else str(store.path)
-        self._labels = None if store is None else store.labels
+        self.path = None if joined is None else str(joined.store.path)
+        self.rows = None if joined is None else joined.rows
+        self._labels = None if joined is None else joined.store.labels
 
     def __call__(self, index: int, record: dict) -> dict:
         index %= self.num_records  # after repeat(), positions run past the source's length
@@ -38,7 +40,8 @@ class LabelLookup:
         else:
             if self._labels is None:  # in a worker process
                 self._labels = np.load(self.path, mmap_mode="r")
-            labels = np.asarray(self._labels[index], np.int32)
+            row = index if self.rows is None else int(self.rows[index])
+            labels = np.asarray(self._labels[row], np.int32)
         return {**record, "index": index, "labels": labels}
 
     def __getstate__(self):

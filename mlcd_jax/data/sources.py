@@ -1,8 +1,11 @@
 """Random-access sources of examples: ``len(source)`` and ``source[i]`` → a dict with either
 "image" (uint8 H × W × 3) or "image_bytes" (an encoded JPEG/PNG/...), plus "label" where known.
-Each also has ``name(i)`` (what a person calls record i: its file, or its place in a shard) and
-``fingerprint()`` (changes when the records change), so later stages can name a bad record and
-tell stale results from current ones. Sources whose images come with text have ``captions(i)``
+Each also has ``name(i)`` (what a person calls record i: its file, or its place in a shard),
+``key(i)`` (what its labels are joined by: a folder file's relative path, img2dataset's sample key;
+bundled data: its name) with ``key_hashes(indices)`` (`mlcd_jax/keys.py`; `unkeyed` says why a
+source has no keys, None when it has) and ``fingerprint()`` (changes when the records change), so
+later stages can name a bad record, join it with its labels and tell stale results from current
+ones. Sources whose images come with text have ``captions(i)``
 (the image's own captions, a list; LiT and retrieval read them).
 
 * `DigitsSource`: scikit-learn's bundled handwritten digits (1,797 real 8 × 8 images, no download).
@@ -24,6 +27,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from mlcd_jax import keys as keys_lib
 from mlcd_jax.data import index as index_lib
 from mlcd_jax.records import digest
 
@@ -42,7 +46,19 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-class Subset:
+class _Keyed:
+    """Keys are names (bundled and tfds data: stable for the same dataset, split and seed)."""
+
+    unkeyed = None
+
+    def key(self, i) -> str:
+        return self.name(i)
+
+    def key_hashes(self, indices) -> np.ndarray:
+        return keys_lib.hashes(self.key(int(i)) for i in indices)
+
+
+class Subset(_Keyed):
     """Records `indices` (a range or an array) of `source`, in that order."""
 
     def __init__(self, source, indices):
@@ -57,17 +73,33 @@ class Subset:
     def name(self, i):
         return self.source.name(int(self.indices[i]))
 
-    def captions(self, i):
-        return self.source.captions(int(self.indices[i]))
+    def key(self, i):
+        return self.source.key(int(self.indices[i]))
+
+    def key_hashes(self, indices):
+        return self.source.key_hashes(np.asarray(self.indices[np.asarray(indices)]))
+
+    @property
+    def unkeyed(self):
+        return self.source.unkeyed
+
+    def __getattr__(self, name):
+        """What the source says of a record beside its image (`captions`, `caption_fields`),
+        where it says it."""
+        source = self.__dict__.get("source")
+        if name in ("captions", "caption_fields") and hasattr(source, name):
+            return lambda i: getattr(source, name)(int(self.indices[i]))
+        raise AttributeError(name)
 
     def fingerprint(self):
         indices = self.indices
         key = ([indices.start, indices.stop, indices.step] if isinstance(indices, range)
-               else hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest())
+               else getattr(indices, "fingerprint", lambda: None)()
+               or hashlib.sha256(np.asarray(indices, np.int64).tobytes()).hexdigest())
         return digest(self.source.fingerprint(), key)
 
 
-class DigitsSource:
+class DigitsSource(_Keyed):
     def __init__(self):
         from sklearn.datasets import load_digits
         digits = load_digits()
@@ -88,7 +120,7 @@ class DigitsSource:
         return digest("digits", len(self))
 
 
-class DigitsCanvasSource:
+class DigitsCanvasSource(_Keyed):
     """The demo's task: each digit at a random scale and position on a larger blank canvas (fixed
     per example), so raw pixels are a weak representation while the digit is still plain to see.
     `clean` keeps the original 8 × 8 digits (the teacher's view). A seeded `split` of the 1,797."""
@@ -142,8 +174,11 @@ class DigitsCanvasSource:
 
 
 class FolderSource:
-    """Image files under `root` in sorted order; the class is the first sub-folder. `classes`
-    (another folder's `class_index`) makes a test folder use the train folder's class ids."""
+    """Image files under `root` in sorted order; the class is the first sub-folder; the key is
+    the relative path (as convert keys a folder). `classes` (another folder's `class_index`) makes
+    a test folder use the train folder's class ids."""
+
+    unkeyed = None
 
     def __init__(self, root, *, classes: dict[str, int] | None = None, field="config.data.path"):
         if not str(root):
@@ -177,6 +212,12 @@ class FolderSource:
 
     def name(self, i):
         return str(self.paths[i])
+
+    def key(self, i) -> str:
+        return self.paths[i].relative_to(self.root).as_posix()
+
+    def key_hashes(self, indices) -> np.ndarray:
+        return keys_lib.hashes(self.key(int(i)) for i in indices)
 
     def captions(self, i) -> list[str]:
         text = self.paths[i].with_suffix(".txt")
@@ -287,23 +328,64 @@ class ArrayRecordSource:
         except (OSError, ValueError, KeyError):
             return place
 
-    def captions(self, i) -> list[str]:
-        """Record i's caption, from convert's index (convert keeps the text beside each image)."""
+    def _unindexed(self, f: int, what: str) -> ValueError:
+        """Why file f's records have no `what` (its index is missing, stale or older)."""
+        index = self._index(self.files[f])
+        if isinstance(index, index_lib.StaleIndex):
+            return index
+        if index is None:
+            return ValueError(f"{self.files[f]}: no convert index beside it "
+                              f"({_index_of(self.files[f]) or 'PREFIX.index.jsonl'}), so its "
+                              f"records have no {what}; make the files with "
+                              "`python -m mlcd_jax.data.convert`")
+        return ValueError(f"{index.lines_path} lists {index.records:,} records but not "
+                          f"{self.files[f]} as it is now; it is stale: convert again with "
+                          "--overwrite")
+
+    def _line(self, i, what: str) -> dict:
         f, local = self._locate(i)
         if self.first[f] is None:
-            index = self._index(self.files[f])
-            if isinstance(index, index_lib.StaleIndex):
-                raise index
-            if index is None:
-                raise ValueError(f"{self.files[f]}: no convert index beside it "
-                                 f"({_index_of(self.files[f]) or 'PREFIX.index.jsonl'}), so its "
-                                 "records have no captions; make the files with "
-                                 "`python -m mlcd_jax.data.convert`")
-            raise ValueError(f"{index.lines_path} lists {index.records:,} records but not "
-                             f"{self.files[f]} as it is now; it is stale: convert again with "
-                             "--overwrite")
-        caption = self._index(self.files[f]).line(self.first[f] + local).get("caption")
+            raise self._unindexed(f, what)
+        return self._index(self.files[f]).line(self.first[f] + local)
+
+    def captions(self, i) -> list[str]:
+        """Record i's caption, from convert's index (convert keeps the text beside each image)."""
+        caption = self._line(i, "captions").get("caption")
         return [caption] if caption is not None else []
+
+    @property
+    def unkeyed(self) -> str | None:
+        """Why the records have no keys (None: every file's index has them)."""
+        for f, shard in enumerate(self.files):
+            if self.first[f] is None:
+                return str(self._unindexed(f, "keys"))
+            index = self._index(shard)
+            if not index.keyed:
+                return (f"{index.lines_path} has no record keys (an older convert wrote it); "
+                        f"add them with `python -m mlcd_jax.data.convert --reindex "
+                        f"{index.prefix}` (one pass, nothing re-encoded)")
+        return None
+
+    def key(self, i) -> str:
+        """Record i's key, from convert's index."""
+        line = self._line(i, "keys")
+        if "key" not in line:
+            raise ValueError(self.unkeyed)
+        return line["key"]
+
+    def key_hashes(self, indices) -> np.ndarray:
+        """The key hashes of records `indices`, read from each file's index table (no line
+        parsed)."""
+        indices = np.asarray(indices, np.int64)
+        out = np.empty(len(indices), keys_lib.HASH)
+        files = np.searchsorted(self.offsets, indices, side="right") - 1
+        for f in np.unique(files):
+            if self.first[f] is None:
+                raise self._unindexed(int(f), "keys")
+            mine = files == f
+            table = self._index(self.files[f]).hashes()
+            out[mine] = table[self.first[f] + indices[mine] - self.offsets[f]]
+        return out
 
     def fingerprint(self):
         return digest("arrayrecord", [[pathlib.Path(f).name, n, pathlib.Path(f).stat().st_size]
@@ -323,7 +405,7 @@ def _index_of(shard: str) -> pathlib.Path | None:
     return index_lib.paths(match.group(1))[0] if match else None
 
 
-class TfdsSource:
+class TfdsSource(_Keyed):
     def __init__(self, name, split, data_dir=None):
         import tensorflow_datasets as tfds
         self.args = (name, split, data_dir)
@@ -355,17 +437,18 @@ class TfdsSource:
         return digest("tfds", self.args, len(self))
 
 
-def make_source(data, *, field: str = "config.data") -> object:
-    """The source a config's `data` section names (`field` names it in errors)."""
+def make_source(data, *, field: str = "config.data.") -> object:
+    """The source a config's `data` section names (`field` + "path" etc. name it in errors:
+    "config.data." for a config section, "--" for command-line flags)."""
     kind = data.source
     if kind == "digits":
         return DigitsSource()
     if kind == "digits_canvas":
         return DigitsCanvasSource(data.split)
     if kind == "folder":
-        return FolderSource(data.path, field=f"{field}.path")
+        return FolderSource(data.path, field=f"{field}path")
     if kind == "arrayrecord":
-        return ArrayRecordSource(data.path, field=f"{field}.path")
+        return ArrayRecordSource(data.path, field=f"{field}path")
     if kind == "tfds":
         return TfdsSource(data.tfds_name, data.split, data.path or None)
-    raise ValueError(f"{field}.source must be one of {SOURCES}; got {kind!r}")
+    raise ValueError(f"{field}source must be one of {SOURCES}; got {kind!r}")

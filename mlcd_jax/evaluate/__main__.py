@@ -33,12 +33,13 @@ PROMPTS = ("a photo of a {name}.", "{name}", "an image of the {name}.")
 def text_evals(a, model, train, test, size, mesh) -> dict:
     """Zero-shot and retrieval of `a.text_model` against the encoder's test embeddings."""
     from mlcd_jax import features
-    from mlcd_jax.data import tokenizer
+    from mlcd_jax.data import sources, tokenizer
     from mlcd_jax.evaluate import zero_shot
     from mlcd_jax.interop import hf
     tower = hf.load_text_model(a.text_model)
     tok = tokenizer.load(a.text_model, tower.cfg.context_length)
-    x, y = features.extract(model, test, image_size=size, mesh=mesh, desc="features (test)")
+    x, y, rows = features.extract(model, test, image_size=size, mesh=mesh,
+                                  desc="features (test)")
     if tower.cfg.embed_dim not in (None, x.shape[1]) or (
             tower.cfg.embed_dim is None and tower.cfg.width != x.shape[1]):
         raise ValueError(f"--text_model {a.text_model} embeds texts in "
@@ -46,7 +47,8 @@ def text_evals(a, model, train, test, size, mesh) -> dict:
                          f"images in {x.shape[1]}: not a text tower trained for this encoder")
     names = zero_shot.class_names(a.dataset, train, tuple(filter(None, a.class_names.split(","))))
     prompts = tuple(a.prompt or PROMPTS)
-    captions = zero_shot.captions(test, y, templates=tuple(a.template or prompts), names=names)
+    captions = zero_shot.captions(sources.Subset(test, rows), y,
+                                  templates=tuple(a.template or prompts), names=names)
     return zero_shot.text_evals(tower, tok, names, prompts, zero_shot.normalize(x), y, captions)
 
 

@@ -78,8 +78,9 @@ def evaluate(model, train, test, *, image_size: int, mesh=None, which=probes.PRO
     if unknown:
         raise ValueError(f"unknown probes {sorted(unknown)}; known: {probes.PROBES}")
     train_xy = features.extract(model, train, image_size=image_size, mesh=mesh,
-                                desc=f"{desc} (train)")
-    test_xy = features.extract(model, test, image_size=image_size, mesh=mesh, desc=f"{desc} (test)")
+                                desc=f"{desc} (train)")[:2]
+    test_xy = features.extract(model, test, image_size=image_size, mesh=mesh,
+                               desc=f"{desc} (test)")[:2]
     return probe(train_xy, test_xy, which)
 
 

@@ -73,10 +73,11 @@ def class_names(dataset: str, train, configured=(), field: str = "--class_names"
 
 def captions(source, labels, *, templates, names, field: str = "--templates") -> list[list[str]]:
     """Each image's captions (`row_captions`), for every image of `source` (in memory: for a
-    held-out split; LiT reads a train split's one row at a time)."""
+    held-out split; LiT reads a train split's one row at a time). `source` has a record per
+    label: the records that were embedded (`features.extract`'s, as a Subset)."""
     if len(labels) != len(source):
-        raise ValueError(f"{len(source) - len(labels)} unreadable images: captions are matched "
-                         "to images by position; remove them from the dataset first")
+        raise ValueError(f"{len(labels)} labels for {len(source)} images: give the records that "
+                         "were embedded (features.extract's records)")
     check_templates(source, templates, field)
     return [row_captions(source, i, y, templates=templates, names=names, field=field)
             for i, y in enumerate(labels)]

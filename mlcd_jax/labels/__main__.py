@@ -27,16 +27,23 @@ import jax
 from mlcd_jax import distributed, records
 from mlcd_jax.labels import assign, embed, kmeans, stats, store
 
+SOURCES = ("digits", "digits_canvas", "folder", "arrayrecord", "tfds")
 PROCESS_HELP = ("this process's share of the shards (default: the multi-process job's, else all); "
                 "several independent processes may also split the work by these flags")
 
 
-def run_embed(a):
+def make_source(a):
+    """The dataset the --source/--path/--tfds_name/--split flags name."""
     import types
 
     from mlcd_jax.data import sources
-    source = sources.make_source(types.SimpleNamespace(source=a.source, path=a.path,
-                                                       tfds_name=a.tfds_name, split=a.split))
+    return sources.make_source(types.SimpleNamespace(source=a.source, path=a.path,
+                                                     tfds_name=a.tfds_name, split=a.split),
+                               field="--")
+
+
+def run_embed(a):
+    source = make_source(a)
     from mlcd_jax import weights
     model, _ = weights.load_encoder(a.model, a.step)
     dtype = a.dtype if a.dtype != "auto" else (
@@ -78,12 +85,12 @@ def run_assign(a):
     result = assign.run(a.embeddings, a.centers or pathlib.Path(a.out) / "centers.npy", a.out,
                         num_labels=a.num_labels, index_kind=a.index, nprobe=a.nprobe,
                         process_index=a.process_index, process_count=a.process_count,
-                        backend=a.backend, jax_dtype=a.jax_dtype)
+                        backend=a.backend, jax_dtype=a.jax_dtype, key_column=a.key_column)
     print(f"assign: {json.dumps(result)}")
 
 
 def run_stats(a):
-    s = stats.compute(a.labels)
+    s = stats.compute(a.labels, make_source(a) if getattr(a, "source", None) else None)
     out = pathlib.Path(a.labels)
     stats.plot(s, out / "cluster_sizes.png")
     public = {k: v for k, v in s.items() if not k.startswith("_")}
@@ -110,6 +117,9 @@ def main(argv=None) -> int:
     asg.add_argument("--nprobe", type=int, default=64)
     asg.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
     asg.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
+    asg.add_argument("--key_column", default=None,
+                     help="clip-retrieval's metadata/*.parquet column with each image's key "
+                     f"(default {store.CLIP_RETRIEVAL_KEY}: webdataset's sample key)")
     be = argparse.ArgumentParser(add_help=False)
     be.add_argument("--backend", default="auto", choices=list(assign.BACKENDS),
                     help="faiss (CPU), jax (the device mesh), auto: jax on accelerators")
@@ -120,14 +130,15 @@ def main(argv=None) -> int:
     io = argparse.ArgumentParser(add_help=False)
     io.add_argument("--embeddings", required=True)
     io.add_argument("--out", required=True)
-    p = sub.add_parser("embed")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--path", default="")
+    data.add_argument("--tfds_name", default="")
+    data.add_argument("--split", default="train")
+    p = sub.add_parser("embed", parents=[data])
     p.add_argument("--model", required=True, help="a training workdir, our model dir, or a "
                    "transformers checkpoint dir")
     p.add_argument("--step", type=int, default=None, help="with a training workdir: which step")
-    p.add_argument("--source", required=True, choices=["digits", "folder", "arrayrecord", "tfds"])
-    p.add_argument("--path", default="")
-    p.add_argument("--tfds_name", default="")
-    p.add_argument("--split", default="train")
+    p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--out", required=True)
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=256)
@@ -140,7 +151,11 @@ def main(argv=None) -> int:
     sub.add_parser("kmeans", parents=[io, km, be])
     p = sub.add_parser("assign", parents=[io, asg, be])
     p.add_argument("--centers", default=None, help="default: OUT/centers.npy")
-    sub.add_parser("stats").add_argument("--labels", required=True)
+    p = sub.add_parser("stats", parents=[data])
+    p.add_argument("--labels", required=True)
+    p.add_argument("--source", default=None, choices=SOURCES,
+                   help="also join a dataset's records with the store by key: how many have "
+                   "labels, how many lack them, labels without a record")
     p = sub.add_parser("all", parents=[io, km, asg, be])
     a = parser.parse_args(argv)
     try:

@@ -6,7 +6,9 @@ embedding shard), its rows and sha256. A killed run loses no finished part and a
 parts made from the same inputs; parts of other centers (a re-clustering into the same directory)
 or another l are redone. When every part exists, each is checked against its record (fingerprint,
 rows, sha256, ids in [0, K)) and they are concatenated into ``labels.npy`` (N × l int32, most
-similar first) with ``manifest.json``.
+similar first), the embeddings' keys into the sorted key table ``keys.npy`` (by which a record finds
+its row, `mlcd_jax/keys.py`; a key twice is an error naming both rows), then ``manifest.json``.
+Embeddings without keys make a store without them: joined to records by position, and said.
 Backends: `faiss` (CPU): exact search (IndexFlatIP) for small K, an IVF index for large K, its
 recall@l against exact search measured on a sample and recorded; `jax`: exact search on the device
 mesh (`labels/sharded.py`: the centers split over every device of every process); `auto`: jax where
@@ -26,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mlcd_jax import distributed, records
+from mlcd_jax import distributed, keys as keys_lib, records
 from mlcd_jax.labels import kmeans, sharded, store
 
 # K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at
@@ -77,8 +79,8 @@ class _JaxIndex:
     mesh calls: they agree on it before the first (`agree`), and a process out of chunks makes
     empty ones (`finish`)."""
 
-    def __init__(self, centers, num_labels, dtype):
-        self.searcher = sharded.Searcher(centers, num_labels, dtype=dtype)
+    def __init__(self, centers, num_labels, dtype, mesh=None):
+        self.searcher = sharded.Searcher(centers, num_labels, dtype=dtype, mesh=mesh)
         self.calls = self.most = 0
 
     def _calls(self, rows: int) -> int:
@@ -103,8 +105,11 @@ class _JaxIndex:
 def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: str = "auto",
         nprobe: int = 64, process_index: int = 0, process_count: int = 1,
         chunk: int = 65_536, recall_sample: int = 10_000, seed: int = 0,
-        backend: str = "faiss", jax_dtype: str = "auto") -> dict:
-    shards = store.open_embeddings(embeddings_dir)
+        backend: str = "faiss", jax_dtype: str = "auto", key_column: str | None = None,
+        mesh=None) -> dict:
+    """Labels of every embedding in `embeddings_dir` (see the module's docstring); `mesh`: the
+    jax backend's devices (default: every device of the job)."""
+    shards = store.open_embeddings(embeddings_dir, key_column)
     centers_path = pathlib.Path(centers_path)
     if not centers_path.is_file():
         raise FileNotFoundError(f"{centers_path} not found: run `python -m mlcd_jax.labels kmeans "
@@ -121,7 +126,7 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
     (out / "parts").mkdir(parents=True, exist_ok=True)
     backend = resolve_backend(backend)
     if backend == "jax":
-        index = _JaxIndex(centers, num_labels, jax_dtype)
+        index = _JaxIndex(centers, num_labels, jax_dtype, mesh)
         kind = f"exact (jax, {index.searcher.dtype.name})"
     else:
         index, kind = build_index(centers, index_kind, nprobe)
@@ -214,7 +219,31 @@ def merge(parts, fingerprints, out: pathlib.Path, shards, centers, num_labels, r
         labels[offsets[i]:offsets[i + 1]] = array
     labels.flush()
     del labels
+    (out / "manifest.json").unlink(missing_ok=True)  # no manifest vouches for a half-made store
+    keys = None
+    if shards.keyed:
+        bar = tqdm(total=shards.total, desc="assign: key table", unit="key", unit_scale=True)
+        def hashed():
+            for i in range(len(shards.files)):
+                yield shards.key_hashes(i)
+                bar.update(shards.counts[i])
+        try:
+            keys_lib.build(out / "keys.npy", hashed(), shards.total, describe=shards.describe,
+                           what=f"the embeddings in {shards.directory}")
+        except ValueError as e:
+            (out / "labels.npy.tmp").unlink()
+            raise ValueError(f"assign: {e}; the parts are kept, rerun assign once the keys "
+                             "are fixed") from None
+        finally:
+            bar.close()
+        keys = "keys.npy"
+    else:
+        (out / "keys.npy").unlink(missing_ok=True)
+        print(f"assign: {shards.directory} has no keys beside its embeddings, so the store has "
+              "none: the trainer will join its rows to records by position (same order, same "
+              "count); embed with `labels embed`, or give clip-retrieval's metadata/ parquet, "
+              "to join by key")
     (out / "labels.npy.tmp").replace(out / "labels.npy")
     store.write_label_manifest(out, num_examples=shards.total, num_classes=len(centers),
                                num_labels=num_labels, embeddings=shards, index=result["index"],
-                               recall_at_l=result.get("recall_at_l", 1.0))
+                               recall_at_l=result.get("recall_at_l", 1.0), keys=keys)

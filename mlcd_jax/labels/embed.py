@@ -1,10 +1,13 @@
 """L2-normalised embeddings of a dataset with an encoder, written as float16 shards + manifest.
 
-Shard i holds records [i·S, (i+1)·S) in source order (eval transform: resize + center crop; the
-batches split over this process's devices, as evaluation's features are), is made by process
-i % process_count, written atomically with a record of what made it (the source's
-records, the model's weights, the image size), and never redone; the manifest is written (last) by
-process 0 once every shard exists. An --out that holds shards made otherwise is refused, not mixed.
+Shard i holds the readable records of [i·S, (i+1)·S) in source order, with their keys beside it
+(emb_i.keys.parquet: the label store joins records by them, so an unreadable image is left out and
+named, not fatal). It is made with the eval transform (resize + center crop; the batches split over
+this process's devices, as evaluation's features are) by process i % process_count, written
+atomically with a record of what made it (the source's records, the model's weights, the image
+size), and never redone; the manifest is written (last) by process 0 once every shard exists. An
+--out that holds shards made otherwise is refused, not mixed. A source without keys (ArrayRecord
+files without convert's index) is embedded by position: every record must then be readable.
 """
 
 from __future__ import annotations
@@ -62,38 +65,51 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     _refuse_other_runs(out, names, fingerprints)
     todo = [i for i in range(len(bounds)) if i % process_count == process_index
             and records.piece_record(out / names[i]) is None]
-    start = time.perf_counter()
+    keyed = source.unkeyed is None
+    if not keyed and process_index == 0:
+        print(f"embed: the records have no keys ({source.unkeyed}); the embeddings are written "
+              "without them and labels will be joined by position", flush=True)
+    start, skipped_total = time.perf_counter(), []
     with tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in todo), desc="embed",
               unit="img") as bar:
         for i in todo:
             shard = sources.Subset(source, range(*bounds[i]))
             skipped = pipeline.Skipped(shard)
-            parts = []
+            parts, rows = [], []
             for x, batch in features.embeddings(model, shard, image_size=image_size,
                                                 batch_size=batch_size, mesh=mesh,
                                                 skipped=skipped, l2_normalize=True):
                 parts.append(x.astype(np.float16))
+                rows.append(batch["index"])
                 bar.update(len(x) + int(batch["skipped"].sum()))
-            if skipped.count:
+            if skipped.count and not keyed:
                 raise ValueError(
-                    f"embed: records {bounds[i][0]}–{bounds[i][1] - 1}: {skipped.summary()}. Every "
-                    "record needs an embedding (its index is its label row): make the dataset "
-                    "without them (`python -m mlcd_jax.data.convert` leaves unreadable images out) "
-                    f"and embed that into a new --out; the {i} shards before are kept")
+                    f"embed: records {bounds[i][0]}–{bounds[i][1] - 1}: {skipped.summary()}. "
+                    "Without keys every record needs an embedding (its index is its label row): "
+                    "make the dataset with `python -m mlcd_jax.data.convert` (it leaves unreadable "
+                    f"images out and keys the rest) and embed that; the {i} shards before are kept")
+            if skipped.count:
+                skipped_total.append(skipped.summary())
+            if keyed:  # the keys first: a shard is done when its .npy and record exist
+                store.write_keys(out / store.keys_name(names[i]),
+                                 (shard.key(int(r)) for r in np.concatenate(rows)))
             records.write_piece(out / names[i], np.concatenate(parts),
-                              {"fingerprint": fingerprints[i], "records": list(bounds[i])})
+                                {"fingerprint": fingerprints[i], "records": list(bounds[i])})
     seconds = time.perf_counter() - start
+    for line in skipped_total:  # the rest of the shard is embedded; these have no labels
+        print(f"embed: left out {line}", flush=True)
     distributed.barrier("embed: shards written")  # in a multi-process job, process 0 then indexes
     done = all(records.piece_record(out / f) is not None for f in names)
     if process_index == 0 and done:
         width = int(np.load(out / names[0], mmap_mode="r").shape[1])
         store.write_embeddings_manifest(
-            out, [{"file": f, "count": b - a, "fingerprint": fp}
-                  for f, (a, b), fp in zip(names, bounds, fingerprints)],
+            out, [{"file": f, "count": int(records.piece_record(out / f)["rows"]),
+                   "fingerprint": fp} | ({"keys": store.keys_name(f)} if keyed else {})
+                  for f, fp in zip(names, fingerprints)],
             dim=width, model=model_name, source=source_name)
     embedded = sum(bounds[i][1] - bounds[i][0] for i in todo)
     return {"shards": len(bounds), "embedded_now": len(todo), "complete": done,
-            "devices": mesh.size, "dtype": model.cfg.dtype,
+            "devices": mesh.size, "dtype": model.cfg.dtype, "keyed": keyed,
             "images_per_s": round(embedded / seconds, 1) if embedded else None}
 
 

@@ -1,4 +1,6 @@
-"""Cluster sizes of a label store: empty clusters, imbalance, and a histogram PNG."""
+"""Cluster sizes of a label store: empty clusters, imbalance, and a histogram PNG; with a dataset,
+how its records join the store (by key) and, where its classes are known, how clean the labels
+are."""
 
 from __future__ import annotations
 
@@ -6,10 +8,22 @@ import pathlib
 
 import numpy as np
 
-from mlcd_jax.labels import store
+from mlcd_jax.labels import join, store
 
 
-def compute(label_dir, chunk: int = 1 << 20) -> dict:
+def joined_labels(source, s: store.LabelStore) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, classes) of the records of `source` that have labels (joined by key; in memory:
+    for data whose classes are known, `source.labels`)."""
+    joined = join.join(source, s, missing="skip")
+    kept = (np.arange(len(source)) if joined.source is source       # every record has labels
+            else np.asarray(joined.source.indices.array()))
+    rows = kept if joined.rows is None else np.asarray(joined.rows.array())
+    return np.asarray(s.labels)[rows], np.asarray(source.labels)[kept]
+
+
+def compute(label_dir, source=None, chunk: int = 1 << 20) -> dict:
+    """The store's cluster sizes; with `source`, its join (records with labels, without, labels
+    without a record) and, where the source knows its classes, `purity`."""
     s = store.open_label_store(label_dir)
     k = s.num_classes
     top1, any_l = np.zeros(k, np.int64), np.zeros(k, np.int64)
@@ -28,7 +42,17 @@ def compute(label_dir, chunk: int = 1 << 20) -> dict:
         "coefficient_of_variation": float(top1.std() / top1.mean()),
         "nonempty_min": int(nonzero.min()) if nonzero.size else 0,
         "_sizes_top1": top1, "_sizes_any": any_l,
-    }
+    } | ({} if source is None else _joined(source, s))
+
+
+def _joined(source, s: store.LabelStore) -> dict:
+    joined = join.join(source, s, missing="skip")
+    out = {"join": {"how": joined.how, "records": len(source),
+                    "with_labels": len(joined.source), "without_labels": joined.missing,
+                    "labels_without_a_record": joined.unused}}
+    if getattr(source, "labels", None) is not None:
+        out["purity_by_rank"] = purity(*joined_labels(source, s), s.num_classes)
+    return out
 
 
 def purity(labels: np.ndarray, classes: np.ndarray, num_classes: int) -> list[float]:

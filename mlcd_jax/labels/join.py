@@ -1,0 +1,167 @@
+"""A dataset's records joined with their rows of a label store, by key.
+
+The label store's rows follow its embeddings (any order, any partitions: clip-retrieval's, our
+`embed`'s); the dataset's records follow convert's (any number of prefixes read by one glob). Each
+record's key (`data/sources.py`) is looked up in the store's sorted key table (`mlcd_jax/keys.py`):
+
+1. the dataset's own key table is built (bounded memory; a key on two records is an error naming
+   both), then read in hash order against the store's table, so both are swept once;
+2. `rows.npy`: each record's row of labels.npy, -1 where it has none (8 bytes a record);
+3. cached in the store's directory (joins/) under the dataset's and the store's fingerprints, so a
+   resumed run, LiT or `labels stats` reuse it; process 0 makes it while the others wait.
+
+A record without a label is an error by default, naming how many and the first few keys;
+`missing="skip"` leaves them out (counted). A label without a record is counted, never an error. A
+store or a source without keys is joined by position (same count, same order), and said so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from mlcd_jax import distributed, keys as keys_lib, records
+from mlcd_jax.labels import store as store_lib
+
+MISSING = ("error", "skip")
+CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Joined:
+    """The records that have labels and where their labels are."""
+    source: object                  # the dataset's records that have labels (all, or a Subset)
+    store: store_lib.LabelStore
+    rows: records.Mapped | None     # per record of `source`: its row of labels.npy (None: same)
+    how: str                        # for the start line
+    missing: int = 0                # records left out for want of labels
+    unused: int = 0                 # label rows no record has
+
+
+def join(source, store: store_lib.LabelStore, *, missing: str = "error",
+         field: str = "config.data") -> Joined:
+    """`source` joined with `store` (see the module's docstring)."""
+    if missing not in MISSING:
+        raise ValueError(f"{field}.missing_labels must be one of {MISSING}, got {missing!r}")
+    n, stored = len(source), len(store.labels)
+    if store.keys_path is None:
+        if n != stored:
+            raise ValueError(f"{store.path} labels {stored:,} examples but the dataset has {n:,}, "
+                             "and the store has no keys to join them by; make the store from "
+                             "keyed embeddings (`labels embed`, or clip-retrieval's metadata/)")
+        return Joined(source, store, None,
+                      f"by position ({store.path.parent} has no keys: made before keys or from "
+                      "embeddings without them; rows are taken in record order)")
+    if source.unkeyed is not None:
+        raise ValueError(f"{store.path.parent} joins labels by key, but the records of "
+                         f"{field}.path have none: {source.unkeyed}")
+    cache = _cache_dir(source, store)
+    if jax.process_index() == 0 and records.piece_record(cache / "rows.npy") is None:
+        # Made aside and renamed into place: two jobs joining at once never mix their files.
+        aside = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        shutil.rmtree(aside, ignore_errors=True)
+        try:
+            _build(source, store, aside)
+        finally:  # (a duplicate key: nothing left behind)
+            if not (aside / "rows.npy").is_file():
+                shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)  # an unfinished one (no record of rows.npy)
+        try:
+            aside.rename(cache)
+        except OSError:  # another job finished the same join first: its files are as good
+            shutil.rmtree(aside, ignore_errors=True)
+    distributed.barrier("labels joined")
+    summary = json.loads((cache / "join.json").read_text())
+    rows = records.Mapped(cache / "rows.npy")
+    how = (f"by key ({summary['matched']:,} of {n:,} records found in {store.path.parent}; "
+           f"{summary['unused']:,} labels without a record)")
+    if not summary["missing"]:
+        return Joined(source, store, rows, how, 0, summary["unused"])
+    shown = ", ".join(repr(k) for k in summary["first_missing"])
+    if missing == "error":
+        raise ValueError(
+            f"{summary['missing']:,} of {n:,} records of {field}.path have no labels in "
+            f"{store.path.parent} (keys {shown}{' …' if summary['missing'] > 5 else ''}): embed "
+            f"and assign them, or set {field}.missing_labels=skip to train without them")
+    kept, kept_rows = _kept(cache, rows, summary["matched"])
+    from mlcd_jax.data import sources
+    return Joined(sources.Subset(source, kept), store, kept_rows,
+                  f"{how}; {summary['missing']:,} records without labels skipped ({shown}"
+                  f"{' …' if summary['missing'] > 5 else ''})", summary["missing"],
+                  summary["unused"])
+
+
+def _cache_dir(source, store) -> pathlib.Path:
+    table = store.keys_path.stat()
+    return store.path.parent / "joins" / records.digest(
+        source.fingerprint(), store.manifest, table.st_size, table.st_mtime_ns)
+
+
+def _build(source, store, cache: pathlib.Path) -> None:
+    """rows.npy and join.json in `cache` (see the module's docstring)."""
+    n = len(source)
+    cache.mkdir(parents=True)
+    bar = tqdm(total=2 * n, desc="labels: joining records by key", unit="key", unit_scale=True,
+               disable=n < CHUNK)
+    def hashed():
+        for start in range(0, n, CHUNK):
+            yield source.key_hashes(np.arange(start, min(n, start + CHUNK)))
+            bar.update(min(CHUNK, n - start))
+    describe = lambda r: f"record {r} ({source.name(r)}, key {source.key(r)!r})"
+    ours = keys_lib.build(cache / "records.keys.npy", hashed(), n, describe=describe,
+                          what="the records of the dataset")
+    theirs = store.keys()
+    rows = np.lib.format.open_memmap(cache / "rows.npy.tmp", "w+", np.int64, (n,))
+    matched = 0
+    for start in range(0, n, CHUNK):  # in hash order: both tables are read front to back
+        part = np.asarray(ours[start:start + CHUNK])
+        found = keys_lib.lookup(theirs, part)
+        rows[part["row"]] = found
+        matched += int((found >= 0).sum())
+        bar.update(len(part))
+    bar.close()
+    rows.flush()
+    del rows, ours
+    (cache / "records.keys.npy").unlink()
+    rows = np.load(cache / "rows.npy.tmp", mmap_mode="r")
+    first_missing = []
+    for start in range(0, n, CHUNK):  # the first few records without labels, in record order
+        if len(first_missing) >= 5:
+            break
+        lacking = np.flatnonzero(rows[start:start + CHUNK] < 0)[:5 - len(first_missing)]
+        first_missing += [source.key(int(start + r)) for r in lacking]
+    del rows
+    records.write_json_atomic(cache / "join.json", {
+        "records": n, "matched": matched, "missing": n - matched,
+        "unused": len(theirs) - matched, "first_missing": first_missing})
+    pathlib.Path(cache / "rows.npy.tmp").replace(cache / "rows.npy")
+    records.record_piece(cache / "rows.npy", {"records": n})
+
+
+def _kept(cache: pathlib.Path, rows: records.Mapped, matched: int):
+    """(record indices, their rows) of the records that have labels, on disk (made once)."""
+    paths = cache / "kept.npy", cache / "kept_rows.npy"
+    if jax.process_index() == 0 and not all(records.piece_record(p) for p in paths):
+        out = [np.lib.format.open_memmap(f"{p}.tmp", "w+", np.int64, (matched,)) for p in paths]
+        done, array = 0, rows.array()
+        for start in range(0, len(array), CHUNK):
+            part = np.asarray(array[start:start + CHUNK])
+            have = np.flatnonzero(part >= 0)
+            out[0][done:done + len(have)] = start + have
+            out[1][done:done + len(have)] = part[have]
+            done += len(have)
+        for o in out:
+            o.flush()
+        del out
+        for p in paths:
+            pathlib.Path(f"{p}.tmp").replace(p)
+            records.record_piece(p, {})
+    distributed.barrier("labels: records with labels listed")
+    return records.Mapped(paths[0]), records.Mapped(paths[1])
