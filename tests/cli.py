@@ -8,6 +8,10 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# The suite's compilation cache (tests/conftest.py): a command started with this process's
+# environment shares it; one that starts from a clean environment keeps these.
+CACHE = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
 def env(devices: int = 8) -> dict:

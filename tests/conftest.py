@@ -1,13 +1,35 @@
-"""Every test process sees 8 simulated CPU devices; this must run before jax is imported."""
+"""Every test process sees 8 simulated CPU devices, and one compilation cache per run: both must
+be set before jax is imported.
+
+The cache: jax's persistent compilation cache in a directory made fresh by the run's first process
+(pytest's, or xdist's controller) and inherited through the environment by its workers and every
+command they start (`tests/cli.py`), so a program the suite compiles once (a tiny train step, a
+LiT step, an evaluation forward) is read back by the next test instead of compiled again. A fresh
+directory per run: nothing compiled by another version of the code is ever reused. It is removed
+when the run ends.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+_OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ  # this process made the directory
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mlcd_jax_tests_xla_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, even quick
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

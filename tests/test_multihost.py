@@ -16,6 +16,8 @@ import pytest
 from mlcd_jax import distributed, keys
 from mlcd_jax.labels import store
 
+from cli import CACHE
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
 TRAIN = [sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py",
@@ -24,7 +26,10 @@ TRAIN = [sys.executable, "-m", "mlcd_jax.train", "--config=configs/test_tiny.py"
 
 
 def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    """This process's environment without its jax and XLA settings (the suite's compilation
+    cache kept: cli.CACHE)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_", "XLA_")) or k in CACHE}
     return env | {"JAX_PLATFORMS": "cpu"} | extra
 
 
