@@ -40,12 +40,29 @@ class _Log:
               "it", file=sys.stderr, flush=True)
 
 
+def _tensorboardx():
+    """tensorboardX's event writer, summaries and protos. tensorboardX imports torch where it is
+    installed (~1.5 s) only to accept its tensors; we write plain numbers, so torch is kept out
+    of that import (left alone where something imported it already)."""
+    keep_out = "torch" not in sys.modules
+    if keep_out:
+        sys.modules["torch"] = None  # `import torch` now raises ImportError, which it expects
+    try:
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
+    finally:
+        if keep_out:
+            del sys.modules["torch"]
+    return EventsWriter, summary, event_pb2
+
+
 class _TensorBoard:
     def __init__(self, directory: pathlib.Path):
         self.log = _Log(directory)
         self.writer = None
         try:
-            from tensorboardX.event_file_writer import EventsWriter
+            EventsWriter, *_ = _tensorboardx()
             directory.mkdir(parents=True, exist_ok=True)
             self.writer = EventsWriter(str(directory / "events"))
         except OSError as e:
@@ -54,8 +71,7 @@ class _TensorBoard:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None or self.log.failed:
             return
-        from tensorboardX import summary
-        from tensorboardX.proto import event_pb2
+        _, summary, event_pb2 = _tensorboardx()
         try:
             for tag, value in values.items():
                 if not math.isfinite(value):  # kept in metrics.jsonl; TensorBoard plots no NaN

@@ -62,27 +62,27 @@ def test_unicom_loss_trains(tmp_path):
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path, head):
     """Exact resume, and on another device count (the centers' padding rows, and with sparse
     updates their per-row moments and counts, resized)."""
-    steps = ["--config.total_steps=300", "--config.log_every=1", "--config.checkpoint_every=1000",
+    steps = ["--config.total_steps=120", "--config.log_every=1", "--config.checkpoint_every=1000",
              *head]
     train(tmp_path / "reference", *steps)
 
     interrupted = tmp_path / "interrupted"
     sigterm_after("mlcd_jax.train", *train_args(interrupted, *steps), workdir=interrupted)
     stopped_at = checkpoint.Checkpointer(interrupted / "checkpoints").latest_step()
-    assert 20 <= stopped_at < 300  # it really stopped early
+    assert 20 <= stopped_at < 120  # it really stopped early
 
     resumed = train(interrupted, *steps)
     assert f"resuming at step {stopped_at}" in resumed.stdout
     assert losses(interrupted) == losses(tmp_path / "reference")  # every step, exactly
-    a, b = final_state(interrupted, 300), final_state(tmp_path / "reference", 300)
+    a, b = final_state(interrupted, 120), final_state(tmp_path / "reference", 120)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
     # The same checkpoint resumes on 4 devices (another mesh) and trains on.
-    more = train(interrupted, "--config.total_steps=305", "--config.log_every=1", *head,
+    more = train(interrupted, "--config.total_steps=125", "--config.log_every=1", *head,
                  devices=4)
-    assert "resuming at step 300" in more.stdout and "{'data': 4}" in more.stdout
-    assert all(np.isfinite(losses(interrupted)[s]) for s in range(301, 306))
+    assert "resuming at step 120" in more.stdout and "{'data': 4}" in more.stdout
+    assert all(np.isfinite(losses(interrupted)[s]) for s in range(121, 126))
 
 
 def test_checkpoint_restores_on_fewer_devices(devices, tmp_path):

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import warnings
 
-import faiss
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from mlcd_jax.labels import store
@@ -16,6 +13,10 @@ PROBES = ("linear_probe", "knn")  # the evaluators of frozen features, by name
 
 
 def _fit_score(c, train_x, train_y, test_x, test_y, max_iter):
+    # scikit-learn (and faiss, in knn) imported here, not at the top: every command that
+    # validates a config imports this module (PROBES), and they would add ~1 s to each start.
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
     clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)
     # One BLAS thread below 2^24 features: L-BFGS's small matrix products gain nothing from more,
     # and OpenBLAS threads spinning against busy cores made a 1,000 × 64 probe take 384 s, not 1.2.
@@ -57,6 +58,7 @@ def knn(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: float = 0
     """k nearest neighbours by cosine similarity; each votes for its class with weight
     exp(similarity / temperature)."""
     norm = lambda x: np.ascontiguousarray(store.normalize(x))
+    import faiss  # here, not at the top: see _fit_score
     index = faiss.IndexFlatIP(train_x.shape[1])
     index.add(norm(train_x))
     sims, idx = index.search(norm(test_x), min(k, len(train_x)))
