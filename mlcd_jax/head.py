@@ -238,6 +238,9 @@ class HeadConfig:
                                    # its l (0: all l)
     negative_filter: float = 1.0   # a negative whose cosine is above this counts as cosine 0, with
                                    # no gradient (insightface's interclass filtering); ≥ 1: off
+    skip_unlabelled: bool = False  # a sample whose labels are all -1 counts for nothing (a region
+                                   # head's padding, a region its store has no label for); off:
+                                   # every sample counts, the image head's mean as it always was
 
     def __post_init__(self):
         """Every option checked here, once: a mistake names the `head.` field (a config's
@@ -374,15 +377,19 @@ def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes:
         pos_cos, neg_lse, neg_cos_sum, num_neg, rows_used = score(labels, key)
         pos_mask = labels >= 0
         pos_logits = _positive_logits(cfg, pos_cos)
+        mean = jnp.mean
+        if cfg.skip_unlabelled:  # the mean over the samples with a label
+            counted = pos_mask.any(axis=1)
+            mean = lambda x: jnp.sum(jnp.where(counted, x, 0.0)) / jnp.maximum(
+                jnp.sum(counted), 1)
         if cfg.loss == "mlcd":
             pos_term, neg_term = losses.mlcd_terms(pos_logits, pos_mask, neg_lse, class_axes)
-            loss = jnp.mean(pos_term + neg_term)
-            terms = {"pos_term": jnp.mean(pos_term), "neg_term": jnp.mean(neg_term)}
+            loss = mean(pos_term + neg_term)
+            terms = {"pos_term": mean(pos_term), "neg_term": mean(neg_term)}
         else:
             log_partition, per_sample = losses.unicom_terms(pos_logits[:, 0], neg_lse, class_axes)
-            loss = jnp.mean(per_sample)
-            terms = {"pos_logit": jnp.mean(pos_logits[:, 0]),
-                     "log_partition": jnp.mean(log_partition)}
+            loss = mean(per_sample)
+            terms = {"pos_logit": mean(pos_logits[:, 0]), "log_partition": mean(log_partition)}
 
     num_neg = psum(num_neg)
     metrics = {
