@@ -16,6 +16,11 @@ both. Everything streams: memory does not grow with the number of images.
 Then: ``--config.data.source=arrayrecord
 --config.data.path='OUTPUT-*.array_record'``; LiT reads the captions with the template "{caption}".
 
+`--regions` carries boxes (and the text of OCR regions) into the index, each record's in its line
+(`mlcd_jax/data/regions.py`: COCO-style JSON, SA-1B per-image JSON, JSON lines keyed by record key,
+or `beside`: each image's own SA-1B JSON), matched to records by key and checked against the
+decoded image: boxes outside it, empty or under the minimum side are dropped and counted.
+
 Every image is decoded once here: a file that does not decode (empty, truncated, not an image) is
 left out, listed with its reason in OUTPUT.skipped.jsonl and counted on the console, so that each
 record of the output is an image (its labels are found by its key). Images smaller
@@ -36,7 +41,7 @@ import tarfile
 
 from tqdm import tqdm
 
-from mlcd_jax.data import index as index_lib, transforms
+from mlcd_jax.data import index as index_lib, regions as regions_lib, transforms
 from mlcd_jax.data.sources import IMAGE_SUFFIXES, SHARD_NAME, caption_text
 
 
@@ -66,28 +71,33 @@ def key_of_name(name: str) -> str:
     return webdataset_key(member) if sep else name
 
 
-def _sidecar_key(data: bytes, where: str) -> str | None:
-    """The "key" of an img2dataset .json sidecar (None: no such field)."""
+def _sidecar(data: bytes, where: str) -> dict:
+    """An image's .json sidecar (img2dataset's metadata, with its "key"; or SA-1B's annotations)."""
     try:
-        key = json.loads(data).get("key")
-    except (ValueError, AttributeError) as e:
+        sidecar = json.loads(data)
+    except ValueError as e:
         raise ValueError(f"{where}: not a JSON object ({e}); fix or remove that sidecar") from None
-    return None if key is None else str(key)
+    if not isinstance(sidecar, dict):
+        raise ValueError(f"{where}: not a JSON object; fix or remove that sidecar")
+    return sidecar
 
 
-def iter_images(inputs: str):
-    """(key, name, encoded bytes, caption or None) of every image, in a deterministic order. The
-    key is what labels are joined by: in a tar, the `key` of the sample's .json sidecar
-    (img2dataset writes one) or else webdataset's key of the member; in a folder, the file's
-    relative path. The caption is the text file of the same name (KEY.jpg + KEY.txt), as
-    img2dataset writes them."""
+def iter_images(inputs: str, sidecars: bool = False):
+    """(key, name, encoded bytes, caption or None, sidecar or None) of every image, in a
+    deterministic order. The key is what labels are joined by: in a tar, the `key` of the
+    sample's .json sidecar (img2dataset writes one) or else webdataset's key of the member; in a
+    folder, the file's relative path. The caption is the text file of the same name (KEY.jpg +
+    KEY.txt), as img2dataset writes them. The sidecar (the parsed KEY.json: a tar sample's
+    always, a folder's with `sidecars`) carries SA-1B's per-image annotations."""
     root = pathlib.Path(inputs)
     if root.is_dir():
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            text = path.with_suffix(".txt")
+            text, meta = path.with_suffix(".txt"), path.with_suffix(".json")
             name = path.relative_to(root).as_posix()
             yield (name, name, path.read_bytes(),
-                   caption_text(text.read_bytes()) if text.is_file() else None)
+                   caption_text(text.read_bytes()) if text.is_file() else None,
+                   _sidecar(meta.read_bytes(), str(meta)) if sidecars and meta.is_file()
+                   else None)
         return
     tars = _expand(inputs)
     if not tars:
@@ -99,16 +109,18 @@ def iter_images(inputs: str):
                 suffix = m.name[len(webdataset_key(m.name)):].lower()
                 samples.setdefault(webdataset_key(m.name), {}).setdefault(suffix, m)
             for key, files in samples.items():
-                sidecar = files.get(".json")
-                if sidecar is not None:
-                    key = _sidecar_key(t.extractfile(sidecar).read(),
-                                       f"{tar}:{sidecar.name}") or key
+                meta, sidecar = files.get(".json"), None
+                if meta is not None:
+                    sidecar = _sidecar(t.extractfile(meta).read(), f"{tar}:{meta.name}")
+                    found = sidecar.get("key")
+                    key = (str(found) if found is not None else "") or key
                 text = files.get(".txt")
                 for suffix, member in files.items():
                     if "." + suffix.rsplit(".", 1)[-1] in IMAGE_SUFFIXES:  # .jpg, or .x.jpg
                         yield (key, f"{pathlib.Path(tar).name}:{member.name}",
                                t.extractfile(member).read(),
-                               caption_text(t.extractfile(text).read()) if text else None)
+                               caption_text(t.extractfile(text).read()) if text else None,
+                               sidecar)
                         break  # one image per sample
 
 
@@ -120,9 +132,11 @@ def existing_shards(output: str) -> list[pathlib.Path]:
 
 
 def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = False,
-            warn_below: int = 16, report=print) -> dict:
+            warn_below: int = 16, regions: str | None = None,
+            region_rules: regions_lib.Rules | None = None, report=print) -> dict:
     """Every readable image of `inputs` into ArrayRecord shards and their index, streamed: memory
-    holds one image and a few counters, whatever the number of images."""
+    holds one image and a few counters, whatever the number of images. `regions`: where the
+    records' boxes are (`data/regions.py`), kept in the index."""
     from array_record.python.array_record_module import ArrayRecordWriter
     out = pathlib.Path(output)
     old = existing_shards(output)
@@ -131,12 +145,18 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
                               f"({old[0].name} …); pass --overwrite to replace them, or choose "
                               "another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
-    index = index_lib.Writer(output)
+    # Annotations are read (and checked) before any image: a bad file stops convert at once.
+    annotations = (regions_lib.Annotations(regions, pathlib.Path(f"{output}.regions-work"),
+                                           region_rules or regions_lib.Rules())
+                   if regions else None)
+    index = index_lib.Writer(output, regions={} if annotations else None)
     skipped_path = pathlib.Path(f"{output}.skipped.jsonl")
     skipped_file, skipped, small, tmp_paths, writer = None, [], [], [], None
     num_skipped = num_small = 0
+    beside = regions == regions_lib.BESIDE
     try:
-        for key, name, data, caption in tqdm(iter_images(inputs), desc="convert", unit="img"):
+        for key, name, data, caption, sidecar in tqdm(iter_images(inputs, sidecars=beside),
+                                                      desc="convert", unit="img"):
             try:
                 image = transforms.decode({"image_bytes": data, "path": name})
             except transforms.CorruptImage as e:
@@ -159,11 +179,21 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
                 writer = ArrayRecordWriter(str(tmp_paths[-1]), "group_size:1")
                 index.new_shard()
             writer.write(data)
-            index.add(key, name, caption)
+            index.add(key, name, caption, annotations.of(key, name, image.size, sidecar)
+                      if annotations else None)
         if writer:
             writer.close()
-    except BaseException:
+    except BaseException:  # nothing half-made left under the output's names
         index.abandon()
+        if annotations:
+            annotations.close()
+        if writer:
+            writer.close()
+        for tmp in tmp_paths:
+            tmp.unlink(missing_ok=True)
+        if skipped_file is not None:
+            skipped_file.close()
+            pathlib.Path(f"{skipped_path}.tmp").unlink(missing_ok=True)
         raise
     if skipped_file is not None:
         skipped_file.close()
@@ -175,6 +205,10 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
     if small:
         report(f"convert: warning: {num_small} images are smaller than {warn_below} px on a "
                f"side and will be upscaled: {', '.join(small)}{' …' if num_small > 5 else ''}")
+    if annotations:
+        annotations.report(report, "convert")
+        index.regions = annotations.summary()
+        annotations.close()
     if not index.records:
         index.abandon()
         for tmp in tmp_paths:
@@ -190,7 +224,8 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
         pathlib.Path(stale).unlink()
     index.finish(shards)
     return {"shards": shards, "records": index.records, "skipped": num_skipped,
-            "small": num_small, "captioned": index.captioned}
+            "small": num_small, "captioned": index.captioned,
+            "regions": index.regions}
 
 
 def reindex(output: str) -> dict:
@@ -220,6 +255,17 @@ def main(argv=None) -> int:
                    help="replace the shards of an earlier convert with this --output")
     p.add_argument("--warn_below", type=int, default=16,
                    help="list images smaller than this many pixels on a side")
+    p.add_argument("--regions", default=None, metavar="FILE_OR_FOLDER",
+                   help="boxes per image, kept in the index: a COCO-style .json, a .jsonl keyed "
+                   "by record key ({key, boxes: [[x0, y0, x1, y1], ...], texts}), a folder of "
+                   f"SA-1B per-image JSON, or {regions_lib.BESIDE!r} (each image's own KEY.json)")
+    rules = regions_lib.Rules()
+    p.add_argument("--min_region_side", type=float, default=rules.min_side,
+                   help="drop boxes with a side under this many pixels (the paper's SAM boxes: "
+                   "128 at SA-1B's resolution)")
+    p.add_argument("--min_region_fraction", type=float, default=rules.min_fraction,
+                   help="... or under this fraction of the image's shorter side (default 1/16: "
+                   "one patch of a /16 ViT)")
     a = p.parse_args(argv)
     if a.reindex:
         try:
@@ -234,16 +280,23 @@ def main(argv=None) -> int:
         p.error("--input and --output are required (or --reindex OUTPUT)")
     if a.shard_size < 1:
         p.error(f"--shard_size must be ≥ 1, got {a.shard_size}")
+    if a.min_region_side < 0 or not 0 <= a.min_region_fraction < 1:
+        p.error("--min_region_side must be ≥ 0 and --min_region_fraction in [0, 1)")
     try:
         result = convert(a.input, a.output, a.shard_size, overwrite=a.overwrite,
-                         warn_below=a.warn_below)
+                         warn_below=a.warn_below, regions=a.regions,
+                         region_rules=regions_lib.Rules(a.min_region_side, a.min_region_fraction))
     except (FileNotFoundError, FileExistsError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = f"; skipped {result['skipped']:,} unreadable" if result["skipped"] else ""
     captioned = (f" ({result['captioned']:,} with a caption)" if result["captioned"] else "")
+    regions = result["regions"]
+    boxed = (f"; {regions['regions']:,} regions ({regions['with_text']:,} with a text) on "
+             f"{regions['records']:,} images" if regions else "")
     print(f"convert: wrote {result['records']:,} images to {len(result['shards'])} ArrayRecord "
-          f"files ({a.output}-*.array_record) and {a.output}.index.jsonl{captioned}{skipped}")
+          f"files ({a.output}-*.array_record) and {a.output}.index.jsonl{captioned}{boxed}"
+          f"{skipped}")
     return 0
 
 

@@ -8,8 +8,16 @@ A convert output PREFIX has, beside its shards PREFIX-0000k-of-N.array_record:
                          int64 (memory-mapped, so record i's line is one seek away)
 * PREFIX.index.hashes    every record's key hashed (`mlcd_jax/keys.py`): N × 16 bytes in record
                          order, memory-mapped (a join reads it without parsing a line)
+* PREFIX.index.regions   with `convert --regions` only: where each record's regions start, all
+                         of them and those with a text: (N + 1) × 2 little-endian int64, cumulative
+                         (memory-mapped: a record's counts, or any range's, without a line read)
 * PREFIX.index.json      the manifest, written last: records, each shard's name, records and
-                         bytes, how many records have a caption, the .jsonl's size, "keys"
+                         bytes, how many records have a caption, the .jsonl's size, "keys", and
+                         "regions" (where they came from, how many, what was dropped, a sha256)
+
+A record's regions (`data/regions.py`) are in its line: "boxes" [[x0, y0, x1, y1], ...] in pixels
+of the decoded image, "texts" (where a region has one) and "region_ids" (where boxes were dropped
+before others: each region's place among its image's annotations, the "#id" of its key).
 
 The key is what labels are joined by (img2dataset's sample key, a folder's relative path); keys are
 unique within an output (`finish` checks, in bounded memory). Nothing here holds more than one
@@ -20,6 +28,7 @@ offsets table or the keys is named in one line with the command that adds them
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -27,6 +36,7 @@ import pathlib
 import numpy as np
 
 from mlcd_jax import keys as keys_lib
+from mlcd_jax.data import regions as regions_lib
 from mlcd_jax.records import write_json_atomic
 
 FORMAT = 2  # 2: keys (1: names and captions only)
@@ -47,6 +57,30 @@ def hashes_path(prefix) -> pathlib.Path:
     return pathlib.Path(f"{prefix}.index.hashes")
 
 
+def regions_path(prefix) -> pathlib.Path:
+    return pathlib.Path(f"{prefix}.index.regions")
+
+
+class _RegionTable:
+    """Writes PREFIX.index.regions a record at a time and digests every record's regions."""
+
+    def __init__(self, path: pathlib.Path):
+        self.file, self.sha = open(path, "wb"), hashlib.sha256()
+        self.counts = np.zeros(2, np.int64)  # regions, with a text
+        self.file.write(self.counts.astype("<i8").tobytes())
+
+    def add(self, key: str, fields: dict) -> None:
+        boxes = fields.get("boxes", ())
+        self.counts += (len(boxes), sum(t is not None for t in fields.get("texts", ())))
+        self.file.write(self.counts.astype("<i8").tobytes())
+        if boxes:
+            self.sha.update(json.dumps([key, fields], ensure_ascii=False).encode())
+
+    def info(self) -> dict:
+        return {"regions": int(self.counts[0]), "with_text": int(self.counts[1]),
+                "sha256": self.sha.hexdigest()}
+
+
 class DuplicateKey(ValueError):
     """Two records of one convert output have the same key."""
 
@@ -55,23 +89,33 @@ class Writer:
     """Writes the index as convert goes: a line and an offset per record (nothing kept in
     memory), the manifest at `finish`. Until then everything is under .tmp names."""
 
-    def __init__(self, prefix):
+    def __init__(self, prefix, *, regions: dict | None = None):
+        """`regions`: what made the records' regions (`data/regions.py`'s summary; None: no
+        regions), completed at `finish` and kept in the manifest."""
         self.prefix = str(prefix)
         self.lines_path, self.offsets_path, self.manifest_path = paths(prefix)
         self.hashes_path = hashes_path(prefix)
         self._lines = open(f"{self.lines_path}.tmp", "wb")
         self._offsets = open(f"{self.offsets_path}.tmp", "wb")
         self._hashes = open(f"{self.hashes_path}.tmp", "wb")
+        self.regions = regions
+        self._regions = (_RegionTable(pathlib.Path(f"{regions_path(prefix)}.tmp"))
+                         if regions is not None else None)
         self.records = self.captioned = 0
         self.shard_records: list[int] = []
 
     def new_shard(self) -> None:
         self.shard_records.append(0)
 
-    def add(self, key: str, name: str, caption: str | None) -> None:
+    def add(self, key: str, name: str, caption: str | None,
+            regions: regions_lib.Regions | None = None) -> None:
         self._offsets.write(np.int64(self._lines.tell()).astype("<i8").tobytes())
         line = {"record": self.records, "key": key, "name": name} | (
             {"caption": caption} if caption is not None else {})
+        if self._regions is not None:
+            fields = (regions or regions_lib.NONE).line()
+            self._regions.add(key, fields)
+            line |= fields
         self._lines.write((json.dumps(line, ensure_ascii=False) + "\n").encode())
         self._hashes.write(keys_lib.hashes([key]).tobytes())
         self.records += 1
@@ -84,27 +128,36 @@ class Writer:
         (nothing converted is lost: remove one of the two and `--reindex`, or convert again)."""
         self._offsets.write(np.int64(self._lines.tell()).astype("<i8").tobytes())
         size = self._lines.tell()
-        for f in (self._lines, self._offsets, self._hashes):
+        for f, path in self._files():
             f.close()
-        for path in (self.lines_path, self.offsets_path, self.hashes_path):
             os.replace(f"{path}.tmp", path)
-        write_manifest(self.prefix, shards, self.shard_records, self.captioned, size)
+        if self._regions is None:
+            regions_path(self.prefix).unlink(missing_ok=True)  # an --overwrite's old table
+        write_manifest(self.prefix, shards, self.shard_records, self.captioned, size,
+                       regions=None if self._regions is None
+                       else self.regions | self._regions.info())
         check_unique(self.prefix)
 
+    def _files(self):
+        yield from ((self._lines, self.lines_path), (self._offsets, self.offsets_path),
+                    (self._hashes, self.hashes_path))
+        if self._regions is not None:
+            yield self._regions.file, regions_path(self.prefix)
+
     def abandon(self) -> None:
-        for f, path in ((self._lines, self.lines_path), (self._offsets, self.offsets_path),
-                        (self._hashes, self.hashes_path)):
+        for f, path in self._files():
             f.close()
             pathlib.Path(f"{path}.tmp").unlink(missing_ok=True)
 
 
 def write_manifest(prefix, shards: list[str], counts: list[int], captioned: int,
-                   lines_bytes: int) -> None:
+                   lines_bytes: int, regions: dict | None = None) -> None:
     write_json_atomic(paths(prefix)[2], {
         "format": FORMAT, "records": int(sum(counts)), "captioned": int(captioned),
         "lines_bytes": int(lines_bytes), "keys": True,
         "shards": [{"file": pathlib.Path(s).name, "records": int(n),
-                    "bytes": pathlib.Path(s).stat().st_size} for s, n in zip(shards, counts)]})
+                    "bytes": pathlib.Path(s).stat().st_size} for s, n in zip(shards, counts)]}
+        | ({"regions": regions} if regions is not None else {}))
 
 
 def check_unique(prefix) -> None:
@@ -127,10 +180,13 @@ def reindex(prefix, shards: list[str], counts: list[int], key_of) -> dict:
     """The offsets table, key hashes and manifest of an existing PREFIX.index.jsonl (one pass
     over it). A line without a key (an older convert) gets `key_of(name)`; the lines are
     rewritten with their keys then."""
-    lines_path, offsets_path, _ = paths(prefix)
-    keys_path = hashes_path(prefix)
+    lines_path, offsets_path, manifest_path = paths(prefix)
+    keys_path, table_path = hashes_path(prefix), regions_path(prefix)
     if not lines_path.is_file():
         raise FileNotFoundError(f"{lines_path} not found: --reindex needs convert's index")
+    # Regions convert kept stay, their table remade from the lines (what made them is kept).
+    old = json.loads(manifest_path.read_text()).get("regions") if manifest_path.is_file() else None
+    table = _RegionTable(pathlib.Path(f"{table_path}.tmp"))
     records = captioned = 0
     with (open(lines_path, "rb") as lines, open(f"{lines_path}.tmp", "wb") as out,
           open(f"{offsets_path}.tmp", "wb") as offsets, open(f"{keys_path}.tmp", "wb") as hashed):
@@ -142,18 +198,24 @@ def reindex(prefix, shards: list[str], counts: list[int], key_of) -> dict:
             offsets.write(np.int64(out.tell()).astype("<i8").tobytes())
             out.write(raw)
             hashed.write(keys_lib.hashes([line["key"]]).tobytes())
+            table.add(line["key"], {k: line[k] for k in ("boxes", "texts", "region_ids")
+                                    if k in line})
             records += 1
             captioned += "caption" in line
         offsets.write(np.int64(out.tell()).astype("<i8").tobytes())
         size = out.tell()
+    table.file.close()
+    regions = (old or {}) | table.info() if old or table.counts[0] else None
+    written = (lines_path, offsets_path, keys_path) + ((table_path,) if regions else ())
     if records != sum(counts):
-        for path in (lines_path, offsets_path, keys_path):
+        for path in (lines_path, offsets_path, keys_path, table_path):
             pathlib.Path(f"{path}.tmp").unlink()
         raise StaleIndex(f"{lines_path} lists {records:,} records but the shards hold "
                          f"{sum(counts):,}; it is stale: convert again with --overwrite")
-    for path in (lines_path, offsets_path, keys_path):
+    for path in written:
         os.replace(f"{path}.tmp", path)
-    write_manifest(prefix, shards, counts, captioned, size)
+    pathlib.Path(f"{table_path}.tmp").unlink(missing_ok=True)
+    write_manifest(prefix, shards, counts, captioned, size, regions=regions)
     check_unique(prefix)
     return {"records": records, "captioned": captioned}
 
@@ -173,6 +235,7 @@ class Index:
         m = json.loads(manifest_path.read_text())
         self.records, self.captioned = int(m["records"]), int(m["captioned"])
         self.keyed = bool(m.get("keys"))
+        self.regions = m.get("regions")  # what made the records' regions (None: no regions)
         if (not self.lines_path.is_file() or self.lines_path.stat().st_size != m["lines_bytes"]
                 or not self.offsets_path.is_file()
                 or self.offsets_path.stat().st_size != 8 * (self.records + 1)):
@@ -189,8 +252,8 @@ class Index:
             self._offsets = np.memmap(self.offsets_path, dtype="<i8", mode="r")
             self._file = open(self.lines_path, "rb")
         start, end = int(self._offsets[record]), int(self._offsets[record + 1])
-        self._file.seek(start)
-        return json.loads(self._file.read(end - start))
+        # A positional read: grain's reading threads share this file, never its position.
+        return json.loads(os.pread(self._file.fileno(), end - start, start))
 
     def hashes(self) -> np.ndarray:
         """Every record's key hash (`keys.HASH`), memory-mapped, in record order."""
@@ -204,6 +267,21 @@ class Index:
             raise StaleIndex(f"{path} is missing or does not match {self.lines_path}; "
                              f"`python -m mlcd_jax.data.convert --reindex {self.prefix}`")
         return np.memmap(path, dtype=keys_lib.HASH, mode="r", shape=(self.records,))
+
+    def region_counts(self, records) -> np.ndarray:
+        """(n, 2) int64: the regions of `records`, all and those with a text (from the table, no
+        line read)."""
+        path = regions_path(self.prefix)
+        if self.regions is None:
+            raise StaleIndex(f"{self.lines_path} has no regions: convert with --regions "
+                             "(a COCO-style .json, a .jsonl keyed by record key, a folder of "
+                             "SA-1B per-image JSON, or 'beside')")
+        if not path.is_file() or path.stat().st_size != 16 * (self.records + 1):
+            raise StaleIndex(f"{path} is missing or does not match {self.lines_path}; "
+                             f"`python -m mlcd_jax.data.convert --reindex {self.prefix}`")
+        table = np.memmap(path, dtype="<i8", mode="r", shape=(self.records + 1, 2))
+        records = np.asarray(records, np.int64)
+        return np.asarray(table[records + 1] - table[records])
 
     def __getstate__(self):
         return self.__dict__ | {"_offsets": None, "_file": None}

@@ -6,7 +6,11 @@ bundled data: its name) with ``key_hashes(indices)`` (`mlcd_jax/keys.py`; `unkey
 source has no keys, None when it has) and ``fingerprint()`` (changes when the records change), so
 later stages can name a bad record, join it with its labels and tell stale results from current
 ones. Sources whose images come with text have ``captions(i)``
-(the image's own captions, a list; LiT and retrieval read them).
+(the image's own captions, a list; LiT and retrieval read them). Sources whose images come with
+boxes (`data/regions.py`: ArrayRecord converted with --regions, a folder given `regions=`) have
+``regions(i)`` (a `regions.Regions`: boxes (n, 4) float32, texts, ids), ``region_counts(indices)``
+((n, 2): all regions, those with a text), ``regions_fingerprint()`` and ``no_regions`` (why a
+source has none; None when it has them).
 
 * `DigitsSource`: scikit-learn's bundled handwritten digits (1,797 real 8 × 8 images, no download).
 * `FolderSource`: image files under a folder (sorted paths; class = first sub-folder, if any;
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import pathlib
 import re
 
@@ -28,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from mlcd_jax import keys as keys_lib
-from mlcd_jax.data import index as index_lib
+from mlcd_jax.data import index as index_lib, regions as regions_lib
 from mlcd_jax.records import digest
 
 SOURCES = ("synthetic", "digits", "digits_canvas", "folder", "arrayrecord", "tfds")
@@ -84,11 +89,16 @@ class Subset(_Keyed):
         return self.source.unkeyed
 
     def __getattr__(self, name):
-        """What the source says of a record beside its image (`captions`, `caption_fields`),
-        where it says it."""
+        """What the source says of a record beside its image (`captions`, `caption_fields`,
+        `regions`, `region_counts`, ...), where it says it."""
         source = self.__dict__.get("source")
-        if name in ("captions", "caption_fields") and hasattr(source, name):
+        if name in ("captions", "caption_fields", "regions") and hasattr(source, name):
             return lambda i: getattr(source, name)(int(self.indices[i]))
+        if name == "region_counts" and hasattr(source, name):
+            return lambda indices: source.region_counts(
+                np.asarray(self.indices[np.asarray(indices)]))
+        if name in ("regions_fingerprint", "no_regions") and hasattr(source, name):
+            return getattr(source, name)
         raise AttributeError(name)
 
     def fingerprint(self):
@@ -176,11 +186,14 @@ class DigitsCanvasSource(_Keyed):
 class FolderSource:
     """Image files under `root` in sorted order; the class is the first sub-folder; the key is
     the relative path (as convert keys a folder). `classes` (another folder's `class_index`) makes
-    a test folder use the train folder's class ids."""
+    a test folder use the train folder's class ids. `regions` (what convert's --regions takes)
+    gives each image its boxes: matched and checked once, as convert does, into an index of this
+    folder's records in a temporary directory."""
 
     unkeyed = None
 
-    def __init__(self, root, *, classes: dict[str, int] | None = None, field="config.data.path"):
+    def __init__(self, root, *, classes: dict[str, int] | None = None, field="config.data.path",
+                 regions: str | None = None, region_rules: regions_lib.Rules | None = None):
         if not str(root):
             raise FileNotFoundError(f"{field} is empty: set it to the folder of images")
         self.root = pathlib.Path(root)
@@ -200,6 +213,7 @@ class FolderSource:
             self.class_index = dict(classes)
         else:
             self.class_index = {c: i for i, c in enumerate(found)}
+        self._regions = _folder_regions(self, regions, region_rules) if regions else None
 
     def __len__(self):
         return len(self.paths)
@@ -223,8 +237,63 @@ class FolderSource:
         text = self.paths[i].with_suffix(".txt")
         return [caption_text(text.read_bytes())] if text.is_file() else []
 
+    @property
+    def no_regions(self) -> str | None:
+        return (None if self._regions is not None else
+                f"{self.root} was opened without regions (FolderSource(..., regions=...): a "
+                "COCO-style .json, a .jsonl keyed by record key, a folder of SA-1B per-image "
+                "JSON, or 'beside')")
+
+    def regions(self, i) -> regions_lib.Regions:
+        if self._regions is None:
+            raise ValueError(self.no_regions)
+        return regions_lib.Regions.of_line(self._regions.line(i))
+
+    def region_counts(self, indices) -> np.ndarray:
+        if self._regions is None:
+            raise ValueError(self.no_regions)
+        return self._regions.region_counts(indices)
+
+    def regions_fingerprint(self) -> str | None:
+        return None if self._regions is None else self._regions.regions["sha256"]
+
     def fingerprint(self):
         return digest("folder", [str(p.relative_to(self.root)) for p in self.paths])
+
+
+def _folder_regions(folder: FolderSource, spec: str, rules) -> index_lib.Index:
+    """Each image's regions matched and checked as convert does (sizes from the headers), into
+    an index of the folder's records in a temporary directory (removed with the source; grain's
+    worker processes read the same files)."""
+    import shutil
+    import tempfile
+    import weakref
+    work = pathlib.Path(tempfile.mkdtemp(prefix="mlcd_jax_regions_"))
+    weakref.finalize(folder, shutil.rmtree, work, ignore_errors=True)
+    annotations = regions_lib.Annotations(spec, work / "annotations", rules)
+    writer = index_lib.Writer(work / "folder", regions={})
+    writer.new_shard()
+    try:
+        for i, path in enumerate(folder.paths):
+            key = folder.key(i)
+            meta = path.with_suffix(".json")
+            sidecar = None
+            if spec == regions_lib.BESIDE and meta.is_file():
+                try:
+                    sidecar = json.loads(meta.read_bytes())
+                except ValueError as e:
+                    raise ValueError(f"{meta}: not JSON ({e}); fix or remove it") from None
+            writer.add(key, key, None, annotations.of(key, key, regions_lib.image_size(path),
+                                                      sidecar))
+    except BaseException:
+        writer.abandon()
+        annotations.close()
+        raise
+    annotations.report(what=f"regions of {folder.root}")
+    writer.regions = annotations.summary()
+    annotations.close()
+    writer.finish([])
+    return index_lib.Index(work / "folder")
 
 
 SHARD_NAME = re.compile(r"(.*)-(\d{5})-of-(\d{5})\.array_record$")  # prefix, shard k, of N
@@ -354,6 +423,46 @@ class ArrayRecordSource:
         return [caption] if caption is not None else []
 
     @property
+    def no_regions(self) -> str | None:
+        """Why the records have no regions (None: every file's index has them)."""
+        for f, shard in enumerate(self.files):
+            if self.first[f] is None:
+                return str(self._unindexed(f, "regions"))
+            index = self._index(shard)
+            if index.regions is None:
+                return (f"{index.lines_path} has no regions: convert with --regions (a "
+                        "COCO-style .json, a .jsonl keyed by record key, a folder of SA-1B "
+                        "per-image JSON, or 'beside')")
+        return None
+
+    def regions(self, i) -> regions_lib.Regions:
+        """Record i's regions, from its line of convert's index."""
+        f, _ = self._locate(i)
+        if self.first[f] is not None and self._index(self.files[f]).regions is None:
+            raise ValueError(self.no_regions)
+        return regions_lib.Regions.of_line(self._line(i, "regions"))
+
+    def region_counts(self, indices) -> np.ndarray:
+        """(n, 2) int64: the regions of records `indices`, all and those with a text, from each
+        file's index table (no line parsed)."""
+        indices = np.asarray(indices, np.int64)
+        out = np.empty((len(indices), 2), np.int64)
+        files = np.searchsorted(self.offsets, indices, side="right") - 1
+        for f in np.unique(files):
+            if self.first[f] is None:
+                raise self._unindexed(int(f), "regions")
+            mine = files == f
+            out[mine] = self._index(self.files[f]).region_counts(
+                self.first[f] + indices[mine] - self.offsets[f])
+        return out
+
+    def regions_fingerprint(self) -> str:
+        """Changes when any record's regions change (each index's digest of them)."""
+        if self.no_regions is not None:
+            raise ValueError(self.no_regions)
+        return digest([self._index(f).regions.get("sha256") for f in self.files])
+
+    @property
     def unkeyed(self) -> str | None:
         """Why the records have no keys (None: every file's index has them)."""
         for f, shard in enumerate(self.files):
@@ -446,7 +555,12 @@ def make_source(data, *, field: str = "config.data.") -> object:
     if kind == "digits_canvas":
         return DigitsCanvasSource(data.split)
     if kind == "folder":
-        return FolderSource(data.path, field=f"{field}path")
+        regions = getattr(data, "regions", None)
+        rules = regions_lib.Rules(*(getattr(data, f, d) for f, d in (
+            ("min_region_side", regions_lib.Rules.min_side),
+            ("min_region_fraction", regions_lib.Rules.min_fraction))))
+        return FolderSource(data.path, field=f"{field}path", regions=regions or None,
+                            region_rules=rules)
     if kind == "arrayrecord":
         return ArrayRecordSource(data.path, field=f"{field}path")
     if kind == "tfds":

@@ -1,4 +1,4 @@
-"""Cluster labels: python -m mlcd_jax.labels {embed,kmeans,assign,stats,all} ...
+"""Cluster labels: python -m mlcd_jax.labels {embed,kmeans,assign,stats,all,ocr} ...
 
     python -m mlcd_jax.labels embed --model MODEL --source folder --path IMAGES --out EMB \\
         --image_size 224
@@ -7,6 +7,17 @@
         --num_labels 8
     python -m mlcd_jax.labels stats --labels LAB
     python -m mlcd_jax.labels all --embeddings EMB --out LAB --num_centers 10000 --num_labels 8
+
+Regions (docs/regions.md): `embed --regions` embeds each object region's crop (keys
+"RECORD_KEY#REGION_ID"), then kmeans / assign as above make the object regions' store;
+`ocr` writes the OCR regions' store (their texts' token ids, K = the vocabulary):
+
+    python -m mlcd_jax.labels embed --regions --model MODEL --source arrayrecord \\
+        --path 'data/train-*.array_record' --out REG_EMB --image_size 224
+    python -m mlcd_jax.labels all --embeddings REG_EMB --out OBJ_LAB --num_centers 10000 \\
+        --num_labels 1
+    python -m mlcd_jax.labels ocr --source arrayrecord --path 'data/train-*.array_record' \\
+        --out OCR_LAB [--tokenizer CLIP_TOKENIZER_DIR] --num_labels 16
 
 kmeans, assign and all take --backend: faiss (CPU), jax (every device of the job: the centers
 split over the mesh, exact), or auto (jax where an accelerator is present, else faiss).
@@ -25,7 +36,8 @@ import sys
 import jax
 
 from mlcd_jax import distributed, records
-from mlcd_jax.labels import assign, embed, kmeans, stats, store
+from mlcd_jax.data import regions as regions_lib
+from mlcd_jax.labels import assign, embed, kmeans, ocr, stats, store
 
 SOURCES = ("digits", "digits_canvas", "folder", "arrayrecord", "tfds")
 PROCESS_HELP = ("this process's share of the shards (default: the multi-process job's, else all); "
@@ -37,9 +49,15 @@ def make_source(a):
     import types
 
     from mlcd_jax.data import sources
-    return sources.make_source(types.SimpleNamespace(source=a.source, path=a.path,
-                                                     tfds_name=a.tfds_name, split=a.split),
-                               field="--")
+    if getattr(a, "annotations", None) and (a.source != "folder"
+                                            or not getattr(a, "regions", True)):
+        raise ValueError("--annotations gives a folder's regions to `embed --regions` and `ocr` "
+                         "with --source folder (ArrayRecord files keep the regions convert "
+                         "--regions put in their index)")
+    return sources.make_source(types.SimpleNamespace(
+        source=a.source, path=a.path, tfds_name=a.tfds_name, split=a.split,
+        regions=getattr(a, "annotations", None), min_region_side=getattr(a, "min_region_side", 0),
+        min_region_fraction=getattr(a, "min_region_fraction", 0)), field="--")
 
 
 def run_embed(a):
@@ -49,11 +67,21 @@ def run_embed(a):
     dtype = a.dtype if a.dtype != "auto" else (
         "float32" if jax.default_backend() == "cpu" else "bfloat16")
     model = embed.with_dtype(model, dtype)
+    if a.regions:
+        source = embed.region_crops(source, a.out, a.region_kind)
+        print(f"embed: {len(source):,} regions ({a.region_kind}) of {len(source.source):,} "
+              "records", flush=True)
     result = embed.run(source, model, a.out, model_name=str(a.model), image_size=a.image_size,
                        batch_size=a.batch_size, shard_size=a.shard_size,
                        process_index=a.process_index, process_count=a.process_count,
                        source_name=f"{a.source}:{a.path or a.tfds_name}")
     print(f"embed: {json.dumps(result)}")
+
+
+def run_ocr(a):
+    result = ocr.run(make_source(a), a.out, tokenizer=a.tokenizer, num_labels=a.num_labels,
+                     vocab_size=a.vocab_size, sample_records=a.tokenizer_records, seed=a.seed)
+    print(f"ocr: {json.dumps(result)}")
 
 
 def run_kmeans(a):
@@ -134,7 +162,16 @@ def main(argv=None) -> int:
     data.add_argument("--path", default="")
     data.add_argument("--tfds_name", default="")
     data.add_argument("--split", default="train")
-    p = sub.add_parser("embed", parents=[data])
+    # A folder source's regions (ArrayRecord files keep convert's in their index).
+    boxes = argparse.ArgumentParser(add_help=False)
+    boxes.add_argument("--annotations", default=None,
+                       help="with --source folder: the images' boxes, as convert --regions takes "
+                       "them (COCO-style .json, .jsonl keyed by record key, a folder of SA-1B "
+                       "per-image JSON, or 'beside')")
+    boxes.add_argument("--min_region_side", type=float, default=regions_lib.Rules.min_side)
+    boxes.add_argument("--min_region_fraction", type=float,
+                       default=regions_lib.Rules.min_fraction)
+    p = sub.add_parser("embed", parents=[data, boxes])
     p.add_argument("--model", required=True, help="a training workdir, our model dir, or a "
                    "transformers checkpoint dir")
     p.add_argument("--step", type=int, default=None, help="with a training workdir: which step")
@@ -148,6 +185,23 @@ def main(argv=None) -> int:
                    "CPU); part of each shard's record")
     p.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
     p.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
+    p.add_argument("--regions", action="store_true",
+                   help="embed each region's crop instead of each image (keys RECORD_KEY#ID)")
+    p.add_argument("--region_kind", default="objects", choices=list(regions_lib.KINDS),
+                   help="which regions: objects (without a text: RICE's object regions, the "
+                   "default), text (OCR regions) or all")
+    p = sub.add_parser("ocr", parents=[data, boxes],
+                       help="OCR regions' labels: each region text's token ids")
+    p.add_argument("--source", required=True, choices=SOURCES)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="a CLIP tokenizer dir (tokenizer.json, or "
+                   "vocab.json + merges.txt); default: a BPE trained on the region texts")
+    p.add_argument("--num_labels", type=int, default=16, help="token ids kept per region")
+    p.add_argument("--vocab_size", type=int, default=4096,
+                   help="without --tokenizer: the trained BPE's vocabulary (at most)")
+    p.add_argument("--tokenizer_records", type=int, default=100_000,
+                   help="without --tokenizer: records whose region texts train it (seeded)")
+    p.add_argument("--seed", type=int, default=0)
     sub.add_parser("kmeans", parents=[io, km, be])
     p = sub.add_parser("assign", parents=[io, asg, be])
     p.add_argument("--centers", default=None, help="default: OUT/centers.npy")
@@ -168,6 +222,8 @@ def main(argv=None) -> int:
         first = jax.process_index() == 0
         if a.command == "embed":
             run_embed(a)
+        if a.command == "ocr" and first:
+            run_ocr(a)
         if hasattr(a, "backend"):
             a.backend = assign.resolve_backend(a.backend)
         if a.command in ("kmeans", "all"):

@@ -8,6 +8,12 @@ atomically with a record of what made it (the source's records, the model's weig
 size), and never redone; the manifest is written (last) by process 0 once every shard exists. An
 --out that holds shards made otherwise is refused, not mixed. A source without keys (ArrayRecord
 files without convert's index) is embedded by position: every record must then be readable.
+
+`--regions` embeds regions instead of images (`region_crops`): each region's crop of its record's
+image, keyed f"{record key}#{region id}" (`data/regions.py`), the object regions by default (RICE
+labels those by their nearest center of a k-means over the teacher's region features; OCR regions
+get their text's token ids instead, `labels ocr`). The same shards, records and resumption; then
+`kmeans` and `assign` make a label store keyed by region.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from mlcd_jax import distributed, records
-from mlcd_jax.data import pipeline, sources
+from mlcd_jax.data import pipeline, regions as regions_lib, sources
 from mlcd_jax.labels import store
 
 
@@ -42,6 +48,24 @@ def with_dtype(model, dtype: str):
     from mlcd_jax.models import vit
     return vit.with_params(dataclasses.replace(model.cfg, dtype=dtype),
                            nnx.to_pure_dict(nnx.state(model)))
+
+
+def region_crops(source, out_dir, kind: str = "objects") -> regions_lib.RegionCrops:
+    """The regions of `kind` (objects: without a text; text; all) of `source`'s records, as a
+    source of crops to embed; where each record's regions start is kept in OUT_DIR."""
+    why = getattr(source, "no_regions", "this source has no boxes (folder or arrayrecord do)")
+    if why is not None:
+        raise ValueError(f"--regions: {why}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    crops = regions_lib.RegionCrops(source, out / f"regions.{kind}.offsets.npy", kind)
+    if not len(crops):
+        every = regions_lib.region_offsets(source, out / "regions.all.offsets.npy", "all")
+        total = int(every[len(every) - 1])
+        raise ValueError(f"--regions: the records hold no regions of kind {kind!r} ({total:,} "
+                         "regions in all; OCR regions, those with a text, are labelled by "
+                         "`labels ocr`; --region_kind all embeds every region)")
+    return crops
 
 
 def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size: int = 256,

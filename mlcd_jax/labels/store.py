@@ -13,6 +13,10 @@ embeddings' keys as a sorted key table ``keys.npy`` (`mlcd_jax/keys.py`: row i o
 the labels of the record whose key hashes to an entry with row i) and ``manifest.json`` (N, K, l,
 the embeddings' fingerprint and model, the assign index and recall, "keys": the table or null).
 
+A store of regions (`labels embed --regions` → kmeans → assign, or `labels ocr`) is the same
+format; its keys are the regions' keys, f"{record key}#{region id}" (`data/regions.py`), and an OCR
+store's manifest says so ("regions": {"kind": "ocr", ...}).
+
 Both are written through `records` (atomic writes; `embed`'s shards and `assign`'s parts are
 resumable pieces); this module owns both manifests, reading and writing.
 """
@@ -281,14 +285,29 @@ def write_label_manifest(directory, *, num_examples: int, num_classes: int, num_
                  "bytes_per_record": keys_lib.BYTES_PER_KEY} if keys else None})
 
 
-def check_label_range(store: LabelStore, chunk: int = 1 << 20) -> None:
-    """Every id in [-1, K) and every example with a label: a full read, done once before
-    training."""
+def check_label_range(store: LabelStore, chunk: int = 1 << 20, *,
+                      allow_empty: bool = False) -> None:
+    """Every id in [-1, K) and every example with a label (`allow_empty`: a row of −1 alone
+    too, which a region head skips): a full read, done once before training."""
     for start in range(0, len(store.labels), chunk):
         part = np.asarray(store.labels[start:start + chunk])
         bad = np.flatnonzero((part < -1).any(1) | (part >= store.num_classes).any(1)
-                             | (part[:, 0] < 0))
+                             | ((part[:, 0] < 0) & (not allow_empty)))
         if bad.size:
             row = start + int(bad[0])
             raise ValueError(f"labels.npy row {row} is {part[bad[0]].tolist()}: ids must lie in "
                              f"[-1, {store.num_classes}) with the first label ≥ 0")
+
+
+def write_region_label_manifest(directory, *, num_examples: int, num_classes: int,
+                                num_labels: int, kind: str, source_fingerprint: str,
+                                keys: str, **about) -> None:
+    """The manifest of a label store of regions made without embeddings (`labels ocr`: token
+    ids), read by `open_label_store` as any other: "regions" says what its rows are (`kind`, and
+    `about`: e.g. the tokenizer), so a region join knows which regions it should hold."""
+    write_json_atomic(pathlib.Path(directory) / "manifest.json", {
+        "num_examples": num_examples, "num_classes": num_classes, "num_labels": num_labels,
+        "source_fingerprint": source_fingerprint, "embedding_model": None, "embeddings": None,
+        "index": kind, "recall_at_l": 1.0, "regions": {"kind": kind} | about,
+        "keys": {"file": keys, "count": num_examples, "column": "key",
+                 "bytes_per_record": keys_lib.BYTES_PER_KEY}})
