@@ -3,6 +3,7 @@ float32 XLA attention, for the ViT's token counts (B/16 at 224 px: 197 tokens).
 
     python bench/attention.py                       # on a GPU: batch 256, 12 heads of 64, bf16
     .venv/bin/python bench/attention.py --batch 8   # on CPU the cuDNN rows say why they cannot run
+    .venv/bin/python bench/attention.py --smoke     # every row at toy size, seconds (the tests)
 
 Rows: XLA unpadded; XLA padded to 64 (the CPU twin of the cuDNN path); cuDNN unpadded; cuDNN padded
 to 8 and to 64 (masked by sequence lengths, as `mlcd_jax.models.vit.attention`). A row that the
@@ -18,6 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import mlcd_jax  # noqa: E402, F401, I001  (before jax: it picks the platform, quietly)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,7 +28,7 @@ import numpy as np  # noqa: E402
 from mlcd_jax.models import vit  # noqa: E402
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=256)
@@ -36,7 +38,12 @@ def main():
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default="bench/results/attention.json")
-    a = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="toy shapes (batch 2, 2 heads of 8, the "
+                   "token counts / 10), one repetition: seconds on a CPU, for the test suite")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.batch, a.heads, a.head_dim, a.reps = 2, 2, 8, 1
+        a.tokens = ",".join(str(max(int(t) // 10, 2)) for t in a.tokens.split(","))
     rows = []
     for tokens in [int(t) for t in a.tokens.split(",")]:
         rng = np.random.default_rng(tokens)

@@ -3,6 +3,7 @@
     .venv/bin/python bench/head.py                       # K = 1M, D = 512, B = 256, 1 vs 8 devices
     .venv/bin/python bench/head.py --classes 10000,100000,1000000 --ratios 0.01,0.1,1.0 \\
         --devices 1,2,4,8
+    .venv/bin/python bench/head.py --smoke --json /tmp/head.json   # toy sizes, seconds (the tests)
 
 Devices are simulated on the host CPU unless a GPU/TPU is present. Simulated devices share the
 host's cores, so on CPU a larger n lowers per-device memory but cannot lower the step time. The
@@ -22,10 +23,11 @@ import time
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import mlcd_jax  # noqa: E402, F401, I001  (before jax: it picks the platform, quietly)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import probe  # noqa: E402  (bench/probe.py)
 
 from mlcd_jax import head, mesh as mesh_lib  # noqa: E402
@@ -88,13 +90,18 @@ def main(argv=None):
                         help="classes scored at a time per shard (default: the head's automatic)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default="bench/results/head.json")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes (K = 1,000 and the "
+                        "ratios asked, D = 16, B = 16, devices 1 and 2, one step): seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.classes, args.dim, args.batch, args.devices, args.steps = "1000", 16, 16, "1,2", 1
 
     all_devices = jax.devices()
     counts = [int(n) for n in args.devices.split(",")]
     if max(counts) > len(all_devices):
         parser.error(f"--devices asks for {max(counts)} but only {len(all_devices)} exist")
-    probe_before = probe.xla_matmul_flops() / 1e9
+    size = 256 if args.smoke else 2048
+    probe_before = probe.xla_matmul_flops(n=size) / 1e9
     rows = []
     cases = [(int(k), n, float(r)) for k in args.classes.split(",") for r in args.ratios.split(",")
              for n in counts]
@@ -102,7 +109,7 @@ def main(argv=None):
         print(f"[{i + 1}/{len(cases)}] K={k:,} devices={n} r={ratio} ...", flush=True)
         rows.append(run_case(all_devices[:n], classes=k, dim=args.dim, batch=args.batch,
                              labels=args.labels, ratio=ratio, steps=args.steps, chunk=args.chunk))
-    probe_after = probe.xla_matmul_flops() / 1e9
+    probe_after = probe.xla_matmul_flops(n=size) / 1e9
 
     print(f"\nD={args.dim} B={args.batch} l={args.labels} on "
           f"{all_devices[0].platform} (simulated devices share the host)")

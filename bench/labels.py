@@ -4,6 +4,7 @@ embeddings.
     .venv/bin/python bench/labels.py                                  # N = 1M, D = 512, K = 10k
     .venv/bin/python bench/labels.py --centers 100000 --niter 1
     python bench/labels.py --points 10000000 --centers 100000,1000000 --backends jax  # GPU
+    .venv/bin/python bench/labels.py --smoke --json /tmp/l.json  # every row at toy size (tests)
 
 Writes N clustered float16 embeddings as shards, then for each K times one `kmeans.fit` (on all N
 points: points_per_center is set so the sample is N) and one `assign.run` with each backend
@@ -22,11 +23,12 @@ import sys
 import tempfile
 import time
 
-import faiss
-import jax
-import numpy as np
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import mlcd_jax  # noqa: E402, F401, I001  (before jax: it picks the platform, quietly)
+
+import faiss  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import probe  # noqa: E402  (bench/probe.py)
 
 from mlcd_jax.labels import assign, kmeans, sharded, store  # noqa: E402
@@ -60,12 +62,17 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2,
                    help="rounds alternating the rows; each row's fastest counts")
     p.add_argument("--json", default="bench/results/labels.json")
+    p.add_argument("--smoke", action="store_true", help="the same rows at toy size (N = 2,000, "
+                   "D = 16, each K / 10,000, one round, one iteration): seconds, for the tests")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.points, a.dim, a.shard, a.rounds, a.niter = 2_000, 16, 1_000, 1, 1
+        a.centers = ",".join(str(max(int(k) // 10_000, 8)) for k in a.centers.split(","))
     backends = a.backends.split(",")
     dtype = sharded.compute_dtype()
-    size = 2048 if jax.default_backend() == "cpu" else 8192
+    size = 256 if a.smoke else 2048 if jax.default_backend() == "cpu" else 8192
     xla_gflops = lambda: probe.xla_matmul_flops(dtype, n=size) / 1e9
-    probes = {"numpy float32": [numpy_gflops()], f"XLA {dtype.name}": [xla_gflops()]}
+    probes = {"numpy float32": [numpy_gflops(size)], f"XLA {dtype.name}": [xla_gflops()]}
     rng = np.random.default_rng(0)
     rows = []
     for k in [int(c) for c in a.centers.split(",")]:
@@ -117,7 +124,7 @@ def main(argv=None):
                 rows.append({"K": k, "step": step, "row": name, "seconds": seconds,
                              "points_per_s": a.points * passes / seconds,
                              "tflops": 2.0 * a.points * k * a.dim * passes / seconds / 1e12})
-    probes["numpy float32"].append(numpy_gflops())
+    probes["numpy float32"].append(numpy_gflops(size))
     probes[f"XLA {dtype.name}"].append(xla_gflops())
     device = jax.devices()[0]
     print(f"\nN={a.points:,} D={a.dim} l={a.labels}; kmeans {a.niter} iterations; "

@@ -3,6 +3,7 @@ ViT-L/14 embeddings) sharded over 8 simulated CPU devices, against a streamed sa
 
     .venv/bin/python bench/labels_paper.py                  # K = 1M, D = 768, 8 devices
     .venv/bin/python bench/labels_paper.py --centers 100000 --blocks 2
+    .venv/bin/python bench/labels_paper.py --smoke --out /tmp/lp.json   # toy size (the tests)
 
 For the jax backend's two programs (exact top-8 of a block of rows, `sharded.top_l`; one Lloyd
 accumulation step, `sharded._accumulate`), compiled for the mesh: each device's memory from the
@@ -25,10 +26,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import mlcd_jax  # noqa: E402, F401, I001  (before jax: it picks the platform, quietly)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import probe  # noqa: E402  (bench/probe.py)
 
 from mlcd_jax.labels import sharded  # noqa: E402
@@ -53,7 +55,12 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", help="the scored inputs' dtype (auto: float32 "
                    "on CPU, float16 on GPUs)")
     p.add_argument("--out", default="bench/results/labels_paper.json")
+    p.add_argument("--smoke", action="store_true", help="K = 1,000, D = 16, 8 rows per device, "
+                   "one block: seconds, for the tests")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.centers, a.dim, a.rows, a.blocks = 1_000, 16, 8, 1
+    probe_n = 256 if a.smoke else 2048
     mesh = sharded.label_mesh()
     dtype = sharded.compute_dtype(a.dtype)
     rng = np.random.default_rng(0)
@@ -74,7 +81,7 @@ def main(argv=None) -> int:
     result = {"centers": a.centers, "dim": a.dim, "labels": a.labels, "devices": mesh.size,
               "rows_per_device": a.rows, "dtype": str(dtype), "centers_made_s": made,
               "centers_per_device_mib": centers.addressable_shards[0].data.nbytes / 2**20}
-    probe_before = probe.xla_matmul_flops() / 1e9
+    probe_before = probe.xla_matmul_flops(n=probe_n) / 1e9
     for name, fn, args, kw in (
             ("assign top-l", sharded.top_l, (block, centers),
              dict(mesh=mesh, num_classes=a.centers, l=a.labels)),
@@ -104,7 +111,8 @@ def main(argv=None) -> int:
               f"{mem['outputs_mib']:.1f} MiB, temporaries {mem['temporaries_mib']:.1f} MiB; "
               f"{rows:,} rows in {seconds:.2f} s = {rows / seconds:,.0f} points/s, "
               f"{flop / seconds / 1e12:.3f} TFLOP/s (compile {compile_s:.1f} s)", flush=True)
-    result["xla_matmul_gflops_before_after"] = [probe_before, probe.xla_matmul_flops() / 1e9]
+    result["xla_matmul_gflops_before_after"] = [probe_before,
+                                                probe.xla_matmul_flops(n=probe_n) / 1e9]
     print(f"XLA float32 matmul probe: {probe_before:.0f} / "
           f"{result['xla_matmul_gflops_before_after'][1]:.0f} GFLOP/s before / after")
     pathlib.Path(a.out).parent.mkdir(parents=True, exist_ok=True)

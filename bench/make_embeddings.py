@@ -4,6 +4,7 @@
     .venv/bin/python bench/make_embeddings.py --out /tmp/e10m        # 10,000,000 × 512, 9.6 GB
     /usr/bin/time -v .venv/bin/python -m mlcd_jax.labels all --embeddings /tmp/e10m \\
         --out /tmp/l10m --num_centers 1000 --num_labels 8 --niter 5  # peak RSS: "Maximum resident"
+    .venv/bin/python bench/make_embeddings.py --out /tmp/e --smoke   # 1,000 × 8 (the tests)
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--shard", type=int, default=500_000)
+    p.add_argument("--smoke", action="store_true", help="1,000 × 8 in two shards")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.points, a.dim, a.clusters, a.shard = 1_000, 8, 10, 500
     means = np.random.default_rng(0).standard_normal((a.clusters, a.dim), dtype=np.float32)
 
     def shards():

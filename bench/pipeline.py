@@ -1,6 +1,7 @@
 """Train input pipeline throughput: images/s by number of grain worker processes.
 
     .venv/bin/python bench/pipeline.py               # 500 × 375 JPEGs → 224² crops, workers 0, 1, 2
+    .venv/bin/python bench/pipeline.py --smoke --workers 0 --json /tmp/p.json   # toy (the tests)
 
 Writes synthetic photos-like JPEGs (smooth gradients + noise, ~quality 90) into an ArrayRecord
 file, then times the full train pipeline (read, decode, random-resized crop, flip, batch) with
@@ -17,11 +18,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-from absl import flags
-from PIL import Image
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import mlcd_jax  # noqa: E402, F401, I001  (before jax: it picks the platform, quietly)
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+from PIL import Image  # noqa: E402
+
 from mlcd_jax.data import pipeline, sources  # noqa: E402
 
 
@@ -43,7 +46,12 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=24, help="timed batches per setting")
     p.add_argument("--workers", default="0,1,2")
     p.add_argument("--json", default="bench/results/pipeline.json")
+    p.add_argument("--smoke", action="store_true", help="16 images of 64 × 48 → 32² crops, "
+                   "batches of 4, 2 timed: seconds, for the tests")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.images, a.image_size, a.batch, a.batches = 16, 32, 4, 2
+    size = (64, 48) if a.smoke else (500, 375)
     flags.FLAGS.mark_as_parsed()
 
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -53,7 +61,7 @@ def main(argv=None):
         path = f"{tmp}/photos.array_record"
         writer = ArrayRecordWriter(path, "group_size:1")
         for _ in range(a.images):
-            writer.write(photo(rng))
+            writer.write(photo(rng, *size))
         writer.close()
         source = sources.ArrayRecordSource(path)
         for workers in [int(w) for w in a.workers.split(",")]:
@@ -69,7 +77,7 @@ def main(argv=None):
             rows.append({"workers": workers, "images_per_s": rate,
                          "images_per_s_per_worker": rate / max(workers, 1)})
             print(f"workers={workers}: {rate:.0f} images/s", flush=True)
-    print(f"\n{a.images} JPEGs 500×375 → {a.image_size}² random-resized crops + flip, "
+    print(f"\n{a.images} JPEGs {size[0]}×{size[1]} → {a.image_size}² random-resized crops + flip, "
           f"batch {a.batch}")
     print(f"{'workers':>8} {'images/s':>10} {'per worker':>11}")
     for r in rows:

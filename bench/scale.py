@@ -3,6 +3,7 @@ in its own child process, on synthetic data the benchmark makes.
 
     .venv/bin/python bench/scale.py                        # N = 1e4, 1e5, 1e6 (every stage)
     .venv/bin/python bench/scale.py --sizes 1e5,1e6,1e7 --stages lookup,input,kmeans,assign
+    .venv/bin/python bench/scale.py --smoke --out /tmp/s.json --png /tmp/s.png   # (the tests)
 
 Stages (each on the data of the size asked for; the inputs are made first, untimed):
   convert   img2dataset-style tar shards (1,000 tiny images + captions each) → ArrayRecord shards
@@ -319,20 +320,25 @@ def run_stage(stage: str, n: int, work: pathlib.Path) -> dict:
 
 
 def child(stage: str, n: int, work: pathlib.Path) -> None:
+    import mlcd_jax  # noqa: F401, I001  (before jax: it picks the platform, quietly)
     import jax  # noqa: F401  (imports are not the stage's cost)
 
     from mlcd_jax.data import sources  # noqa: F401
     from mlcd_jax.labels import store  # noqa: F401
+    print("RESULT " + json.dumps(measure(stage, n, work)), flush=True)
+
+
+def measure(stage: str, n: int, work: pathlib.Path) -> dict:
+    """One stage at size n: its time, rows/s and this process's peak memory."""
     peak = PeakAnon()
     before = _status()
     t = time.perf_counter()
     info = run_stage(stage, n, work)
     seconds = time.perf_counter() - t
     after = _status()
-    print("RESULT " + json.dumps({
-        "stage": stage, "n": n, "seconds": seconds, "rows_per_s": n / seconds,
-        "peak_rss_mb": after["VmHWM"] / 2**20, "peak_anon_mb": peak.stop() / 2**20,
-        "start_anon_mb": before["RssAnon"] / 2**20, **info}), flush=True)
+    return {"stage": stage, "n": n, "seconds": seconds, "rows_per_s": n / seconds,
+            "peak_rss_mb": after["VmHWM"] / 2**20, "peak_anon_mb": peak.stop() / 2**20,
+            "start_anon_mb": before["RssAnon"] / 2**20, **info}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,8 +407,12 @@ def main(argv=None) -> int:
                    "(a stage and N measured again replaces the old row)")
     p.add_argument("--markdown", action="store_true", help="print the results in --out as a "
                    "markdown table (docs/scale.md) and exit")
+    p.add_argument("--smoke", action="store_true", help="every stage once at N = 1,000 in this "
+                   "process (its memory figures then mean little): seconds, for the tests")
     p.add_argument("--child", nargs=2, metavar=("STAGE", "N"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.smoke:
+        a.sizes = "1000"
     if a.markdown:
         print(markdown(json.loads(pathlib.Path(a.out).read_text())))
         return 0
@@ -422,13 +432,18 @@ def main(argv=None) -> int:
             for what in NEEDS[stage]:
                 prepared(work, n, what)
             made = time.perf_counter() - t
-            out = subprocess.run([sys.executable, __file__, "--work", str(work), "--child", stage,
-                                  str(n)], capture_output=True, text=True, env=env)
-            line = next((s for s in out.stdout.splitlines() if s.startswith("RESULT ")), None)
-            if out.returncode or line is None:
-                print(f"{stage} at N = {n:,} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                return 1
-            r = json.loads(line[len("RESULT "):])
+            if a.smoke:
+                r = measure(stage, n, work)
+            else:
+                out = subprocess.run([sys.executable, __file__, "--work", str(work), "--child",
+                                      stage, str(n)], capture_output=True, text=True, env=env)
+                line = next((s for s in out.stdout.splitlines() if s.startswith("RESULT ")),
+                            None)
+                if out.returncode or line is None:
+                    print(f"{stage} at N = {n:,} failed:\n{out.stderr[-2000:]}",
+                          file=sys.stderr)
+                    return 1
+                r = json.loads(line[len("RESULT "):])
             results = [x for x in results if (x["stage"], x["n"]) != (stage, n)] + [r]
             print(f"{stage:>13} N = {n:>11,}: {r['seconds']:9.2f} s, {r['rows_per_s']:>12,.0f} "
                   f"rows/s, peak RSS {r['peak_rss_mb']:8.1f} MiB (anonymous "

@@ -39,17 +39,19 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import mlcd_jax  # noqa: E402, F401  (before jax: it picks the platform, quietly)
 
 
-def parse():
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["cpu", "gpu"], help="default: gpu where jax sees one")
     p.add_argument("--models", help="ViT sizes (mlcd_jax.models.vit.SIZES); CPU: tiny,B/32, "
                    "GPU: B/16")
     p.add_argument("--batch", type=int, help="CPU: 32, GPU: 256")
-    p.add_argument("--image_size", type=int, default=224, help="for the named sizes (tiny: 32)")
-    p.add_argument("--classes", type=int, default=10_000, help="K of the CPU preset")
+    p.add_argument("--image_size", type=int, default=224,
+                   help="for the named sizes without their own (tiny: 32, micro: 16)")
+    p.add_argument("--classes", type=int, help="K of the CPU preset (10,000; smoke: 100)")
     p.add_argument("--labels", type=int, default=8)
     p.add_argument("--embed_dim", type=int, default=512)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="CPU: float32, GPU: bfloat16")
@@ -65,36 +67,50 @@ def parse():
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=field=value,field=value: a row of ours on the MLCD recipe with "
                    "config overrides (GPU preset)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every row of the preset at toy size (micro ViT, 16 px, batch 8, K / "
+                   "1000), one step each in this process, torch.compile without code "
+                   "generation: seconds on a CPU, for the test suite")
     p.add_argument("--row", help=argparse.SUPPRESS)  # a child's job: one row, as JSON
     p.add_argument("--out", help="default: bench/results/train_step[_gpu].json")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     gpu = a.preset == "gpu" if a.preset else _has_gpu()
     a.preset = "gpu" if gpu else "cpu"
-    a.models = a.models or ("B/16" if gpu else "tiny,B/32")
-    a.batch = a.batch or (256 if gpu else 32)
+    a.models = a.models or ("micro" if a.smoke else "B/16" if gpu else "tiny,B/32")
+    a.batch = a.batch or (8 if a.smoke else 256 if gpu else 32)
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
     a.out = a.out or f"bench/results/train_step{'_gpu' if gpu else ''}.json"
-    a.steps = a.steps or (10 if gpu else 2)
-    a.warmup = a.warmup or (5 if gpu else 3)
-    a.rounds = a.rounds or (1 if gpu else 3)
+    a.steps = a.steps or (1 if a.smoke else 10 if gpu else 2)
+    a.warmup = a.warmup if a.warmup is not None else (0 if a.smoke else 5 if gpu else 3)
+    a.rounds = a.rounds or (1 if a.smoke or gpu else 3)
+    a.classes = a.classes or (100 if a.smoke else 10_000)
+    if a.smoke:
+        a.embed_dim = min(a.embed_dim, 32)
     return a
 
 
 def _has_gpu() -> bool:
     """Whether jax sees a GPU, asked in a child so this process leaves the device alone."""
-    probe = "import jax; print(jax.default_backend())"
+    probe = "import mlcd_jax, jax; print(jax.default_backend())"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     return done.stdout.strip().endswith("gpu")
 
 
-ARGS = parse()
+ARGS = ARGV = None  # main's parsed arguments, and the command line they came from
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import probe  # noqa: E402  (bench/probe.py)
 
-from mlcd_jax import config as config_lib, flops, mesh as mesh_lib, step as step_lib  # noqa: E402
+from mlcd_jax import (  # noqa: E402
+    config as config_lib,
+    flops,
+    mesh as mesh_lib,
+    step as step_lib,
+    validation,
+)
+from mlcd_jax.models import vit  # noqa: E402
 
 
 def fastest(fn, steps):
@@ -108,10 +124,11 @@ def fastest(fn, steps):
     return min(times)
 
 
-def torch_matmul_peak(dtype, n=2048, reps=5):
+def torch_matmul_peak(dtype, n=None, reps=5):
     """The same probe through PyTorch's GEMM (MKL/oneDNN), which can be faster than XLA's."""
     import torch
     torch.set_num_threads(ARGS.threads)
+    n = n or (256 if ARGS.smoke else 2048)
     x = torch.ones((n, n), dtype=torch.float32 if dtype == jnp.float32 else torch.bfloat16)
     x @ x
     return 2 * n ** 3 / fastest(lambda: x @ x, reps)
@@ -128,11 +145,13 @@ def rows_to_run():
             if not ARGS.no_torch:
                 rows.append(case | {"side": "torch", "compile": False})
             continue
-        mlcd = {"size": size, "case": "mlcd_recipe", "pos": "rope", "classes": 1_000_000,
+        small = 1_000 if ARGS.smoke else 1  # the smoke run's K: a thousandth
+        mlcd = {"size": size, "case": "mlcd_recipe", "pos": "rope", "classes": 1_000_000 // small,
                 "ratio": 0.1}
-        cases = [mlcd, {"size": size, "case": "rope_k1000", "pos": "rope", "classes": 1_000,
-                        "ratio": 1.0},
-                 {"size": size, "case": "clip", "pos": "learned", "classes": 1_000, "ratio": 1.0}]
+        cases = [mlcd, {"size": size, "case": "rope_k1000", "pos": "rope",
+                        "classes": max(1_000 // small, 64), "ratio": 1.0},
+                 {"size": size, "case": "clip", "pos": "learned",
+                  "classes": max(1_000 // small, 64), "ratio": 1.0}]
         for case in cases:
             rows.append(case | {"side": "ours"})
         for variant in ARGS.variant:
@@ -157,7 +176,7 @@ def config_for(row):
     c.model.size, c.model.embed_dim, c.model.dtype = row["size"], ARGS.embed_dim, ARGS.dtype
     c.model.pos = row["pos"]
     c.head.num_classes, c.head.sample_ratio = row["classes"], row["ratio"]
-    c.data.image_size = 32 if row["size"] == "tiny" else ARGS.image_size
+    c.data.image_size = vit.SIZES[row["size"]].get("image_size", ARGS.image_size)
     c.data.num_labels, c.data.source = ARGS.labels, "synthetic"
     c.batch_size, c.total_steps, c.optim.warmup_steps = ARGS.batch, 1000, 10
     for item in filter(None, row.get("overrides", "").split(",")):
@@ -171,7 +190,8 @@ def config_for(row):
 def ours(c):
     """The trainer's step on one device; and its memory: the compiled step's temporaries."""
     mesh = mesh_lib.make_mesh([("data", 1)], jax.devices()[:1])
-    built = step_lib.build(c, mesh, config_lib.total_steps(c))
+    model_cfg, head_cfg = validation.validate(c, mesh.size)
+    built = step_lib.build(c, mesh, config_lib.total_steps(c), model_cfg, head_cfg)
     compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
     state = jax.jit(built.init, out_shardings=built.shardings)(jax.random.key(0))
     images = jnp.asarray(np.random.default_rng(0).normal(size=built.abstract_batch[0].shape),
@@ -256,7 +276,9 @@ def pytorch(c, compiled: bool):
             return torch_mlcd_loss(emb, centers, labels, scale=c.head.scale,
                                    margin=c.head.margin, ratio=c.head.sample_ratio)
 
-    forward = torch.compile(forward_loss) if compiled else forward_loss
+    # The smoke run traces with torch.compile but generates no code (minutes on a CPU).
+    forward = (torch.compile(forward_loss, backend="eager" if ARGS.smoke else "inductor")
+               if compiled else forward_loss)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -275,16 +297,18 @@ def torch_peak_gib():
 
 
 def in_child(row):
-    """The fastest of ARGS.steps warm steps of one row, timed in a fresh process."""
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--preset", ARGS.preset, "--row",
-           json.dumps(row)]
+    """The fastest of ARGS.steps warm steps of one row, timed in a fresh process (in this one
+    for the smoke run)."""
+    if ARGS.smoke:
+        return run_row(row)
+    cmd = [sys.executable, __file__, *ARGV, "--preset", ARGS.preset, "--row", json.dumps(row)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{label(row)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def child(row):
+def run_row(row) -> dict:
     """Time one row: warm-up, then the fastest of ARGS.steps steps; memory."""
     c = config_for(row)
     if row["side"] == "ours":
@@ -295,17 +319,20 @@ def child(row):
         step()
     seconds = fastest(step, ARGS.steps)
     memory["peak_gib"] = ours_peak_gib() if row["side"] == "ours" else torch_peak_gib()
-    print(json.dumps({"seconds": seconds, **memory}))
+    return {"seconds": seconds, **memory}
 
 
-def main():
-    if ARGS.row:
-        child(json.loads(ARGS.row))
+def main(argv=None):
+    global ARGS, ARGV
+    ARGV = list(sys.argv[1:] if argv is None else argv)
+    ARGS = parse(ARGV)
+    if ARGS.row:  # a child: one row, its result as the last line
+        print(json.dumps(run_row(json.loads(ARGS.row))))
         return
     dtype = jnp.float32 if ARGS.dtype == "float32" else jnp.bfloat16
     gpu = ARGS.preset == "gpu"
-    measure = ((lambda: probe.xla_matmul_flops(dtype, n=8192, reps=10)) if gpu
-               else (lambda: probe.xla_matmul_flops(dtype)))
+    size = 256 if ARGS.smoke else 8192 if gpu else 2048
+    measure = lambda: probe.xla_matmul_flops(dtype, n=size, reps=10 if gpu else 5)
     cpu_torch = not gpu and not ARGS.no_torch
     probes = [measure()]
     torch_probes = [torch_matmul_peak(dtype)] if cpu_torch else []

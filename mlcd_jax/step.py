@@ -6,6 +6,7 @@ planner (`mlcd_jax.plan`) and `bench/train_step.py` compile this same step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from mlcd_jax import checkpoint, head, mesh as mesh_lib, optim
+from mlcd_jax import checkpoint, head, mesh as mesh_lib, optim, platform
 from mlcd_jax.data import input as input_lib, transforms
 from mlcd_jax.models import vit
 
@@ -98,6 +99,9 @@ def build(c, mesh, total_steps: int, model_cfg: vit.ViTConfig,
     """The model, head, optimizer and jitted train step of config `c` on `mesh`, all abstract,
     for a schedule of `total_steps`; `model_cfg` and `head_cfg` as `validation.validate` made
     them."""
+    # "auto" resolves for the platform the step is compiled for (a plan's GPUs, not this CPU).
+    model_cfg = dataclasses.replace(model_cfg, attention=platform.attention(
+        model_cfg.attention, model_cfg.dtype, platform.target(mesh.devices.flat)))
     num_rows = mesh_lib.padded_num_classes(c.head.num_classes, mesh.size)
 
     # Data layout: batch `step` is (grad_accum, micro, ...), micro split over the batch axes.

@@ -14,7 +14,10 @@ LAYERS = [
     ("mlcd_jax.config", "mlcd_jax.lit_config", "mlcd_jax.recipes", "mlcd_jax.flag_parsing",
      "mlcd_jax.mesh", "mlcd_jax.losses", "mlcd_jax.optim", "mlcd_jax.distributed",
      "mlcd_jax.reporting", "mlcd_jax.models", "mlcd_jax.data", "mlcd_jax.records",
-     "mlcd_jax.keys", "mlcd_jax.labels.store", "mlcd_jax.labels.join"),
+     "mlcd_jax.keys", "mlcd_jax.labels.store", "mlcd_jax.labels.join",
+     # the platform and its "auto" choices (the package's __init__ picks it before jax starts),
+     # GPU targets, reading compiled programs
+     "mlcd_jax", "mlcd_jax.platform", "mlcd_jax.gpu_specs", "mlcd_jax.hlo"),
     # the heads (MLCD, contrastive), checkpoints, the transformers mapping, the embedding loop
     # and the evaluators of its features
     ("mlcd_jax.head", "mlcd_jax.contrastive", "mlcd_jax.checkpoint", "mlcd_jax.interop.hf",
@@ -40,7 +43,8 @@ def module_name(path: pathlib.Path) -> str:
 def layer(module: str) -> int:
     """The layer of the longest matching prefix."""
     best = max(((len(prefix), i) for i, names in enumerate(LAYERS) for prefix in names
-                if module == prefix or module.startswith(prefix + ".")), default=None)
+                if module == prefix or (module.startswith(prefix + ".") and prefix != "mlcd_jax")),
+               default=None)  # "mlcd_jax" is the package's __init__, not every module's prefix
     assert best is not None, f"{module} has no layer in tests/test_layers.py"
     return best[1]
 

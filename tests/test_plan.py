@@ -1,8 +1,10 @@
 """`python -m mlcd_jax.plan`: the trainer's step compiled for a virtual TPU topology (libtpu's
-compiler on this CPU), memory that follows the sharding, FLOPs against an independent count."""
+compiler on this CPU, quietly), memory that follows the sharding, FLOPs against an independent
+count. GPUs: tests/test_plan_gpu.py."""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -24,6 +26,8 @@ def plan(tmp_path, topology, *overrides):
          f"--topology={topology}", f"--json={out}", *overrides],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # libtpu's start-up lines on a machine without a TPU (worker hostnames, accelerator type)
+    assert not re.search(r"libtpu|TPU_|InitGoogle|InitializeLog", result.stdout + result.stderr)
     return json.loads(out.read_text()), result.stdout
 
 

@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mlcd_jax import platform
+
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -201,11 +203,9 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
 
 
 def attention_implementation(cfg: ViTConfig) -> tuple[str, int]:
-    """(implementation, token multiple) of `cfg`'s attention on the default backend: cuDNN's
-    fused kernel needs a GPU and half precision."""
-    impl = cfg.attention
-    if impl == "auto":
-        impl = "cudnn" if (jax.default_backend() == "gpu" and cfg.dtype != "float32") else "xla"
+    """(implementation, token multiple) of `cfg`'s attention; "auto" as `platform.attention`
+    resolves it for this process's devices (`step.build` resolves it for the mesh's first)."""
+    impl = platform.attention(cfg.attention, cfg.dtype)
     multiple = cfg.attention_pad or (CUDNN_TOKEN_MULTIPLE if impl == "cudnn" else 1)
     return impl, multiple
 
@@ -253,17 +253,35 @@ class Block(nnx.Module):
         # layer over (batch, tokens, width) ~4× slower than the same GEMM over
         # (batch·tokens, width).
         x = x.reshape(b * t, w)
-        h = self.layer_norm1(x)
+        # Scanned blocks in half precision without remat: the layer norms, RoPE and the
+        # activation keep only their input for the backward pass and recompute the rest there
+        # (elementwise work). A scan's forward and backward are separate loops, so whatever the
+        # backward reads is stored for every layer, and their float32 intermediates (x², x −
+        # mean, the rotated halves; GELU's erfc and exp) were half of it (docs/performance.md,
+        # "On a GPU"). Unrolled, XLA fuses them into the backward by itself; under remat the
+        # block is recomputed anyway; in float32 the program stays as it was.
+        light = (getattr(cfg, "scan", False) and not getattr(cfg, "remat", False)
+                 and cfg.dtype != "float32")
+        h = recomputed(self.layer_norm1, x) if light else self.layer_norm1(x)
         split = lambda y: y.reshape(b, t, cfg.heads, cfg.head_dim)
         q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            rotate = jax.checkpoint(apply_rope) if light else apply_rope
+            q, k = rotate(q, rope), rotate(k, rope)
         impl, multiple = attention_implementation(cfg)
         attn = attention(q, k, v, implementation=impl, multiple=multiple,
                          causal=self.causal).reshape(b * t, w)
         x = x + self.out_proj(attn)
-        x = x + self.fc2(ACTIVATIONS[cfg.act](self.fc1(self.layer_norm2(x))))
+        act = jax.checkpoint(ACTIVATIONS[cfg.act]) if light else ACTIVATIONS[cfg.act]
+        h = recomputed(self.layer_norm2, x) if light else self.layer_norm2(x)
+        x = x + self.fc2(act(self.fc1(h)))
         return x.reshape(b, t, w)
+
+
+def recomputed(module: nnx.Module, x: jax.Array) -> jax.Array:
+    """module(x), keeping nothing for the backward pass but its input and parameters."""
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
 
 
 class ViT(nnx.Module):
