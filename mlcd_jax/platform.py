@@ -34,8 +34,9 @@ NOISE = re.compile(
 
 
 def gpu_present() -> bool:
-    """An NVIDIA or AMD GPU device node on this machine."""
-    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
+    """A GPU's device node on this machine: NVIDIA's, AMD's, or WSL's (its GPUs are /dev/dxg)."""
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")
+                or os.path.exists("/dev/dxg"))
 
 
 def tpu_present() -> bool:
