@@ -42,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
                                             # dense layers' outputs)
     c.model.attention = "auto"              # "auto" (cuDNN on GPU in bf16), "xla", "cudnn"
     c.model.attention_pad = 0               # pad tokens to a multiple (0: what attention needs)
+    c.model.region_layers = 0               # RICE's Region Transformer layers after the blocks
+                                            # (models/region.py): region heads need ≥ 1
     c.model.init_from = ""                  # continue from an encoder: a transformers MLCD /
                                             # CLIP vision dir, our model dir or a training
                                             # workdir; its architecture replaces the config's
@@ -71,6 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.head.chunk = 0                        # classes scored at a time per shard; 0 = automatic
     c.head.matmul_dtype = ""                # negatives' matmul inputs: "" = as model.dtype (bf16
                                             # with float32 accumulation), or "float32"
+    c.head.weight = 1.0                     # this (the image) head's weight in the total loss
+
+    # Region heads (RICE, arXiv 2507.20025): by name, each a `region_head(...)` (a config file
+    # adds them: configs/demo_regions.py); the loss is Σ weight · each head's. Empty: the image
+    # head alone. They need model.region_layers ≥ 1 and data.regions_per_image ≥ 1.
+    c.heads = ml_collections.ConfigDict()
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"             # one of mlcd_jax.data.sources.SOURCES
@@ -88,6 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
                                             # class, e.g. digits)
     c.data.image_size = 224
     c.data.num_labels = 8                   # l
+    c.data.regions_per_image = 0            # N region slots per image for the region heads:
+                                            # subsampled, or repeated when fewer (RICE)
     c.data.num_examples = 0                 # examples per epoch: a real source's own size;
                                             # synthetic data (and --compile_only / plan) use this
     c.data.noise = 0.5                      # synthetic: noise std around each class template
@@ -126,6 +136,39 @@ def base_config() -> ml_collections.ConfigDict:
     c.evals.test_fraction = 0.3
     c.evals.probes = ("knn", "linear_probe")
     return c
+
+
+def region_head(**fields) -> ml_collections.ConfigDict:
+    """A region head's config (`config.heads.NAME`), `fields` overriding the defaults: RICE's
+    object head (a single-label margin softmax over region clusters). Its OCR head: loss="mlcd",
+    regions="text", num_labels = the token ids kept per text, num_classes = the vocabulary."""
+    h = ml_collections.ConfigDict()
+    h.labels = ""                           # its region label store (`labels embed --regions`
+                                            # then `assign`, or `labels ocr`)
+    h.regions = "objects"                   # which regions it trains on: "objects" (no text),
+                                            # "text" (OCR regions), "all"
+    h.num_classes = 0                       # K (the store's: checked when training starts)
+    h.num_labels = 1                        # l per region
+    h.loss = "unicom"                       # as config.head.loss
+    h.scale = 32.0
+    h.margin = 0.3
+    h.margin_type = "arcface"
+    h.margin_grad = "straight_through"
+    h.sample_ratio = 0.1                    # ρ (RICE: 0.1)
+    h.negatives = "uniform"
+    h.label_columns = 0
+    h.negative_filter = 1.0
+    h.chunk = 0
+    h.matmul_dtype = ""
+    h.weight = 1.0                          # its weight in the total loss
+    h.lr_mult = 1.0                         # learning-rate multiplier of its centers
+    h.missing_labels = "error"              # a region it trains on that its store lacks: "error"
+                                            # (names them) or "skip" (counted, left out)
+    for name, value in fields.items():
+        if name not in h:
+            raise ValueError(f"region_head: no field {name!r}; the fields are {', '.join(h)}")
+        h[name] = value
+    return h
 
 
 def total_steps(c: ml_collections.ConfigDict, num_examples: int | None = None) -> int:

@@ -22,34 +22,58 @@ def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedu
         decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.end_lr_factor)
 
 
+CENTERS = ("centers", "region_centers")  # params of class centers: the image head's, by region head
+
+
+def _names(path) -> list:
+    return [getattr(k, "key", None) for k in path]
+
+
 def decay_mask(params):
-    """Weight decay on matrices (kernels) and the class centers; not on norms, biases,
-    embeddings, temperatures."""
+    """Weight decay on matrices (kernels) and the class centers (every head's); not on norms,
+    biases, embeddings, temperatures."""
     def decays(path, _):
-        names = [getattr(k, "key", None) for k in path]
-        return names[0] == "centers" or names[-1] == "kernel"
+        names = _names(path)
+        return names[0] in CENTERS or names[-1] == "kernel"
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _scaled_at(mult: float, *where) -> optax.GradientTransformation:
+    """The updates of the params at path prefix `where` × `mult` (the rest unchanged)."""
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: tuple(_names(path)[:len(where)]) == where, params)
+    return optax.masked(optax.scale(mult), mask)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
-                   centers_lr_mult: float | None = None,
-                   sparse_centers: bool = False) -> optax.GradientTransformation:
+                   centers_lr_mult: float | None = None, sparse_centers: bool = False,
+                   region_lr_mults: dict[str, float] | None = None
+                   ) -> optax.GradientTransformation:
     """clip → AdamW, from `config.optim`; with `centers_lr_mult` (params {"encoder", "centers"})
     → the centers' updates × it (AdamW's update is −lr·(…), so scaling it equals AdamW with
-    lr × lr_mult for the centers). Adam's moments mirror the params tree exactly. With
-    `sparse_centers`, the centers get `sparse_rows_adamw` instead (its `update` then takes
-    `rows_used`, the head's)."""
+    lr × lr_mult for the centers), and each region head's centers (params["region_centers"][name])
+    × its `region_lr_mults[name]`. Adam's moments mirror the params tree exactly. With
+    `sparse_centers` (the image head alone), the centers get `sparse_rows_adamw` instead (its
+    `update` then takes `rows_used`, the head's)."""
     clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity()
     adamw = optax.adamw(schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                         weight_decay=optim.weight_decay, mask=decay_mask)
     if sparse_centers:
+        if region_lr_mults:
+            raise ValueError("config.head.center_update: sparse center updates are for the image "
+                             "head alone; with region heads (config.heads) use dense")
         return _encoder_dense_centers_sparse(clip, adamw, sparse_rows_adamw(
             schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
             weight_decay=optim.weight_decay, lr_mult=centers_lr_mult or 1.0))
     stages = [clip, adamw]
     if centers_lr_mult is not None:
         stages.append(optax.masked(optax.scale(centers_lr_mult),
-                                   {"encoder": False, "centers": True}))
+                                   {"encoder": False, "centers": True} if not region_lr_mults
+                                   else lambda params: {k: k == "centers" for k in params}))
+    for name, mult in (region_lr_mults or {}).items():
+        if mult != 1.0:
+            stages.append(_scaled_at(mult, "region_centers", name))
     return optax.chain(*stages)
 
 

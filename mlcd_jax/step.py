@@ -18,47 +18,78 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from mlcd_jax import checkpoint, head, mesh as mesh_lib, optim, platform
+from mlcd_jax import (
+    checkpoint,
+    head,
+    heads as heads_lib,
+    mesh as mesh_lib,
+    optim,
+    platform,
+    validation,
+)
 from mlcd_jax.data import input as input_lib, transforms
-from mlcd_jax.models import vit
+from mlcd_jax.models import region as region_lib, vit
 
 
-def init_state(key, *, model_cfg, num_rows, tx):
-    """The train state, created from `key`: a pure function, so jit can create it sharded."""
-    model_key, centers_key = jax.random.split(key)
+def init_state(key, *, model_cfg, num_rows, tx, region_layers: int = 0,
+               region_rows: dict[str, int] | None = None):
+    """The train state, created from `key`: a pure function, so jit can create it sharded. With
+    region heads ({name: padded rows}) also the Region Transformer layers and their centers."""
+    model_key, centers_key, region_key = jax.random.split(key, 3)
     encoder = nnx.to_pure_dict(nnx.state(vit.ViT(model_cfg, rngs=nnx.Rngs(model_key))))
     width = model_cfg.embed_dim or model_cfg.width
     centers = jax.random.normal(centers_key, (num_rows, width), jnp.float32) * width ** -0.5
     params = {"encoder": encoder, "centers": centers}
+    if region_rows:
+        layers_key, *head_keys = jax.random.split(region_key, 1 + len(region_rows))
+        params["region"] = nnx.to_pure_dict(nnx.state(region_lib.RegionLayers(
+            model_cfg, region_layers, rngs=nnx.Rngs(layers_key))))
+        params["region_centers"] = {
+            name: jax.random.normal(k, (rows, width), jnp.float32) * width ** -0.5
+            for k, (name, rows) in zip(head_keys, region_rows.items())}
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed):
-    """One optimizer step over `grad_accum` micro-batches; the key folds in the step."""
-    images, labels = batch  # (grad_accum, micro, H, W, 3), (grad_accum, micro, l)
+def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
+               region_graphdef=None, region_heads=(), image_weight: float = 1.0):
+    """One optimizer step over `grad_accum` micro-batches; the key folds in the step. `batch`:
+    (images, labels) (grad_accum, micro, H, W, 3), (grad_accum, micro, l); with region heads
+    also {"boxes": (…, N, 4), "labels": {name: (…, N, l)}}."""
+    images = batch[0]
     if images.dtype == jnp.uint8:  # real images travel as uint8: 4× less host → device traffic
         images = transforms.normalize(images.astype(jnp.float32))
+    batch = (images, *batch[1:])
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
-    loss_fn = functools.partial(head.loss, cfg=head_cfg, mesh=mesh)
+    loss_fn = functools.partial(heads_lib.loss, image_cfg=head_cfg, image_weight=image_weight,
+                                region_heads=region_heads, mesh=mesh)
 
-    def micro_step(params, images, labels, key):
+    def micro_step(params, batch, key):
         def f(params):
-            embedding = nnx.merge(graphdef, params["encoder"])(images).embedding
-            return loss_fn(embedding, params["centers"], labels, key=key)
+            images, labels, *regions = batch
+            encoder = nnx.merge(graphdef, params["encoder"])
+            out = encoder(images)
+            region_embedding, region_labels = None, {}
+            if region_heads:
+                layers = nnx.merge(region_graphdef, params["region"])
+                region_embedding = region_lib.embed(encoder, layers, out, regions[0]["boxes"],
+                                                    images.shape[1:3])
+                region_labels = regions[0]["labels"]
+            return loss_fn(out.embedding, params["centers"], labels, region_embedding,
+                           params.get("region_centers"), region_labels, key=key)
         (loss, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, {"loss": loss, **metrics}
 
     params = state["params"]
+    micro = lambda i: jax.tree.map(lambda x: x[i], batch)
     if images.shape[0] == 1:
-        grads, metrics = micro_step(params, images[0], labels[0], key)
+        grads, metrics = micro_step(params, micro(0), key)
     else:
         def accumulate(carry, xs):
-            i, (img, lab) = xs
-            grads, metrics = micro_step(params, img, lab, jax.random.fold_in(key, i))
+            i, part = xs
+            grads, metrics = micro_step(params, part, jax.random.fold_in(key, i))
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_step, params, images[0],
-                                                            labels[0], key))
-        total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(images.shape[0]), (images, labels)))
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_step, params, micro(0), key))
+        total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(images.shape[0]), batch))
         grads, metrics = jax.tree.map(lambda x: x / images.shape[0], total)
     extra = {}  # sparse center updates: the rows used by any micro-batch
     if "rows_used" in metrics:
@@ -81,17 +112,26 @@ class Built(NamedTuple):
     shardings: Any
     abstract_state: Any           # ShapeDtypeStructs with shardings: compile / restore target
     batch_sharding: NamedSharding
-    abstract_batch: tuple         # (images, labels), (grad_accum, micro, ...) with shardings
+    abstract_batch: tuple         # (images, labels[, regions]), (grad_accum, micro, ...) sharded
     step_fn: Callable             # jitted train step, state donated
     replicated: list[str]         # large parameters a mesh axis was meant to split but cannot
+    region_heads: tuple = ()      # heads.RegionHead of config.heads
+    region_graphdef: Any = None   # the Region Transformer layers' (with region heads)
 
     def describe(self) -> str:
         n = sum(math.prod(x.shape)
                 for x in jax.tree.leaves(self.abstract_state["params"]["encoder"]))
         size = self.c.model.size or f"width {self.model_cfg.width} depth {self.model_cfg.depth}"
+        width = self.model_cfg.embed_dim or self.model_cfg.width
+        regions = "".join(f", region head {h.name} {h.cfg.num_classes:,} × {width} centers"
+                          for h in self.region_heads)
+        if self.region_heads:
+            r = sum(math.prod(x.shape)
+                    for x in jax.tree.leaves(self.abstract_state["params"]["region"]))
+            regions = (f", {self.c.model.region_layers} region layers {r / 1e6:.2f}M params, "
+                       f"{self.c.data.regions_per_image} regions per image" + regions)
         return (f"encoder {self.model_cfg.pos} {size} {n / 1e6:.2f}M params, head "
-                f"{self.c.head.num_classes:,} × {self.model_cfg.embed_dim or self.model_cfg.width} "
-                "centers")
+                f"{self.c.head.num_classes:,} × {width} centers{regions}")
 
 
 def build(c, mesh, total_steps: int, model_cfg: vit.ViTConfig,
@@ -108,30 +148,50 @@ def build(c, mesh, total_steps: int, model_cfg: vit.ViTConfig,
     batch_shape = (c.grad_accum, c.batch_size // c.grad_accum)
     batch_sharding = mesh_lib.batch_sharding(mesh, leading=1)
     image_shape = (c.data.image_size, c.data.image_size, 3)
-    abstract_batch = (jax.ShapeDtypeStruct(batch_shape + image_shape, input_lib.image_dtype(c),
-                                           sharding=batch_sharding),
-                      jax.ShapeDtypeStruct(batch_shape + (c.data.num_labels,), jnp.int32,
-                                           sharding=batch_sharding))
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(batch_shape + shape, dtype,
+                                                     sharding=batch_sharding)
+    abstract_batch = (spec(image_shape, input_lib.image_dtype(c)),
+                      spec((c.data.num_labels,), jnp.int32))
+    region_heads = validation.region_heads(c)  # RICE's region heads beside the image head
+    if region_heads:
+        slots = c.data.regions_per_image
+        abstract_batch += ({"boxes": spec((slots, 4), jnp.float32),
+                            "labels": {h.name: spec((slots, h.num_labels), jnp.int32)
+                                       for h in region_heads}},)
 
     # Model, head and optimizer: shapes first; a jitted init creates them sharded.
     tx = optim.make_optimizer(c.optim, total_steps, centers_lr_mult=c.head.lr_mult,
-                              sparse_centers=head_cfg.center_update == "sparse")
+                              sparse_centers=head_cfg.center_update == "sparse",
+                              region_lr_mults={h.name: h.lr_mult for h in region_heads})
     graphdef, abstract_encoder = nnx.split(nnx.eval_shape(lambda: vit.ViT(model_cfg,
                                                                          rngs=nnx.Rngs(0))))
-    init = functools.partial(init_state, model_cfg=model_cfg, num_rows=num_rows, tx=tx)
+    region_graphdef = abstract_region = None
+    if region_heads:
+        region_graphdef, abstract_region = nnx.split(nnx.eval_shape(
+            lambda: region_lib.RegionLayers(model_cfg, c.model.region_layers,
+                                            rngs=nnx.Rngs(0))))
+    init = functools.partial(
+        init_state, model_cfg=model_cfg, num_rows=num_rows, tx=tx,
+        region_layers=c.model.get("region_layers", 0),
+        region_rows={h.name: mesh_lib.padded_num_classes(h.cfg.num_classes, mesh.size)
+                     for h in region_heads})
     abstract_state = jax.eval_shape(init, jax.random.key(0))
-    shardings = mesh_lib.state_shardings(abstract_state, abstract_encoder, mesh)
+    shardings = mesh_lib.state_shardings(abstract_state, abstract_encoder, mesh, abstract_region)
 
     # The train step: explicit shardings, the state donated.
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx,
                           lr_schedule=optim.schedule(c.optim, total_steps), mesh=mesh,
-                          head_cfg=head_cfg, seed=c.seed),
-        in_shardings=(shardings, (batch_sharding, batch_sharding)),
+                          head_cfg=head_cfg, seed=c.seed, region_graphdef=region_graphdef,
+                          region_heads=region_heads, image_weight=float(c.head.get("weight", 1))),
+        in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, abstract_batch)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+    replicated = mesh_lib.replicated_parameters(abstract_encoder, mesh)
+    if abstract_region is not None:
+        replicated += mesh_lib.replicated_parameters(abstract_region, mesh)
     return Built(c, total_steps, model_cfg, head_cfg, graphdef, init, shardings,
                  checkpoint.abstract_like(abstract_state, shardings), batch_sharding,
-                 abstract_batch, step_fn, mesh_lib.replicated_parameters(abstract_encoder, mesh))
+                 abstract_batch, step_fn, replicated, region_heads, region_graphdef)
 
 
 def summarize(built: Built, mesh, compiled=None) -> str:

@@ -75,6 +75,7 @@ def train(c, workdir: pathlib.Path) -> None:
         # key (the store checked now); an epoch is the labelled records.
         source = input_lib.open_source(c)
         joined = input_lib.join_labels(c, source)
+        regions = input_lib.join_regions(c, joined, source)  # each region head's, by key
         num_examples = (len(joined.source) if joined else len(source)) if source else None
         total_steps = config_lib.total_steps(c, num_examples)
 
@@ -82,7 +83,7 @@ def train(c, workdir: pathlib.Path) -> None:
         # compiles this same step for TPUs).
         built = step_lib.build(c, mesh, total_steps, model_cfg, head_cfg)
         shardings, graphdef = built.shardings, built.graphdef
-        inputs = input_lib.make_train_input(c, built.batch_sharding, source, joined)
+        inputs = input_lib.make_train_input(c, built.batch_sharding, source, joined, regions)
         if c.evals.every:
             eval_splits = eval_run.splits_of(c.evals, "config.evals.")
 
@@ -100,7 +101,8 @@ def train(c, workdir: pathlib.Path) -> None:
             if adopted:
                 adopted = f"encoder: {adopted}: resuming, its weights not loaded again"
         compiled = built.step_fn.lower(built.abstract_state, built.abstract_batch).compile()
-        labelled = f"; labels joined {joined.how}" if joined else ""
+        labelled = (f"; labels joined {joined.how}" if joined else "") + "".join(
+            f"; {name}: {r.how}" for name, r in regions.items())
         report = run.begin(total_steps, step_lib.summarize(built, mesh, compiled) + labelled,
                            validation.warnings(c, total_steps, num_examples) + built.replicated)
         if adopted:

@@ -8,7 +8,7 @@ import math
 
 import ml_collections
 
-from mlcd_jax import config as config_lib, head, mesh as mesh_lib
+from mlcd_jax import config as config_lib, head, heads as heads_lib, mesh as mesh_lib
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate.probes import PROBES
 from mlcd_jax.labels import join
@@ -69,7 +69,55 @@ def validate(c: ml_collections.ConfigDict,
         fail("batch_size", f"the micro-batch {micro} (batch_size / grad_accum) is not divisible by "
              f"the {data_shards} batch shards of mesh {dict(zip(names, sizes))}; change the batch "
              "size, grad_accum or the mesh")
+    region_heads(c)  # checked now; `step.build` makes them again
     return model_config(c), head_config(c)
+
+
+def region_heads(c: ml_collections.ConfigDict) -> tuple[heads_lib.RegionHead, ...]:
+    """The region heads of `config.heads`, each checked (a mistake names `heads.NAME.field`)."""
+    found = []
+    for name, h in c.get("heads", {}).items():
+        where = f"heads.{name}"
+
+        def fail(field, message):
+            raise ValueError(f"config.{where}.{field}: {message}")
+
+        if h.regions not in heads_lib.REGIONS:
+            fail("regions", f"must be one of {heads_lib.REGIONS}, got {h.regions!r}")
+        if h.num_classes < 1:
+            fail("num_classes", f"must be ≥ 1 (K of its label store), got {h.num_classes}")
+        if h.num_labels < 1:
+            fail("num_labels", f"must be ≥ 1, got {h.num_labels}")
+        if h.missing_labels not in join.MISSING:
+            fail("missing_labels", f"must be one of {join.MISSING}, got {h.missing_labels!r}")
+        if h.weight < 0 or h.lr_mult <= 0:
+            fail("weight", f"weight must be ≥ 0 and lr_mult > 0, got {h.weight} and {h.lr_mult}")
+        try:
+            cfg = head.HeadConfig(
+                loss=h.loss, scale=float(h.scale), margin=float(h.margin),
+                margin_type=h.margin_type, margin_grad=h.margin_grad,
+                sample_ratio=float(h.sample_ratio), num_classes=h.num_classes, chunk=h.chunk,
+                matmul_dtype=h.matmul_dtype or ("float32" if c.model.dtype == "float32"
+                                                else "bfloat16"),
+                negatives=h.negatives, label_columns=h.label_columns,
+                negative_filter=float(h.negative_filter), skip_unlabelled=True)
+        except ValueError as e:  # "head.FIELD: ..." from HeadConfig
+            raise ValueError(f"config.{where}.{str(e).removeprefix('head.')}") from None
+        found.append(heads_lib.RegionHead(name, cfg, h.num_labels, float(h.weight),
+                                          float(h.lr_mult), h.labels, h.regions,
+                                          h.missing_labels))
+    if found:
+        if c.model.get("region_layers", 0) < 1:
+            raise ValueError(f"config.model.region_layers: the region heads "
+                             f"({', '.join(h.name for h in found)}) need the Region Transformer "
+                             "layer: set it ≥ 1")
+        if c.data.get("regions_per_image", 0) < 1:
+            raise ValueError("config.data.regions_per_image: the region heads need region slots "
+                             "per image: set it ≥ 1 (RICE samples N regions per image)")
+        if c.head.get("center_update", "dense") == "sparse":
+            raise ValueError("config.head.center_update: sparse center updates are for the image "
+                             "head alone; with region heads use dense")
+    return tuple(found)
 
 
 def model_config(c: ml_collections.ConfigDict) -> vit.ViTConfig:

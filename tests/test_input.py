@@ -26,7 +26,7 @@ class SlowInput(input_lib._Input):
         if self.made == self.fail_at:
             raise ValueError(f"batch {self.made} is broken")
         self.made += 1
-        return np.full((8, 2), self.made - 1, np.float32), np.zeros((8, 1), np.int32), None
+        return (np.full((8, 2), self.made - 1, np.float32), np.zeros((8, 1), np.int32)), None
 
     def _state(self):
         return {"made": self.made}

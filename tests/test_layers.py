@@ -20,8 +20,8 @@ LAYERS = [
      "mlcd_jax", "mlcd_jax.platform", "mlcd_jax.gpu_specs", "mlcd_jax.hlo"),
     # the heads (MLCD, contrastive), checkpoints, the transformers mapping, the embedding loop
     # and the evaluators of its features
-    ("mlcd_jax.head", "mlcd_jax.contrastive", "mlcd_jax.checkpoint", "mlcd_jax.interop.hf",
-     "mlcd_jax.features", "mlcd_jax.evaluate.probes"),
+    ("mlcd_jax.head", "mlcd_jax.heads", "mlcd_jax.contrastive", "mlcd_jax.checkpoint",
+     "mlcd_jax.interop.hf", "mlcd_jax.features", "mlcd_jax.evaluate.probes"),
     # the train step and the config checks that feed it, encoder weights from anywhere, FLOP
     # counts, the run loop of the trainers
     ("mlcd_jax.step", "mlcd_jax.validation", "mlcd_jax.weights", "mlcd_jax.flops",

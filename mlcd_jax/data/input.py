@@ -8,7 +8,6 @@ devices run the current step; `next` also says how long the devices sat idle wai
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -16,6 +15,7 @@ import time
 import jax
 import numpy as np
 
+from mlcd_jax import platform
 from mlcd_jax.data import pipeline, sources, synthetic
 from mlcd_jax.labels import join, store
 
@@ -44,9 +44,7 @@ def num_workers(c) -> int:
     """grain worker processes: config.data.workers, or (-1, automatic) this process's cores when
     the devices are accelerators, none when they are CPUs (they compute the step on those
     cores)."""
-    if c.data.workers >= 0:
-        return c.data.workers
-    return 0 if jax.default_backend() == "cpu" else len(os.sched_getaffinity(0))
+    return platform.data_workers(c.data.workers)
 
 
 class _Input:
@@ -69,18 +67,19 @@ class _Input:
         new, self._unsaid = self._unsaid, []
         return [f"skipped an unreadable image: {name}" for name in new]
 
-    def _global(self, images, labels):
+    def _global(self, batch):
+        """This process's rows of every array of `batch` → global arrays (grad_accum, micro,
+        ...), split over the batch axes."""
         local = self.shape[0], self.shape[1] // jax.process_count()
-        return tuple(jax.make_array_from_process_local_data(self.sharding,
-                                                            x.reshape(local + x.shape[1:]))
-                     for x in (images, labels))
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            self.sharding, x.reshape(local + x.shape[1:])), batch)
 
     def _produce(self):
         """The prefetching thread: (device batch, skip info, state after it), or the error."""
         try:
             while True:
-                images, labels, skips = self._make()
-                self._queue.put((self._global(images, labels), skips, self._state()))
+                batch, skips = self._make()
+                self._queue.put((self._global(batch), skips, self._state()))
         except BaseException as e:  # noqa: B036 (the consumer re-raises it)
             self._queue.put(e)
 
@@ -131,10 +130,15 @@ class SyntheticInput(_Input):
     def _make(self):
         per = self.shape[1] // jax.process_count()
         rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
-        images, labels = self.source.batch(self.step, self.shape, rows)
+        batch = self.source.batch(self.step, self.shape, rows)
+        if self.c.get("heads"):  # the region heads' slots: synthetic boxes and labels
+            boxes, labels = self.source.regions(
+                self.step, self.shape, rows, self.c.data.regions_per_image,
+                {name: (h.num_classes, h.num_labels) for name, h in self.c.heads.items()})
+            batch += ({"boxes": boxes, "labels": labels},)
         self.step += 1
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
-        return flat(images), flat(labels), None
+        return jax.tree.map(flat, batch), None
 
     def _state(self):
         return {"step": self.step}
@@ -147,14 +151,15 @@ class GrainInput(_Input):
     """A real source through the grain pipeline, each record with its labels (`joined`: the
     label store's rows by key, `join_labels`; None: the source's own class)."""
 
-    def __init__(self, c, sharding, source, joined=None):
+    def __init__(self, c, sharding, source, joined=None, regions=None):
         source = source if joined is None else joined.source  # records without labels skipped
         super().__init__(c, sharding, source)
-        self.joined = joined
+        self.joined, self.regions = joined, regions
         self.dataset = pipeline.dataset(
             source, batch_size=c.batch_size, image_size=c.data.image_size,
             num_labels=c.data.num_labels, seed=c.seed, labels=joined,
-            crop_scale=tuple(c.data.crop_scale), flip=c.data.flip, workers=num_workers(c))
+            crop_scale=tuple(c.data.crop_scale), flip=c.data.flip, workers=num_workers(c),
+            regions=regions, regions_per_image=c.data.get("regions_per_image", 0))
         self.iterator = iter(self.dataset)
 
     def log_values(self) -> dict[str, float]:
@@ -165,7 +170,12 @@ class GrainInput(_Input):
     def _make(self):
         batch = next(self.iterator)
         skips = {k: batch[k] for k in ("skipped", "skipped_index")}
-        return batch["image"], batch["labels"][:, :self.c.data.num_labels], skips
+        out = (batch["image"], batch["labels"][:, :self.c.data.num_labels])
+        if self.regions:
+            out += ({"boxes": batch["boxes"], "labels": {
+                name: batch[f"region_labels/{name}"][..., :self.c.heads[name].num_labels]
+                for name in self.regions}},)
+        return out, skips
 
     def _state(self):
         return self.iterator.get_state()
@@ -174,12 +184,34 @@ class GrainInput(_Input):
         self.iterator.set_state(state)
 
 
-def make_train_input(c, sharding, source=None, joined=None):
+def join_regions(c, joined, source) -> dict:
+    """Each region head's regions of the records that train (`labels.join.join_regions`: its
+    region label store joined by the regions' keys), {name: JoinedRegions}; {} without region
+    heads or for synthetic data."""
+    if source is None or not c.get("heads"):
+        return {}
+    records = source if joined is None else joined.source
+    found = {}
+    for name, h in c.heads.items():
+        labels = store.open_label_store(h.labels, num_classes=h.num_classes) if h.labels else None
+        if labels is None:
+            raise ValueError(f"config.heads.{name}.labels: the region label store of this head "
+                             "is not set (`labels embed --regions` then `assign`, or `labels ocr`)")
+        if labels.labels.shape[1] < h.num_labels:
+            raise ValueError(f"{labels.path} has {labels.labels.shape[1]} labels per region but "
+                             f"config.heads.{name}.num_labels = {h.num_labels}")
+        store.check_label_range(labels, allow_empty=True)
+        found[name] = join.join_regions(records, labels, expect=h.regions,
+                                        missing=h.missing_labels, field="config.data")
+    return found
+
+
+def make_train_input(c, sharding, source=None, joined=None, regions=None):
     """The trainer's input for config `c`: synthetic, or `source` (`open_source`) with its labels
-    (`join_labels`) through grain."""
+    (`join_labels`) and its regions (`join_regions`) through grain."""
     if c.data.source == "synthetic":
         return SyntheticInput(c, sharding)
-    return GrainInput(c, sharding, source, joined)
+    return GrainInput(c, sharding, source, joined, regions)
 
 
 def image_dtype(c):

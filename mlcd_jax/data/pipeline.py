@@ -48,14 +48,55 @@ class LabelLookup:
         return self.__dict__ | {"_labels": None}
 
 
+class RegionLookup:
+    """Gives a record its regions for the region heads: `heads` {name: regions joined with that
+    head's label store (`labels.join.JoinedRegions`)}; every head sees the same boxes (the
+    record's), each its own labels (-1 where its store has none for a region)."""
+
+    def __init__(self, heads: dict, num_records: int):
+        self.heads, self.num_records = heads, num_records
+
+    def __call__(self, index: int, record: dict) -> dict:
+        found = {name: joined(index % self.num_records) for name, joined in self.heads.items()}
+        boxes = next(iter(found.values())).boxes
+        return {**record, "regions": (boxes, {name: r.labels for name, r in found.items()})}
+
+
+def region_slots(regions, slots: int, rng: np.random.Generator):
+    """`slots` of a record's regions (boxes (n, 4), {head: labels (n, l)}): a random subset when
+    it has more, all of them repeated in a random order when fewer (RICE §3.1: "subsampled, or
+    repeated"); none: every slot padding (box 0, labels −1). Returns (boxes, labels, taken)."""
+    boxes, labels = regions
+    n = len(boxes)
+    if n == 0:
+        return (np.zeros((slots, 4), np.float32),
+                {h: np.full((slots, l.shape[1]), -1, np.int32) for h, l in labels.items()},
+                np.zeros(slots, bool))
+    order = rng.permutation(n)
+    taken = order[:slots] if n >= slots else np.resize(order, slots)
+    return boxes[taken], {h: np.asarray(l[taken], np.int32) for h, l in labels.items()}, \
+        np.ones(slots, bool)
+
+
 def _augment(record: dict, rng: np.random.Generator, *, size: int, scale, flip: bool,
-             train: bool) -> dict:
+             train: bool, regions_per_image: int = 0) -> dict:
+    """The record's image cropped (and its regions' boxes with it: a region mostly cropped away
+    becomes padding, its labels −1)."""
+    boxes = None
+    if "regions" in record:
+        boxes, region_labels, real = region_slots(record["regions"], regions_per_image, rng)
     try:
-        image = (transforms.train_transform(record, rng, size, scale, flip) if train
-                 else transforms.eval_transform(record, size))
+        out = (transforms.train_transform(record, rng, size, scale, flip, boxes) if train
+               else transforms.eval_transform(record, size, boxes))
     except transforms.CorruptImage as e:
         return {"corrupt": str(e), "index": record["index"]}
-    return {"image": image, "labels": record["labels"], "index": np.int64(record["index"])}
+    example = {"labels": record["labels"], "index": np.int64(record["index"])}
+    if boxes is None:
+        return example | {"image": out}
+    image, boxes, kept = out
+    kept &= real
+    return example | {"image": image, "boxes": boxes} | {
+        f"region_labels/{h}": np.where(kept[:, None], l, -1) for h, l in region_labels.items()}
 
 
 NAMED_SKIPS = 4  # source indices of skipped records carried per kept example (the rest counted)
@@ -125,21 +166,26 @@ class Skipped:
 def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: int,
             labels=None, train: bool = True, crop_scale=(0.08, 1.0),
             flip: bool = True, workers: int = 0, process_index: int | None = None,
-            process_count: int | None = None) -> grain.IterDataset:
+            process_count: int | None = None, regions: dict | None = None,
+            regions_per_image: int = 0) -> grain.IterDataset:
     """This process's batches: {"image": uint8 (b, S, S, 3), "labels": int32 (b, l), "index",
-    "skipped", "skipped_index"}, b = batch_size / process_count. Training repeats and reshuffles
-    every epoch; evaluation reads each example once, in order (the last partial batch is kept)."""
+    "skipped", "skipped_index"}, b = batch_size / process_count; with `regions` ({head: joined
+    regions}) also "boxes" float32 (b, N, 4) in pixels of the image and "region_labels/HEAD"
+    int32 (b, N, l_head), N = `regions_per_image`. Training repeats and reshuffles every epoch;
+    evaluation reads each example once, in order (the last partial batch is kept)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
         raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
     ds = grain.MapDataset.source(source).map_with_index(
         LabelLookup(labels, num_labels, len(source)))
+    if regions:
+        ds = ds.map_with_index(RegionLookup(regions, len(source)))
     if train:
         ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
     ds = ds[process_index::process_count]  # disjoint shares that cover every epoch
     augment = functools.partial(_augment, size=image_size, scale=tuple(crop_scale), flip=flip,
-                                train=train)
+                                train=train, regions_per_image=regions_per_image)
     ds = ds.random_map(augment, seed=seed)
     it = SkipCorrupt(ds.to_iter_dataset()).batch(batch_size // process_count, drop_remainder=train)
     if workers > 0:

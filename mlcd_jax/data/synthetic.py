@@ -40,3 +40,25 @@ class SyntheticSource:
         noise = rng.normal(size=shape + self.templates.shape[1:]).astype(np.float32)
         images = self.templates[classes] + self.noise * noise
         return images[..., rows, :, :, :], self.labels[classes][..., rows, :]
+
+    def regions(self, step: int, shape: tuple[int, ...], rows: slice, slots: int,
+                heads: dict[str, tuple[int, int]]):
+        """Region slots of batch `step` (the region heads' synthetic data): (boxes `shape` +
+        (slots, 4) in pixels, {name: labels `shape` + (slots, l)}) for `heads` {name: (K, l)}.
+        A region's first label is a function of its image's class and its slot (so a head can
+        learn it), the rest −1; a quarter of the slots are padding (box 0, labels −1)."""
+        size = self.templates.shape[1]
+        rng = np.random.default_rng([self.seed, 2, step])
+        classes = np.random.default_rng([self.seed, 1, step]).integers(
+            0, len(self.templates), size=shape)
+        corners = np.sort(rng.uniform(0, size, size=shape + (slots, 2, 2)), axis=-2)  # (x, y)
+        boxes = corners.reshape(shape + (slots, 4))  # [x0, y0, x1, y1]
+        real = rng.random(shape + (slots,)) >= 0.25
+        boxes = np.where(real[..., None], boxes, 0).astype(np.float32)
+        labels = {}
+        for name, (k, l) in heads.items():
+            first = (classes[..., None] * 7 + np.arange(slots) * 3) % k
+            out = np.full(shape + (slots, l), -1, np.int32)
+            out[..., 0] = np.where(real, first, -1)
+            labels[name] = out[..., rows, :, :]
+        return boxes[..., rows, :, :], labels

@@ -56,10 +56,14 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
+# A crop window: (x, y, width, height) of the source image that becomes the size² output.
+Window = tuple[float, float, float, float]
+
+
 def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
-                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
+                        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[Image.Image, Window]:
     """Inception-style crop (area fraction in `scale`, aspect ratio in `ratio`), resized to
-    size²."""
+    size², and its window."""
     w, h = image.size
     area = w * h
     for _ in range(10):
@@ -68,30 +72,59 @@ def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
         cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < cw <= w and 0 < ch <= h:
             x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-            return image.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+            return (image.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch)),
+                    (float(x), float(y), float(cw), float(ch)))
     return center_crop(image, size)  # fallback, as torchvision
 
 
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size`, then take the central size² square."""
+def center_crop(image: Image.Image, size: int) -> tuple[Image.Image, Window]:
+    """Resize the shorter side to `size`, then take the central size² square; and its window
+    in the source image."""
     w, h = image.size
     s = size / min(w, h)
-    image = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = image.size
-    x, y = (w - size) // 2, (h - size) // 2
-    return image.crop((x, y, x + size, y + size))
+    resized = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    rw, rh = resized.size
+    x, y = (rw - size) // 2, (rh - size) // 2
+    sx, sy = rw / w, rh / h
+    return resized.crop((x, y, x + size, y + size)), (x / sx, y / sy, size / sx, size / sy)
+
+
+def crop_boxes(boxes: np.ndarray, window: Window, size: int, flipped: bool = False,
+               keep: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes [x0, y0, x1, y1] of the source image in pixels of the size² crop of `window`
+    (mirrored if `flipped`), clipped to it; and which of them keep at least `keep` of their area
+    inside the crop (the others are cropped away: their boxes are zeroed)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    x, y, cw, ch = window
+    scaled = (boxes - np.array([x, y, x, y], np.float32)) * np.array(
+        [size / cw, size / ch, size / cw, size / ch], np.float32)
+    clipped = np.clip(scaled, 0, size)
+    area = lambda b: np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    whole = area(scaled)
+    kept = (whole > 0) & (area(clipped) >= keep * whole)
+    if flipped:
+        clipped = np.stack([size - clipped[:, 2], clipped[:, 1], size - clipped[:, 0],
+                            clipped[:, 3]], axis=1)
+    return np.where(kept[:, None], clipped, 0).astype(np.float32), kept
 
 
 def train_transform(record: dict, rng: np.random.Generator, size: int, scale,
-                    flip: bool = True) -> np.ndarray:
-    image = random_resized_crop(decode(record), size, rng, scale)
-    if flip and rng.random() < 0.5:
+                    flip: bool = True, boxes: np.ndarray | None = None):
+    """The random-resized crop (+ flip) of a record as uint8; with `boxes` (source pixels),
+    (image, boxes in the crop, which boxes survived it) — `crop_boxes`."""
+    image, window = random_resized_crop(decode(record), size, rng, scale)
+    flipped = flip and rng.random() < 0.5
+    if flipped:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(image, np.uint8)
+    image = np.asarray(image, np.uint8)
+    return image if boxes is None else (image, *crop_boxes(boxes, window, size, flipped))
 
 
-def eval_transform(record: dict, size: int) -> np.ndarray:
-    return np.asarray(center_crop(decode(record), size), np.uint8)
+def eval_transform(record: dict, size: int, boxes: np.ndarray | None = None):
+    """The center crop of a record as uint8; with `boxes`, as `train_transform`."""
+    image, window = center_crop(decode(record), size)
+    image = np.asarray(image, np.uint8)
+    return image if boxes is None else (image, *crop_boxes(boxes, window, size))
 
 
 def normalize(images):

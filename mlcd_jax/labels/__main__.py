@@ -35,7 +35,7 @@ import sys
 
 import jax
 
-from mlcd_jax import distributed, records
+from mlcd_jax import distributed, platform, records
 from mlcd_jax.data import regions as regions_lib
 from mlcd_jax.labels import assign, embed, kmeans, ocr, stats, store
 
@@ -64,8 +64,7 @@ def run_embed(a):
     source = make_source(a)
     from mlcd_jax import weights
     model, _ = weights.load_encoder(a.model, a.step)
-    dtype = a.dtype if a.dtype != "auto" else (
-        "float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = platform.embed_dtype(a.dtype)
     model = embed.with_dtype(model, dtype)
     if a.regions:
         source = embed.region_crops(source, a.out, a.region_kind)

@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mlcd_jax import distributed, keys as keys_lib, records
+from mlcd_jax import distributed, keys as keys_lib, platform, records
 from mlcd_jax.labels import kmeans, sharded, store
 
 # K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at
@@ -66,12 +66,10 @@ BACKENDS = ("auto", "faiss", "jax")
 
 
 def resolve_backend(backend: str) -> str:
-    """`auto`: jax where jax has an accelerator, faiss on CPU."""
+    """`auto`: jax where jax has an accelerator, faiss on CPU (`platform.labels_backend`)."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "faiss" if jax.default_backend() == "cpu" else "jax"
-    return backend
+    return platform.labels_backend(backend)
 
 
 class _JaxIndex:

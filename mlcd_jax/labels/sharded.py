@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mlcd_jax import mesh as mesh_lib
+from mlcd_jax import mesh as mesh_lib, platform
 
 AXIS = "devices"
 SCORES_PER_CHUNK = 1 << 24  # B × chunk scores at a time (64 MiB in float32)
@@ -38,9 +38,7 @@ def compute_dtype(name: str = "auto"):
     """The dtype of the scored inputs: "auto" is float16 on GPUs (their matmul peak, and 8 × bf16's
     precision for cosines in [-1, 1]), bfloat16 on TPUs (their native half type), float32 on CPUs
     (whose half-precision matmuls are slower)."""
-    if name == "auto":
-        name = {"gpu": "float16", "tpu": "bfloat16"}.get(jax.default_backend(), "float32")
-    return jnp.dtype(name)
+    return jnp.dtype(platform.labels_dtype(name))
 
 
 def shard_centers(centers: np.ndarray, mesh, dtype) -> jax.Array:

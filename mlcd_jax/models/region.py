@@ -93,3 +93,15 @@ class RegionLayers(nnx.Module):
         for block in self.blocks:
             regions = block(regions, patches, bias)
         return regions
+
+
+def embed(encoder: vit.ViT, layers: RegionLayers, out: vit.ViTOutput, boxes: jax.Array,
+          image_hw: tuple[int, int]) -> jax.Array:
+    """The regions' embeddings (B, N, embed_dim): `layers` over the encoder's output `out` for
+    images of `image_hw` pixels, through the encoder's post-layernorm and projection (the image
+    embedding's path)."""
+    grid = tuple(s // encoder.cfg.patch for s in image_hw)
+    tokens = layers(out.last_hidden_state, boxes, grid)
+    pooled = encoder.post_layernorm(tokens.reshape(-1, tokens.shape[-1]))
+    embedded = encoder.projection(pooled) if encoder.projection is not None else pooled
+    return embedded.reshape(tokens.shape[:2] + embedded.shape[-1:])
