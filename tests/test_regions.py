@@ -122,12 +122,14 @@ def test_coco_annotations_travel_into_the_index_of_a_folder_and_of_tars(coco, tm
     assert folder.regions(0).keys(folder.key(0)) == ["train2017/n0.png#0", "train2017/n0.png#3"]
     line = json.loads((tmp_path / "ar" / "f.index.jsonl").read_text().splitlines()[0])
     assert line == {"record": 0, "key": "train2017/n0.png", "name": "train2017/n0.png",
-                    "boxes": EXPECTED[0][0], "texts": ["STOP", None], "region_ids": [0, 3]}
+                    "boxes": EXPECTED[0][0], "texts": ["STOP", None], "region_ids": [0, 3],
+                    "classes": [0, 0]}  # category_id 1, the one category: class 0
     assert not (tmp_path / "ar" / "f.regions-work").exists()
     manifest = json.loads((tmp_path / "ar" / "f.index.json").read_text())["regions"]
     assert (manifest["regions"], manifest["with_text"], manifest["records"],
             manifest["dropped"]) == (5, 2, 3, {"outside": 1, "empty": 1, "small": 1,
                                                 "malformed": 1})
+    assert manifest["classes"] == ["thing"] and folder.region_classes() == ["thing"]
 
     # The tars: records keyed by the sidecars' keys, matched by their members' file names.
     monkeypatch.undo()

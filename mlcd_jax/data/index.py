@@ -16,8 +16,10 @@ A convert output PREFIX has, beside its shards PREFIX-0000k-of-N.array_record:
                          "regions" (where they came from, how many, what was dropped, a sha256)
 
 A record's regions (`data/regions.py`) are in its line: "boxes" [[x0, y0, x1, y1], ...] in pixels
-of the decoded image, "texts" (where a region has one) and "region_ids" (where boxes were dropped
-before others: each region's place among its image's annotations, the "#id" of its key).
+of the decoded image, "texts" (where a region has one), "region_ids" (where boxes were dropped
+before others: each region's place among its image's annotations, the "#id" of its key) and
+"classes" (where a region has one: its class, -1 unknown; the names are the manifest's
+"regions" → "classes").
 
 The key is what labels are joined by (img2dataset's sample key, a folder's relative path); keys are
 unique within an output (`finish` checks, in bounded memory). Nothing here holds more than one
@@ -198,8 +200,8 @@ def reindex(prefix, shards: list[str], counts: list[int], key_of) -> dict:
             offsets.write(np.int64(out.tell()).astype("<i8").tobytes())
             out.write(raw)
             hashed.write(keys_lib.hashes([line["key"]]).tobytes())
-            table.add(line["key"], {k: line[k] for k in ("boxes", "texts", "region_ids")
-                                    if k in line})
+            table.add(line["key"], {k: line[k] for k in ("boxes", "texts", "region_ids",
+                                                         "classes") if k in line})
             records += 1
             captioned += "caption" in line
         offsets.write(np.int64(out.tell()).astype("<i8").tobytes())

@@ -83,10 +83,18 @@ class Rules:
 @dataclasses.dataclass(frozen=True)
 class Regions:
     """A record's regions: boxes (n, 4) float32 [x0, y0, x1, y1] in pixels of the decoded image,
-    each one's text (None: an object region) and id (its place in the annotation source)."""
+    each one's text (None: an object region), id (its place in the annotation source) and class
+    (int32, -1: unknown; COCO's category_id mapped to 0..C-1 in sorted id order, a JSON-lines
+    "classes"; the names are in the index's "regions" summary, `classes`)."""
     boxes: np.ndarray
     texts: tuple
     ids: np.ndarray
+    classes: np.ndarray | None = None  # None: all unknown (-1)
+
+    def __post_init__(self):
+        classes = (np.full(len(self.boxes), -1, np.int32) if self.classes is None
+                   else np.asarray(self.classes, np.int32).reshape(-1))
+        object.__setattr__(self, "classes", classes)
 
     def __len__(self):
         return len(self.boxes)
@@ -102,7 +110,7 @@ class Regions:
             return self
         keep = self.texted if kind == "text" else ~self.texted
         return Regions(self.boxes[keep], tuple(t for t, k in zip(self.texts, keep) if k),
-                       self.ids[keep])
+                       self.ids[keep], self.classes[keep])
 
     def keys(self, record_key: str) -> list[str]:
         return [region_key(record_key, int(i)) for i in self.ids]
@@ -116,6 +124,8 @@ class Regions:
             out["texts"] = list(self.texts)
         if not np.array_equal(self.ids, np.arange(len(self))):
             out["region_ids"] = self.ids.tolist()
+        if (self.classes >= 0).any():  # last, and only then: lines without classes as before
+            out["classes"] = self.classes.tolist()
         return out
 
     @staticmethod
@@ -123,7 +133,7 @@ class Regions:
         boxes = np.asarray(line.get("boxes", []), np.float32).reshape(-1, 4)
         texts = tuple(line.get("texts", [None] * len(boxes)))
         ids = np.asarray(line.get("region_ids", range(len(boxes))), np.int32)
-        return Regions(boxes, texts, ids)
+        return Regions(boxes, texts, ids, line.get("classes"))
 
 
 NONE = Regions(np.zeros((0, 4), np.float32), (), np.zeros(0, np.int32))
@@ -139,21 +149,27 @@ def region_key(record_key: str, region_id: int) -> str:
 @dataclasses.dataclass
 class Raw:
     """An annotated image as its source says: its name, its size (if given), boxes (n, 4) float64
-    [x0, y0, x1, y1] (NaN rows: malformed) and texts, in the source's order."""
+    [x0, y0, x1, y1] (NaN rows: malformed), texts and classes (-1: none), in the source's order."""
     key: str
     boxes: np.ndarray
     texts: list
     size: tuple[int, int] | None
     where: str
+    classes: list | None = None  # None: every box's class unknown
+
+    def __post_init__(self):
+        if self.classes is None:
+            self.classes = [-1] * len(self.boxes)
 
     def line(self) -> dict:
         return {"key": self.key, "boxes": self.boxes.tolist(), "texts": self.texts,
-                "size": self.size, "where": self.where}
+                "size": self.size, "where": self.where, "classes": self.classes}
 
     @staticmethod
     def of_line(line: dict) -> Raw:
         return Raw(line["key"], np.asarray(line["boxes"], np.float64).reshape(-1, 4),
-                   line["texts"], tuple(line["size"]) if line["size"] else None, line["where"])
+                   line["texts"], tuple(line["size"]) if line["size"] else None, line["where"],
+                   line["classes"])
 
 
 def _numbers(box, n: int = 4) -> list[float] | None:
@@ -245,11 +261,19 @@ def _read_jsonl(path: pathlib.Path) -> Iterator[Raw]:
                 raise ValueError(f"{where}: \"texts\" must list one text (or null) per box; "
                                  f"it has {len(texts) if isinstance(texts, list) else texts!r} "
                                  f"for {len(line['boxes'])} boxes")
+            classes = line.get("classes", [None] * len(line["boxes"]))
+            if not (isinstance(classes, list) and len(classes) == len(line["boxes"]) and all(
+                    c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= -1)
+                    for c in classes)):
+                raise ValueError(f"{where}: \"classes\" must list one class per box: an integer "
+                                 f"≥ 0, or null (or -1) where unknown; got {classes!r:.80} for "
+                                 f"{len(line['boxes'])} boxes")
             size = line.get("size")
             yield Raw(_name(line["key"]),
                       np.array([_xyxy(b) for b in line["boxes"]], np.float64).reshape(-1, 4),
                       [t.strip() if isinstance(t, str) and t.strip() else None for t in texts],
-                      _size(*size) if isinstance(size, list) and len(size) == 2 else None, where)
+                      _size(*size) if isinstance(size, list) and len(size) == 2 else None, where,
+                      [-1 if c is None else c for c in classes])
 
 
 # --- COCO-style JSON, streamed ------------------------------------------------------------------
@@ -350,7 +374,8 @@ def _members(path: pathlib.Path, wanted: tuple[str, ...], desc: str):
 
 BATCH = 1 << 16
 IMAGES_PER_BUCKET = 1 << 16  # annotations are grouped by image a bucket of images at a time
-_ROW = np.dtype([("image", "<i8"), ("box", "<f8", (4,)), ("text", "<i8")])
+_ROW = np.dtype([("image", "<i8"), ("box", "<f8", (4,)), ("text", "<i8"), ("category", "<i8")])
+NO_CATEGORY = np.iinfo(np.int64).min  # an annotation without an integer category_id
 
 
 class _Lines:
@@ -408,10 +433,19 @@ class _LineReader:
         del self.offsets
 
 
-def _read_coco(path: pathlib.Path, work: pathlib.Path) -> Iterator[Raw]:
+def _category(ann: dict) -> int:
+    c = ann.get("category_id")
+    if isinstance(c, float) and c.is_integer() or isinstance(c, str) and c.isdigit():
+        c = int(c)  # 3.0, or an id-keyed object's "3"
+    return c if isinstance(c, int) and not isinstance(c, bool) else NO_CATEGORY
+
+
+def _read_coco(path: pathlib.Path, work: pathlib.Path, meta: dict) -> Iterator[Raw]:
     """The annotated images of a COCO-style file in its images' order, in bounded memory: the
     images listed with their ids' hashes (a sorted key table), the annotations streamed to bucket
-    files by image, each bucket grouped alone."""
+    files by image, each bucket grouped alone. Each box's class is its category_id's place among
+    the categories' ids sorted (those of `categories`, else those the annotations use); their
+    names go into meta["classes"] before the first image is given."""
     images, ids = _Lines(work / "images.jsonl"), open(work / "images.ids", "wb")
     for _, member, image in _members(path, ("images", "imgs"), "regions: COCO images"):
         if not isinstance(image, dict) or image.get("file_name") is None:
@@ -434,6 +468,8 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path) -> Iterator[Raw]:
                for b in range(-(-len(images) // IMAGES_PER_BUCKET))]
     texts = _Lines(work / "texts.jsonl")
     unknown, first_unknown, batch = 0, [], []
+    categories: dict[int, str] = {}  # id → name, from the file's categories
+    used: set[int] = set()  # the category ids the annotations name
 
     def flush():
         nonlocal unknown
@@ -441,6 +477,8 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path) -> Iterator[Raw]:
         out = np.empty(len(batch), _ROW)
         out["image"], out["box"] = rows, [a[1] for a in batch]
         out["text"] = [texts.add(a[2]) if a[2] is not None else -1 for a in batch]
+        out["category"] = [a[3] for a in batch]
+        used.update(np.unique(out["category"]).tolist())
         missing = rows < 0
         unknown += int(missing.sum())
         first_unknown.extend(str(batch[i][0]) for i in np.flatnonzero(missing)[:SHOWN])
@@ -450,10 +488,18 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path) -> Iterator[Raw]:
             buckets[b].write(out[which == b].tobytes())
         batch.clear()
 
-    for _, _, ann in _members(path, ("annotations", "anns"), "regions: COCO annotations"):
+    for name, member, ann in _members(path, ("annotations", "anns", "categories", "cats"),
+                                      "regions: COCO annotations"):
+        if name in ("categories", "cats"):
+            c = _category({"category_id": ann.get("id", member)} if isinstance(ann, dict) else {})
+            if c == NO_CATEGORY:
+                raise ValueError(f"{path}: an entry of {name} has no integer id "
+                                 f"({str(ann)[:80]}); each category needs id and name")
+            categories.setdefault(c, str(ann.get("name", c)))
+            continue
         if not isinstance(ann, dict) or "image_id" not in ann:
             raise ValueError(f"{path}: an annotation has no image_id ({str(ann)[:80]})")
-        batch.append((ann["image_id"], _xywh(ann.get("bbox")), _text(ann)))
+        batch.append((ann["image_id"], _xywh(ann.get("bbox")), _text(ann), _category(ann)))
         if len(batch) == BATCH:
             flush()
     if batch:
@@ -464,6 +510,20 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path) -> Iterator[Raw]:
     if unknown:
         print(f"regions: {unknown:,} annotations in {path} name an image_id that its images do "
               f"not list (e.g. {', '.join(first_unknown[:SHOWN])}); left out")
+    used.discard(NO_CATEGORY)
+    ids = sorted(categories) if categories else sorted(used)
+    meta["classes"] = [categories.get(c, str(c)) for c in ids] if ids else None
+    lookup = np.asarray(ids, np.int64)
+    strays = sorted(used - set(ids))
+    if strays:
+        print(f"regions: annotations in {path} name category ids that its categories do not list "
+              f"({', '.join(map(str, strays[:SHOWN]))}{' …' if len(strays) > SHOWN else ''}); "
+              "their class is unknown (-1)")
+
+    def classes(category: np.ndarray) -> list[int]:
+        place = np.searchsorted(lookup, category).clip(0, max(len(lookup) - 1, 0))
+        found = (lookup[place] == category) if len(lookup) else np.zeros(len(category), bool)
+        return np.where(found, place, -1).tolist()
     for b in range(len(buckets)):
         rows = np.fromfile(work / f"bucket{b}", _ROW)
         rows = rows[np.argsort(rows["image"], kind="stable")]  # file order kept within an image
@@ -473,7 +533,7 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path) -> Iterator[Raw]:
             yield Raw(image["key"], group["box"].astype(np.float64),
                       [texts[int(t)] if t >= 0 else None for t in group["text"]],
                       tuple(image["size"]) if image["size"] else None,
-                      f"{path} (image id {image['id']})")
+                      f"{path} (image id {image['id']})", classes(group["category"]))
         (work / f"bucket{b}").unlink()
     images.close()
     texts.close()
@@ -501,6 +561,8 @@ def candidates(key: str, name: str) -> list[str]:
 class Table:
     """Annotated images on disk (a line each, their names' sorted key table), matched to records
     as they come; each remembers the record that claimed it (`claim`)."""
+
+    classes = None  # the names of the boxes' classes, where the source names them (COCO)
 
     def __init__(self, work: pathlib.Path, raws: Iterator[Raw], what: str):
         self.what = what
@@ -566,7 +628,10 @@ def open_source(spec: str, work: pathlib.Path):
                                 f"or {BESIDE!r})")
     if path.suffix == ".jsonl":
         return Table(work, _read_jsonl(path), spec)
-    return Table(work, _read_coco(path, work), spec)
+    meta = {}
+    table = Table(work, _read_coco(path, work, meta), spec)
+    table.classes = meta.get("classes")
+    return table
 
 
 # --- cleaning: what is kept, what is dropped and why --------------------------------------------
@@ -606,7 +671,8 @@ def clean(raw: Raw, size: tuple[int, int], rules: Rules) -> tuple[Regions, list[
             dropped.append((reason, j, raw.boxes[j].round(2).tolist()))
     ids = np.flatnonzero(keep).astype(np.int32)
     return Regions(boxes[keep].round(2).astype(np.float32),
-                   tuple(raw.texts[j] for j in ids), ids), dropped
+                   tuple(raw.texts[j] for j in ids), ids,
+                   np.asarray(raw.classes, np.int32)[ids]), dropped
 
 
 class Annotations:
@@ -625,6 +691,7 @@ class Annotations:
                 shutil.rmtree(self.work, ignore_errors=True)
                 raise
         self.kept = self.texted = self.records = self.total = 0
+        self.top_class = -1  # the largest class a kept box has
         self.dropped: dict[str, int] = {}
         self.shown: list[str] = []
 
@@ -649,6 +716,7 @@ class Annotations:
                 self.shown.append(f"{name} box {j} {box}{shape} ({REASONS[reason]})")
         self.kept += len(regions)
         self.texted += int(regions.texted.sum())
+        self.top_class = max(self.top_class, int(regions.classes.max(initial=-1)))
         self.records += bool(len(regions))
         return regions
 
@@ -669,10 +737,19 @@ class Annotations:
                 report(f"{what}: {free:,} of {len(self.table):,} annotated images in {self.spec} "
                        f"have no record (e.g. {', '.join(map(repr, names))}); left out")
 
+    def classes(self) -> list[str] | None:
+        """The names of the boxes' classes (class c is names[c]): the source's (COCO's
+        categories), else the numbers up to the largest class a kept box has; None: no classes."""
+        named = self.table.classes if self.table is not None else None
+        return named or ([str(c) for c in range(self.top_class + 1)] if self.top_class >= 0
+                         else None)
+
     def summary(self) -> dict:
+        classes = self.classes()
         return {"source": self.spec, "regions": self.kept, "with_text": self.texted,
                 "records": self.records, "dropped": dict(self.dropped),
-                "min_side": self.rules.min_side, "min_fraction": self.rules.min_fraction}
+                "min_side": self.rules.min_side, "min_fraction": self.rules.min_fraction} | (
+                    {"classes": classes} if classes else {})
 
     def close(self):
         if self.table is not None:

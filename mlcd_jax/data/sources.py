@@ -13,6 +13,8 @@ boxes (`data/regions.py`: ArrayRecord converted with --regions, a folder given `
 source has none; None when it has them).
 
 * `DigitsSource`: scikit-learn's bundled handwritten digits (1,797 real 8 × 8 images, no download).
+* `DigitsCanvasSource`, `DigitsRegionsSource`: the demo's canvases of them (one digit; several
+  digits as object regions and a line of digits as a text region).
 * `FolderSource`: image files under a folder (sorted paths; class = first sub-folder, if any;
   caption = the text file beside an image, as img2dataset's "files" output writes it).
 * `ArrayRecordSource`: ArrayRecord files whose records are encoded images (`mlcd_jax.data.convert`;
@@ -36,9 +38,11 @@ from mlcd_jax import keys as keys_lib
 from mlcd_jax.data import index as index_lib, regions as regions_lib
 from mlcd_jax.records import digest
 
-SOURCES = ("synthetic", "digits", "digits_canvas", "folder", "arrayrecord", "tfds")
-LABELLED = ("digits", "digits_canvas", "folder", "tfds")  # real images with classes: evaluable
-WITH_SPLITS = ("digits_canvas", "tfds")  # sources whose `split` selects other records
+SOURCES = ("synthetic", "digits", "digits_canvas", "digits_regions", "folder", "arrayrecord",
+           "tfds")
+# real images with classes: evaluable
+LABELLED = ("digits", "digits_canvas", "digits_regions", "folder", "tfds")
+WITH_SPLITS = ("digits_canvas", "digits_regions", "tfds")  # `split` selects other records
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -81,8 +85,16 @@ class Subset(_Keyed):
     def key(self, i):
         return self.source.key(int(self.indices[i]))
 
+    def _picked(self, indices) -> np.ndarray:
+        """The source's indices of records `indices` (a range is indexed without listing it)."""
+        indices = np.asarray(indices, np.int64)
+        r = self.indices
+        if isinstance(r, range):
+            return r.start + r.step * indices
+        return np.asarray(r[indices])
+
     def key_hashes(self, indices):
-        return self.source.key_hashes(np.asarray(self.indices[np.asarray(indices)]))
+        return self.source.key_hashes(self._picked(indices))
 
     @property
     def unkeyed(self):
@@ -95,9 +107,9 @@ class Subset(_Keyed):
         if name in ("captions", "caption_fields", "regions") and hasattr(source, name):
             return lambda i: getattr(source, name)(int(self.indices[i]))
         if name == "region_counts" and hasattr(source, name):
-            return lambda indices: source.region_counts(
-                np.asarray(self.indices[np.asarray(indices)]))
-        if name in ("regions_fingerprint", "no_regions") and hasattr(source, name):
+            return lambda indices: source.region_counts(self._picked(indices))
+        if name in ("regions_fingerprint", "no_regions", "region_classes") and hasattr(source,
+                                                                                     name):
             return getattr(source, name)
         raise AttributeError(name)
 
@@ -183,6 +195,131 @@ class DigitsCanvasSource(_Keyed):
         return digest("digits_canvas", self.split, self.seed, len(self))
 
 
+class DigitsRegionsSource(_Keyed):
+    """Regions on bundled data (RICE's demo and tests; no download): each image a `canvas`²
+    canvas with several of scikit-learn's 8 × 8 digits at random sizes and places, each an
+    OBJECT region (its box, its class: the digit), and a TEXT region: a line of 2–4 smaller
+    digits side by side whose text is the digits it holds (e.g. "371"; no class).
+
+    Image i is built around digit i of a seeded split of the 1,797 (digits_canvas's split): that
+    digit is the largest glyph (sizes 5/16–7/16 of the canvas; the other objects 1/5–1/4, the
+    text's digits 1/6–1/5), so the image's class, `labels[i]`, is the digit of its largest glyph.
+    The other glyphs are drawn from the same split, so no test image holds a train digit. Every
+    image's layout is seeded by (seed, its digit), placed without overlap (1 px apart): its boxes
+    are exact (the glyph's square, in pixels of the canvas), its key its name. Regions are listed
+    objects first (the largest first), the text last."""
+
+    CLASSES = tuple(str(d) for d in range(10))
+    TRIES = 100  # places drawn for a glyph (or a line) before it is left out
+
+    def __init__(self, split: str = "train", canvas: int = 48, test_fraction: float = 0.3,
+                 seed: int = 0):
+        if split not in ("train", "test"):
+            raise ValueError("config.data.split for digits_regions must be train or test, "
+                             f"got {split!r}")
+        if canvas < 32:
+            raise ValueError(f"digits_regions: canvas must be ≥ 32 px (text digits of ≥ 6 px), "
+                             f"got {canvas}")
+        digits = DigitsSource()
+        order = np.random.default_rng(seed).permutation(len(digits))
+        n_test = round(len(digits) * test_fraction)
+        self.indices = np.sort(order[n_test:] if split == "train" else order[:n_test])
+        self.pool = digits.images[self.indices, :, :, 0]  # uint8 8 × 8, this split's digits
+        self.clean, self.labels = self.pool, digits.labels[self.indices]
+        self.split, self.seed, self.canvas = split, seed, canvas
+        self.images = np.zeros((len(self.indices), canvas, canvas, 3), np.uint8)
+        self._regions, self._glyphs = [], []
+        for i in range(len(self.indices)):
+            regions, glyphs = self._layout(i, digits.labels[self.indices])
+            self._regions.append(regions)
+            self._glyphs.append(glyphs)
+        self._counts = np.array([(len(r), int(r.texted.sum())) for r in self._regions], np.int64)
+
+    def _layout(self, i: int, labels: np.ndarray):
+        """Image i drawn into self.images: its Regions and each region's pool digits."""
+        c = self.canvas
+        rng = np.random.default_rng([self.seed, 2, int(self.indices[i])])
+        taken: list[tuple[int, int, int, int]] = []
+
+        def place(w: int, h: int):
+            for _ in range(self.TRIES):
+                x, y = (int(v) for v in rng.integers(0, [c - w + 1, c - h + 1]))
+                if all(x + w < a or c_ < x or y + h < b or d < y for a, b, c_, d in taken):
+                    taken.append((x, y, x + w, y + h))
+                    return x, y
+            return None
+
+        def draw(digit: int, x: int, y: int, size: int):
+            glyph = Image.fromarray(self.pool[digit]).resize((size, size), Image.BILINEAR)
+            self.images[i, y:y + size, x:x + size] = np.asarray(glyph)[..., None]
+
+        objects = [(i, int(rng.integers(c * 5 // 16, c * 7 // 16 + 1)))]  # (digit, size)
+        for _ in range(int(rng.integers(1, 3))):
+            objects.append((int(rng.integers(len(self.pool))),
+                            int(rng.integers(c // 5 + 1, c // 4 + 1))))
+        line = [int(d) for d in rng.integers(len(self.pool), size=int(rng.integers(2, 5)))]
+        glyph, gap = int(rng.integers(c // 6, c // 5 + 1)), int(rng.integers(0, 2))
+        boxes, texts, classes, glyphs = [], [], [], []
+        text = None
+        for k, (digit, size) in enumerate(objects):
+            at = place(size, size)  # the largest glyph goes first, on an empty canvas: placed
+            if at is not None:
+                draw(digit, *at, size)
+                boxes.append((*at, at[0] + size, at[1] + size))
+                texts.append(None)
+                classes.append(int(labels[digit]))
+                glyphs.append((digit,))
+            while k == 0 and len(line) >= 2 and text is None:  # the line next: it needs room
+                width = len(line) * (glyph + gap) - gap
+                at = place(width, glyph)
+                if at is None:
+                    line = line[:-1]  # a shorter line where a long one does not fit
+                    continue
+                for j, d in enumerate(line):
+                    draw(d, at[0] + j * (glyph + gap), at[1], glyph)
+                text = ((*at, at[0] + width, at[1] + glyph),
+                        "".join(str(int(labels[d])) for d in line), tuple(line))
+        if text is not None:
+            boxes.append(text[0])
+            texts.append(text[1])
+            classes.append(-1)
+            glyphs.append(text[2])
+        regions = regions_lib.Regions(np.asarray(boxes, np.float32).reshape(-1, 4), tuple(texts),
+                                      np.arange(len(boxes), dtype=np.int32),
+                                      np.asarray(classes, np.int32))
+        return regions, glyphs
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+    def name(self, i):
+        return f"digits_regions/{self.split}[{i}]"
+
+    def fingerprint(self):
+        return digest("digits_regions", self.split, self.seed, self.canvas, len(self))
+
+    no_regions = None
+
+    def regions(self, i) -> regions_lib.Regions:
+        return self._regions[int(i)]
+
+    def region_counts(self, indices) -> np.ndarray:
+        return self._counts[np.asarray(indices, np.int64)]
+
+    def regions_fingerprint(self) -> str:
+        return digest("digits_regions regions", self.split, self.seed, self.canvas, len(self))
+
+    def region_classes(self) -> list[str]:
+        return list(self.CLASSES)
+
+    def region_glyphs(self, i) -> list[np.ndarray]:
+        """Each region's clean 8 × 8 digits side by side (uint8 8 × 8k): the teacher's view."""
+        return [np.concatenate([self.pool[d] for d in ds], axis=1) for ds in self._glyphs[int(i)]]
+
+
 class FolderSource:
     """Image files under `root` in sorted order; the class is the first sub-folder; the key is
     the relative path (as convert keys a folder). `classes` (another folder's `class_index`) makes
@@ -256,6 +393,12 @@ class FolderSource:
 
     def regions_fingerprint(self) -> str | None:
         return None if self._regions is None else self._regions.regions["sha256"]
+
+    def region_classes(self) -> list[str] | None:
+        """The names of the regions' classes (`Regions.classes` indexes them; None: none)."""
+        if self._regions is None:
+            raise ValueError(self.no_regions)
+        return self._regions.regions.get("classes")
 
     def fingerprint(self):
         return digest("folder", [str(p.relative_to(self.root)) for p in self.paths])
@@ -462,6 +605,30 @@ class ArrayRecordSource:
             raise ValueError(self.no_regions)
         return digest([self._index(f).regions.get("sha256") for f in self.files])
 
+    def region_classes(self) -> list[str] | None:
+        """The names of the regions' classes (`Regions.classes` indexes them; None: none), one
+        list for every file: files whose indexes name them differently are refused (classes only
+        numbered, as JSON lines give them, agree up to the largest)."""
+        if self.no_regions is not None:
+            raise ValueError(self.no_regions)
+        found = {}  # names → the first index that has them
+        for f in self.files:
+            index = self._index(f)
+            names = index.regions.get("classes")
+            if names:
+                found.setdefault(tuple(names), index.lines_path)
+        if not found:
+            return None
+        longest = max(found, key=len)
+        if all(n == tuple(map(str, range(len(n)))) for n in found):
+            return list(longest)
+        if len(found) > 1:
+            (a, first), (b, second) = list(found.items())[:2]
+            raise ValueError(f"{first} and {second} name their regions' classes differently "
+                             f"({', '.join(a)[:60]} vs {', '.join(b)[:60]}); convert them "
+                             "with one annotation file's categories")
+        return list(longest)
+
     @property
     def unkeyed(self) -> str | None:
         """Why the records have no keys (None: every file's index has them)."""
@@ -554,6 +721,8 @@ def make_source(data, *, field: str = "config.data.") -> object:
         return DigitsSource()
     if kind == "digits_canvas":
         return DigitsCanvasSource(data.split)
+    if kind == "digits_regions":
+        return DigitsRegionsSource(data.split)
     if kind == "folder":
         regions = getattr(data, "regions", None)
         rules = regions_lib.Rules(*(getattr(data, f, d) for f, d in (

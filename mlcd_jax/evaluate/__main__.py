@@ -8,14 +8,24 @@
 
     python -m mlcd_jax.evaluate --model RUN --text_model LIT/text_model --dataset ...
 
+    python -m mlcd_jax.evaluate --model RUN --dataset digits_regions --test_split test --regions
+    python -m mlcd_jax.evaluate --model MODEL --regions --dataset arrayrecord \\
+        --path 'data/train-*.array_record' --test_path 'data/val-*.array_record'
+
 MODEL: a training workdir (its latest checkpoint, or --step), our model dir, or a transformers
 MLCD/CLIP checkpoint dir. Linear probe (CLIP protocol) and kNN (k = 20, T = 0.07) accuracy on
 held-out images, with raw pixels (grayscale, at most 32 × 32) as the baseline beside it; with
 --text_model (a LiT run's text_model dir, or any transformers CLIP text model dir with its
 tokenizer.json), zero-shot accuracy (class names in --prompt templates, averaged) and image–text
-retrieval Recall@1/5/10 (captions from --template). Prints a table and writes JSON
-({"linear_probe", "knn", "raw_pixels", "text": {...}, ...}) to --out; without it, a training
-workdir gets MODEL/eval.json, and any other model only the printed table.
+retrieval Recall@1/5/10 (captions from --template). With --regions (images with boxes whose
+regions have classes: digits_regions, ArrayRecord files converted with --regions from COCO-style
+annotations, a folder with --annotations), a region probe (linear and kNN on each region's
+embedding: patch tokens pooled in its box, and the Region Transformer layer's where the encoder
+has one) and a dense probe (each patch classified as the region holding it), train regions
+against test regions (mlcd_jax/evaluate/regions.py); images without classes skip the image-level
+probes. Prints a table and writes JSON ({"linear_probe", "knn", "raw_pixels", "text": {...},
+"regions": {"pooled_patches", "region_layer"?, ...}, "dense": {...}, ...}) to --out; without it,
+a training workdir gets MODEL/eval.json, and any other model only the printed table.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import json
 import pathlib
 import sys
 
-from mlcd_jax.evaluate import run
+from mlcd_jax.evaluate import regions as region_probes, run
 
 PROMPTS = ("a photo of a {name}.", "{name}", "an image of the {name}.")
 
@@ -59,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", "--checkpoint", "--workdir", dest="model", required=True,
                    help="a training workdir, our model dir, or a transformers checkpoint dir")
     p.add_argument("--step", type=int, default=None, help="with a training workdir: which step")
-    p.add_argument("--dataset", required=True, choices=sources.LABELLED)
+    p.add_argument("--dataset", required=True, choices=(*sources.LABELLED, "arrayrecord"),
+                   help="arrayrecord: only with --regions (its images have no classes)")
     p.add_argument("--path", default="", help="folder: the (train) images, one sub-folder per "
                    "class; tfds: the data_dir")
     p.add_argument("--test_path", default="", help="folder: the test images (same classes)")
@@ -80,11 +91,28 @@ def main(argv=None) -> int:
                    help="retrieval caption with {name} (and {size}, {place} on digits_canvas; "
                    "repeat; default: the prompts)")
     p.add_argument("--class_names", default="", help="comma-separated (default: the dataset's)")
+    p.add_argument("--regions", action="store_true", help="also the region and dense probes "
+                   "(images with boxes whose regions have classes)")
+    p.add_argument("--annotations", default="", help="folder with --regions: its images' boxes "
+                   "(what convert --regions takes: a COCO-style .json, a .jsonl keyed by path)")
+    p.add_argument("--test_annotations", default="", help="the --test_path folder's boxes "
+                   "(default: --annotations)")
+    p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --regions: also the dense probe (default: yes)")
+    p.add_argument("--max_regions", type=int, default=50_000, help="with --regions: at most "
+                   "this many train regions (a seeded sample)")
+    p.add_argument("--max_patches", type=int, default=20_000, help="with --regions: at most "
+                   "this many patches of each split for the dense probe (a seeded sample)")
     p.add_argument("--out", default="", help="the JSON results (default: MODEL/eval.json for a "
                    "training workdir, else none)")
     a = p.parse_args(argv)
     if a.dataset == "folder" and not a.path:
         p.error("--dataset folder needs --path (the image folder, one sub-folder per class)")
+    if not a.regions and (a.dataset == "arrayrecord" or a.annotations or a.test_annotations):
+        p.error("--dataset arrayrecord and --annotations are for --regions (ArrayRecord images "
+                "have no classes; give a folder with one sub-folder per class)")
+    if a.max_regions < 2 or a.max_patches < 2:
+        p.error("--max_regions and --max_patches must be ≥ 2")
     try:
         import jax
 
@@ -93,16 +121,28 @@ def main(argv=None) -> int:
         model, what = weights.load_encoder(a.model, a.step)
         train, test = run.dataset_splits(a.dataset, path=a.path, test_path=a.test_path,
                                          tfds_name=a.tfds_name, train_split=a.train_split,
-                                         test_split=a.test_split, test_fraction=a.test_fraction)
+                                         test_split=a.test_split, test_fraction=a.test_fraction,
+                                         labelled=not a.regions, annotations=a.annotations,
+                                         test_annotations=a.test_annotations)
         size = a.image_size or model.cfg.image_hw[0]
         mesh = mesh_lib.make_mesh([("data", -1)])  # batches split over every device
-        result = run.evaluate(model, train, test, image_size=size, mesh=mesh)
-        if a.pixels:
-            side = min(size, 32)
-            result["raw_pixels"] = run.probe(features.pixels(train, image_size=side),
-                                             features.pixels(test, image_size=side))
+        if a.regions:
+            region_probes.class_names(train, test)  # no regions, no classes: said before work
+        result = {}
+        if run.image_classes(train):
+            result = run.evaluate(model, train, test, image_size=size, mesh=mesh)
+            if a.pixels:
+                side = min(size, 32)
+                result["raw_pixels"] = run.probe(features.pixels(train, image_size=side),
+                                                 features.pixels(test, image_size=side))
+        elif jax.process_index() == 0:
+            print(f"{a.dataset}: the images have no classes; only the region probes run")
         if a.text_model:
             result["text"] = text_evals(a, model, train, test, size, mesh)
+        if a.regions:
+            result |= region_probes.evaluate(model, train, test, image_size=size, mesh=mesh,
+                                             max_regions=a.max_regions,
+                                             max_patches=a.max_patches, dense=a.dense)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -110,10 +150,22 @@ def main(argv=None) -> int:
     if jax.process_index() != 0:  # every process computed the same result; one reports it
         return 0
     print(f"{a.dataset}: {len(train)} train / {len(test)} test images")
+    if "regions" in result:
+        r = result["regions"]
+        print(f"regions: {r['train']['probed']} train / {r['test']['probed']} test regions with "
+              f"a class of {len(r['classes'])}" + (
+                  f"; dense: {result['dense']['train']['probed']} train / "
+                  f"{result['dense']['test']['probed']} test patches" if "dense" in result
+                  else ""))
     print(f"{'':<32}{'linear probe':>13}{'kNN':>8}")
-    for name, r in ((what, result), ("raw pixels", result.get("raw_pixels"))):
-        if r:
-            print(f"{name[:32]:<32}{r['linear_probe']['accuracy']:>13.4f}{r['knn']['accuracy']:>8.4f}")
+    rows = ((what, result), ("raw pixels", result.get("raw_pixels")),
+            ("regions: pooled patch tokens", result.get("regions", {}).get("pooled_patches")),
+            ("regions: region layer", result.get("regions", {}).get("region_layer")),
+            ("dense: patch tokens", result.get("dense")))
+    for name, r in rows:
+        if r and "linear_probe" in r:
+            knn = f"{r['knn']['accuracy']:>8.4f}" if "knn" in r else f"{'–':>8}"
+            print(f"{name[:32]:<32}{r['linear_probe']['accuracy']:>13.4f}{knn}")
     if "text" in result:
         print("with " + a.text_model + ": " + ", ".join(f"{k} {v:.4f}"
                                                        for k, v in result["text"].items()))

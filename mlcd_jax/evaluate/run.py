@@ -24,11 +24,14 @@ def split(source, test_fraction: float, seed: int = 0):
 
 def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_name: str = "",
                    train_split: str = "train", test_split: str = "", test_fraction: float = 0.3,
-                   flag: str = "--", labelled: bool = True):
-    """(train, test) sources: the dataset's own test split (`test_split`: tfds, digits_canvas),
-    test files (`test_path`, for a folder or ArrayRecord files), else `test_fraction` of the train
-    split held out with a fixed seed. `flag` prefixes option names in errors ("--" or
-    "config.evals."). `labelled=False` also takes images without classes (LiT's captioned data)."""
+                   flag: str = "--", labelled: bool = True, annotations: str = "",
+                   test_annotations: str = ""):
+    """(train, test) sources: the dataset's own test split (`test_split`: tfds, digits_canvas,
+    digits_regions), test files (`test_path`, for a folder or ArrayRecord files), else
+    `test_fraction` of the train split held out with a fixed seed. `flag` prefixes option names
+    in errors ("--" or "config.evals."). `labelled=False` also takes images without classes
+    (LiT's captioned data; regions with classes). `annotations` (`test_annotations`, by default
+    the same) give a folder's images their regions (`FolderSource(regions=...)`)."""
     allowed = sources.LABELLED if labelled else ("arrayrecord", *sources.LABELLED)
     if dataset not in allowed:
         raise ValueError(f"{flag}dataset: must be one of {allowed}"
@@ -39,6 +42,9 @@ def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_na
                          f"{', '.join(sources.WITH_SPLITS)} do); "
                          + (f"give the test images as {flag}test_path" if dataset in with_files
                             else f"{flag}test_fraction holds out part of it"))
+    if annotations and dataset != "folder":
+        raise ValueError(f"{flag}annotations: only for a folder; ArrayRecord files keep the "
+                         "regions `convert --regions` put in their index")
     if test_path and dataset not in with_files:
         raise ValueError(f"{flag}test_path: only for a folder or ArrayRecord files; {dataset} "
                          f"takes {flag}test_split or {flag}test_fraction")
@@ -48,18 +54,29 @@ def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_na
             return train, sources.ArrayRecordSource(test_path, field=f"{flag}test_path")
         return split(train, test_fraction)
     if dataset == "folder":
-        train = sources.FolderSource(path, field=f"{flag}path")
+        train = sources.FolderSource(path, field=f"{flag}path", regions=annotations or None)
         if labelled and not train.class_index:
             raise ValueError(f"{flag}path {path}: no class sub-folders; evaluation needs one "
                              "sub-folder per class (PATH/CLASS/image.jpg)")
         if test_path:
             return train, sources.FolderSource(test_path, classes=train.class_index,
-                                               field=f"{flag}test_path")
+                                               field=f"{flag}test_path",
+                                               regions=test_annotations or annotations or None)
         return split(train, test_fraction)
     spec = lambda s: types.SimpleNamespace(source=dataset, path=path, tfds_name=tfds_name, split=s)
     if test_split:
         return sources.make_source(spec(train_split)), sources.make_source(spec(test_split))
     return split(sources.make_source(spec(train_split)), test_fraction)
+
+
+def image_classes(source) -> bool:
+    """Whether a dataset's images have classes (ArrayRecord files and a folder without class
+    sub-folders have none)."""
+    if isinstance(source, sources.Subset):
+        source = source.source
+    if isinstance(source, sources.ArrayRecordSource):
+        return False
+    return bool(source.class_index) if isinstance(source, sources.FolderSource) else True
 
 
 def splits_of(section, flag: str, labelled: bool = True):

@@ -64,7 +64,7 @@ def class_names(dataset: str, train, configured=(), field: str = "--class_names"
     """The configured class names, else the dataset's own (digits, a folder's sub-folders)."""
     if configured:
         return tuple(configured)
-    if dataset in ("digits", "digits_canvas"):
+    if dataset in ("digits", "digits_canvas", "digits_regions"):
         return DIGIT_NAMES
     if getattr(train, "class_index", None):
         return tuple(sorted(train.class_index, key=train.class_index.get))
