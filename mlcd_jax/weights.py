@@ -13,6 +13,7 @@ import pathlib
 import jax
 from flax import nnx
 
+from mlcd_jax.interop import hf
 from mlcd_jax.models import vit
 
 
@@ -68,10 +69,10 @@ def _workdir_config(workdir):
     return ml_collections.ConfigDict(json.loads(config_file.read_text()))
 
 
-def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
-    """(encoder, step) of a training workdir: its resolved config.json and checkpoint `step`
-    (default: the latest), checksums verified, restored onto this process's first device."""
-    from mlcd_jax import checkpoint, config as config_lib
+def _restore_workdir(workdir, step: int | None = None):
+    """(config, params, step) of a training workdir's checkpoint `step` (default: the latest),
+    checksums verified, restored onto this process's first device."""
+    from mlcd_jax import checkpoint
     workdir = pathlib.Path(workdir).absolute()
     c = _workdir_config(workdir)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
@@ -89,13 +90,73 @@ def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
         state, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()
-    return vit.with_params(config_lib.vit_config(c), state["params"]["encoder"]), step
+    return c, state["params"], step
+
+
+def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
+    """(encoder, step) of a training workdir: its resolved config.json and checkpoint `step`
+    (default: the latest), checksums verified, restored onto this process's first device."""
+    from mlcd_jax import config as config_lib
+    c, params, step = _restore_workdir(workdir, step)
+    return vit.with_params(config_lib.vit_config(c), params["encoder"]), step
+
+
+# RICE's Region Transformer layers, beside an exported encoder (transformers ignores them).
+REGION_FILE, REGION_CONFIG = "region_layer.safetensors", "region_layer.json"
+
+
+def _named(params: dict) -> dict:
+    """A pure params dict as {"blocks.0.q_proj.kernel": array, ...}."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {".".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+
+
+def save_region_layers(layers, path) -> pathlib.Path:
+    """`layers` (models/region.RegionLayers) as REGION_FILE (flat names, e.g.
+    blocks.0.q_proj.kernel) and REGION_CONFIG (the layer count and the ViT config it runs in)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    named = _named(nnx.to_pure_dict(nnx.state(layers)))
+    save_file({k: np.asarray(v) for k, v in named.items()}, str(path / REGION_FILE))
+    (path / REGION_CONFIG).write_text(json.dumps(
+        {"layers": len(layers.blocks), "vit": dataclasses.asdict(layers.cfg)}, indent=2))
+    return path / REGION_FILE
+
+
+def load_region_layers(path, step: int | None = None):
+    """The Region Transformer layers that go with the encoder at `path` (a training workdir
+    whose run had region heads, or a dir with REGION_CONFIG beside the encoder), or None."""
+    from mlcd_jax.models import region
+    path = pathlib.Path(path)
+    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+        from mlcd_jax import config as config_lib
+        c, params, _ = _restore_workdir(path, step)
+        if "region" not in params:
+            return None
+        layers = lambda cfg, rngs: region.RegionLayers(cfg, c.model.region_layers, rngs=rngs)
+        return vit.with_params(config_lib.vit_config(c), params["region"], cls=layers)
+    if not (path / REGION_CONFIG).is_file():
+        return None
+    from safetensors.numpy import load_file
+    described = json.loads((path / REGION_CONFIG).read_text())
+    cfg = vit.ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in described["vit"].items()})
+    layers = lambda cfg, rngs: region.RegionLayers(cfg, described["layers"], rngs=rngs)
+    want = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: layers(cfg, nnx.Rngs(0)))))
+    stored = load_file(str(path / REGION_FILE))
+    missing = sorted(set(_named(want)) - set(stored))
+    if missing:
+        raise ValueError(f"{path / REGION_FILE} lacks {', '.join(missing[:3])}: export it again")
+    leaves, treedef = jax.tree_util.tree_flatten(want)
+    params = jax.tree_util.tree_unflatten(treedef, [stored[k] for k in _named(want)])
+    return vit.with_params(cfg, params, cls=layers)
 
 
 def load_encoder(path, step: int | None = None) -> tuple[vit.ViT, str]:
     """(encoder, what it is) from a training workdir (step `step`, default the latest), our model
     dir, or a transformers checkpoint dir."""
-    from mlcd_jax.interop import hf
     path = pathlib.Path(path)
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
         model, step = load_from_workdir(path, step)
@@ -114,7 +175,6 @@ def load_encoder(path, step: int | None = None) -> tuple[vit.ViT, str]:
 def architecture(path) -> vit.ViTConfig:
     """The ViTConfig of the encoder at `path` (any form `load_encoder` takes), weights unread."""
     from mlcd_jax import config as config_lib
-    from mlcd_jax.interop import hf
     path = pathlib.Path(path)
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
         return config_lib.vit_config(_workdir_config(path))

@@ -247,3 +247,20 @@ def test_region_heads_resume_exactly_and_checkpoints_hold_every_head(tmp_path):
     again = cli.train(tmp_path / "resumed", *args, config="configs/test_tiny.py:regions")
     assert "resuming at step 5" in again.stdout
     assert cli.losses(tmp_path / "resumed") == cli.losses(tmp_path / "run")
+
+    # Export: the encoder for transformers as ever, the region layers beside it, read back equal.
+    from flax import nnx
+
+    from mlcd_jax import weights
+    out = cli.run("mlcd_jax.interop.hf", "export", tmp_path / "run", tmp_path / "hf")
+    assert "1 region layers: wrote" in out.stdout
+    trained = weights.load_region_layers(tmp_path / "run")
+    exported = weights.load_region_layers(tmp_path / "hf")
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(nnx.state(trained))),
+                    jax.tree.leaves(nnx.to_pure_dict(nnx.state(exported))), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert weights.load_region_layers(tmp_path / "hf").cfg.width == 32
+    transformers = pytest.importorskip("transformers")
+    _, info = transformers.MLCDVisionModel.from_pretrained(tmp_path / "hf",
+                                                           output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -29,6 +29,10 @@ def main(argv=None) -> int:
         else:
             model, _ = weights.load_encoder(args.src, args.step)
             out = hf.save_vision_model(model, args.dst)
+            layers = weights.load_region_layers(args.src, args.step)
+            if layers is not None:  # RICE's region layers, beside (`evaluate --regions` reads them)
+                print(f"export: {len(layers.blocks)} region layers: wrote "
+                      f"{weights.save_region_layers(layers, args.dst)}")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
