@@ -22,7 +22,7 @@ from mlcd_jax.data import convert, regions, sources, transforms
 from mlcd_jax.evaluate import __main__ as evaluate_cli, regions as region_probes
 from mlcd_jax.interop import hf
 from mlcd_jax.labels import embed, join, ocr, store
-from mlcd_jax.models import vit
+from mlcd_jax.models import region as region_lib, vit
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +325,6 @@ class ColourRegions:
 class StubConfig:
     patch: int = PATCH
     image_size: int = SIZE
-    region_layers: int = 0
 
     @property
     def image_hw(self):
@@ -342,8 +341,8 @@ class Stub(nnx.Module):
     layers, a region embedding: the mean colour inside the box in pixels (or random again)."""
 
     def __init__(self, carries: bool, region_layers: int = 0):
-        self.cfg = StubConfig(region_layers=region_layers)
-        self.carries = carries
+        self.cfg = StubConfig()
+        self.carries, self.region_layers = carries, region_layers
         self.noise = nnx.Param(jax.random.normal(jax.random.key(0), ((SIZE // PATCH) ** 2, 6)))
         self.field = nnx.Param(jax.random.normal(jax.random.key(1), (SIZE, SIZE, 3)))
 
@@ -355,7 +354,7 @@ class Stub(nnx.Module):
         else:
             tokens = jnp.broadcast_to(self.noise[...], (b, g * g, 6))
         hidden = jnp.concatenate([jnp.zeros((b, 1, 6)), tokens], axis=1)
-        if boxes is None or not self.cfg.region_layers:
+        if boxes is None or not self.region_layers:
             return StubOutput(hidden, None)
         ys, xs = jnp.meshgrid(jnp.arange(SIZE) + 0.5, jnp.arange(SIZE) + 0.5, indexing="ij")
         x0, y0, x1, y1 = (boxes[..., k, None, None] for k in range(4))
@@ -434,13 +433,13 @@ def test_boxes_follow_the_eval_crop_and_the_cropped_away_are_counted():
     assert got.regions.get("label").tolist() == [1] and set(got.patches.get("label")) == {1}
 
 
-@pytest.mark.skipif("region_layers" not in {f.name for f in dataclasses.fields(vit.ViTConfig)},
-                    reason="ViTConfig has no region_layers yet: the Region Transformer layer "
-                    "(models/region.py) is being wired into the ViT (issue 33 item 4)")
 def test_region_layer_of_our_vit_through_the_probe(digits_regions):
-    """ViT(pixels, boxes) → region_embedding (B, N, embed_dim): the probe's rows are each
-    classed region's own, in order (boxes halved: 48 px canvases at 24 px)."""
-    model = vit.ViT(vit.vit_config("micro", embed_dim=8, region_layers=1), rngs=nnx.Rngs(0))
+    """Our ViT with its Region Transformer layer (region.WithRegions(pixels, boxes) →
+    region_embedding (B, N, embed_dim)): the probe's rows are each classed region's own, in
+    order (boxes halved: 48 px canvases at 24 px)."""
+    cfg = vit.vit_config("micro", embed_dim=8)
+    model = region_lib.WithRegions(vit.ViT(cfg, rngs=nnx.Rngs(0)),
+                                   region_lib.RegionLayers(cfg, 1, rngs=nnx.Rngs(1)))
     source = sources.Subset(digits_regions[1], range(6))
     got = region_probes.extract(model, source, image_size=24, batch_size=4, dense=False)
     images = np.stack([transforms.eval_transform(source[i], 24) for i in range(6)])

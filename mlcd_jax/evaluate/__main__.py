@@ -140,7 +140,10 @@ def main(argv=None) -> int:
         if a.text_model:
             result["text"] = text_evals(a, model, train, test, size, mesh)
         if a.regions:
-            result |= region_probes.evaluate(model, train, test, image_size=size, mesh=mesh,
+            from mlcd_jax.models import region
+            layers = weights.load_region_layers(a.model, a.step)  # a run with region heads
+            with_layers = model if layers is None else region.WithRegions(model, layers)
+            result |= region_probes.evaluate(with_layers, train, test, image_size=size, mesh=mesh,
                                              max_regions=a.max_regions,
                                              max_patches=a.max_patches, dense=a.dense)
     except (ValueError, FileNotFoundError) as e:

@@ -8,7 +8,7 @@ frozen-feature counterparts on a dataset with region classes).
   patch tokens: the mean of the last hidden state's patch tokens whose patch overlaps the box
   with positive area (`models/region.patch_mask`, the rule of the Region Transformer layer), for
   any encoder; (b) the Region Transformer layer's output, where the encoder has one
-  (`cfg.region_layers >= 1`: `model(pixels, boxes=boxes).region_embedding`).
+  (`models.region.WithRegions`: `model(pixels, boxes=boxes).region_embedding`).
 * Dense probe: each patch labelled by the class of the smallest classed box that holds its
   centre; patches in no classed box are left out (counted), so it measures which object a patch
   belongs to, not object vs background. A linear probe on the patch tokens, fit on the train
@@ -176,7 +176,8 @@ class Features:
 
 
 def has_region_layer(model) -> bool:
-    return getattr(model.cfg, "region_layers", 0) >= 1
+    """An encoder with Region Transformer layers (`models.region.WithRegions`)."""
+    return getattr(model, "region_layers", 0) >= 1
 
 
 def extract(model, source, *, image_size: int, batch_size: int = 64, mesh=None,

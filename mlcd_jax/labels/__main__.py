@@ -36,10 +36,10 @@ import sys
 import jax
 
 from mlcd_jax import distributed, platform, records
-from mlcd_jax.data import regions as regions_lib
+from mlcd_jax.data import regions as regions_lib, sources
 from mlcd_jax.labels import assign, embed, kmeans, ocr, stats, store
 
-SOURCES = ("digits", "digits_canvas", "folder", "arrayrecord", "tfds")
+SOURCES = tuple(s for s in sources.SOURCES if s != "synthetic")  # real images
 PROCESS_HELP = ("this process's share of the shards (default: the multi-process job's, else all); "
                 "several independent processes may also split the work by these flags")
 
@@ -48,7 +48,6 @@ def make_source(a):
     """The dataset the --source/--path/--tfds_name/--split flags name."""
     import types
 
-    from mlcd_jax.data import sources
     if getattr(a, "annotations", None) and (a.source != "folder"
                                             or not getattr(a, "regions", True)):
         raise ValueError("--annotations gives a folder's regions to `embed --regions` and `ocr` "

@@ -21,6 +21,8 @@ row is empty); no RoPE in the region layer (the patch tokens carry their positio
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -105,3 +107,26 @@ def embed(encoder: vit.ViT, layers: RegionLayers, out: vit.ViTOutput, boxes: jax
     pooled = encoder.post_layernorm(tokens.reshape(-1, tokens.shape[-1]))
     embedded = encoder.projection(pooled) if encoder.projection is not None else pooled
     return embedded.reshape(tokens.shape[:2] + embedded.shape[-1:])
+
+
+class RegionOutput(NamedTuple):
+    last_hidden_state: jax.Array  # as vit.ViTOutput
+    pooler_output: jax.Array
+    embedding: jax.Array
+    region_embedding: jax.Array   # (B, N, embed_dim): each box's region token, embedded
+
+
+class WithRegions(nnx.Module):
+    """An encoder with its Region Transformer layers (a run with region heads, or an exported
+    one: `weights.load_region_layers`): `(pixels)` is the encoder's output, `(pixels, boxes)`
+    adds each box's region embedding."""
+
+    def __init__(self, encoder: vit.ViT, layers: RegionLayers):
+        self.encoder, self.layers = encoder, layers
+        self.cfg, self.region_layers = encoder.cfg, len(layers.blocks)
+
+    def __call__(self, pixels: jax.Array, boxes: jax.Array | None = None):
+        out = self.encoder(pixels)
+        if boxes is None:
+            return out
+        return RegionOutput(*out, embed(self.encoder, self.layers, out, boxes, pixels.shape[1:3]))
