@@ -124,7 +124,19 @@ def main(argv=None) -> int:
                    "--override=--config.head.margin_type=cosface")
     p.add_argument("--lit_override", action="append", default=[],
                    help="a flag for the LiT runs, e.g. --lit_override=--config.total_steps=100")
+    p.add_argument("--regions", action="store_true", help="the region demo instead (RICE: "
+                   "mlcd_jax/demo_regions.py): image-only MLCD vs + object regions vs + OCR "
+                   "regions on digits_regions, --seeds seeds each (default workdir "
+                   "runs/demo_regions)")
+    p.add_argument("--seeds", type=int, default=3, help="with --regions: seeds per run")
+    p.add_argument("--max_patches", type=int, default=5000,
+                   help="with --regions: the dense probe's patches per split (a seeded sample)")
     a = p.parse_args(argv)
+    if a.regions:
+        from mlcd_jax import demo_regions
+        if a.workdir == "runs/demo":
+            a.workdir = "runs/demo_regions"
+        return demo_regions.main(a)
     start = time.time()
     workdir = pathlib.Path(a.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
