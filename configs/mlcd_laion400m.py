@@ -23,14 +23,8 @@ topologies (README's planning table).
 
 from mlcd_jax import flag_parsing, recipes
 
-VARIANTS = {  # ViT size: (peak learning rate, embedding width)
-    "B/32": (5e-4, 512),
-    "B/16": (5e-4, 512),
-    "L/14": (4e-4, 768),
-}
-
 
 def get_config(arg="B/16"):
-    flag_parsing.check_arg(arg, tuple(VARIANTS), "configs/mlcd_laion400m.py")
-    lr, embed_dim = VARIANTS[arg]
+    flag_parsing.check_arg(arg, tuple(recipes.VARIANTS), "configs/mlcd_laion400m.py")
+    lr, embed_dim = recipes.VARIANTS[arg]
     return recipes.laion400m_recipe(arg, lr=lr, embed_dim=embed_dim)

@@ -6,6 +6,12 @@ import ml_collections
 
 from mlcd_jax import config as config_lib
 
+VARIANTS = {  # the paper's ViT sizes: (peak learning rate, embedding width)
+    "B/32": (5e-4, 512),
+    "B/16": (5e-4, 512),
+    "L/14": (4e-4, 768),
+}
+
 
 def laion400m_recipe(size: str, *, lr: float, embed_dim: int) -> ml_collections.ConfigDict:
     """The paper's pretraining recipe (MLCD, ECCV 2024, §4.1) for a ViT `size` at 224 px."""
