@@ -70,20 +70,7 @@ def join(source, store: store_lib.LabelStore, *, missing: str = "error",
         raise ValueError(f"{store.path.parent} joins labels by key, but the records of "
                          f"{field}.path have none: {source.unkeyed}")
     cache = _cache_dir(source, store)
-    if jax.process_index() == 0 and records.piece_record(cache / "rows.npy") is None:
-        # Made aside and renamed into place: two jobs joining at once never mix their files.
-        aside = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        shutil.rmtree(aside, ignore_errors=True)
-        try:
-            _build(source, store, aside)
-        finally:  # (a duplicate key: nothing left behind)
-            if not (aside / "rows.npy").is_file():
-                shutil.rmtree(aside, ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)  # an unfinished one (no record of rows.npy)
-        try:
-            aside.rename(cache)
-        except OSError:  # another job finished the same join first: its files are as good
-            shutil.rmtree(aside, ignore_errors=True)
+    _made_once(cache, lambda aside: _build(source, store, aside))
     distributed.barrier("labels joined")
     summary = json.loads((cache / "join.json").read_text())
     rows = records.Mapped(cache / "rows.npy")
@@ -103,6 +90,41 @@ def join(source, store: store_lib.LabelStore, *, missing: str = "error",
                   f"{how}; {summary['missing']:,} records without labels skipped ({shown}"
                   f"{' …' if summary['missing'] > 5 else ''})", summary["missing"],
                   summary["unused"])
+
+
+def _made_once(cache: pathlib.Path, build) -> None:
+    """`build(directory)` on process 0 unless `cache` holds a finished join (its rows.npy
+    recorded): made aside and renamed into place, so two jobs joining at once never mix their
+    files, and a failed build (a duplicate key) leaves nothing behind."""
+    if jax.process_index() != 0 or records.piece_record(cache / "rows.npy") is not None:
+        return
+    aside = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        build(aside)
+    finally:
+        if not (aside / "rows.npy").is_file():
+            shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)  # an unfinished one (no record of rows.npy)
+    try:
+        aside.rename(cache)
+    except OSError:  # another job finished the same join first: its files are as good
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _sweep(ours: np.ndarray, theirs: np.ndarray, rows: np.ndarray, bar=None) -> int:
+    """Each entry of the key table `ours` looked up in `theirs`, in hash order (both tables are
+    read front to back): rows[its row] = the row found there (-1: none). Returns how many were
+    found."""
+    matched = 0
+    for start in range(0, len(ours), CHUNK):
+        part = np.asarray(ours[start:start + CHUNK])
+        found = keys_lib.lookup(theirs, part)
+        rows[part["row"]] = found
+        matched += int((found >= 0).sum())
+        if bar is not None:
+            bar.update(len(part))
+    return matched
 
 
 def _cache_dir(source, store) -> pathlib.Path:
@@ -126,13 +148,7 @@ def _build(source, store, cache: pathlib.Path) -> None:
                           what="the records of the dataset")
     theirs = store.keys()
     rows = np.lib.format.open_memmap(cache / "rows.npy.tmp", "w+", np.int64, (n,))
-    matched = 0
-    for start in range(0, n, CHUNK):  # in hash order: both tables are read front to back
-        part = np.asarray(ours[start:start + CHUNK])
-        found = keys_lib.lookup(theirs, part)
-        rows[part["row"]] = found
-        matched += int((found >= 0).sum())
-        bar.update(len(part))
+    matched = _sweep(ours, theirs, rows, bar)
     bar.close()
     rows.flush()
     del rows, ours
@@ -246,19 +262,7 @@ def join_regions(source, store: store_lib.LabelStore, *, expect: str | None = No
     cache = store.path.parent / "joins" / ("regions-" + records.digest(
         source.fingerprint(), source.regions_fingerprint(), store.manifest, table.st_size,
         table.st_mtime_ns, expect))
-    if jax.process_index() == 0 and records.piece_record(cache / "rows.npy") is None:
-        aside = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        shutil.rmtree(aside, ignore_errors=True)
-        try:
-            _build_regions(source, store, aside, expect)
-        finally:
-            if not (aside / "rows.npy").is_file():
-                shutil.rmtree(aside, ignore_errors=True)
-        shutil.rmtree(cache, ignore_errors=True)
-        try:
-            aside.rename(cache)
-        except OSError:  # another job finished the same join first
-            shutil.rmtree(aside, ignore_errors=True)
+    _made_once(cache, lambda aside: _build_regions(source, store, aside, expect))
     distributed.barrier("regions joined")
     summary = json.loads((cache / "join.json").read_text())
     what = {"objects": "object regions", "text": "text regions", "all": "regions"}[expect]
@@ -311,12 +315,7 @@ def _build_regions(source, store, cache: pathlib.Path, expect: str) -> None:
     theirs = store.keys()
     rows = np.lib.format.open_memmap(cache / "rows.npy.tmp", "w+", np.int64, (max(total, 1),))
     rows[:] = -1
-    matched = 0
-    for start in range(0, total, CHUNK):  # in hash order: both tables are read front to back
-        part = np.asarray(ours[start:start + CHUNK])
-        found = keys_lib.lookup(theirs, part)
-        rows[part["row"]] = found
-        matched += int((found >= 0).sum())
+    matched = _sweep(ours, theirs, rows)
     expected = missing = 0
     first_missing: list[str] = []
     for start in range(0, total, CHUNK):
