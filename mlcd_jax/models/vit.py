@@ -18,6 +18,14 @@ recomputes each block's activations in the backward pass, all of them or what ``
 does not keep. Compute runs in ``dtype`` (bf16 for training) with float32 parameters; RoPE (its
 cos/sin made once per forward, not per layer) and the softmax run in float32.
 
+Native resolution (big_vision's NaFlex, SigLIP 2): the model also takes ``Patches``, images at
+their own sizes as a fixed number of patch rows with each patch's (row, col) and a mask. The patch
+embedding is the conv kernel reshaped to a dense layer; RoPE's angles come from each token's own
+position; learned positions are the table resized to each image's grid (bilinear, antialiased
+when shrinking, as ``jax.image.resize``); attention ignores the padding (sequence lengths: the
+real tokens come first); the class token pools. With a full grid it computes what the pixel path
+does, and padding changes no real token. The parameters are the same in both.
+
 Attention is ``jax.nn.dot_product_attention``: cuDNN's fused (flash) kernel on GPUs in bf16/fp16,
 XLA elsewhere (``attention="auto"``). The cuDNN path pads the token axis to a multiple of
 ``CUDNN_TOKEN_MULTIPLE`` (ViT-B/16 has 197 tokens) and masks the padding out by sequence lengths;
@@ -151,8 +159,17 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     return ViTConfig(**(SIZES[name] | overrides))
 
 
+class Patches(NamedTuple):
+    """Images at their own sizes (`data.transforms.patchify` makes each row): T patch rows per
+    image, the real ones first, then padding."""
+    patches: jax.Array    # (B, T, p·p·C): normalised pixels, each patch's rows, cols, channels
+    positions: jax.Array  # (B, T, 2) int32: each patch's (row, col) in its image's grid
+    mask: jax.Array       # (B, T) bool: the real patches (a prefix of each row)
+
+
 class ViTOutput(NamedTuple):
-    last_hidden_state: jax.Array  # (B, 1 + h·w, width), after the last block (as transformers)
+    last_hidden_state: jax.Array  # (B, 1 + h·w, width), after the last block (as transformers);
+                                  # for Patches (B, 1 + T, width), zero on the padding
     pooler_output: jax.Array      # (B, width): post_layernorm of the class token
     embedding: jax.Array          # (B, embed_dim): the projection of pooler_output (or it, if none)
 
@@ -176,22 +193,57 @@ def layer_norm(cfg, rngs):
 
 def rope_angles(cfg: ViTConfig, grid_h: int, grid_w: int, class_pos_emb: jax.Array) -> jax.Array:
     """Rotation angles (1 + h·w, head_dim) in float32; row 0 is the class token's."""
+    rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
+    return rope_angles_at(cfg, jnp.stack([rows.reshape(-1), cols.reshape(-1)], -1),
+                          class_pos_emb)
+
+
+def rope_angles_at(cfg: ViTConfig, positions: jax.Array, class_pos_emb: jax.Array) -> jax.Array:
+    """Rotation angles (..., 1 + T, head_dim) in float32 of patches at `positions` (..., T, 2)
+    (row, col): [row·inv_freq, col·inv_freq] twice; row 0 is the class token's."""
     quarter = cfg.head_dim // 4
     inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(quarter, dtype=jnp.float32) * 2 / (2 * quarter))
-    rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
-    patches = jnp.concatenate([rows.reshape(-1, 1) * inv_freq, cols.reshape(-1, 1) * inv_freq], -1)
-    angles = jnp.concatenate([class_pos_emb.astype(jnp.float32), patches], axis=0)  # (T, hd/2)
+    rows, cols = positions[..., 0:1], positions[..., 1:2]
+    patches = jnp.concatenate([rows * inv_freq, cols * inv_freq], -1)
+    cls = jnp.broadcast_to(class_pos_emb.astype(jnp.float32),
+                           patches.shape[:-2] + class_pos_emb.shape)
+    angles = jnp.concatenate([cls, patches], axis=-2)  # (..., 1 + T, hd/2)
     return jnp.concatenate([angles, angles], axis=-1)
 
 
 class Rope(NamedTuple):
-    """cos and sin of the rotation angles, (T, 1, H) float32: made once per forward pass."""
+    """cos and sin of the rotation angles, (T, 1, H) or per image (B, T, 1, H) float32: made once
+    per forward pass."""
     cos: jax.Array
     sin: jax.Array
 
     @classmethod
     def of(cls, angles: jax.Array) -> Rope:
-        return cls(jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :])
+        return cls(jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :])
+
+
+def resized_positions(table: jax.Array, grid: tuple[int, int], positions: jax.Array,
+                      mask: jax.Array) -> jax.Array:
+    """A learned position table (1 + h·w, W) made for a `grid` (h, w), resized to each image's own
+    grid (its largest row and col + 1 among `mask`ed `positions` (B, T, 2)) and read at each
+    patch: (B, T, W). Bilinear with half-pixel centres, antialiased when shrinking (the triangle
+    filter widened by the scale, weights normalised): `jax.image.resize(..., "bilinear")` of the
+    table, per image, without its dynamic shapes. At the table's own grid it is the table."""
+    h, w = grid
+    real = lambda axis: jnp.max(jnp.where(mask, positions[..., axis], 0), axis=-1) + 1  # (B,)
+
+    def weights(coord, out_size, in_size):  # (B, T, in_size): each patch's weight per table row
+        scale = in_size / out_size.astype(jnp.float32)
+        centre = (coord.astype(jnp.float32) + 0.5) * scale[:, None] - 0.5
+        width = jnp.maximum(scale, 1.0)[:, None, None]
+        tri = jnp.maximum(0.0, 1.0 - jnp.abs(jnp.arange(in_size) - centre[..., None]) / width)
+        return tri / tri.sum(-1, keepdims=True)
+
+    wy = weights(positions[..., 0], real(0), h)
+    wx = weights(positions[..., 1], real(1), w)
+    b, t = positions.shape[:2]
+    mix = (wy[..., :, None] * wx[..., None, :]).reshape(b * t, h * w)
+    return (mix @ table[1:].astype(jnp.float32)).reshape(b, t, -1)
 
 
 def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
@@ -211,17 +263,21 @@ def attention_implementation(cfg: ViTConfig) -> tuple[str, int]:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str = "xla",
-              multiple: int = 1, causal: bool = False) -> jax.Array:
+              multiple: int = 1, causal: bool = False,
+              lengths: jax.Array | None = None) -> jax.Array:
     """Softmax attention over (B, T, N, H) inputs (`causal`: each token sees those before it).
     With `multiple` > 1 the token axis is padded to a multiple of it and the padding masked out
-    (as keys; padded queries are dropped), which is the same function of the T real tokens."""
+    (as keys; padded queries are dropped), which is the same function of the T real tokens.
+    `lengths` (B,): only each row's first lengths[b] tokens are real (native resolution's
+    padding): the others are never attended to, and their own outputs are meaningless."""
     t = q.shape[1]
     padded = -(-t // multiple) * multiple
-    if padded == t:
+    if padded == t and lengths is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                             implementation=implementation)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t), (0, 0), (0, 0)))
-    lengths = jnp.full((q.shape[0],), t, jnp.int32)
+    if lengths is None:
+        lengths = jnp.full((q.shape[0],), t, jnp.int32)
     out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), query_seq_lengths=lengths,
                                        key_value_seq_lengths=lengths, is_causal=causal,
                                        implementation=implementation)
@@ -246,7 +302,8 @@ class Block(nnx.Module):
         self.fc1 = dense(cfg, w, cfg.mlp_dim, ("embed", "mlp"), rngs)
         self.fc2 = dense(cfg, cfg.mlp_dim, w, ("mlp", "embed"), rngs)
 
-    def __call__(self, x: jax.Array, rope: Rope | None) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: Rope | None,
+                 lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.cfg
         b, t, w = x.shape
         # The dense layers see 2-D (tokens, width): XLA:CPU computes the weight gradient of a dense
@@ -269,8 +326,8 @@ class Block(nnx.Module):
             rotate = jax.checkpoint(apply_rope) if light else apply_rope
             q, k = rotate(q, rope), rotate(k, rope)
         impl, multiple = attention_implementation(cfg)
-        attn = attention(q, k, v, implementation=impl, multiple=multiple,
-                         causal=self.causal).reshape(b * t, w)
+        attn = attention(q, k, v, implementation=impl, multiple=multiple, causal=self.causal,
+                         lengths=lengths).reshape(b * t, w)
         x = x + self.out_proj(attn)
         act = jax.checkpoint(ACTIVATIONS[cfg.act]) if light else ACTIVATIONS[cfg.act]
         h = recomputed(self.layer_norm2, x) if light else self.layer_norm2(x)
@@ -308,8 +365,11 @@ class ViT(nnx.Module):
         self.projection = (dense(cfg, w, cfg.embed_dim, ("embed", "proj"), rngs, bias=False)
                            if cfg.embed_dim else None)
 
-    def __call__(self, pixels: jax.Array) -> ViTOutput:
-        """pixels: (B, H, W, C) normalised images (NHWC); H and W divisible by the patch."""
+    def __call__(self, pixels: jax.Array | Patches) -> ViTOutput:
+        """pixels: (B, H, W, C) normalised images (NHWC); H and W divisible by the patch. Or
+        `Patches`: images at their own sizes (native resolution)."""
+        if isinstance(pixels, Patches):
+            return self.native(pixels)
         cfg = self.cfg
         b, height, width, _ = pixels.shape
         if height % cfg.patch or width % cfg.patch:
@@ -332,6 +392,36 @@ class ViT(nnx.Module):
         embedding = self.projection(pooled) if self.projection is not None else pooled
         return ViTOutput(x, pooled, embedding)
 
+    def native(self, p: Patches) -> ViTOutput:
+        """The forward pass of images at their own sizes (see the module's docstring)."""
+        cfg = self.cfg
+        b, t, d = p.patches.shape
+        if d != cfg.patch * cfg.patch * cfg.channels:
+            raise ValueError(f"patches of {d} values, but this ViT's are {cfg.patch}×{cfg.patch}"
+                             f"×{cfg.channels} = {cfg.patch * cfg.patch * cfg.channels}")
+        dtype = jnp.dtype(cfg.dtype)
+        kernel = self.patch_embedding.kernel[...].reshape(d, cfg.width)  # the conv as a dense
+        x = (p.patches.reshape(b * t, d).astype(dtype) @ kernel.astype(dtype)).reshape(
+            b, t, cfg.width)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, cfg.width))
+        x = jnp.concatenate([cls, x], axis=1)
+        rope = None
+        if cfg.pos == "learned":
+            grid = tuple(s // cfg.patch for s in cfg.image_hw)
+            table = self.position_embedding[...]
+            at = resized_positions(table, grid, p.positions, p.mask)
+            x = x + jnp.concatenate([jnp.broadcast_to(table[:1], (b, 1, cfg.width)), at],
+                                    axis=1).astype(x.dtype)
+        else:
+            rope = Rope.of(rope_angles_at(cfg, p.positions, self.class_pos_emb[...]))
+        lengths = 1 + jnp.sum(p.mask, axis=-1, dtype=jnp.int32)  # the class token, then patches
+        x = self.pre_layrnorm(x)
+        x = run_blocks(self.blocks, self.cfg, x, rope, lengths)
+        x = jnp.where(jnp.arange(1 + t)[None, :, None] < lengths[:, None, None], x, 0)
+        pooled = self.post_layernorm(x[:, 0])
+        embedding = self.projection(pooled) if self.projection is not None else pooled
+        return ViTOutput(x, pooled, embedding)
+
 
 def stacked_blocks(cfg, rngs: nnx.Rngs, causal: bool = False) -> Block:
     """cfg.depth blocks stored as one, every parameter with a leading (depth,) axis."""
@@ -343,12 +433,14 @@ def stacked_blocks(cfg, rngs: nnx.Rngs, causal: bool = False) -> Block:
     return make(rngs)
 
 
-def run_blocks(blocks: Block, cfg, x: jax.Array, rope: Rope | None = None) -> jax.Array:
-    """x through the stacked blocks: scanned or unrolled, rematerialised per cfg."""
+def run_blocks(blocks: Block, cfg, x: jax.Array, rope: Rope | None = None,
+               lengths: jax.Array | None = None) -> jax.Array:
+    """x through the stacked blocks: scanned or unrolled, rematerialised per cfg; `lengths`:
+    each row's real tokens (the rest padding, never attended to)."""
     graphdef, stacked = nnx.split(blocks)
 
     def block(x, params):
-        return nnx.merge(graphdef, params)(x, rope), None
+        return nnx.merge(graphdef, params)(x, rope, lengths), None
 
     if cfg.remat:
         block = jax.checkpoint(block, prevent_cse=not cfg.scan,
