@@ -13,6 +13,7 @@ import math
 
 import ml_collections
 
+from mlcd_jax.data import transforms
 from mlcd_jax.models import vit
 
 
@@ -95,6 +96,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip = True                      # random horizontal flip (off where it changes the
                                             # class, e.g. digits)
     c.data.image_size = 224
+    c.data.resolution = "square"            # "square": every image one image_size² crop;
+                                            # "native" (NaFlex): each keeps its aspect ratio at
+                                            # the largest patch-aligned size within max_tokens
+    c.data.max_tokens = 0                   # native: patches per image at most (the batch's
+                                            # row length); 0 = (image_size / patch)², the
+                                            # square size's
+    c.data.min_tokens = 0                   # native: 0 = every image resized to fill
+                                            # max_tokens; > 0 = images keep their own size where
+                                            # it has min_tokens … max_tokens patches
     c.data.num_labels = 8                   # l
     c.data.regions_per_image = 0            # N region slots per image for the region heads:
                                             # subsampled, or repeated when fewer (RICE)
@@ -181,6 +191,19 @@ def total_steps(c: ml_collections.ConfigDict, num_examples: int | None = None) -
         raise ValueError("config.epochs: the epoch length is unknown: set config.data.num_examples "
                          "(the synthetic source has no size of its own) or use config.total_steps")
     return math.ceil(c.epochs * n / c.batch_size)
+
+
+RESOLUTIONS = ("square", "native")
+
+
+def native(c: ml_collections.ConfigDict, patch: int) -> transforms.Native | None:
+    """The native-resolution sizing of config `c`'s data for a model of `patch` (None: square;
+    a workdir's config.json from before these fields existed is square)."""
+    d = c.data
+    if d.get("resolution", "square") != "native":
+        return None
+    budget = d.get("max_tokens", 0) or (d.image_size // patch) ** 2
+    return transforms.Native(patch, budget, d.get("min_tokens", 0))
 
 
 SHAPE_FIELDS = ("width", "depth", "heads", "mlp_dim", "patch")  # model.size, field by field

@@ -14,15 +14,17 @@ from tqdm import tqdm
 
 from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import pipeline, transforms
+from mlcd_jax.models import vit
 
 
 def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
-               skipped: pipeline.Skipped | None = None, l2_normalize: bool = False):
-    """(embeddings (n, D) float32, batch) of each batch of `source`, in order: the eval transform,
-    one jitted forward split over `mesh`'s batch axes (the last batch padded to the same shape),
-    L2-normalised on the device if asked. Unreadable records are left out of the batches and
-    counted in `skipped`. The one embedding loop of evaluation, periodic evals and `labels
-    embed`."""
+               skipped: pipeline.Skipped | None = None, l2_normalize: bool = False,
+               native: transforms.Native | None = None):
+    """(embeddings (n, D) float32, batch) of each batch of `source`, in order: the eval transform
+    (`native`: each whole image at its native size, as patches), one jitted forward split over
+    `mesh`'s batch axes (the last batch padded to the same shape), L2-normalised on the device if
+    asked. Unreadable records are left out of the batches and counted in `skipped`. The one
+    embedding loop of evaluation, periodic evals and `labels embed`."""
     graphdef, params = nnx.split(model)
     sharding, out_sharding = None, None
     if mesh is not None:
@@ -34,7 +36,12 @@ def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=No
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def forward(params, images):
-        out = nnx.merge(graphdef, params)(transforms.normalize(images.astype(jnp.float32)))
+        if isinstance(images, dict):  # native resolution
+            images = vit.Patches(transforms.normalize_patches(
+                images["patches"].astype(jnp.float32)), images["positions"], images["mask"])
+        else:
+            images = transforms.normalize(images.astype(jnp.float32))
+        out = nnx.merge(graphdef, params)(images)
         e = out.embedding.astype(jnp.float32)
         if l2_normalize:
             e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
@@ -42,26 +49,31 @@ def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=No
 
     for batch in pipeline.dataset(source, batch_size=batch_size, image_size=image_size,
                                   num_labels=1, seed=0, train=False, process_index=0,
-                                  process_count=1):
+                                  process_count=1, native=native):
         if skipped is not None:
             skipped.add(batch)
-        images, n = batch["image"], len(batch["image"])
-        padded = np.concatenate([images, np.zeros((batch_size - n,) + images.shape[1:],
-                                                  images.dtype)])  # one compiled shape
+        n = len(batch["labels"])
+        images = (batch["image"] if native is None
+                  else {k: batch[k] for k in pipeline.PATCH_FIELDS})
+        # One compiled shape: the last batch padded (native: with rows of padding alone).
+        padded = jax.tree.map(lambda x: np.concatenate(
+            [x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)]), images)
         if sharding is not None:
-            padded = mesh_lib.global_array(padded, sharding)
+            padded = jax.tree.map(lambda x: mesh_lib.global_array(x, sharding), padded)
         yield np.asarray(forward(params, padded))[:n], batch
 
 
 def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
-            desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            desc: str = "features", native: transforms.Native | None = None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (n, D) float32, labels (n,), records (n,)) of the readable records of `source`
     in order: the source's own labels, and which record each row is (captions and names are
-    found by it: an unreadable image moves nothing onto another)."""
+    found by it: an unreadable image moves nothing onto another). `native`: at native
+    resolution."""
     feats, labels, rows, skipped = [], [], [], pipeline.Skipped(source)
     with tqdm(total=len(source), desc=desc, unit="img") as bar:
         for x, batch in embeddings(model, source, image_size=image_size, batch_size=batch_size,
-                                   mesh=mesh, skipped=skipped):
+                                   mesh=mesh, skipped=skipped, native=native):
             feats.append(x)
             labels.append(batch["labels"][:, 0])
             rows.append(batch["index"])
@@ -71,20 +83,21 @@ def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
 
 
 def extract_to(model, source, path: pathlib.Path, *, image_size: int, batch_size: int = 256,
-               mesh=None, desc: str = "features", rows=None, write: bool = True) -> int:
-    """`extract`, streamed to disk: the features into `path` (.npy), the labels into
-    PATH.labels.npy and each row's record into PATH.records.npy, each filled through a memory map
-    batch by batch, cut to the rows made and renamed into place at the end, so memory holds one
-    batch whatever the data's size. `rows` (optional) maps each batch of features first (e.g. L2
-    normalisation). Every process of a job takes part (the forward is split over the mesh); only
-    those with `write` write. Returns the rows made (fewer than the source's records where images
-    were unreadable: they are left out, named)."""
+               mesh=None, desc: str = "features", rows=None, write: bool = True,
+               native: transforms.Native | None = None) -> int:
+    """`extract`, streamed to disk: the features into `path` (.npy), the labels into PATH.labels.npy
+    and each row's record into PATH.records.npy, each filled through a memory map batch by batch,
+    cut to the rows made and renamed into place at the end, so memory holds one batch whatever the
+    data's size. `rows` (optional) maps each batch of features first (e.g. L2 normalisation);
+    `native`: at native resolution. Every process of a job takes part (the forward is split over the
+    mesh); only those with `write` write. Returns the rows made (fewer than the source's records
+    where images were unreadable: they are left out, named)."""
     finals = (path, path.with_suffix(".labels.npy"), path.with_suffix(".records.npy"))
     tmp = [p.with_name(p.name + ".tmp") for p in finals]
     out, done, skipped = None, 0, pipeline.Skipped(source)
     with tqdm(total=len(source), desc=desc, unit="img") as bar:
         for x, batch in embeddings(model, source, image_size=image_size, batch_size=batch_size,
-                                   mesh=mesh, skipped=skipped):
+                                   mesh=mesh, skipped=skipped, native=native):
             x = rows(x) if rows is not None else x
             if write and out is None:
                 out = [np.lib.format.open_memmap(t, "w+", dtype, (len(source),) + shape)

@@ -7,6 +7,7 @@ analysis counts a `lax.scan` body once, so it undercounts scanned ViTs by their 
 
 from __future__ import annotations
 
+from mlcd_jax import config as config_lib
 from mlcd_jax.head import num_sampled
 from mlcd_jax.mesh import padded_num_classes
 from mlcd_jax.models import vit
@@ -15,7 +16,12 @@ from mlcd_jax.models import vit
 def encoder_forward(cfg: vit.ViTConfig, height: int, width: int) -> float:
     """Forward FLOPs of one image: patch embedding, blocks (projections, attention, MLP),
     projection."""
-    patches = (height // cfg.patch) * (width // cfg.patch)
+    return encoder_forward_patches(cfg, (height // cfg.patch) * (width // cfg.patch))
+
+
+def encoder_forward_patches(cfg: vit.ViTConfig, patches: int) -> float:
+    """`encoder_forward` of an image of `patches` patches (at native resolution: the budget, as
+    the padding is computed too)."""
     tokens = patches + 1
     w = cfg.width
     embed = 2 * patches * cfg.patch ** 2 * cfg.channels * w
@@ -37,8 +43,9 @@ def head_forward(embed_dim: int, num_classes: int, num_labels: int, sample_ratio
 def train_step(c, cfg: vit.ViTConfig, num_devices: int) -> dict:
     """Model FLOPs of one optimizer step of config `c` (its model `cfg`) on `num_devices`
     devices."""
-    size = c.data.image_size
-    encoder = encoder_forward(cfg, size, size)
+    size, native = c.data.image_size, config_lib.native(c, cfg.patch)
+    encoder = (encoder_forward(cfg, size, size) if native is None
+               else encoder_forward_patches(cfg, native.max_tokens))
     head = head_forward(cfg.embed_dim or cfg.width, c.head.num_classes, c.data.num_labels,
                         c.head.sample_ratio, num_devices)
     return {"encoder_forward_per_image": encoder, "head_forward_per_sample": head,

@@ -54,7 +54,7 @@ CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/l
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features, tokenizer.")
 
 
-def image_features(c, workdir, encoder, source, name, mesh):
+def image_features(c, workdir, encoder, source, name, mesh, native=None):
     """(normalised features, labels, the records they are) of `source`'s readable images, the
     records as a Subset of `source` (row i of the features is its record i: captions are read
     from it, so an unreadable image left out moves no caption onto another), memory-mapped from
@@ -63,7 +63,7 @@ def image_features(c, workdir, encoder, source, name, mesh):
     Memory holds a batch, not the split: web data far larger than host memory works."""
     path = workdir / "features" / f"{name}.npy"
     made_by = records.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
-                             c.image.image_size)
+                             c.image.image_size, *([native.describe()] if native else []))
     record = records.piece_record(path) or {}
     whole = False
     if record.get("fingerprint") == made_by:
@@ -82,7 +82,7 @@ def image_features(c, workdir, encoder, source, name, mesh):
         features.extract_to(encoder, source, path, image_size=c.image.image_size,
                             batch_size=c.image.batch_size, mesh=mesh,
                             desc=f"image features ({name})", rows=zero_shot.normalize,
-                            write=first)
+                            write=first, native=native)
         if first:
             records.record_piece(path, {"fingerprint": made_by})
         distributed.barrier(f"LiT features ({name})")
@@ -220,10 +220,16 @@ def lit(c, workdir: pathlib.Path) -> None:
         d = c.data
         train_src, test_src = eval_run.splits_of(d, "config.data.", labelled=False)
         encoder, described = weights.load_encoder(c.image.model)
+        native = weights.sizing(c.image.model, encoder, c.image.get("resolution", ""),
+                                c.image.get("max_tokens", 0), c.image.get("min_tokens", 0),
+                                c.image.image_size, flag="config.image.")  # None: square crops
+        if native:
+            described += f" at native resolution (≤ {native.max_tokens} patches)"
         # Row i of the features is record i of train_rows / test_rows: captions follow it.
         train_x, train_y, train_rows = image_features(c, workdir, encoder, train_src, "train",
-                                                      mesh)
-        test_x, test_y, test_rows = image_features(c, workdir, encoder, test_src, "test", mesh)
+                                                      mesh, native)
+        test_x, test_y, test_rows = image_features(c, workdir, encoder, test_src, "test", mesh,
+                                                   native)
         del encoder
 
         # Captions and the tokenizer. Unlabelled data (captioned web images): retrieval only.

@@ -14,6 +14,11 @@ def lit_config() -> ml_collections.ConfigDict:
     c.image = ml_collections.ConfigDict()
     c.image.model = ""                      # a training workdir, our model dir or transformers dir
     c.image.image_size = 224
+    c.image.resolution = ""                 # "" = as the encoder was trained or exported;
+                                            # "square" (image_size² crops) or "native"
+    c.image.max_tokens = 0                  # native: patches per image at most (0: the
+                                            # encoder's budget, else (image_size / patch)²)
+    c.image.min_tokens = 0                  # native: see the trainer's config.data.min_tokens
     c.image.batch_size = 256                # images embedded at a time (once: the tower is locked)
     c.text = ml_collections.ConfigDict()
     c.text.size = "B"                       # mlcd_jax.models.text.SIZES

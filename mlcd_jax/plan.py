@@ -237,6 +237,7 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
         "devices": len(devices), "mesh": dict(mesh.shape), "global_batch": c.batch_size,
         "grad_accum": c.grad_accum, "num_classes": c.head.num_classes,
         "remat": bool(c.model.remat), "dtype": c.model.dtype,
+        "max_tokens": getattr(config_lib.native(c, built.model_cfg.patch), "max_tokens", None),
         "attention": built.model_cfg.attention,
         "compiled": mem is not None,
         "argument_gib": arguments / GiB,
@@ -294,7 +295,8 @@ def attention_scores(program: hlo.Program, c, model_cfg, mesh) -> list[str]:
     the padded tokens: what fused attention never holds."""
     micro = c.batch_size // c.grad_accum // mesh_lib.num_batch_shards(mesh)
     h, w = (s // model_cfg.patch for s in model_cfg.image_hw)
-    tokens = 1 + h * w
+    native = config_lib.native(c, model_cfg.patch)
+    tokens = 1 + (native.max_tokens if native else h * w)
     _, multiple = vit.attention_implementation(model_cfg)
     found = set()
     for t in {tokens, -(-tokens // multiple) * multiple, -(-tokens // 64) * 64}:
@@ -346,7 +348,8 @@ def show(r: dict) -> str:
         f"{r['config']} on {r['topology']} ({r['devices']} × {r['device_kind']}), mesh "
         f"{r['mesh']}, global batch {r['global_batch']:,} (grad_accum {r['grad_accum']}), "
         f"K = {r['num_classes']:,}, {r['dtype']}, remat {r['remat']}, attention "
-        f"{r['attention']}",
+        f"{r['attention']}" + (f", native resolution ≤ {r['max_tokens']} patches per image"
+                               if r.get("max_tokens") else ""),
         f"  per device: arguments {r['argument_gib']:.2f} GiB + temporaries "
         f"{r['temporary_gib']:.2f} GiB = {r['total_gib']:.2f} GiB of {memory}"
         f" → {'fits' if r['fits'] else 'DOES NOT FIT'}"

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 
 from mlcd_jax import (
     checkpoint,
+    config as config_lib,
     head,
     heads as heads_lib,
     mesh as mesh_lib,
@@ -53,12 +54,19 @@ def init_state(key, *, model_cfg, num_rows, tx, region_layers: int = 0,
 def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
                region_graphdef=None, region_heads=(), image_weight: float = 1.0):
     """One optimizer step over `grad_accum` micro-batches; the key folds in the step. `batch`:
-    (images, labels) (grad_accum, micro, H, W, 3), (grad_accum, micro, l); with region heads
+    (images, labels) (grad_accum, micro, H, W, 3), (grad_accum, micro, l), the images at native
+    resolution {"patches", "positions", "mask"} (grad_accum, micro, T, ...); with region heads
     also {"boxes": (…, N, 4), "labels": {name: (…, N, l)}}."""
     images = batch[0]
-    if images.dtype == jnp.uint8:  # real images travel as uint8: 4× less host → device traffic
+    if isinstance(images, dict):  # native resolution: patches, their positions and mask
+        patches = images["patches"]
+        if patches.dtype == jnp.uint8:
+            patches = transforms.normalize_patches(patches.astype(jnp.float32))
+        images = vit.Patches(patches, images["positions"], images["mask"])
+    elif images.dtype == jnp.uint8:  # real images travel as uint8: 4× less host → device traffic
         images = transforms.normalize(images.astype(jnp.float32))
     batch = (images, *batch[1:])
+    accum = batch[1].shape[0]  # micro-batches
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
     loss_fn = functools.partial(heads_lib.loss, image_cfg=head_cfg, image_weight=image_weight,
                                 region_heads=region_heads, mesh=mesh)
@@ -71,8 +79,9 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
             region_embedding, region_labels = None, {}
             if region_heads:
                 layers = nnx.merge(region_graphdef, params["region"])
+                where = images if isinstance(images, vit.Patches) else images.shape[1:3]
                 region_embedding = region_lib.embed(encoder, layers, out, regions[0]["boxes"],
-                                                    images.shape[1:3])
+                                                    where)
                 region_labels = regions[0]["labels"]
             return loss_fn(out.embedding, params["centers"], labels, region_embedding,
                            params.get("region_centers"), region_labels, key=key)
@@ -81,7 +90,7 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
 
     params = state["params"]
     micro = lambda i: jax.tree.map(lambda x: x[i], batch)
-    if images.shape[0] == 1:
+    if accum == 1:
         grads, metrics = micro_step(params, micro(0), key)
     else:
         def accumulate(carry, xs):
@@ -89,8 +98,8 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
             grads, metrics = micro_step(params, part, jax.random.fold_in(key, i))
             return jax.tree.map(jnp.add, carry, (grads, metrics)), None
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro_step, params, micro(0), key))
-        total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(images.shape[0]), batch))
-        grads, metrics = jax.tree.map(lambda x: x / images.shape[0], total)
+        total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), batch))
+        grads, metrics = jax.tree.map(lambda x: x / accum, total)
     extra = {}  # sparse center updates: the rows used by any micro-batch
     if "rows_used" in metrics:
         extra["rows_used"] = metrics.pop("rows_used")
@@ -98,6 +107,8 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
                  "step": state["step"] + 1}
     metrics |= {"grad_norm": optax.global_norm(grads), "lr": lr_schedule(state["step"])}
+    if isinstance(images, vit.Patches):  # the batch's share of padding tokens
+        metrics["padding"] = 1.0 - jnp.mean(images.mask.astype(jnp.float32))
     return new_state, metrics
 
 
@@ -130,7 +141,10 @@ class Built(NamedTuple):
                     for x in jax.tree.leaves(self.abstract_state["params"]["region"]))
             regions = (f", {self.c.model.region_layers} region layers {r / 1e6:.2f}M params, "
                        f"{self.c.data.regions_per_image} regions per image" + regions)
-        return (f"encoder {self.model_cfg.pos} {size} {n / 1e6:.2f}M params, head "
+        native = config_lib.native(self.c, self.model_cfg.patch)
+        resolution = (f", native resolution ≤ {native.max_tokens} patches per image"
+                      if native else "")
+        return (f"encoder {self.model_cfg.pos} {size} {n / 1e6:.2f}M params{resolution}, head "
                 f"{self.c.head.num_classes:,} × {width} centers{regions}")
 
 
@@ -147,11 +161,16 @@ def build(c, mesh, total_steps: int, model_cfg: vit.ViTConfig,
     # Data layout: batch `step` is (grad_accum, micro, ...), micro split over the batch axes.
     batch_shape = (c.grad_accum, c.batch_size // c.grad_accum)
     batch_sharding = mesh_lib.batch_sharding(mesh, leading=1)
-    image_shape = (c.data.image_size, c.data.image_size, 3)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(batch_shape + shape, dtype,
                                                      sharding=batch_sharding)
-    abstract_batch = (spec(image_shape, input_lib.image_dtype(c)),
-                      spec((c.data.num_labels,), jnp.int32))
+    native = config_lib.native(c, model_cfg.patch)
+    if native is None:
+        images = spec((c.data.image_size, c.data.image_size, 3), input_lib.image_dtype(c))
+    else:  # every image as max_tokens patch rows (`transforms.patchify`)
+        tokens, p = native.max_tokens, model_cfg.patch
+        images = {"patches": spec((tokens, p * p * model_cfg.channels), input_lib.image_dtype(c)),
+                  "positions": spec((tokens, 2), jnp.int32), "mask": spec((tokens,), jnp.bool_)}
+    abstract_batch = (images, spec((c.data.num_labels,), jnp.int32))
     region_heads = validation.region_heads(c)  # RICE's region heads beside the image head
     if region_heads:
         slots = c.data.regions_per_image

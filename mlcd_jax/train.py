@@ -83,7 +83,9 @@ def train(c, workdir: pathlib.Path) -> None:
         # compiles this same step for TPUs).
         built = step_lib.build(c, mesh, total_steps, model_cfg, head_cfg)
         shardings, graphdef = built.shardings, built.graphdef
-        inputs = input_lib.make_train_input(c, built.batch_sharding, source, joined, regions)
+        native = config_lib.native(c, model_cfg.patch)  # None: square images
+        inputs = input_lib.make_train_input(c, built.batch_sharding, source, joined, regions,
+                                            native)
         if c.evals.every:
             eval_splits = eval_run.splits_of(c.evals, "config.evals.")
 
@@ -112,7 +114,7 @@ def train(c, workdir: pathlib.Path) -> None:
             encoder = nnx.merge(graphdef, state["params"]["encoder"])
             results = eval_run.evaluate(encoder, *eval_splits, image_size=c.data.image_size,
                                         mesh=mesh, which=c.evals.probes,
-                                        desc=f"eval at step {step}")
+                                        desc=f"eval at step {step}", native=native)
             return {k: v["accuracy"] for k, v in results.items()}
 
         run.steps(state, compiled, inputs, evaluate=evaluate)

@@ -70,7 +70,40 @@ def validate(c: ml_collections.ConfigDict,
              f"the {data_shards} batch shards of mesh {dict(zip(names, sizes))}; change the batch "
              "size, grad_accum or the mesh")
     region_heads(c)  # checked now; `step.build` makes them again
-    return model_config(c), head_config(c)
+    model_cfg = model_config(c)
+    resolution(c, model_cfg)
+    return model_cfg, head_config(c)
+
+
+def resolution(c: ml_collections.ConfigDict, model_cfg: vit.ViTConfig) -> None:
+    """The data's resolution fields (`config_lib.native` reads them)."""
+    d = c.data
+    if d.get("resolution", "square") not in config_lib.RESOLUTIONS:
+        raise ValueError(f"config.data.resolution: must be one of {config_lib.RESOLUTIONS}, "
+                         f"got {d.resolution!r}")
+    if d.get("resolution", "square") == "square":
+        if d.get("max_tokens", 0) or d.get("min_tokens", 0):
+            raise ValueError("config.data.max_tokens: token budgets are for "
+                             "config.data.resolution=native; square images have "
+                             "(data.image_size / patch)² patches")
+        return
+    for field in ("max_tokens", "min_tokens"):
+        if d[field] < 0:
+            raise ValueError(f"config.data.{field}: must be ≥ 0, got {d[field]}")
+    if d.image_size % model_cfg.patch and not d.max_tokens:
+        raise ValueError(f"config.data.max_tokens: 0 means (data.image_size / patch)², but "
+                         f"image_size {d.image_size} is not a multiple of patch "
+                         f"{model_cfg.patch}; set max_tokens")
+    budget = d.max_tokens or (d.image_size // model_cfg.patch) ** 2
+    if d.min_tokens > budget:
+        raise ValueError(f"config.data.min_tokens: {d.min_tokens} is more than the {budget} of "
+                         "max_tokens; lower it (0: fill the budget)")
+    native = config_lib.native(c, model_cfg.patch)
+    grid = (d.image_size // model_cfg.patch) ** 2
+    if d.source == "synthetic" and grid > native.max_tokens:
+        raise ValueError(f"config.data.max_tokens: synthetic images are data.image_size² "
+                         f"squares, {grid} patches, more than max_tokens {native.max_tokens}; "
+                         "raise max_tokens or lower data.image_size")
 
 
 def region_heads(c: ml_collections.ConfigDict) -> tuple[heads_lib.RegionHead, ...]:

@@ -13,6 +13,7 @@ import pathlib
 import jax
 from flax import nnx
 
+from mlcd_jax.data import transforms
 from mlcd_jax.interop import hf
 from mlcd_jax.models import vit
 
@@ -23,12 +24,19 @@ def _this_host():
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def save_model_dir(model: vit.ViT, path) -> pathlib.Path:
-    """Our own format: vit_config.json + an orbax checkpoint of the parameters."""
+NATIVE_FILE = "native.json"  # our model dir's native sizing (absent: square images)
+
+
+def save_model_dir(model: vit.ViT, path, native: transforms.Native | None = None) -> pathlib.Path:
+    """Our own format: vit_config.json + an orbax checkpoint of the parameters (+ native.json:
+    the native sizing its images had)."""
     import orbax.checkpoint as ocp
     path = pathlib.Path(path).absolute()
     path.mkdir(parents=True, exist_ok=True)
     (path / "vit_config.json").write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
+    (path / NATIVE_FILE).unlink(missing_ok=True)
+    if native is not None:
+        (path / NATIVE_FILE).write_text(json.dumps(dataclasses.asdict(native), indent=2))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path / "params", nnx.to_pure_dict(nnx.state(model)), force=True)
     return path
@@ -102,7 +110,7 @@ def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
 
 
 # RICE's Region Transformer layers, beside an exported encoder (transformers ignores them).
-REGION_FILE, REGION_CONFIG = "region_layer.safetensors", "region_layer.json"
+REGION_FILE, REGION_CONFIG = hf.REGION_FILE, "region_layer.json"
 
 
 def _named(params: dict) -> dict:
@@ -170,6 +178,51 @@ def load_encoder(path, step: int | None = None) -> tuple[vit.ViT, str]:
     raise FileNotFoundError(f"{path}: neither a training workdir (config.json + checkpoints/), our "
                             "model dir (vit_config.json) nor a transformers checkpoint "
                             "(config.json + *.safetensors)")
+
+
+def native_sizing(path) -> transforms.Native | None:
+    """The native sizing the encoder at `path` was trained (or exported) with: a training
+    workdir's data.resolution, our model dir's native.json, a transformers dir's preprocessor
+    config; None: square images."""
+    from mlcd_jax import config as config_lib
+    path = pathlib.Path(path)
+    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+        c = _workdir_config(path)
+        return config_lib.native(c, config_lib.vit_config(c).patch)
+    if (path / "vit_config.json").is_file():
+        if not (path / NATIVE_FILE).is_file():
+            return None
+        try:
+            return transforms.Native(**json.loads((path / NATIVE_FILE).read_text()))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path / NATIVE_FILE}: not a native sizing ({e})") from None
+    return hf.read_native(path)
+
+
+def sizing(path, model: vit.ViT, resolution: str = "", max_tokens: int = 0,
+           min_tokens: int = 0, image_size: int = 0,
+           flag: str = "--") -> transforms.Native | None:
+    """How a command feeds `model` (loaded from `path`) images: `resolution` "" its own
+    (`native_sizing`), "square", or "native" with a budget of `max_tokens` patches (0: its own
+    budget, else the square size's, (image_size or the model's / patch)²) and `min_tokens`.
+    `flag` names the options in errors ("--" or "config.image.")."""
+    if resolution not in ("", "square", "native"):
+        raise ValueError(f"{flag}resolution: must be square or native (or empty: the model's "
+                         f"own), got {resolution!r}")
+    own = native_sizing(path)
+    if resolution == "square" or (not resolution and own is None):
+        if max_tokens or min_tokens:
+            raise ValueError(f"{flag}max_tokens: token budgets are for {flag}resolution native"
+                             + ("" if resolution else f" ({path} was trained on square images)"))
+        return None
+    patch = model.cfg.patch
+    side = image_size or model.cfg.image_hw[0]
+    budget = max_tokens or (own.max_tokens if own else (side // patch) ** 2)
+    least = min_tokens or (own.min_tokens if own and own.min_tokens <= budget else 0)
+    try:
+        return transforms.Native(patch, budget, least)
+    except ValueError as e:
+        raise ValueError(f"{flag}min_tokens: {e}") from None
 
 
 def architecture(path) -> vit.ViTConfig:

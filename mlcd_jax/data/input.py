@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from mlcd_jax import platform
-from mlcd_jax.data import pipeline, sources, synthetic
+from mlcd_jax.data import pipeline, sources, synthetic, transforms
 from mlcd_jax.labels import join, store
 
 PREFETCH = 2  # batches made ahead, on the devices (≥ 2)
@@ -120,8 +120,9 @@ class _Input:
 class SyntheticInput(_Input):
     """Batch `step` is a pure function of (seed, step): the state is the step."""
 
-    def __init__(self, c, sharding, source=None):
+    def __init__(self, c, sharding, source=None, native=None):
         super().__init__(c, sharding)
+        self.native = native
         self.source = synthetic.SyntheticSource(
             num_classes=c.head.num_classes, num_labels=c.data.num_labels,
             image_size=c.data.image_size, noise=c.data.noise, seed=c.seed)
@@ -138,7 +139,12 @@ class SyntheticInput(_Input):
             batch += ({"boxes": boxes, "labels": labels},)
         self.step += 1
         flat = lambda x: x.reshape((-1,) + x.shape[2:])
-        return jax.tree.map(flat, batch), None
+        batch = jax.tree.map(flat, batch)
+        if self.native is not None:  # each square image as a full grid of patches, padded
+            rows = [transforms.patchify(x, self.native.patch, self.native.max_tokens)
+                    for x in batch[0]]
+            batch = (dict(zip(pipeline.PATCH_FIELDS, map(np.stack, zip(*rows)))), *batch[1:])
+        return batch, None
 
     def _state(self):
         return {"step": self.step}
@@ -151,15 +157,15 @@ class GrainInput(_Input):
     """A real source through the grain pipeline, each record with its labels (`joined`: the
     label store's rows by key, `join_labels`; None: the source's own class)."""
 
-    def __init__(self, c, sharding, source, joined=None, regions=None):
+    def __init__(self, c, sharding, source, joined=None, regions=None, native=None):
         source = source if joined is None else joined.source  # records without labels skipped
         super().__init__(c, sharding, source)
-        self.joined, self.regions = joined, regions
+        self.joined, self.regions, self.native = joined, regions, native
         self.dataset = pipeline.dataset(
             source, batch_size=c.batch_size, image_size=c.data.image_size,
             num_labels=c.data.num_labels, seed=c.seed, labels=joined,
             crop_scale=tuple(c.data.crop_scale), flip=c.data.flip, workers=num_workers(c),
-            regions=regions, regions_per_image=c.data.get("regions_per_image", 0))
+            regions=regions, regions_per_image=c.data.get("regions_per_image", 0), native=native)
         self.iterator = iter(self.dataset)
 
     def log_values(self) -> dict[str, float]:
@@ -170,7 +176,9 @@ class GrainInput(_Input):
     def _make(self):
         batch = next(self.iterator)
         skips = {k: batch[k] for k in ("skipped", "skipped_index")}
-        out = (batch["image"], batch["labels"][:, :self.c.data.num_labels])
+        images = (batch["image"] if self.native is None
+                  else {k: batch[k] for k in pipeline.PATCH_FIELDS})
+        out = (images, batch["labels"][:, :self.c.data.num_labels])
         if self.regions:
             out += ({"boxes": batch["boxes"], "labels": {
                 name: batch[f"region_labels/{name}"][..., :self.c.heads[name].num_labels]
@@ -206,12 +214,13 @@ def join_regions(c, joined, source) -> dict:
     return found
 
 
-def make_train_input(c, sharding, source=None, joined=None, regions=None):
+def make_train_input(c, sharding, source=None, joined=None, regions=None, native=None):
     """The trainer's input for config `c`: synthetic, or `source` (`open_source`) with its labels
-    (`join_labels`) and its regions (`join_regions`) through grain."""
+    (`join_labels`) and its regions (`join_regions`) through grain; `native`
+    (`config.native`): images at native resolution, as patches."""
     if c.data.source == "synthetic":
-        return SyntheticInput(c, sharding)
-    return GrainInput(c, sharding, source, joined, regions)
+        return SyntheticInput(c, sharding, native=native)
+    return GrainInput(c, sharding, source, joined, regions, native)
 
 
 def image_dtype(c):

@@ -1,6 +1,6 @@
 """The grain input pipeline: source → (index, labels) → global shuffle → this process's share →
-decode + augment → skip corrupt images (counted, and the first few named by index) → batch →
-worker processes.
+decode + augment (+ patches, at native resolution) → skip corrupt images (counted, and the first
+few named by index) → batch → worker processes.
 
 Every random choice is a function of (seed, epoch, position): the shuffle is grain's index
 permutation and each example's augmentation uses grain's per-index generator. So the iterator state
@@ -79,24 +79,39 @@ def region_slots(regions, slots: int, rng: np.random.Generator):
 
 
 def _augment(record: dict, rng: np.random.Generator, *, size: int, scale, flip: bool,
-             train: bool, regions_per_image: int = 0) -> dict:
+             train: bool, regions_per_image: int = 0,
+             native: transforms.Native | None = None) -> dict:
     """The record's image cropped (and its regions' boxes with it: a region mostly cropped away
-    becomes padding, its labels −1)."""
+    becomes padding, its labels −1); at native resolution, cut into patches here (in the worker
+    processes) with their positions and mask."""
     boxes = None
     if "regions" in record:
         boxes, region_labels, real = region_slots(record["regions"], regions_per_image, rng)
     try:
-        out = (transforms.train_transform(record, rng, size, scale, flip, boxes) if train
-               else transforms.eval_transform(record, size, boxes))
+        if native is not None:
+            out = (transforms.native_train_transform(record, rng, native, scale, flip, boxes)
+                   if train else transforms.native_eval_transform(record, native, boxes))
+        else:
+            out = (transforms.train_transform(record, rng, size, scale, flip, boxes) if train
+                   else transforms.eval_transform(record, size, boxes))
     except transforms.CorruptImage as e:
         return {"corrupt": str(e), "index": record["index"]}
     example = {"labels": record["labels"], "index": np.int64(record["index"])}
+    image = out if boxes is None else out[0]
+    if native is None:
+        example["image"] = image
+    else:
+        example |= dict(zip(PATCH_FIELDS, transforms.patchify(image, native.patch,
+                                                              native.max_tokens)))
     if boxes is None:
-        return example | {"image": out}
-    image, boxes, kept = out
+        return example
+    _, boxes, kept = out
     kept &= real
-    return example | {"image": image, "boxes": boxes} | {
+    return example | {"boxes": boxes} | {
         f"region_labels/{h}": np.where(kept[:, None], l, -1) for h, l in region_labels.items()}
+
+
+PATCH_FIELDS = ("patches", "positions", "mask")  # a native batch's images (models/vit.Patches)
 
 
 NAMED_SKIPS = 4  # source indices of skipped records carried per kept example (the rest counted)
@@ -167,12 +182,16 @@ def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: 
             labels=None, train: bool = True, crop_scale=(0.08, 1.0),
             flip: bool = True, workers: int = 0, process_index: int | None = None,
             process_count: int | None = None, regions: dict | None = None,
-            regions_per_image: int = 0) -> grain.IterDataset:
+            regions_per_image: int = 0,
+            native: transforms.Native | None = None) -> grain.IterDataset:
     """This process's batches: {"image": uint8 (b, S, S, 3), "labels": int32 (b, l), "index",
-    "skipped", "skipped_index"}, b = batch_size / process_count; with `regions` ({head: joined
-    regions}) also "boxes" float32 (b, N, 4) in pixels of the image and "region_labels/HEAD"
-    int32 (b, N, l_head), N = `regions_per_image`. Training repeats and reshuffles every epoch;
-    evaluation reads each example once, in order (the last partial batch is kept)."""
+    "skipped", "skipped_index"}, b = batch_size / process_count; with `native` (native
+    resolution) instead of "image" "patches" uint8 (b, T, p·p·3), "positions" int32 (b, T, 2)
+    and "mask" bool (b, T), T = native.max_tokens (`transforms.patchify`); with `regions`
+    ({head: joined regions}) also "boxes" float32 (b, N, 4) in pixels of the image (as resized)
+    and "region_labels/HEAD" int32 (b, N, l_head), N = `regions_per_image`. Training repeats and
+    reshuffles every epoch; evaluation reads each example once, in order (the last partial batch
+    is kept)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
@@ -185,7 +204,7 @@ def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: 
         ds = ds.shuffle(seed=seed).repeat()  # a new order every epoch
     ds = ds[process_index::process_count]  # disjoint shares that cover every epoch
     augment = functools.partial(_augment, size=image_size, scale=tuple(crop_scale), flip=flip,
-                                train=train, regions_per_image=regions_per_image)
+                                train=train, regions_per_image=regions_per_image, native=native)
     ds = ds.random_map(augment, seed=seed)
     it = SkipCorrupt(ds.to_iter_dataset()).batch(batch_size // process_count, drop_remainder=train)
     if workers > 0:

@@ -14,7 +14,8 @@ source has none; None when it has them).
 
 * `DigitsSource`: scikit-learn's bundled handwritten digits (1,797 real 8 × 8 images, no download).
 * `DigitsCanvasSource`, `DigitsRegionsSource`: the demo's canvases of them (one digit; several
-  digits as object regions and a line of digits as a text region).
+  digits as object regions and a line of digits as a text region); `DigitsStripsSource`: strips
+  of 1–6 digits, wide or tall (native resolution's demo).
 * `FolderSource`: image files under a folder (sorted paths; class = first sub-folder, if any;
   caption = the text file beside an image, as img2dataset's "files" output writes it).
 * `ArrayRecordSource`: ArrayRecord files whose records are encoded images (`mlcd_jax.data.convert`;
@@ -38,11 +39,12 @@ from mlcd_jax import keys as keys_lib
 from mlcd_jax.data import index as index_lib, regions as regions_lib
 from mlcd_jax.records import digest
 
-SOURCES = ("synthetic", "digits", "digits_canvas", "digits_regions", "folder", "arrayrecord",
-           "tfds")
+SOURCES = ("synthetic", "digits", "digits_canvas", "digits_regions", "digits_strips", "folder",
+           "arrayrecord", "tfds")
 # real images with classes: evaluable
-LABELLED = ("digits", "digits_canvas", "digits_regions", "folder", "tfds")
-WITH_SPLITS = ("digits_canvas", "digits_regions", "tfds")  # `split` selects other records
+LABELLED = ("digits", "digits_canvas", "digits_regions", "digits_strips", "folder", "tfds")
+# `split` selects other records
+WITH_SPLITS = ("digits_canvas", "digits_regions", "digits_strips", "tfds")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -318,6 +320,67 @@ class DigitsRegionsSource(_Keyed):
     def region_glyphs(self, i) -> list[np.ndarray]:
         """Each region's clean 8 × 8 digits side by side (uint8 8 × 8k): the teacher's view."""
         return [np.concatenate([self.pool[d] for d in ds], axis=1) for ds in self._glyphs[int(i)]]
+
+
+class DigitsStripsSource(_Keyed):
+    """Native resolution's demo task (issue 34; no download): each image a strip of 1–6 of
+    scikit-learn's 8 × 8 digits side by side, wide (a row) or tall (a column), so the images range
+    from square to 1:6 and 6:1 and a task about the whole strip needs all of it: how many digits
+    (the class: `labels[i]` = count − 1) and which (`digits[i]`, in reading order).
+
+    Strip i is built around digit i of a seeded split of the 1,797 (digits_canvas's split): its
+    count, orientation, glyph size (8–11 px), gap (0–2 px) and margin (1–3 px) are drawn from
+    (seed, its digit), the other digits from the same split, so no test strip holds a train
+    digit. `clean` is the teacher's view: the strip's clean 8 × 8 digits in order, zero slots
+    after them (count 6 × 64 pixels)."""
+
+    MAX_DIGITS = 6
+
+    def __init__(self, split: str = "train", test_fraction: float = 0.3, seed: int = 0):
+        if split not in ("train", "test"):
+            raise ValueError("config.data.split for digits_strips must be train or test, "
+                             f"got {split!r}")
+        digits = DigitsSource()
+        order = np.random.default_rng(seed).permutation(len(digits))
+        n_test = round(len(digits) * test_fraction)
+        self.indices = np.sort(order[n_test:] if split == "train" else order[:n_test])
+        pool = digits.images[self.indices, :, :, 0]  # uint8 8 × 8, this split's digits
+        pool_labels = digits.labels[self.indices]
+        self.split, self.seed = split, seed
+        self.images, self.digits = [], []
+        self.clean = np.zeros((len(self.indices), self.MAX_DIGITS * 64), np.uint8)
+        for i, index in enumerate(self.indices):
+            rng = np.random.default_rng([seed, 3, int(index)])
+            n = int(rng.integers(1, self.MAX_DIGITS + 1))
+            members = [i, *(int(j) for j in rng.integers(len(pool), size=n - 1))]
+            rng.shuffle(members)
+            wide = bool(rng.integers(2))
+            glyph, gap, margin = (int(rng.integers(a, b + 1)) for a, b in ((8, 11), (0, 2),
+                                                                             (1, 3)))
+            long_side = n * glyph + (n - 1) * gap + 2 * margin
+            h, w = (glyph + 2 * margin, long_side) if wide else (long_side, glyph + 2 * margin)
+            image = np.zeros((h, w, 3), np.uint8)
+            for k, j in enumerate(members):
+                at = margin + k * (glyph + gap)
+                y, x = (margin, at) if wide else (at, margin)
+                image[y:y + glyph, x:x + glyph] = np.asarray(
+                    Image.fromarray(pool[j]).resize((glyph, glyph), Image.BILINEAR))[..., None]
+                self.clean[i, 64 * k:64 * (k + 1)] = pool[j].reshape(-1)
+            self.images.append(image)
+            self.digits.append(tuple(int(pool_labels[j]) for j in members))
+        self.labels = np.array([len(d) - 1 for d in self.digits], np.int32)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": int(self.labels[i])}
+
+    def name(self, i):
+        return f"digits_strips/{self.split}[{i}]"
+
+    def fingerprint(self):
+        return digest("digits_strips", self.split, self.seed, len(self))
 
 
 class FolderSource:
@@ -723,6 +786,8 @@ def make_source(data, *, field: str = "config.data.") -> object:
         return DigitsCanvasSource(data.split)
     if kind == "digits_regions":
         return DigitsRegionsSource(data.split)
+    if kind == "digits_strips":
+        return DigitsStripsSource(data.split)
     if kind == "folder":
         regions = getattr(data, "regions", None)
         rules = regions_lib.Rules(*(getattr(data, f, d) for f, d in (

@@ -15,8 +15,10 @@ import math
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+CLIP_MEAN_VALUES = (0.48145466, 0.4578275, 0.40821073)  # as CLIP's preprocessor configs say
+CLIP_STD_VALUES = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = np.array(CLIP_MEAN_VALUES, np.float32)
+CLIP_STD = np.array(CLIP_STD_VALUES, np.float32)
 
 
 class CorruptImage(Exception):

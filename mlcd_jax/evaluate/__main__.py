@@ -13,19 +13,20 @@
         --path 'data/train-*.array_record' --test_path 'data/val-*.array_record'
 
 MODEL: a training workdir (its latest checkpoint, or --step), our model dir, or a transformers
-MLCD/CLIP checkpoint dir. Linear probe (CLIP protocol) and kNN (k = 20, T = 0.07) accuracy on
-held-out images, with raw pixels (grayscale, at most 32 × 32) as the baseline beside it; with
---text_model (a LiT run's text_model dir, or any transformers CLIP text model dir with its
-tokenizer.json), zero-shot accuracy (class names in --prompt templates, averaged) and image–text
-retrieval Recall@1/5/10 (captions from --template). With --regions (images with boxes whose
-regions have classes: digits_regions, ArrayRecord files converted with --regions from COCO-style
-annotations, a folder with --annotations), a region probe (linear and kNN on each region's
-embedding: patch tokens pooled in its box, and the Region Transformer layer's where the encoder
-has one) and a dense probe (each patch classified as the region holding it), train regions
+MLCD/CLIP checkpoint dir. Images are fed as the model was trained or exported (square crops, or
+native resolution: --resolution/--max_tokens override). Linear probe (CLIP protocol) and kNN
+(k = 20, T = 0.07) accuracy on held-out images, with raw pixels (grayscale, at most 32 × 32) as
+the baseline beside it; with --text_model (a LiT run's text_model dir, or any transformers CLIP
+text model dir with its tokenizer.json), zero-shot accuracy (class names in --prompt templates,
+averaged) and image–text retrieval Recall@1/5/10 (captions from --template). With --regions (images
+with boxes whose regions have classes: digits_regions, ArrayRecord files converted with --regions
+from COCO-style annotations, a folder with --annotations), a region probe (linear and kNN on each
+region's embedding: patch tokens pooled in its box, and the Region Transformer layer's where the
+encoder has one) and a dense probe (each patch classified as the region holding it), train regions
 against test regions (mlcd_jax/evaluate/regions.py); images without classes skip the image-level
 probes. Prints a table and writes JSON ({"linear_probe", "knn", "raw_pixels", "text": {...},
-"regions": {"pooled_patches", "region_layer"?, ...}, "dense": {...}, ...}) to --out; without it,
-a training workdir gets MODEL/eval.json, and any other model only the printed table.
+"regions": {"pooled_patches", "region_layer"?, ...}, "dense": {...}, ...}) to --out; without it, a
+training workdir gets MODEL/eval.json, and any other model only the printed table.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from mlcd_jax.evaluate import regions as region_probes, run
 PROMPTS = ("a photo of a {name}.", "{name}", "an image of the {name}.")
 
 
-def text_evals(a, model, train, test, size, mesh) -> dict:
+def text_evals(a, model, train, test, size, mesh, native=None) -> dict:
     """Zero-shot and retrieval of `a.text_model` against the encoder's test embeddings."""
     from mlcd_jax import features
     from mlcd_jax.data import sources, tokenizer
@@ -49,7 +50,7 @@ def text_evals(a, model, train, test, size, mesh) -> dict:
     tower = hf.load_text_model(a.text_model)
     tok = tokenizer.load(a.text_model, tower.cfg.context_length)
     x, y, rows = features.extract(model, test, image_size=size, mesh=mesh,
-                                  desc="features (test)")
+                                  desc="features (test)", native=native)
     if tower.cfg.embed_dim not in (None, x.shape[1]) or (
             tower.cfg.embed_dim is None and tower.cfg.width != x.shape[1]):
         raise ValueError(f"--text_model {a.text_model} embeds texts in "
@@ -81,6 +82,13 @@ def main(argv=None) -> int:
     p.add_argument("--test_fraction", type=float, default=0.3,
                    help="without a test split or folder: this fraction of the images is held out")
     p.add_argument("--image_size", type=int, default=0, help="default: the model's")
+    p.add_argument("--resolution", default="", choices=("", "square", "native"),
+                   help="square: image_size² crops; native: each image at its aspect ratio "
+                   "within --max_tokens patches (default: as the model was trained or exported)")
+    p.add_argument("--max_tokens", type=int, default=0, help="native: patches per image at "
+                   "most (default: the model's budget, else (image size / patch)²)")
+    p.add_argument("--min_tokens", type=int, default=0, help="native: images keep their own "
+                   "size where it has min_tokens … max_tokens patches (default: the model's)")
     p.add_argument("--pixels", action=argparse.BooleanOptionalAction, default=True,
                    help="also probe raw pixels, the baseline (default: yes)")
     p.add_argument("--text_model", default="", help="a text tower (LiT's text_model dir: "
@@ -125,12 +133,14 @@ def main(argv=None) -> int:
                                          labelled=not a.regions, annotations=a.annotations,
                                          test_annotations=a.test_annotations)
         size = a.image_size or model.cfg.image_hw[0]
+        native = weights.sizing(a.model, model, a.resolution, a.max_tokens, a.min_tokens,
+                                size)
         mesh = mesh_lib.make_mesh([("data", -1)])  # batches split over every device
         if a.regions:
             region_probes.class_names(train, test)  # no regions, no classes: said before work
         result = {}
         if run.image_classes(train):
-            result = run.evaluate(model, train, test, image_size=size, mesh=mesh)
+            result = run.evaluate(model, train, test, image_size=size, mesh=mesh, native=native)
             if a.pixels:
                 side = min(size, 32)
                 result["raw_pixels"] = run.probe(features.pixels(train, image_size=side),
@@ -138,7 +148,7 @@ def main(argv=None) -> int:
         elif jax.process_index() == 0:
             print(f"{a.dataset}: the images have no classes; only the region probes run")
         if a.text_model:
-            result["text"] = text_evals(a, model, train, test, size, mesh)
+            result["text"] = text_evals(a, model, train, test, size, mesh, native)
         if a.regions:
             from mlcd_jax.models import region
             layers = weights.load_region_layers(a.model, a.step)  # a run with region heads
@@ -149,10 +159,15 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result |= {"model": what, "dataset": a.dataset, "train": len(train), "test": len(test)}
+    result |= {"model": what, "dataset": a.dataset, "train": len(train), "test": len(test),
+               "resolution": (native.describe() if native else
+                              {"resolution": "square", "image_size": size})}
     if jax.process_index() != 0:  # every process computed the same result; one reports it
         return 0
-    print(f"{a.dataset}: {len(train)} train / {len(test)} test images")
+    print(f"{a.dataset}: {len(train)} train / {len(test)} test images"
+          + (f", native resolution ≤ {native.max_tokens} patches"
+             f"{f' (≥ {native.min_tokens})' if native.min_tokens else ''} (raw pixels and region "
+             f"probes: {size}² crops)" if native else f", {size}² crops"))
     if "regions" in result:
         r = result["regions"]
         print(f"regions: {r['train']['probed']} train / {r['test']['probed']} test regions with "

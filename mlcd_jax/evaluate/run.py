@@ -89,15 +89,16 @@ def splits_of(section, flag: str, labelled: bool = True):
 
 
 def evaluate(model, train, test, *, image_size: int, mesh=None, which=probes.PROBES,
-             desc: str = "features") -> dict:
-    """{probe: result} for the probes in `which`, on the encoder's embeddings."""
+             desc: str = "features", native=None) -> dict:
+    """{probe: result} for the probes in `which`, on the encoder's embeddings (`native`, a
+    `transforms.Native`: of the images at native resolution)."""
     unknown = set(which) - set(probes.PROBES)
     if unknown:
         raise ValueError(f"unknown probes {sorted(unknown)}; known: {probes.PROBES}")
     train_xy = features.extract(model, train, image_size=image_size, mesh=mesh,
-                                desc=f"{desc} (train)")[:2]
+                                desc=f"{desc} (train)", native=native)[:2]
     test_xy = features.extract(model, test, image_size=image_size, mesh=mesh,
-                               desc=f"{desc} (test)")[:2]
+                               desc=f"{desc} (test)", native=native)[:2]
     return probe(train_xy, test_xy, which)
 
 

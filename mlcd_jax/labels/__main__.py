@@ -69,10 +69,14 @@ def run_embed(a):
         source = embed.region_crops(source, a.out, a.region_kind)
         print(f"embed: {len(source):,} regions ({a.region_kind}) of {len(source.source):,} "
               "records", flush=True)
+    native = weights.sizing(a.model, model, a.resolution, a.max_tokens, a.min_tokens,
+                            a.image_size)
+    if native is not None and a.regions:  # a region's crop at its own aspect ratio
+        print(f"embed: native resolution, ≤ {native.max_tokens} patches per crop", flush=True)
     result = embed.run(source, model, a.out, model_name=str(a.model), image_size=a.image_size,
                        batch_size=a.batch_size, shard_size=a.shard_size,
                        process_index=a.process_index, process_count=a.process_count,
-                       source_name=f"{a.source}:{a.path or a.tfds_name}")
+                       source_name=f"{a.source}:{a.path or a.tfds_name}", native=native)
     print(f"embed: {json.dumps(result)}")
 
 
@@ -176,6 +180,14 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--out", required=True)
     p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--resolution", default="", choices=("", "square", "native"),
+                   help="square: image_size² crops; native: each image at its aspect ratio "
+                   "within --max_tokens patches (default: as the model was trained or "
+                   "exported; square for other models)")
+    p.add_argument("--max_tokens", type=int, default=0, help="native: patches per image at "
+                   "most (default: the model's budget, else (image_size / patch)²)")
+    p.add_argument("--min_tokens", type=int, default=0, help="native: images keep their own "
+                   "size where it has min_tokens … max_tokens patches")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--shard_size", type=int, default=100_000)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],

@@ -2,8 +2,9 @@
 
 Shard i holds the readable records of [i·S, (i+1)·S) in source order, with their keys beside it
 (emb_i.keys.parquet: the label store joins records by them, so an unreadable image is left out and
-named, not fatal). It is made with the eval transform (resize + center crop; the batches split over
-this process's devices, as evaluation's features are) by process i % process_count, written
+named, not fatal). It is made with the eval transform (resize + center crop, or with --resolution
+native each whole image at its native size; the batches split over this process's devices, as
+evaluation's features are) by process i % process_count, written
 atomically with a record of what made it (the source's records, the model's weights, the image
 size), and never redone; the manifest is written (last) by process 0 once every shard exists. An
 --out that holds shards made otherwise is refused, not mixed. A source without keys (ArrayRecord
@@ -70,9 +71,10 @@ def region_crops(source, out_dir, kind: str = "objects") -> regions_lib.RegionCr
 
 def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size: int = 256,
         shard_size: int = 100_000, process_index: int = 0, process_count: int = 1,
-        source_name: str = "", mesh=None) -> dict:
+        source_name: str = "", mesh=None, native=None) -> dict:
     """Embed this process's share of `source` into `out_dir`, batches split over `mesh` (default:
-    this process's devices; processes embed different shards, so the mesh is theirs alone)."""
+    this process's devices; processes embed different shards, so the mesh is theirs alone);
+    `native` (a `transforms.Native`): each image at native resolution."""
     from mlcd_jax import features, mesh as mesh_lib
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,8 +85,9 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     # The compute dtype changes the embeddings a little: part of the record (float32 records
     # keep the form they had before the dtype was a choice).
     precision = () if model.cfg.dtype == "float32" else (model.cfg.dtype,)
+    sizing = () if native is None else (native.describe(),)  # square: the record it always had
     made_by = records.digest(source.fingerprint(), model_fingerprint(nnx.state(model)), image_size,
-                           *precision)
+                           *precision, *sizing)
     fingerprints = [records.digest(made_by, a, b) for a, b in bounds]
     _refuse_other_runs(out, names, fingerprints)
     todo = [i for i in range(len(bounds)) if i % process_count == process_index
@@ -102,7 +105,8 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
             parts, rows = [], []
             for x, batch in features.embeddings(model, shard, image_size=image_size,
                                                 batch_size=batch_size, mesh=mesh,
-                                                skipped=skipped, l2_normalize=True):
+                                                skipped=skipped, l2_normalize=True,
+                                                native=native):
                 parts.append(x.astype(np.float16))
                 rows.append(batch["index"])
                 bar.update(len(x) + int(batch["skipped"].sum()))
@@ -147,5 +151,6 @@ def _refuse_other_runs(out: pathlib.Path, names, fingerprints) -> None:
         if record is not None and record.get("fingerprint") != expected.get(path.name):
             raise ValueError(
                 f"--out {out} already holds {path.name}, made from other images, another model "
-                "or another --image_size/--shard_size; embed into a new --out, or delete that "
+                "or another --image_size/--resolution/--max_tokens/--shard_size; embed into a new "
+                "--out, or delete that "
                 "directory to start over")

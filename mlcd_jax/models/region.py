@@ -41,13 +41,30 @@ def patch_mask(boxes: jax.Array, grid_h: int, grid_w: int, patch: int) -> jax.Ar
     return (x0 < cols + patch) & (x1 > cols) & (y0 < rows + patch) & (y1 > rows)
 
 
+def patch_mask_at(boxes: jax.Array, positions: jax.Array, mask: jax.Array,
+                  patch: int) -> jax.Array:
+    """(B, N, T) bool: `patch_mask` of images at their own sizes (native resolution): which of
+    the patches at `positions` (B, T, 2) (row, col) each box overlaps; padding (`mask` False)
+    never."""
+    boxes = boxes.astype(jnp.float32)
+    x0, y0, x1, y1 = (boxes[..., i, None] for i in range(4))
+    rows = positions[:, None, :, 0].astype(jnp.float32) * patch
+    cols = positions[:, None, :, 1].astype(jnp.float32) * patch
+    return ((x0 < cols + patch) & (x1 > cols) & (y0 < rows + patch) & (y1 > rows)
+            & mask[:, None, :])
+
+
 def attention_bias(boxes: jax.Array, grid_h: int, grid_w: int, patch: int) -> jax.Array:
     """(B, N, N + h·w) float32 attention bias of the region tokens: 0 on the region's own token
     and on the patches its box overlaps, −inf elsewhere (keys: the N region tokens, then the
     patches)."""
-    b, n = boxes.shape[:2]
+    return _bias(patch_mask(boxes, grid_h, grid_w, patch))
+
+
+def _bias(inside: jax.Array) -> jax.Array:
+    b, n = inside.shape[:2]
     own = jnp.broadcast_to(jnp.eye(n, dtype=bool), (b, n, n))
-    allowed = jnp.concatenate([own, patch_mask(boxes, grid_h, grid_w, patch)], axis=-1)
+    allowed = jnp.concatenate([own, inside], axis=-1)
     return jnp.where(allowed, 0.0, -jnp.inf).astype(jnp.float32)
 
 
@@ -84,12 +101,18 @@ class RegionLayers(nnx.Module):
                                            (cfg.width,), ("embed",))
         self.blocks = nnx.List([RegionBlock(cfg, rngs=rngs) for _ in range(layers)])
 
-    def __call__(self, hidden: jax.Array, boxes: jax.Array, grid: tuple[int, int]) -> jax.Array:
+    def __call__(self, hidden: jax.Array, boxes: jax.Array,
+                 grid: tuple[int, int] | vit.Patches) -> jax.Array:
         """hidden: (B, 1 + h·w, W), the ViT's last hidden state; boxes: (B, N, 4) pixels of its
-        input image. Returns the region tokens (B, N, W) after the layers."""
+        input image; `grid` its (h, w), or the `vit.Patches` it ran on (native resolution: each
+        patch's position, the padding masked). Returns the region tokens (B, N, W) after the
+        layers."""
         patches = hidden[:, 1:]
         b, n = boxes.shape[:2]
-        bias = attention_bias(boxes, *grid, self.cfg.patch)
+        if isinstance(grid, vit.Patches):
+            bias = _bias(patch_mask_at(boxes, grid.positions, grid.mask, self.cfg.patch))
+        else:
+            bias = attention_bias(boxes, *grid, self.cfg.patch)
         regions = jnp.broadcast_to(self.region_embedding[...].astype(hidden.dtype),
                                    (b, n, self.cfg.width))
         for block in self.blocks:
@@ -98,11 +121,12 @@ class RegionLayers(nnx.Module):
 
 
 def embed(encoder: vit.ViT, layers: RegionLayers, out: vit.ViTOutput, boxes: jax.Array,
-          image_hw: tuple[int, int]) -> jax.Array:
+          image_hw: tuple[int, int] | vit.Patches) -> jax.Array:
     """The regions' embeddings (B, N, embed_dim): `layers` over the encoder's output `out` for
-    images of `image_hw` pixels, through the encoder's post-layernorm and projection (the image
-    embedding's path)."""
-    grid = tuple(s // encoder.cfg.patch for s in image_hw)
+    images of `image_hw` pixels (or the `vit.Patches` it ran on), through the encoder's
+    post-layernorm and projection (the image embedding's path)."""
+    grid = (image_hw if isinstance(image_hw, vit.Patches)
+            else tuple(s // encoder.cfg.patch for s in image_hw))
     tokens = layers(out.last_hidden_state, boxes, grid)
     pooled = encoder.post_layernorm(tokens.reshape(-1, tokens.shape[-1]))
     embedded = encoder.projection(pooled) if encoder.projection is not None else pooled
@@ -129,4 +153,5 @@ class WithRegions(nnx.Module):
         out = self.encoder(pixels)
         if boxes is None:
             return out
-        return RegionOutput(*out, embed(self.encoder, self.layers, out, boxes, pixels.shape[1:3]))
+        where = pixels if isinstance(pixels, vit.Patches) else pixels.shape[1:3]
+        return RegionOutput(*out, embed(self.encoder, self.layers, out, boxes, where))

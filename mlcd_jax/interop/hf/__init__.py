@@ -23,12 +23,14 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from mlcd_jax.data import transforms
 from mlcd_jax.models import text as text_lib, vit
 
 MODEL_TYPES = {"mlcd_vision_model": "rope", "mlcd": "rope",
                "clip_vision_model": "learned", "clip": "learned"}
 PREFIX = "vision_model."
 PROJECTION_FILE = "mlcd_jax_projection.safetensors"  # MLCDVisionModel has no projection of its own
+REGION_FILE = "region_layer.safetensors"  # RICE's region layers, beside (not the encoder's)
 IGNORED_SUFFIXES = ("position_ids",)                  # buffers some checkpoints carry
 
 
@@ -135,7 +137,7 @@ def config_to_hf(cfg: vit.ViTConfig) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != REGION_FILE)
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files (expected a transformers "
                                 "checkpoint directory saved with safe_serialization)")
@@ -258,7 +260,7 @@ def read_vision_config(path, **overrides) -> vit.ViTConfig:
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: expected a transformers checkpoint "
                                 "directory (config.json + *.safetensors)")
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != REGION_FILE)
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors files (expected a transformers "
                                 "checkpoint directory saved with safe_serialization)")
@@ -275,9 +277,11 @@ def read_vision_config(path, **overrides) -> vit.ViTConfig:
         raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
 
 
-def save_vision_model(model: vit.ViT, path) -> pathlib.Path:
+def save_vision_model(model: vit.ViT, path,
+                      native: transforms.Native | None = None) -> pathlib.Path:
     """Write `model` as a transformers checkpoint directory that from_pretrained loads with no
-    missing or unexpected keys (MLCDVisionModel, or CLIPVisionModel[WithProjection])."""
+    missing or unexpected keys (MLCDVisionModel, or CLIPVisionModel[WithProjection]), with a
+    preprocessor_config.json that says how its images are sized (`preprocessor_config`)."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = params_to_hf(model)
@@ -286,7 +290,59 @@ def save_vision_model(model: vit.ViT, path) -> pathlib.Path:
                   str(path / PROJECTION_FILE), metadata={"format": "pt"})
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config_to_hf(model.cfg), indent=2))
+    (path / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor_config(model.cfg, native),
+                                                     indent=2))
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing: how images are sized for the model
+# ----------------------------------------------------------------------------------------------
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+NATIVE_KEY = "mlcd_jax_native"  # our sizing rule, beside the fields transformers reads
+SIZING_FUNCTION = ("transformers.models.siglip2.image_processing_pil_siglip2."
+                   "get_image_size_for_max_num_patches")
+
+
+def preprocessor_config(cfg: vit.ViTConfig, native: transforms.Native | None) -> dict:
+    """A CLIPImageProcessor config for the model's images. Square: CLIP's (the shorter side
+    resized to the model's size, bicubic, the centre cropped, CLIP's mean and std), which is our
+    eval transform. Native: no resize or crop by the processor, only the rescale and
+    normalisation; the image is first resized (bicubic) to the size NATIVE_KEY's rule gives —
+    with min_num_patches 0, SIZING_FUNCTION(height, width, patch_size, max_num_patches), which
+    `transforms.budget_size` computes with the same float operations (the rule in full:
+    `transforms.Native.size`)."""
+    common = {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True,
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": list(transforms.CLIP_MEAN_VALUES),
+              "image_std": list(transforms.CLIP_STD_VALUES), "resample": 3}  # PIL bicubic
+    if native is None:
+        side = cfg.image_hw[0]
+        return common | {"do_resize": True, "size": {"shortest_edge": side},
+                         "do_center_crop": True, "crop_size": {"height": side, "width": side}}
+    rule = native.describe() | {
+        "resize_first_to": f"{SIZING_FUNCTION}(height, width, patch_size, max_num_patches)"
+        if not native.min_tokens else
+        "the image's own size rounded up to whole patches where it has min_num_patches … "
+        f"max_num_patches patches, else {SIZING_FUNCTION} with max_num_patches (larger) or "
+        "min_num_patches (smaller)", "resample": "bicubic"}
+    return common | {"do_resize": False, "do_center_crop": False, NATIVE_KEY: rule}
+
+
+def read_native(path) -> transforms.Native | None:
+    """The native sizing a transformers dir's preprocessor config states (None: none, square)."""
+    file = pathlib.Path(path) / PREPROCESSOR_FILE
+    if not file.is_file():
+        return None
+    rule = json.loads(file.read_text()).get(NATIVE_KEY)
+    if not rule:
+        return None
+    try:
+        return transforms.Native(int(rule["patch_size"]), int(rule["max_num_patches"]),
+                                 int(rule.get("min_num_patches", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {NATIVE_KEY} is not a native sizing rule ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,10 +25,12 @@ def main(argv=None) -> int:
     try:
         if args.command == "import":
             model = hf.load_vision_model(args.src)
-            out = weights.save_model_dir(model, args.dst)
+            native = hf.read_native(args.src)
+            out = weights.save_model_dir(model, args.dst, native)
         else:
             model, _ = weights.load_encoder(args.src, args.step)
-            out = hf.save_vision_model(model, args.dst)
+            native = weights.native_sizing(args.src)
+            out = hf.save_vision_model(model, args.dst, native)
             layers = weights.load_region_layers(args.src, args.step)
             if layers is not None:  # RICE's region layers, beside (`evaluate --regions` reads them)
                 print(f"export: {len(layers.blocks)} region layers: wrote "
@@ -38,8 +40,10 @@ def main(argv=None) -> int:
         return 2
     cfg = model.cfg
     kind = "MLCDVisionModel" if cfg.pos == "rope" else "CLIPVisionModel"
+    sized = (f", native resolution ≤ {native.max_tokens} patches (preprocessor_config.json "
+             "says how to size images)" if native else "")
     print(f"{args.command}: {cfg.pos} ViT width {cfg.width} depth {cfg.depth} heads {cfg.heads} "
-          f"patch {cfg.patch}{f' → {cfg.embed_dim}' if cfg.embed_dim else ''}: wrote {out}"
+          f"patch {cfg.patch}{f' → {cfg.embed_dim}' if cfg.embed_dim else ''}{sized}: wrote {out}"
           + (f" (transformers.{kind}.from_pretrained)" if args.command == "export" else ""))
     return 0
 
