@@ -47,7 +47,9 @@ def tpu_present() -> bool:
 
 
 def gpu_plugin_installed() -> bool:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    # find_spec of a submodule imports its parent, and raises when the parent is absent too
+    return (importlib.util.find_spec("jax_plugins") is not None
+            and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
 
 
 def target(devices=None) -> str:

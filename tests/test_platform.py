@@ -114,3 +114,19 @@ def test_a_command_on_this_cpu_prints_no_tpu_or_cuda_lines(tmp_path):
     assert "(cpu)" in done.stdout
     loud = [line for line in (done.stdout + done.stderr).splitlines() if re.search(LOUD, line)]
     assert not loud, loud
+
+
+@pytest.mark.parametrize("hidden", ["jax_plugins", "jax_plugins.xla_cuda12"])
+def test_a_plain_install_without_the_cuda_plugin_imports(hidden):
+    """The plain install (`make demo`, no plan-env) has no jax_plugins package at all: importing
+    mlcd_jax must not ask for its submodule (that raises), and must find no plugin."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = (f"import sys; sys.modules[{hidden!r}] = None\n"  # None in sys.modules: not installed
+            "import mlcd_jax, jax\n"
+            "from mlcd_jax import platform\n"
+            "assert not platform.gpu_plugin_installed()\n"
+            "print(jax.default_backend())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "cpu"
