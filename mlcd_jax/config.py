@@ -98,7 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 224
     c.data.resolution = "square"            # "square": every image one image_size² crop;
                                             # "native" (NaFlex): each keeps its aspect ratio at
-                                            # the largest patch-aligned size within max_tokens
+                                            # the largest patch-aligned size within max_tokens;
+                                            # "squash": each whole image resized to
+                                            # image_size², its aspect ratio lost
     c.data.max_tokens = 0                   # native: patches per image at most (the batch's
                                             # row length); 0 = (image_size / patch)², the
                                             # square size's
@@ -193,14 +195,18 @@ def total_steps(c: ml_collections.ConfigDict, num_examples: int | None = None) -
     return math.ceil(c.epochs * n / c.batch_size)
 
 
-RESOLUTIONS = ("square", "native")
+RESOLUTIONS = ("square", "native", "squash")
 
 
 def native(c: ml_collections.ConfigDict, patch: int) -> transforms.Native | None:
-    """The native-resolution sizing of config `c`'s data for a model of `patch` (None: square;
-    a workdir's config.json from before these fields existed is square)."""
+    """The native-resolution sizing of config `c`'s data for a model of `patch` (None: square
+    crops; a workdir's config.json from before these fields existed is square). "squash" is the
+    same patch path with every image on the square grid of data.image_size."""
     d = c.data
-    if d.get("resolution", "square") != "native":
+    resolution = d.get("resolution", "square")
+    if resolution == "squash":
+        return transforms.Native(patch, (d.image_size // patch) ** 2, keep_aspect=False)
+    if resolution != "native":
         return None
     budget = d.get("max_tokens", 0) or (d.image_size // patch) ** 2
     return transforms.Native(patch, budget, d.get("min_tokens", 0))

@@ -128,10 +128,20 @@ def main(argv=None) -> int:
                    "mlcd_jax/demo_regions.py): image-only MLCD vs + object regions vs + OCR "
                    "regions on digits_regions, --seeds seeds each (default workdir "
                    "runs/demo_regions)")
-    p.add_argument("--seeds", type=int, default=3, help="with --regions: seeds per run")
+    p.add_argument("--native", action="store_true", help="the native-resolution demo instead "
+                   "(mlcd_jax/demo_native.py): square crops vs native resolution at the same "
+                   "token budget on digits_strips, --seeds seeds each (default workdir "
+                   "runs/demo_native)")
+    p.add_argument("--seeds", type=int, default=3, help="with --regions or --native: seeds per "
+                   "run")
     p.add_argument("--max_patches", type=int, default=5000,
                    help="with --regions: the dense probe's patches per split (a seeded sample)")
     a = p.parse_args(argv)
+    if a.native:
+        from mlcd_jax import demo_native
+        if a.workdir == "runs/demo":
+            a.workdir = "runs/demo_native"
+        return demo_native.main(a)
     if a.regions:
         from mlcd_jax import demo_regions
         if a.workdir == "runs/demo":

@@ -224,7 +224,7 @@ def lit(c, workdir: pathlib.Path) -> None:
                                 c.image.get("max_tokens", 0), c.image.get("min_tokens", 0),
                                 c.image.image_size, flag="config.image.")  # None: square crops
         if native:
-            described += f" at native resolution (≤ {native.max_tokens} patches)"
+            described += f" ({native})"
         # Row i of the features is record i of train_rows / test_rows: captions follow it.
         train_x, train_y, train_rows = image_features(c, workdir, encoder, train_src, "train",
                                                       mesh, native)

@@ -15,7 +15,8 @@ def lit_config() -> ml_collections.ConfigDict:
     c.image.model = ""                      # a training workdir, our model dir or transformers dir
     c.image.image_size = 224
     c.image.resolution = ""                 # "" = as the encoder was trained or exported;
-                                            # "square" (image_size² crops) or "native"
+                                            # "square" (image_size² crops), "squash"
+                                            # (whole images to image_size²) or "native"
     c.image.max_tokens = 0                  # native: patches per image at most (0: the
                                             # encoder's budget, else (image_size / patch)²)
     c.image.min_tokens = 0                  # native: see the trainer's config.data.min_tokens

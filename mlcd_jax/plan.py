@@ -238,6 +238,7 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
         "grad_accum": c.grad_accum, "num_classes": c.head.num_classes,
         "remat": bool(c.model.remat), "dtype": c.model.dtype,
         "max_tokens": getattr(config_lib.native(c, built.model_cfg.patch), "max_tokens", None),
+        "resolution": str(config_lib.native(c, built.model_cfg.patch) or "square crops"),
         "attention": built.model_cfg.attention,
         "compiled": mem is not None,
         "argument_gib": arguments / GiB,
@@ -348,8 +349,7 @@ def show(r: dict) -> str:
         f"{r['config']} on {r['topology']} ({r['devices']} × {r['device_kind']}), mesh "
         f"{r['mesh']}, global batch {r['global_batch']:,} (grad_accum {r['grad_accum']}), "
         f"K = {r['num_classes']:,}, {r['dtype']}, remat {r['remat']}, attention "
-        f"{r['attention']}" + (f", native resolution ≤ {r['max_tokens']} patches per image"
-                               if r.get("max_tokens") else ""),
+        f"{r['attention']}" + (f", {r['resolution']}" if r.get("max_tokens") else ""),
         f"  per device: arguments {r['argument_gib']:.2f} GiB + temporaries "
         f"{r['temporary_gib']:.2f} GiB = {r['total_gib']:.2f} GiB of {memory}"
         f" → {'fits' if r['fits'] else 'DOES NOT FIT'}"

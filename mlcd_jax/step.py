@@ -142,8 +142,7 @@ class Built(NamedTuple):
             regions = (f", {self.c.model.region_layers} region layers {r / 1e6:.2f}M params, "
                        f"{self.c.data.regions_per_image} regions per image" + regions)
         native = config_lib.native(self.c, self.model_cfg.patch)
-        resolution = (f", native resolution ≤ {native.max_tokens} patches per image"
-                      if native else "")
+        resolution = f", {native}" if native else ""
         return (f"encoder {self.model_cfg.pos} {size} {n / 1e6:.2f}M params{resolution}, head "
                 f"{self.c.head.num_classes:,} × {width} centers{regions}")
 

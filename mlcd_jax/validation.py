@@ -81,11 +81,14 @@ def resolution(c: ml_collections.ConfigDict, model_cfg: vit.ViTConfig) -> None:
     if d.get("resolution", "square") not in config_lib.RESOLUTIONS:
         raise ValueError(f"config.data.resolution: must be one of {config_lib.RESOLUTIONS}, "
                          f"got {d.resolution!r}")
-    if d.get("resolution", "square") == "square":
+    if d.get("resolution", "square") in ("square", "squash"):
         if d.get("max_tokens", 0) or d.get("min_tokens", 0):
             raise ValueError("config.data.max_tokens: token budgets are for "
-                             "config.data.resolution=native; square images have "
-                             "(data.image_size / patch)² patches")
+                             f"config.data.resolution=native; {d.get('resolution', 'square')} "
+                             "images have (data.image_size / patch)² patches")
+        if d.get("resolution", "square") == "squash" and d.image_size % model_cfg.patch:
+            raise ValueError(f"config.data.image_size: {d.image_size} is not a multiple of the "
+                             f"patch {model_cfg.patch}")
         return
     for field in ("max_tokens", "min_tokens"):
         if d[field] < 0:

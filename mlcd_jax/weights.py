@@ -206,10 +206,16 @@ def sizing(path, model: vit.ViT, resolution: str = "", max_tokens: int = 0,
     (`native_sizing`), "square", or "native" with a budget of `max_tokens` patches (0: its own
     budget, else the square size's, (image_size or the model's / patch)²) and `min_tokens`.
     `flag` names the options in errors ("--" or "config.image.")."""
-    if resolution not in ("", "square", "native"):
-        raise ValueError(f"{flag}resolution: must be square or native (or empty: the model's "
-                         f"own), got {resolution!r}")
+    if resolution not in ("", "square", "native", "squash"):
+        raise ValueError(f"{flag}resolution: must be square, native or squash (or empty: the "
+                         f"model's own), got {resolution!r}")
     own = native_sizing(path)
+    if resolution == "squash" or (not resolution and own and not own.keep_aspect):
+        if max_tokens or min_tokens:
+            raise ValueError(f"{flag}max_tokens: token budgets are for {flag}resolution native")
+        side = image_size or (own.size(1, 1)[0] if own else model.cfg.image_hw[0])
+        return transforms.Native(model.cfg.patch, (side // model.cfg.patch) ** 2,
+                                 keep_aspect=False)
     if resolution == "square" or (not resolution and own is None):
         if max_tokens or min_tokens:
             raise ValueError(f"{flag}max_tokens: token budgets are for {flag}resolution native"
@@ -217,6 +223,7 @@ def sizing(path, model: vit.ViT, resolution: str = "", max_tokens: int = 0,
         return None
     patch = model.cfg.patch
     side = image_size or model.cfg.image_hw[0]
+    own = own if own and own.keep_aspect else None  # a squashed model asked for native sizes
     budget = max_tokens or (own.max_tokens if own else (side // patch) ** 2)
     least = min_tokens or (own.min_tokens if own and own.min_tokens <= budget else 0)
     try:

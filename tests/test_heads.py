@@ -260,6 +260,8 @@ def test_region_heads_resume_exactly_and_checkpoints_hold_every_head(tmp_path):
                     jax.tree.leaves(nnx.to_pure_dict(nnx.state(exported))), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert weights.load_region_layers(tmp_path / "hf").cfg.width == 32
+    encoder, _ = weights.load_encoder(tmp_path / "hf")  # the region layer's file is not its
+    assert encoder.cfg.depth == 2                       # weights
     transformers = pytest.importorskip("transformers")
     _, info = transformers.MLCDVisionModel.from_pretrained(tmp_path / "hf",
                                                            output_loading_info=True)

@@ -29,7 +29,8 @@ LAYERS = [
     # the jobs
     ("mlcd_jax.train", "mlcd_jax.labels", "mlcd_jax.evaluate"),
     # entry points
-    ("mlcd_jax.plan", "mlcd_jax.demo", "mlcd_jax.demo_regions", "mlcd_jax.lit",
+    ("mlcd_jax.plan", "mlcd_jax.demo", "mlcd_jax.demo_regions", "mlcd_jax.demo_native",
+     "mlcd_jax.lit",
      "mlcd_jax.ablate",
      "mlcd_jax.interop.__main__", "mlcd_jax.interop.hf.__main__", "mlcd_jax.labels.__main__",
      "mlcd_jax.evaluate.__main__"),

@@ -97,6 +97,26 @@ def test_exported_native_encoder_gives_our_features_in_transformers(tmp_path):
     assert hf.read_native(tmp_path / "square") is None
 
 
+def test_squashed_export_resizes_the_whole_image_in_transformers(tmp_path):
+    """resolution squash: CLIP's processor resizes each whole image to the square (no crop), and
+    MLCDVisionModel on that gives our features through the patch path."""
+    ours = vit.ViT(vit.vit_config("micro"), rngs=nnx.Rngs(1))
+    squash = transforms.Native(patch=4, max_tokens=16, keep_aspect=False)
+    hf.save_vision_model(ours, tmp_path, squash)
+    assert hf.read_native(tmp_path) == squash
+    model = transformers.MLCDVisionModel.from_pretrained(tmp_path).eval()
+    processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path)
+    images = mixed_images(1)
+    got = np.concatenate([x for x, _ in features.embeddings(ours, Images(images), image_size=16,
+                                                           batch_size=4, native=squash)])
+    for image, mine in zip(images, got):
+        pixels = processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
+        assert tuple(pixels.shape[2:]) == (16, 16)
+        with torch.no_grad():
+            theirs = model(pixel_values=pixels).pooler_output[0].numpy()
+        assert np.abs(theirs - mine).max() <= TOL
+
+
 def test_model_dirs_and_imports_keep_the_sizing(tmp_path, capsys):
     ours = vit.ViT(vit.vit_config("micro"), rngs=nnx.Rngs(0))
     native = transforms.Native(patch=4, max_tokens=30, min_tokens=8)
@@ -116,3 +136,5 @@ def test_model_dirs_and_imports_keep_the_sizing(tmp_path, capsys):
     assert weights.sizing(tmp_path / "ours", ours, "native", 6) == transforms.Native(4, 6)
     with pytest.raises(ValueError, match="--min_tokens: .* got min_tokens 9, max_tokens 6"):
         weights.sizing(tmp_path / "ours", ours, "native", 6, 9)
+    assert weights.sizing(tmp_path / "ours", ours, "squash", image_size=24) == transforms.Native(
+        4, 36, keep_aspect=False)

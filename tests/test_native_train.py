@@ -26,11 +26,13 @@ def tiny(arg=None, **fields):
     return c
 
 
-def test_eval_batches_are_each_image_at_its_native_size():
-    """Patches of digits_strips put back together are the strip resized by the rule; every row's
-    real patches come first; the batch has the budget's shape whatever the strips."""
+@pytest.mark.parametrize("keep_aspect", [True, False], ids=["native", "squash"])
+def test_eval_batches_are_each_image_at_its_native_size(keep_aspect):
+    """Patches of digits_strips put back together are the strip resized by the rule (squash: the
+    whole strip to 32 × 32); every row's real patches come first; the batch has the budget's
+    shape whatever the strips."""
     source = sources.Subset(sources.DigitsStripsSource("test"), range(6))
-    native = transforms.Native(patch=4, max_tokens=64)
+    native = transforms.Native(patch=4, max_tokens=64, keep_aspect=keep_aspect)
     batch = next(iter(pipeline.dataset(source, batch_size=6, image_size=32, num_labels=1, seed=0,
                                        train=False, process_index=0, process_count=1,
                                        native=native)))
@@ -38,7 +40,7 @@ def test_eval_batches_are_each_image_at_its_native_size():
     assert batch["positions"].shape == (6, 64, 2) and batch["mask"].shape == (6, 64)
     for i in range(6):
         image = source[i]["image"]
-        h, w = native.size(*image.shape[:2])
+        h, w = native.size(*image.shape[:2]) if keep_aspect else (32, 32)
         want = np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
         n = (h // 4) * (w // 4)
         assert batch["mask"][i].tolist() == [True] * n + [False] * (64 - n)
@@ -103,6 +105,8 @@ def test_native_step_on_a_full_grid_is_the_square_step(devices):
     ({"data.resolution": "native", "data.min_tokens": 17},
      "config.data.min_tokens: 17 is more than the 16 of max_tokens"),
     ({"data.resolution": "native", "data.max_tokens": -1}, "config.data.max_tokens: must be ≥ 0"),
+    ({"data.resolution": "squash", "data.max_tokens": 16},
+     "config.data.max_tokens: token budgets are for config.data.resolution=native; squash"),
 ])
 def test_resolution_mistakes_are_one_line(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -177,3 +181,22 @@ def test_a_folder_of_mixed_aspect_ratios_trains_evaluates_embeds_and_exports(tmp
         with torch.no_grad():
             pooled = model(pixel_values=pixels).pooler_output[0].numpy()
         assert np.abs(pooled @ projection - ours[i]).max() <= 1e-4
+
+
+def test_native_demos_labels_are_each_strips_digit_clusters(tmp_path):
+    """The native demo's teacher (mlcd_jax/demo_native.py): each strip's labels are distinct
+    clusters, at most one per digit, −1 after; a strip of one digit carries that digit's cluster,
+    and the clusters are mostly pure in digits (the teacher sees the clean glyphs)."""
+    from mlcd_jax import demo_native
+    train = sources.DigitsStripsSource("train")
+    labels = np.load(demo_native.teacher_labels(tmp_path, train) / "labels.npy")
+    assert labels.shape == (len(train), 6)
+    for row, digits in zip(labels, train.digits):
+        real = row[row >= 0]
+        assert 1 <= len(real) <= len(digits) and len(set(real.tolist())) == len(real)
+        assert (row[len(real):] == -1).all()
+    single = [(row[0], digits[0]) for row, digits in zip(labels, train.digits) if len(digits) == 1]
+    assert len(single) > 100
+    majority = sum(np.bincount([d for c, d in single if c == center]).max()
+                   for center in {c for c, _ in single})
+    assert majority / len(single) > 0.8

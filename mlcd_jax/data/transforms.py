@@ -180,10 +180,13 @@ class Native:
     """Native-resolution sizing: `max_tokens` patches of `patch` px at most per image;
     `min_tokens` 0 fills the budget (NaFlex: small images are enlarged), > 0 keeps an image's own
     size (rounded up to whole patches) where that has between min_tokens and max_tokens patches,
-    shrinks larger ones to the budget and enlarges smaller ones to min_tokens."""
+    shrinks larger ones to the budget and enlarges smaller ones to min_tokens. `keep_aspect`
+    False ("squash"): every whole image resized to the square grid of ⌊√max_tokens⌋² patches, its
+    aspect ratio lost (the baseline that keeps all of an image but not its shape)."""
     patch: int
     max_tokens: int
     min_tokens: int = 0
+    keep_aspect: bool = True
 
     def __post_init__(self):
         if not 1 <= self.max_tokens or not 0 <= self.min_tokens <= self.max_tokens:
@@ -193,6 +196,9 @@ class Native:
     def size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) in pixels, multiples of the patch, for an image of height × width."""
         p = self.patch
+        if not self.keep_aspect:
+            side = math.isqrt(self.max_tokens) * p
+            return side, side
         if self.min_tokens:
             own = max(p, math.ceil(height / p) * p), max(p, math.ceil(width / p) * p)
             tokens = (own[0] // p) * (own[1] // p)
@@ -202,10 +208,18 @@ class Native:
                 return budget_size(height, width, p, self.min_tokens)
         return budget_size(height, width, p, self.max_tokens)
 
+    def __str__(self) -> str:
+        if not self.keep_aspect:
+            side = math.isqrt(self.max_tokens)
+            return f"whole images squashed to {side} × {side} patches"
+        least = f", ≥ {self.min_tokens}" if self.min_tokens else ""
+        return f"native resolution ≤ {self.max_tokens} patches per image{least}"
+
     def describe(self) -> dict:
         """The rule as an exported preprocessor config states it."""
-        return {"resolution": "native", "patch_size": self.patch,
-                "max_num_patches": self.max_tokens, "min_num_patches": self.min_tokens}
+        return {"resolution": "native" if self.keep_aspect else "squash",
+                "patch_size": self.patch, "max_num_patches": self.max_tokens,
+                "min_num_patches": self.min_tokens}
 
 
 def native_crop(image: Image.Image, rng: np.random.Generator, scale,

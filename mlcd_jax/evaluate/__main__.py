@@ -82,8 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--test_fraction", type=float, default=0.3,
                    help="without a test split or folder: this fraction of the images is held out")
     p.add_argument("--image_size", type=int, default=0, help="default: the model's")
-    p.add_argument("--resolution", default="", choices=("", "square", "native"),
-                   help="square: image_size² crops; native: each image at its aspect ratio "
+    p.add_argument("--resolution", default="", choices=("", "square", "native", "squash"),
+                   help="square: image_size² crops; squash: each whole image resized to "
+                   "image_size²; native: each image at its aspect ratio "
                    "within --max_tokens patches (default: as the model was trained or exported)")
     p.add_argument("--max_tokens", type=int, default=0, help="native: patches per image at "
                    "most (default: the model's budget, else (image size / patch)²)")
@@ -165,9 +166,8 @@ def main(argv=None) -> int:
     if jax.process_index() != 0:  # every process computed the same result; one reports it
         return 0
     print(f"{a.dataset}: {len(train)} train / {len(test)} test images"
-          + (f", native resolution ≤ {native.max_tokens} patches"
-             f"{f' (≥ {native.min_tokens})' if native.min_tokens else ''} (raw pixels and region "
-             f"probes: {size}² crops)" if native else f", {size}² crops"))
+          + (f", {native} (raw pixels and region probes: {size}² crops)" if native
+             else f", {size}² crops"))
     if "regions" in result:
         r = result["regions"]
         print(f"regions: {r['train']['probed']} train / {r['test']['probed']} test regions with "

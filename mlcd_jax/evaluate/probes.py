@@ -13,6 +13,10 @@ PROBES = ("linear_probe", "knn")  # the evaluators of frozen features, by name
 
 
 def _fit_score(c, train_x, train_y, test_x, test_y, max_iter):
+    return float((_fit_predict(c, train_x, train_y, test_x, max_iter) == test_y).mean())
+
+
+def _fit_predict(c, train_x, train_y, test_x, max_iter):
     # scikit-learn (and faiss, in knn) imported here, not at the top: every command that
     # validates a config imports this module (PROBES), and they would add ~1 s to each start.
     from sklearn.exceptions import ConvergenceWarning
@@ -25,14 +29,15 @@ def _fit_score(c, train_x, train_y, test_x, test_y, max_iter):
     with warnings.catch_warnings(), threadpool_limits(threads):
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(train_x, train_y)
-    return float((clf.predict(test_x) == test_y).mean())
+    return clf.predict(test_x)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, *, val_fraction: float = 0.2, seed: int = 0,
-                 max_iter: int = 500) -> dict:
+                 max_iter: int = 500, predictions: bool = False) -> dict:
     """L-BFGS logistic regression; the inverse L2 strength C is searched on a validation split held
     out of train (10^-4 … 10^4 by decades, then ±¼ and ±½ decade around the best), then the model is
-    refit on train + validation with that C and scored on test.
+    refit on train + validation with that C and scored on test (`predictions`: each test
+    example's predicted class too).
 
     Features are standardised with the train split's mean and std first, so that one C grid suits
     every encoder: a random-init ViT's features vary by ~5e-4 per dimension, which no C ≤ 10^4 fits.
@@ -50,8 +55,10 @@ def linear_probe(train_x, train_y, test_x, test_y, *, val_fraction: float = 0.2,
     fine = {c: score(c) for c in best * 10.0 ** np.array([-0.5, -0.25, 0.25, 0.5])}
     searched = coarse | fine
     best = max(searched, key=lambda c: (searched[c], -abs(np.log10(c))))
-    accuracy = _fit_score(best, train_x, train_y, test_x, test_y, max_iter)
-    return {"accuracy": accuracy, "C": float(best), "val_accuracy": searched[best]}
+    predicted = _fit_predict(best, train_x, train_y, test_x, max_iter)
+    result = {"accuracy": float((predicted == test_y).mean()), "C": float(best),
+              "val_accuracy": searched[best]}
+    return result | ({"predictions": predicted} if predictions else {})
 
 
 def knn(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: float = 0.07) -> dict:

@@ -71,8 +71,8 @@ def run_embed(a):
               "records", flush=True)
     native = weights.sizing(a.model, model, a.resolution, a.max_tokens, a.min_tokens,
                             a.image_size)
-    if native is not None and a.regions:  # a region's crop at its own aspect ratio
-        print(f"embed: native resolution, ≤ {native.max_tokens} patches per crop", flush=True)
+    if native is not None:
+        print(f"embed: {native}", flush=True)
     result = embed.run(source, model, a.out, model_name=str(a.model), image_size=a.image_size,
                        batch_size=a.batch_size, shard_size=a.shard_size,
                        process_index=a.process_index, process_count=a.process_count,
@@ -180,8 +180,9 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--out", required=True)
     p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--resolution", default="", choices=("", "square", "native"),
-                   help="square: image_size² crops; native: each image at its aspect ratio "
+    p.add_argument("--resolution", default="", choices=("", "square", "native", "squash"),
+                   help="square: image_size² crops; squash: each whole image resized to "
+                   "image_size²; native: each image at its aspect ratio "
                    "within --max_tokens patches (default: as the model was trained or "
                    "exported; square for other models)")
     p.add_argument("--max_tokens", type=int, default=0, help="native: patches per image at "

@@ -312,7 +312,7 @@ def preprocessor_config(cfg: vit.ViTConfig, native: transforms.Native | None) ->
     normalisation; the image is first resized (bicubic) to the size NATIVE_KEY's rule gives —
     with min_num_patches 0, SIZING_FUNCTION(height, width, patch_size, max_num_patches), which
     `transforms.budget_size` computes with the same float operations (the rule in full:
-    `transforms.Native.size`)."""
+    `transforms.Native.size`). Squash: the processor resizes the whole image to the square."""
     common = {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True,
               "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
               "image_mean": list(transforms.CLIP_MEAN_VALUES),
@@ -321,6 +321,10 @@ def preprocessor_config(cfg: vit.ViTConfig, native: transforms.Native | None) ->
         side = cfg.image_hw[0]
         return common | {"do_resize": True, "size": {"shortest_edge": side},
                          "do_center_crop": True, "crop_size": {"height": side, "width": side}}
+    if not native.keep_aspect:  # squashed: the whole image to the square, no crop
+        side = native.size(1, 1)[0]
+        return common | {"do_resize": True, "size": {"height": side, "width": side},
+                         "do_center_crop": False, NATIVE_KEY: native.describe()}
     rule = native.describe() | {
         "resize_first_to": f"{SIZING_FUNCTION}(height, width, patch_size, max_num_patches)"
         if not native.min_tokens else
@@ -340,7 +344,8 @@ def read_native(path) -> transforms.Native | None:
         return None
     try:
         return transforms.Native(int(rule["patch_size"]), int(rule["max_num_patches"]),
-                                 int(rule.get("min_num_patches", 0)))
+                                 int(rule.get("min_num_patches", 0)),
+                                 keep_aspect=rule.get("resolution", "native") != "squash")
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{file}: {NATIVE_KEY} is not a native sizing rule ({e})") from None
 

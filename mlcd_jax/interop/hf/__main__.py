@@ -40,8 +40,7 @@ def main(argv=None) -> int:
         return 2
     cfg = model.cfg
     kind = "MLCDVisionModel" if cfg.pos == "rope" else "CLIPVisionModel"
-    sized = (f", native resolution ≤ {native.max_tokens} patches (preprocessor_config.json "
-             "says how to size images)" if native else "")
+    sized = f", {native} (preprocessor_config.json says how to size images)" if native else ""
     print(f"{args.command}: {cfg.pos} ViT width {cfg.width} depth {cfg.depth} heads {cfg.heads} "
           f"patch {cfg.patch}{f' → {cfg.embed_dim}' if cfg.embed_dim else ''}{sized}: wrote {out}"
           + (f" (transformers.{kind}.from_pretrained)" if args.command == "export" else ""))
