@@ -32,6 +32,20 @@ def encoder_forward_patches(cfg: vit.ViTConfig, patches: int) -> float:
     return float(embed + cfg.depth * block + projection)
 
 
+def region_forward(cfg: vit.ViTConfig, patches: int, regions: int, layers: int) -> float:
+    """Forward FLOPs of RICE's Region Transformer layers for one image (models/region.py):
+    `regions` region tokens as queries over themselves and `patches` patch tokens (keys and values
+    projected for both), the MLP on the region tokens, and the ViT's projection of each region's
+    embedding."""
+    n, keys, w = regions, regions + patches, cfg.width
+    block = (2 * n * 2 * w * w                 # q and out projections (the region tokens)
+             + 2 * keys * 2 * w * w            # k and v projections (regions and patches)
+             + 2 * 2 * n * keys * w            # q·kᵀ and attention·v
+             + 2 * n * 2 * w * cfg.mlp_dim)    # fc1, fc2
+    projection = 2 * n * w * cfg.embed_dim if cfg.embed_dim else 0
+    return float(layers * block + projection)
+
+
 def head_forward(embed_dim: int, num_classes: int, num_labels: int, sample_ratio: float,
                  num_devices: int) -> float:
     """Forward FLOPs of one sample in the head: cosines to the sampled negatives and positives."""
@@ -46,8 +60,18 @@ def train_step(c, cfg: vit.ViTConfig, num_devices: int) -> dict:
     size, native = c.data.image_size, config_lib.native(c, cfg.patch)
     encoder = (encoder_forward(cfg, size, size) if native is None
                else encoder_forward_patches(cfg, native.max_tokens))
-    head = head_forward(cfg.embed_dim or cfg.width, c.head.num_classes, c.data.num_labels,
-                        c.head.sample_ratio, num_devices)
+    dim = cfg.embed_dim or cfg.width
+    head = head_forward(dim, c.head.num_classes, c.data.num_labels, c.head.sample_ratio,
+                        num_devices)
+    # RICE: the region layers, and each region head scoring every region slot of an image
+    regions, layers = c.data.get("regions_per_image", 0), c.model.get("region_layers", 0)
+    region = 0.0
+    if regions and layers:
+        patches = native.max_tokens if native else (size // cfg.patch) ** 2
+        region = region_forward(cfg, patches, regions, layers) + regions * sum(
+            head_forward(dim, h.num_classes, h.num_labels, h.sample_ratio, num_devices)
+            for h in c.get("heads", {}).values())
+    per_image = encoder + head + region
     return {"encoder_forward_per_image": encoder, "head_forward_per_sample": head,
-            "per_step": 3.0 * (encoder + head) * c.batch_size,
-            "per_image": 3.0 * (encoder + head)}
+            "region_forward_per_image": region,
+            "per_step": 3.0 * per_image * c.batch_size, "per_image": 3.0 * per_image}

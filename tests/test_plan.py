@@ -2,6 +2,7 @@
 compiler on this CPU, quietly), memory that follows the sharding, FLOPs against an independent
 count. GPUs: tests/test_plan_gpu.py."""
 
+import dataclasses
 import json
 import pathlib
 import re
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from mlcd_jax import flops
+from mlcd_jax import config as config_lib, flops
 from mlcd_jax.models import vit
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -77,3 +78,27 @@ def test_analytic_encoder_flops_match_xla_on_an_unrolled_vit(pos, size):
     counted = (counted[0] if isinstance(counted, list) else counted)["flops"]
     # XLA also counts elementwise work (norms, softmax, GELU): a few percent on top of matmuls.
     assert 1.0 <= counted / flops.encoder_forward(cfg, size, size) <= 1.15
+
+
+@pytest.mark.parametrize("size, regions, layers", [(32, 5, 2), (48, 12, 1)])
+def test_analytic_region_layer_flops_match_xla(size, regions, layers):
+    """RICE's Region Transformer layers (the plan and MFU count them): XLA's count of their
+    forward, which also holds the boxes' masks and the softmax, is the analytic matmuls' plus a
+    few percent."""
+    import configs.test_tiny as tiny
+    from mlcd_jax.models import region
+    cfg = vit.vit_config("tiny", embed_dim=16, image_size=size)
+    graphdef, params = nnx.split(region.RegionLayers(cfg, layers, rngs=nnx.Rngs(0)))
+    grid = (size // cfg.patch,) * 2
+    patches = grid[0] * grid[1]
+    forward = jax.jit(lambda p, h, b: nnx.merge(graphdef, p)(h, b, grid))
+    counted = forward.lower(params, jnp.zeros((1, 1 + patches, cfg.width)),
+                            jnp.zeros((1, regions, 4))).compile().cost_analysis()
+    counted = (counted[0] if isinstance(counted, list) else counted)["flops"]
+    unprojected = dataclasses.replace(cfg, embed_dim=None)  # the ViT's projection runs outside
+    assert 1.0 <= counted / flops.region_forward(unprojected, patches, regions, layers) <= 1.15
+    with_regions = tiny.get_config("regions")
+    counts = flops.train_step(with_regions, config_lib.vit_config(with_regions), 8)
+    assert counts["region_forward_per_image"] > 0
+    assert flops.train_step(tiny.get_config(), config_lib.vit_config(tiny.get_config()),
+                            8)["region_forward_per_image"] == 0
