@@ -1,7 +1,7 @@
 """Multi-host, with real processes on 127.0.0.1 (launch/local_multiprocess.sh, gloo collectives):
-2 processes × 4 devices train like 1 process × 8, their checkpoint resumes in 1 process, LiT
-runs as one job over 2 processes and resumes exactly after SIGTERM on both, and `assign` split
-over 2 processes writes the label store of 1."""
+2 processes × 4 devices train like 1 process × 8 (with RICE's region heads too), their checkpoint
+resumes in 1 process, LiT runs as one job over 2 processes and resumes exactly after SIGTERM on
+both, and `assign` split over 2 processes writes the label store of 1."""
 
 import json
 import os
@@ -16,7 +16,7 @@ import pytest
 from mlcd_jax import distributed, keys
 from mlcd_jax.labels import store
 
-from cli import CACHE
+from cli import CACHE, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
@@ -40,17 +40,21 @@ def run(cmd, **env):
     return result
 
 
-def losses(workdir):
+def losses(workdir, key="loss"):
     rows = map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r[key] for r in rows}
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
+@pytest.mark.parametrize("arg", ["", ":regions"], ids=["image_head", "region_heads"])
+def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_path, arg):
+    """Also with RICE's region heads and Region Transformer layer (configs/test_tiny.py:regions):
+    every head's loss, step by step."""
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    run(TRAIN + [f"--workdir={one}"], XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    train = [a.replace("configs/test_tiny.py", "configs/test_tiny.py" + arg) for a in TRAIN]
+    run(train + [f"--workdir={one}"], XLA_FLAGS=xla_flags(8))
     out = run(["bash", str(LAUNCH), "-n", "2", "-d", "4", "--logs", str(tmp_path / "logs"), "--",
-               *TRAIN, f"--workdir={two}"])
+               *train, f"--workdir={two}"])
     assert "on 8 devices" in out.stdout  # one mesh over both processes' devices
     logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
     assert "step 4/4" in logs[0] and "step 4/4" not in logs[1]  # only process 0 reports
@@ -58,14 +62,20 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
     assert sorted(reference) == [1, 2, 3, 4]
     np.testing.assert_allclose([losses(two)[s] for s in range(1, 5)],
                                [reference[s] for s in range(1, 5)], rtol=1e-5)
+    heads = ("objects", "ocr") if arg else ()
+    for name in heads:
+        key = f"{name}/loss"
+        np.testing.assert_allclose([losses(two, key)[s] for s in range(1, 5)],
+                                   [losses(one, key)[s] for s in range(1, 5)], rtol=1e-5)
     # The 2-process checkpoint of step 2, resumed by 1 process on 8 devices, redoes steps 3 and 4.
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
-    out = run(TRAIN + [f"--workdir={resumed}"],
-              XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = run(train + [f"--workdir={resumed}"],
+              XLA_FLAGS=xla_flags(8))
     assert "resuming at step 2" in out.stdout
-    np.testing.assert_allclose([losses(resumed)[s] for s in (3, 4)],
-                               [reference[s] for s in (3, 4)], rtol=1e-5)
+    for key in ("loss", *(f"{name}/loss" for name in heads)):
+        np.testing.assert_allclose([losses(resumed, key)[s] for s in (3, 4)],
+                                   [losses(one, key)[s] for s in (3, 4)], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -134,7 +144,7 @@ def test_lit_is_one_job_over_two_processes_and_sigterm_on_both_resumes_exactly(t
     weights.save_model_dir(vit.ViT(vit.vit_config("micro", image_size=32, embed_dim=16),
                                    rngs=nnx.Rngs(0)), encoder)
     one, two = tmp_path / "one", tmp_path / "two"
-    run(lit_command(one, encoder), XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run(lit_command(one, encoder), XLA_FLAGS=xla_flags(8))
     reference = losses(one)
     assert sorted(reference) == list(range(1, 61))
 
@@ -145,7 +155,7 @@ def test_lit_is_one_job_over_two_processes_and_sigterm_on_both_resumes_exactly(t
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=clean_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                                             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                                            XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+                                            XLA_FLAGS=xla_flags(4)))
              for i in range(2)]
     try:
         deadline = time.time() + 300
