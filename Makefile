@@ -35,14 +35,14 @@ ablate: $(INSTALLED)
 # its planning tests compile for TPUs and GPUs, so it installs the plan environment too. It ends
 # with its 10 slowest tests and its wall time (budget: 15 min on 2 cores; docs/testing.md).
 test: $(TEST_INSTALLED) $(PLAN_INSTALLED)
-	@start=$$(date +%s); $(PY) -m pytest -n 2 --durations=10 tests; status=$$?; \
+	@start=$$(date +%s); $(PY) -m pytest -n 2 --maxschedchunk 2 --durations=10 tests; status=$$?; \
 	  echo "make test: $$(( $$(date +%s) - start )) s (budget 900 s on 2 cores)"; exit $$status
 
 # Line coverage of mlcd_jax/ by the suite (commands it starts included): coverage.json and a
 # summary (docs/testing.md keeps the figure).
 coverage: $(TEST_INSTALLED) $(PLAN_INSTALLED)
 	rm -f .coverage .coverage.*
-	$(PY) -m pytest -n 2 --cov=mlcd_jax --cov-config=pyproject.toml --cov-report=term:skip-covered \
+	$(PY) -m pytest -n 2 --maxschedchunk 2 --cov=mlcd_jax --cov-config=pyproject.toml --cov-report=term:skip-covered \
 	  --cov-report=json:coverage.json tests
 
 # The compilers of `python -m mlcd_jax.plan` (TPU and GPU programs built on this CPU), matching

@@ -14,9 +14,18 @@ CACHE = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SEC
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
+# LLVM at -O0: the same programs (XLA's HLO passes unchanged), compiled faster; docs/testing.md.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int = 8) -> str:
+    """XLA_FLAGS of the suite's processes and the commands they start: `devices` simulated CPU
+    devices, FAST_COMPILE."""
+    return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+
+
 def env(devices: int = 8) -> dict:
-    return os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                         "JAX_PLATFORMS": "cpu"}
+    return os.environ | {"XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
 
 
 def command(module: str, *args) -> list[str]:

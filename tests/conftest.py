@@ -1,5 +1,12 @@
-"""Every test process sees 8 simulated CPU devices, and one compilation cache per run: both must
-be set before jax is imported.
+"""Every test process sees 8 simulated CPU devices, compiles with LLVM at -O0, and shares one
+compilation cache per run: all must be set before jax is imported.
+
+-O0 (tests/cli.py's xla_flags, for the commands tests start too): the suite compiles hundreds of
+small programs (a float64 reference's sharded head on 1, 2, 4 and 8 devices, each option), where
+XLA's backend compile is most of the time and the machine code's speed does not matter at test
+shapes; at -O0 they compile ~30 % faster (tests/test_head.py's sharded-vs-reference tests: 91 →
+66 s). Only LLVM's code generation changes: XLA's HLO passes (fusion, SPMD partitioning, the
+collectives) are the same.
 
 The cache: jax's persistent compilation cache in a directory made fresh by the run's first process
 (pytest's, or xdist's controller) and inherited through the environment by its workers and every
@@ -13,8 +20,9 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+from cli import xla_flags  # noqa: E402  (tests/cli.py: the standard library only)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ  # this process made the directory
@@ -30,7 +38,9 @@ import pytest  # noqa: E402
 def pytest_collection_modifyitems(config, items):
     """The slow tests (commands in subprocesses) first, in their files' order: with two workers
     the long ones start early and the quick ones fill the gaps at the end, instead of a long test
-    starting last and running alone."""
+    starting last and running alone. This needs workers that take a test or two at a time
+    (`make test`: `--maxschedchunk 2`): xdist's default hands each worker a quarter of the
+    suite up front, which put every slow test on one worker."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort
 
 

@@ -116,8 +116,19 @@ def test_one_head_steps_as_the_image_head_alone(devices):
         assert float(loss) == pytest.approx(want, rel=1e-6)
 
 
+R1 = {"head.sample_ratio": 1.0, "heads.objects.sample_ratio": 1.0, "heads.ocr.sample_ratio": 1.0}
+
+
+@pytest.fixture(scope="module")
+def regions_on_one_device(devices):
+    """configs/test_tiny.py:regions at r = 1, one step on 1 device: made once per worker, so the
+    8-device case compares with it on whichever worker it runs."""
+    built = build(devices, 1, "regions", **R1)
+    return built, run_steps(*built, steps=1)
+
+
 @pytest.mark.parametrize("n", [1, 8])
-def test_region_heads_add_their_weighted_losses(devices, n):
+def test_region_heads_add_their_weighted_losses(devices, n, regions_on_one_device):
     """configs/test_tiny.py:regions (an object head, UNICOM, and an OCR head, MLCD, weight 0.5)
     at r = 1: the step's loss is image + objects + 0.5 · ocr, each head's loss is head.loss of its
     own centers on the region embeddings with the step's key folded with its place, and the same
@@ -126,10 +137,11 @@ def test_region_heads_add_their_weighted_losses(devices, n):
     from flax import nnx
 
     from mlcd_jax.models import region as region_lib
-    c, mesh, built = build(devices, n, "regions", **{"head.sample_ratio": 1.0,
-                                                     "heads.objects.sample_ratio": 1.0,
-                                                     "heads.ocr.sample_ratio": 1.0})
-    losses, metrics, batches = run_steps(c, mesh, built, steps=1)
+    (c, mesh, built), (losses, metrics, batches) = regions_on_one_device
+    if n != 1:  # the same step on every mesh
+        c, mesh, built = build(devices, n, "regions", **R1)
+        losses, metrics, batches = run_steps(c, mesh, built, steps=1)
+        assert losses[0] == pytest.approx(regions_on_one_device[1][0][0], rel=2e-5)
     parts = {k: float(metrics[k]) for k in ("image/loss", "objects/loss", "ocr/loss")}
     assert losses[0] == pytest.approx(parts["image/loss"] + parts["objects/loss"]
                                       + 0.5 * parts["ocr/loss"], rel=1e-6)
@@ -149,11 +161,6 @@ def test_region_heads_add_their_weighted_losses(devices, n):
 
     for h, want in zip(built.region_heads, each_head(initial(c, built)["params"])):
         assert parts[f"{h.name}/loss"] == pytest.approx(float(want), rel=2e-5), h.name
-    if n == 1:
-        test_region_heads_add_their_weighted_losses.one = losses[0]
-    else:  # the same step on every mesh (the first parametrization ran n = 1)
-        assert losses[0] == pytest.approx(test_region_heads_add_their_weighted_losses.one,
-                                          rel=2e-5)
 
 
 def test_each_region_slot_carries_its_own_regions_labels(tmp_path):
