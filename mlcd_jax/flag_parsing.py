@@ -1,5 +1,6 @@
 """Command-line parsing for the absl commands (the trainer, LiT, the planner) in which a config
-mistake is one line naming it, and the config files' own argument check."""
+mistake is one line naming it, the config files' own argument check, and the sizing flags of the
+argparse commands that feed an encoder images (evaluate, labels embed)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,18 @@ def check_arg(arg, allowed: tuple, config_file: str) -> None:
 
 
 SHAPE_FIELDS = ("width", "depth", "heads", "mlp_dim", "patch")  # model.size, field by field
+
+
+def add_sizing_flags(parser) -> None:
+    """--resolution, --max_tokens, --min_tokens: how a command feeds an encoder (`weights.sizing`
+    takes them; empty or 0: as the model was trained or exported, square crops for other models)."""
+    parser.add_argument("--resolution", default="", choices=("", "square", "native", "squash"),
+                        help="square: image_size² crops; squash: each whole image resized to "
+                        "image_size²; native: each image at its aspect ratio within --max_tokens "
+                        "patches (default: as the model was trained or exported; square for "
+                        "other models)")
+    parser.add_argument("--max_tokens", type=int, default=0, help="native: patches per image at "
+                        "most (default: the model's budget, else (image_size / patch)²)")
+    parser.add_argument("--min_tokens", type=int, default=0, help="native: images keep their own "
+                        "size where it has min_tokens … max_tokens patches (default: the "
+                        "model's)")

@@ -1,8 +1,8 @@
 """Every test process sees 8 simulated CPU devices, compiles with LLVM at -O0, and shares one
 compilation cache per run: all must be set before jax is imported.
 
--O0 (tests/cli.py's xla_flags, for the commands tests start too): the suite compiles hundreds of
-small programs (a float64 reference's sharded head on 1, 2, 4 and 8 devices, each option), where
+-O0 (tests/cli.py's FAST_COMPILE; not for the commands tests start): the suite compiles hundreds
+of small programs (a float64 reference's sharded head on 1, 2, 4 and 8 devices, each option), where
 XLA's backend compile is most of the time and the machine code's speed does not matter at test
 shapes; at -O0 they compile ~30 % faster (tests/test_head.py's sharded-vs-reference tests: 91 →
 66 s). Only LLVM's code generation changes: XLA's HLO passes (fusion, SPMD partitioning, the
@@ -20,9 +20,10 @@ import os
 import shutil
 import tempfile
 
-from cli import xla_flags  # noqa: E402  (tests/cli.py: the standard library only)
+from cli import FAST_COMPILE, xla_flags  # noqa: E402  (the standard library only)
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+os.environ["XLA_FLAGS"] = " ".join(
+    f for f in (os.environ.get("XLA_FLAGS", ""), xla_flags(8), FAST_COMPILE) if f)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ  # this process made the directory
@@ -31,6 +32,7 @@ if _OWN_CACHE:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, even quick
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+import mlcd_jax  # noqa: E402,F401,I001  (first: it starts jax and its plugins quietly)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -36,6 +36,7 @@ import json
 import pathlib
 import sys
 
+from mlcd_jax import flag_parsing
 from mlcd_jax.evaluate import regions as region_probes, run
 
 PROMPTS = ("a photo of a {name}.", "{name}", "an image of the {name}.")
@@ -82,14 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--test_fraction", type=float, default=0.3,
                    help="without a test split or folder: this fraction of the images is held out")
     p.add_argument("--image_size", type=int, default=0, help="default: the model's")
-    p.add_argument("--resolution", default="", choices=("", "square", "native", "squash"),
-                   help="square: image_size² crops; squash: each whole image resized to "
-                   "image_size²; native: each image at its aspect ratio "
-                   "within --max_tokens patches (default: as the model was trained or exported)")
-    p.add_argument("--max_tokens", type=int, default=0, help="native: patches per image at "
-                   "most (default: the model's budget, else (image size / patch)²)")
-    p.add_argument("--min_tokens", type=int, default=0, help="native: images keep their own "
-                   "size where it has min_tokens … max_tokens patches (default: the model's)")
+    flag_parsing.add_sizing_flags(p)
     p.add_argument("--pixels", action=argparse.BooleanOptionalAction, default=True,
                    help="also probe raw pixels, the baseline (default: yes)")
     p.add_argument("--text_model", default="", help="a text tower (LiT's text_model dir: "

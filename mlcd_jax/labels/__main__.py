@@ -35,7 +35,7 @@ import sys
 
 import jax
 
-from mlcd_jax import distributed, platform, records
+from mlcd_jax import distributed, flag_parsing, platform, records
 from mlcd_jax.data import regions as regions_lib, sources
 from mlcd_jax.labels import assign, embed, kmeans, ocr, stats, store
 
@@ -180,15 +180,7 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True, choices=SOURCES)
     p.add_argument("--out", required=True)
     p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--resolution", default="", choices=("", "square", "native", "squash"),
-                   help="square: image_size² crops; squash: each whole image resized to "
-                   "image_size²; native: each image at its aspect ratio "
-                   "within --max_tokens patches (default: as the model was trained or "
-                   "exported; square for other models)")
-    p.add_argument("--max_tokens", type=int, default=0, help="native: patches per image at "
-                   "most (default: the model's budget, else (image_size / patch)²)")
-    p.add_argument("--min_tokens", type=int, default=0, help="native: images keep their own "
-                   "size where it has min_tokens … max_tokens patches")
+    flag_parsing.add_sizing_flags(p)
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--shard_size", type=int, default=100_000)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
