@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from mlcd_jax import features, reporting, weights
+from mlcd_jax import demo_runs, features, reporting, weights
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.labels import assign, kmeans, store
@@ -65,17 +65,8 @@ def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
     return workdir / "labels"
 
 
-ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # 8 devices on a CPU
-
-
-def train(flags: list[str]) -> None:
-    """`python -m mlcd_jax.train` with `flags`, on 8 simulated devices."""
-    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True,
-                   env=os.environ | ENV, cwd=REPO)
-
-
 def pretrain(workdir: pathlib.Path, kind: str, labels: pathlib.Path, overrides=()) -> None:
-    train([f"--config={CONFIG}:{kind}", f"--workdir={workdir / kind}",
+    demo_runs.train([f"--config={CONFIG}:{kind}", f"--workdir={workdir / kind}",
            f"--config.data.labels={labels}", *overrides])
 
 
@@ -84,7 +75,7 @@ def lit(workdir: pathlib.Path, name: str, model: pathlib.Path, overrides=()) -> 
     run = workdir / f"lit_{name}"
     subprocess.run([sys.executable, "-m", "mlcd_jax.lit", f"--config={LIT_CONFIG}",
                     f"--workdir={run}", f"--config.image.model={model}", *overrides],
-                   check=True, env=os.environ | ENV, cwd=REPO)
+                   check=True, env=os.environ | demo_runs.ENV, cwd=REPO)
     return reporting.read_jsonl(run / "evals.jsonl")[-1]
 
 

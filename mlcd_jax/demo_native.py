@@ -18,15 +18,12 @@ over seeds, with images/s and padding from the runs' metrics) and native.png to 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from mlcd_jax import features, keys as keys_lib, records, reporting, weights
+from mlcd_jax import demo_runs, features, keys as keys_lib, records, reporting, weights
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate import probes
 from mlcd_jax.labels import kmeans, store
@@ -71,12 +68,9 @@ def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
 def pretrain(workdir: pathlib.Path, kind: str, seed: int, labels: pathlib.Path,
              overrides=()) -> pathlib.Path:
     run = workdir / "runs" / kind / f"seed{seed}"
-    if not (run / "probes.json").is_file():  # the trainer on 8 simulated devices
-        subprocess.run([sys.executable, "-m", "mlcd_jax.train", f"--config={CONFIG}:{kind}",
-                        f"--workdir={run}", f"--config.seed={seed}",
-                        f"--config.data.labels={labels}", *overrides], check=True,
-                       env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-                       cwd=REPO)
+    if not (run / "probes.json").is_file():
+        demo_runs.train([f"--config={CONFIG}:{kind}", f"--workdir={run}",
+                         f"--config.seed={seed}", f"--config.data.labels={labels}", *overrides])
     return run
 
 
@@ -180,14 +174,9 @@ def main(a) -> int:
     print(f"[1/3] teacher: each strip's clean digits → k-means K = {K} → each digit's nearest "
           "center as the strip's labels", flush=True)
     labels = teacher_labels(workdir, train)
-    summary = {kind: {} for kind in KINDS}
-    for seed in range(a.seeds):  # every kind at seed 0 first: a sweep cut short has them all
-        for kind in KINDS:
-            print(f"[2/3] pretraining {kind}, seed {seed}", flush=True)
-            run = pretrain(workdir, kind, seed, labels, a.override)
-            print(f"[3/3] probing {kind}, seed {seed}", flush=True)
-            for key, value in probe(run, train, test).items():
-                summary[kind].setdefault(key, []).append(value)
+    summary = demo_runs.sweep(KINDS, a.seeds,
+                              lambda kind, seed: pretrain(workdir, kind, seed, labels, a.override),
+                              lambda run: probe(run, train, test))
     text = table(summary, a.seeds)
     (workdir / "native.md").write_text(text + "\n")
     (workdir / "results.json").write_text(json.dumps(

@@ -17,15 +17,12 @@ regions.png to the workdir.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from mlcd_jax import weights
+from mlcd_jax import demo_runs, weights
 from mlcd_jax.data import sources, tokenizer as tokenizer_lib
 from mlcd_jax.evaluate import regions as region_probes, run as eval_run
 from mlcd_jax.labels import assign, kmeans, ocr, store
@@ -90,10 +87,8 @@ def pretrain(workdir: pathlib.Path, kind: str, seed: int, stores: dict,
     if kind == "ocr":
         flags += [f"--config.heads.ocr.labels={stores['ocr']}",
                   f"--config.heads.ocr.num_classes={stores['vocab']}"]
-    if not (run / "probes.json").is_file():  # the trainer on 8 simulated devices
-        subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags, *overrides], check=True,
-                       env=os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
-                       cwd=REPO)
+    if not (run / "probes.json").is_file():
+        demo_runs.train([*flags, *overrides])
     return run
 
 
@@ -172,14 +167,9 @@ def main(a) -> int:
     print("[1/3] teacher: clean glyphs → k-means (images, object regions); text → token ids",
           flush=True)
     stores = label_stores(workdir, train)
-    summary = {kind: {} for kind in KINDS}
-    for seed in range(a.seeds):  # every kind at seed 0 first: a sweep cut short has them all
-        for kind in KINDS:
-            print(f"[2/3] pretraining {kind}, seed {seed}", flush=True)
-            run = pretrain(workdir, kind, seed, stores, a.override)
-            print(f"[3/3] probing {kind}, seed {seed}", flush=True)
-            for key, value in probe(run, train, test, a.max_patches).items():
-                summary[kind].setdefault(key, []).append(value)
+    summary = demo_runs.sweep(KINDS, a.seeds,
+                              lambda kind, seed: pretrain(workdir, kind, seed, stores, a.override),
+                              lambda run: probe(run, train, test, a.max_patches))
     text = table(summary, a.seeds)
     (workdir / "regions.md").write_text(text + "\n")
     (workdir / "results.json").write_text(json.dumps(

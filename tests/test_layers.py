@@ -27,7 +27,7 @@ LAYERS = [
     ("mlcd_jax.step", "mlcd_jax.validation", "mlcd_jax.weights", "mlcd_jax.flops",
      "mlcd_jax.loop"),
     # the jobs
-    ("mlcd_jax.train", "mlcd_jax.labels", "mlcd_jax.evaluate"),
+    ("mlcd_jax.train", "mlcd_jax.labels", "mlcd_jax.evaluate", "mlcd_jax.demo_runs"),
     # entry points
     ("mlcd_jax.plan", "mlcd_jax.demo", "mlcd_jax.demo_regions", "mlcd_jax.demo_native",
      "mlcd_jax.lit",

@@ -1,0 +1,32 @@
+"""The demos' training runs: `python -m mlcd_jax.train` on 8 simulated devices, and the comparison
+demos' sweep (`demo --regions`, `demo --native`) of every kind of run over seeds."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # 8 devices on a CPU
+
+
+def train(flags: list[str]) -> None:
+    """`python -m mlcd_jax.train` with `flags`, on 8 simulated devices."""
+    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True,
+                   env=os.environ | ENV, cwd=REPO)
+
+
+def sweep(kinds, seeds: int, pretrain, probe) -> dict:
+    """{kind: {metric: [a value per seed]}}, every kind at seed 0 first, so a sweep cut short has
+    them all; pretrain(kind, seed) → its run's workdir, probe(run) → {metric: value}."""
+    summary = {kind: {} for kind in kinds}
+    for seed in range(seeds):
+        for kind in kinds:
+            print(f"[2/3] pretraining {kind}, seed {seed}", flush=True)
+            run = pretrain(kind, seed)
+            print(f"[3/3] probing {kind}, seed {seed}", flush=True)
+            for key, value in probe(run).items():
+                summary[kind].setdefault(key, []).append(value)
+    return summary
