@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlcd_jax import demo, flag_parsing, records, weights
+from mlcd_jax import demo, demo_runs, flag_parsing, records, weights
 from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.evaluate.probes import PROBES
 from mlcd_jax.labels import assign, stats, store
@@ -120,7 +120,7 @@ def label_store(shards, workdir: pathlib.Path, k: int, l: int) -> pathlib.Path:
 
 def pretrain_and_probe(run: pathlib.Path, labels: pathlib.Path, flags_: list[str]) -> dict:
     if not (run / "result.json").is_file():
-        demo.train(flags_ + [f"--config.data.labels={labels}"])
+        demo_runs.train(flags_ + [f"--config.data.labels={labels}"])
         encoder, step = weights.load_from_workdir(run)
         c = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))  # the run's
         train, test = eval_run.splits_of(c.evals, "config.evals.")

@@ -5,12 +5,14 @@ convert into the same prefix refused."""
 import io
 import json
 import pathlib
+import sys
 import tarfile
+from concurrent import futures
 
 import numpy as np
 import pytest
 
-from mlcd_jax.data import convert, sources, transforms
+from mlcd_jax.data import convert, index as index_lib, sources, transforms
 
 from data_helpers import jpeg, unreadable_files
 
@@ -138,3 +140,26 @@ def test_convert_leaves_out_and_lists_unreadable_files_and_refuses_to_mix_runs(t
     assert convert.main(["--input", str(tmp_path / "imgs"), "--output", out, "--overwrite"]) == 0
     assert len(sources.ArrayRecordSource(f"{out}-*.array_record")) == 7  # not 14
     assert len(convert.existing_shards(out)) == 1
+
+
+def test_index_lines_read_by_many_threads_at_first_use(tmp_path):
+    """grain's reading threads (and evaluate's pool) call `line` on one fresh Index at once: each
+    must get its own record, never a file another thread's first open closed under it (CI once
+    saw 'Bad file descriptor' there). Thread switches forced often, many fresh indexes."""
+    shard = tmp_path / "x-00000.array_record"
+    shard.write_bytes(b"")
+    writer = index_lib.Writer(tmp_path / "x")
+    writer.new_shard()
+    for i in range(64):
+        writer.add(f"key{i}", f"name{i}", None)
+    writer.finish([str(shard)])
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(300):
+            index = index_lib.Index(tmp_path / "x")
+            with futures.ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda r: index.line(r)["key"], range(64)))
+            assert got == [f"key{i}" for i in range(64)]
+    finally:
+        sys.setswitchinterval(interval)

@@ -247,15 +247,19 @@ class Index:
         first = np.concatenate([[0], np.cumsum([s["records"] for s in m["shards"]])])
         self.shards = {s["file"]: (int(f), int(s["records"]), int(s["bytes"]))
                        for s, f in zip(m["shards"], first)}
-        self._offsets = self._file = None
+        self._opened = None  # (offsets, lines file), once read
 
     def line(self, record: int) -> dict:
-        if self._file is None:  # opened lazily: again in each grain worker process
-            self._offsets = np.memmap(self.offsets_path, dtype="<i8", mode="r")
-            self._file = open(self.lines_path, "rb")
-        start, end = int(self._offsets[record]), int(self._offsets[record + 1])
+        opened = self._opened
+        if opened is None:  # opened lazily: again in each grain worker process
+            # One tuple, read once: threads racing here each keep the file they read through
+            # alive (a file replaced under another thread would close its descriptor mid-read).
+            opened = self._opened = (np.memmap(self.offsets_path, dtype="<i8", mode="r"),
+                                     open(self.lines_path, "rb"))
+        offsets, file = opened
+        start, end = int(offsets[record]), int(offsets[record + 1])
         # A positional read: grain's reading threads share this file, never its position.
-        return json.loads(os.pread(self._file.fileno(), end - start, start))
+        return json.loads(os.pread(file.fileno(), end - start, start))
 
     def hashes(self) -> np.ndarray:
         """Every record's key hash (`keys.HASH`), memory-mapped, in record order."""
@@ -286,4 +290,4 @@ class Index:
         return np.asarray(table[records + 1] - table[records])
 
     def __getstate__(self):
-        return self.__dict__ | {"_offsets": None, "_file": None}
+        return self.__dict__ | {"_opened": None}
