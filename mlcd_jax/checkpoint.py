@@ -53,8 +53,24 @@ def _quiet_closed_loop(hook):
     return unraisablehook
 
 
+# Orbax splits a replicated array among its replicas so that several hosts write it at once. For
+# a small array (a norm's scale, a bias, a test's whole model) the split gains nothing and costs a
+# compiled slice program per array shape and a transfer per replica: the tiny trainer compiled 72
+# slice programs at its first save (2.8 s) and took 6.4 s warm instead of 5.2. Arrays whose share
+# per replica is below this are written whole by one replica; large ones are still split.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _use_replica_parallel_for_large_arrays_only() -> None:
+    from orbax.checkpoint._src.metadata import array_metadata_store  # orbax's default; unexported
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store(),
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
+
 class Checkpointer:
     def __init__(self, directory, *, keep: int = 3):
+        _use_replica_parallel_for_large_arrays_only()
         for name in ("absl", "asyncio"):
             if not any(isinstance(f, _OrbaxErrorNoise) for f in logging.getLogger(name).filters):
                 logging.getLogger(name).addFilter(_OrbaxErrorNoise())
