@@ -9,6 +9,7 @@ an array whose checksum differs) is moved aside as `STEP.corrupt` and the next o
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import sys
@@ -61,11 +62,18 @@ def _quiet_closed_loop(hook):
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
+@functools.cache  # once per process
 def _use_replica_parallel_for_large_arrays_only() -> None:
+    from absl import logging as absl_logging
     from orbax.checkpoint._src.metadata import array_metadata_store  # orbax's default; unexported
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-        array_metadata_store=array_metadata_store.Store(),
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # not its "overriding jax.Array" warning
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+            array_metadata_store=array_metadata_store.Store(),
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 class Checkpointer:
