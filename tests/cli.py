@@ -1,11 +1,16 @@
 """The commands as users run them: `python -m mlcd_jax.<module>` in a subprocess on simulated CPU
 devices, and what they wrote (metrics.jsonl, evals.jsonl)."""
 
+import atexit
 import json
 import os
 import pathlib
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # The suite's compilation cache (tests/conftest.py): a command started with this process's
@@ -33,11 +38,88 @@ def command(module: str, *args) -> list[str]:
     return [sys.executable, "-m", module, *map(str, args)]
 
 
+class _CommandServer:
+    """tests/command_server.py, started by this test process when it first runs a command: each
+    command is a child forked from it, with the libraries already imported."""
+
+    # Variables a command may have that differ from the server's: read after the fork (by jax's
+    # backend as it starts, by pytest), none of them at import.
+    PER_COMMAND = ("XLA_FLAGS", "PYTEST_CURRENT_TEST")
+
+    def __init__(self):
+        self.env = env()
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "command_server.py")],
+                                     cwd=REPO, env=self.env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)
+        self.exited, self._pending = {}, b""
+
+    def serves(self, environ: dict) -> bool:
+        def common(e):
+            return {k: v for k, v in e.items() if k not in self.PER_COMMAND}
+        return self.proc.poll() is None and common(environ) == common(self.env)
+
+    def _message(self, deadline: float) -> dict | None:
+        """The server's next message, or None at `deadline`."""
+        while b"\n" not in self._pending:
+            left = deadline - time.time()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            data = os.read(self.proc.stdout.fileno(), 1 << 16)
+            assert data, "tests/command_server.py ended"
+            self._pending += data
+        line, self._pending = self._pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def _until(self, key: str, deadline: float, pid=None) -> dict | None:
+        while True:
+            message = self._message(deadline)
+            if message is None:
+                return None
+            if "exited" in message:
+                self.exited[message["exited"]] = message["returncode"]
+            if key in message and (pid is None or message[key] == pid):
+                return message
+
+    def run(self, module: str, args: list[str], environ: dict, cwd,
+            timeout: float) -> subprocess.CompletedProcess:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = pathlib.Path(tmp, "stdout"), pathlib.Path(tmp, "stderr")
+            request = {"module": module, "args": args, "env": environ, "cwd": str(cwd),
+                       "stdout": str(out), "stderr": str(err)}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+            pid = self._until("started", time.time() + 60)["started"]
+            if pid not in self.exited and not self._until("exited", time.time() + timeout, pid):
+                os.kill(pid, signal.SIGKILL)
+                self._until("exited", time.time() + 60, pid)
+                self.exited.pop(pid, None)
+                raise subprocess.TimeoutExpired(command(module, *args), timeout,
+                                                out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(command(module, *args), self.exited.pop(pid),
+                                               out.read_text(), err.read_text())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+_server = None
+
+
 def run(module: str, *args, devices: int = 8, expect: int | None = 0, timeout: int = 600,
         cwd=REPO) -> subprocess.CompletedProcess:
-    """Run `python -m module args`; with `expect`, assert its exit status (stderr on failure)."""
-    result = subprocess.run(command(module, *args), cwd=cwd, env=env(devices),
-                            capture_output=True, text=True, timeout=timeout)
+    """Run `python -m module args`; with `expect`, assert its exit status (stderr on failure).
+    Forked from the command server when the environment allows (see _CommandServer)."""
+    global _server
+    if _server is None:
+        _server = _CommandServer()
+        atexit.register(_server.close)
+    environ = env(devices)
+    if _server.serves(environ):
+        result = _server.run(module, [str(a) for a in args], environ, cwd, timeout)
+    else:
+        result = subprocess.run(command(module, *args), cwd=cwd, env=environ,
+                                capture_output=True, text=True, timeout=timeout)
     if expect is not None:
         assert result.returncode == expect, (result.returncode, result.stderr[-3000:])
     return result
@@ -62,13 +144,12 @@ def losses(workdir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(workdir)}
 
 
-def sigterm_after(module: str, *args, workdir, lines: int = 20, timeout: int = 300) -> str:
+def sigterm_after(module: str, *args, workdir, lines: int = 20, timeout: int = 300,
+                  devices: int = 8) -> str:
     """Run `python -m module args`, send SIGTERM once `workdir`/metrics.jsonl has `lines` lines
     (a preemption mid-run), and return its stdout after asserting it saved and exited cleanly."""
-    import signal
-    import time
-    proc = subprocess.Popen(command(module, *args), cwd=REPO, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command(module, *args), cwd=REPO, env=env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = pathlib.Path(workdir) / "metrics.jsonl"
     deadline = time.time() + timeout
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= lines):
