@@ -151,6 +151,9 @@ def _gpu_devices(name: str, kind: str, hosts: int, per_host: int):
 
 
 def _tpu_devices(name: str):
+    # A topology uses no chip, so libtpu's one-process-per-machine lockfile need not stop a second
+    # plan (or tests, or a sweep of plans) running beside this one.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
         with platform.quiet_native_logs():

@@ -4,6 +4,7 @@ count. GPUs: tests/test_plan_gpu.py."""
 
 import dataclasses
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -58,6 +59,27 @@ def test_a_recipe_that_does_not_fit_says_which_knob_helps(tmp_path):
     assert not big["fits"] and "DOES NOT FIT" in text
     assert (any("fsdp" in tip for tip in big["advice"])
             and any("devices" in tip for tip in big["advice"]))
+
+
+@pytest.mark.slow
+def test_plans_while_another_process_holds_libtpu(tmp_path):
+    """libtpu lets one process per machine hold its lockfile; a plan uses no chip, so it runs
+    beside another holder (a second plan, a sweep of plans, a test run) instead of failing."""
+    env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+    hold = ("from jax.experimental import topologies; "
+            "topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2'); "
+            "print('holding', flush=True); import sys; sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=REPO, env=env | {
+        "JAX_PLATFORMS": "cpu"}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        assert pathlib.Path("/tmp/libtpu_lockfile").exists()
+        planned, _ = plan(tmp_path, "v5e:2x2")
+        assert planned["devices"] == 4
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
 
 
 @pytest.mark.slow
