@@ -51,7 +51,7 @@ class _CommandServer:
         self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "command_server.py")],
                                      cwd=REPO, env=self.env, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE)
-        self.exited, self._pending = {}, b""
+        self._pending = b""
 
     def serves(self, environ: dict) -> bool:
         def common(e):
@@ -71,13 +71,11 @@ class _CommandServer:
         return json.loads(line)
 
     def _until(self, key: str, deadline: float, pid=None) -> dict | None:
+        """The next message with `key` (for `pid`), or None at `deadline`. The server says a
+        child started before it says it exited, and a test runs one command at a time."""
         while True:
             message = self._message(deadline)
-            if message is None:
-                return None
-            if "exited" in message:
-                self.exited[message["exited"]] = message["returncode"]
-            if key in message and (pid is None or message[key] == pid):
+            if message is None or (key in message and pid in (None, message[key])):
                 return message
 
     def run(self, module: str, args: list[str], environ: dict, cwd,
@@ -89,13 +87,13 @@ class _CommandServer:
             self.proc.stdin.write((json.dumps(request) + "\n").encode())
             self.proc.stdin.flush()
             pid = self._until("started", time.time() + 60)["started"]
-            if pid not in self.exited and not self._until("exited", time.time() + timeout, pid):
+            exited = self._until("exited", time.time() + timeout, pid)
+            if exited is None:
                 os.kill(pid, signal.SIGKILL)
                 self._until("exited", time.time() + 60, pid)
-                self.exited.pop(pid, None)
                 raise subprocess.TimeoutExpired(command(module, *args), timeout,
                                                 out.read_text(), err.read_text())
-            return subprocess.CompletedProcess(command(module, *args), self.exited.pop(pid),
+            return subprocess.CompletedProcess(command(module, *args), exited["returncode"],
                                                out.read_text(), err.read_text())
 
     def close(self):
