@@ -18,8 +18,9 @@ smoke=()
 status=0
 if [ -n "${DRY_RUN:-}" ]; then
   smoke=(--smoke)
-  # Toy programs compile twice as fast without XLA:CPU's expensive optimizations.
-  export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  # Toy programs compile twice as fast without XLA:CPU's expensive optimizations and its MLIR
+  # fusion emitters (the step part's dry run: 54 → 35 s).
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
   echo "dry run: toy sizes on $("$py" -c 'import mlcd_jax, jax; print(jax.default_backend())')"
 else
   if [ -d .whl ]; then

@@ -19,10 +19,11 @@ CACHE = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SEC
          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES")
 
 
-# The pytest processes' LLVM at -O0 (tests/conftest.py): the same programs (XLA's HLO passes
-# unchanged), compiled faster. Not for the commands tests start: their steps, evaluations and LiT
-# ran slower at -O0 than their compiles gained (docs/testing.md).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# The pytest processes' code generation (tests/conftest.py): LLVM at -O0 and XLA's elemental
+# emitters instead of its MLIR fusion emitters. The same programs (XLA's HLO passes unchanged),
+# compiled faster. Not for the commands tests start: their steps, evaluations and LiT ran slower
+# at -O0 than their compiles gained, and they compile as users' do (docs/testing.md).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def xla_flags(devices: int = 8) -> str:
