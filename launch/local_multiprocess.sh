@@ -6,9 +6,9 @@
 #   launch/local_multiprocess.sh -n 2 -- python -m mlcd_jax.train --config=configs/test_tiny.py --workdir=/tmp/mp
 #
 # Every process runs CMD with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set
-# (mlcd_jax/distributed.py reads them), JAX_PLATFORMS=cpu and -d simulated devices. Process 0
-# prints to this terminal; every process's output goes to DIR/process_<i>.log (default: a temporary
-# folder). If any process fails, the others are stopped and the first failure's exit code is returned.
+# (mlcd_jax/distributed.py reads them), JAX_PLATFORMS=cpu and -d simulated devices (added to the
+# caller's XLA_FLAGS, which are kept). Process 0 prints to this terminal; every process's output
+# goes to DIR/process_<i>.log (default: a temporary folder). If any process fails, the others are stopped and the first failure's exit code is returned.
 set -euo pipefail
 
 usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
@@ -33,11 +33,12 @@ logs="${logs:-$(mktemp -d -t mlcd_mp.XXXXXX)}"
 
 env_for() {
   echo "JAX_COORDINATOR_ADDRESS=127.0.0.1:$port JAX_NUM_PROCESSES=$n JAX_PROCESS_ID=$1" \
-       "JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=$devices"
+       "JAX_PLATFORMS=cpu"
 }
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
 if [[ $dry_run == 1 ]]; then
   for ((i = 0; i < n; i++)); do
-    echo "env $(env_for "$i") $(printf '%q ' "$@")> $logs/process_$i.log 2>&1 &"
+    echo "env $(env_for "$i") XLA_FLAGS=$(printf '%q' "$XLA_FLAGS") $(printf '%q ' "$@")> $logs/process_$i.log 2>&1 &"
   done
   exit 0
 fi

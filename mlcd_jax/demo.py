@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -75,7 +74,7 @@ def lit(workdir: pathlib.Path, name: str, model: pathlib.Path, overrides=()) -> 
     run = workdir / f"lit_{name}"
     subprocess.run([sys.executable, "-m", "mlcd_jax.lit", f"--config={LIT_CONFIG}",
                     f"--workdir={run}", f"--config.image.model={model}", *overrides],
-                   check=True, env=os.environ | demo_runs.ENV, cwd=REPO)
+                   check=True, env=demo_runs.env(), cwd=REPO)
     return reporting.read_jsonl(run / "evals.jsonl")[-1]
 
 

@@ -9,13 +9,19 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # 8 devices on a CPU
+
+
+def env() -> dict:
+    """This process's environment with 8 simulated CPU devices added to its XLA_FLAGS (a user's
+    own XLA flags are kept)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    return os.environ | {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip()}
 
 
 def train(flags: list[str]) -> None:
     """`python -m mlcd_jax.train` with `flags`, on 8 simulated devices."""
-    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True,
-                   env=os.environ | ENV, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True, env=env(),
+                   cwd=REPO)
 
 
 def sweep(kinds, seeds: int, pretrain, probe) -> dict:

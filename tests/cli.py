@@ -21,14 +21,17 @@ CACHE = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SEC
 
 # The pytest processes' code generation (tests/conftest.py): LLVM at -O0 and XLA's elemental
 # emitters instead of its MLIR fusion emitters. The same programs (XLA's HLO passes unchanged),
-# compiled faster. Not for the commands tests start: their steps, evaluations and LiT ran slower
-# at -O0 than their compiles gained, and they compile as users' do (docs/testing.md).
+# compiled faster; their test-sized inputs run in no time.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# The commands': LLVM at -O1. Half their CPU time was XLA compiling programs no other test had
+# compiled; at -O1 a cold tiny train or LiT compiles ~25 % faster and their steps run as fast as
+# at -O2, where at -O0 LiT's steps ran 1.6x slower (docs/testing.md).
+COMMAND_COMPILE = "--xla_backend_optimization_level=1"
 
 
-def xla_flags(devices: int = 8) -> str:
+def xla_flags(devices: int = 8, compile: str = COMMAND_COMPILE) -> str:
     """XLA_FLAGS of the commands tests start: `devices` simulated CPU devices."""
-    return f"--xla_force_host_platform_device_count={devices}"
+    return f"--xla_force_host_platform_device_count={devices} {compile}"
 
 
 def env(devices: int = 8) -> dict:

@@ -8,6 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
+import cli
+
 ENCODERS = {"raw_pixels", "random_init", "single_label", "mlcd", "teacher"}
 
 
@@ -17,7 +19,7 @@ def test_demo_end_to_end_shortened(tmp_path):
         [sys.executable, "-m", "mlcd_jax.demo", f"--workdir={tmp_path}",
          "--override=--config.total_steps=6", "--override=--config.evals.every=3",
          "--lit_override=--config.total_steps=4", "--lit_override=--config.evals.every=2"],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900, env=cli.env())
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads((tmp_path / "results.json").read_text())
     assert set(out) == {"linear_probe", "knn", "zero_shot", "retrieval", "wall_s"}

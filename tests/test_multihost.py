@@ -16,7 +16,7 @@ import pytest
 from mlcd_jax import distributed, keys
 from mlcd_jax.labels import store
 
-from cli import CACHE, xla_flags
+from cli import CACHE, COMMAND_COMPILE, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
@@ -54,7 +54,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
     train = [a.replace("configs/test_tiny.py", "configs/test_tiny.py" + arg) for a in TRAIN]
     run(train + [f"--workdir={one}"], XLA_FLAGS=xla_flags(8))
     out = run(["bash", str(LAUNCH), "-n", "2", "-d", "4", "--logs", str(tmp_path / "logs"), "--",
-               *train, f"--workdir={two}"])
+               *train, f"--workdir={two}"], XLA_FLAGS=COMMAND_COMPILE)
     assert "on 8 devices" in out.stdout  # one mesh over both processes' devices
     logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
     assert "step 4/4" in logs[0] and "step 4/4" not in logs[1]  # only process 0 reports
@@ -95,7 +95,7 @@ def test_assign_split_over_two_processes_writes_the_same_store(tmp_path, backend
               f"--centers={tmp_path / 'centers.npy'}", "--num_labels=3", f"--backend={backend}"]
     run(assign + [f"--out={tmp_path / 'one'}"])
     run(["bash", str(LAUNCH), "-n", "2", "-d", str(devices), "--logs", str(tmp_path / "logs"),
-         "--", *assign, f"--out={tmp_path / 'two'}"])
+         "--", *assign, f"--out={tmp_path / 'two'}"], XLA_FLAGS=COMMAND_COMPILE)
     logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
     assert "assign (process 0)" in logs[0] and "assign (process 1)" in logs[1]
     np.testing.assert_array_equal(np.load(tmp_path / "two" / "labels.npy"),
@@ -116,7 +116,8 @@ def test_assign_split_over_two_processes_writes_the_same_store(tmp_path, backend
                        f"--embeddings={tmp_path / 'emb'}", "--num_centers=10", "--niter=3",
                        "--two_level=2", "--init=kmeans++", "--points_per_center=100",
                        "--num_labels=3", "--backend=jax", f"--out={tmp_path / out}"]
-            run(command if n == 1 else ["bash", str(LAUNCH), "-n", "2", "-d", "2", "--", *command])
+            run(command if n == 1 else ["bash", str(LAUNCH), "-n", "2", "-d", "2", "--", *command],
+                XLA_FLAGS=COMMAND_COMPILE)
             clustered[n] = np.load(tmp_path / out / "labels.npy")
         assert (clustered[1] == clustered[2]).mean() >= 0.999
 
@@ -175,7 +176,7 @@ def test_lit_is_one_job_over_two_processes_and_sigterm_on_both_resumes_exactly(t
                                [reference[s] for s in range(1, saved + 1)], rtol=1e-5)
 
     out = run(["bash", str(LAUNCH), "-n", "2", "-d", "4", "--logs", str(tmp_path / "logs"), "--",
-               *lit_command(two, encoder)])
+               *lit_command(two, encoder)], XLA_FLAGS=COMMAND_COMPILE)
     assert f"resuming at step {saved}" in out.stdout and "8 devices" in out.stdout
     np.testing.assert_allclose([losses(two)[s] for s in range(1, 61)],
                                [reference[s] for s in range(1, 61)], rtol=1e-5)
