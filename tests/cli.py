@@ -34,8 +34,8 @@ def xla_flags(devices: int = 8, compile: str = COMMAND_COMPILE) -> str:
     return f"--xla_force_host_platform_device_count={devices} {compile}"
 
 
-def env(devices: int = 8) -> dict:
-    return os.environ | {"XLA_FLAGS": xla_flags(devices), "JAX_PLATFORMS": "cpu"}
+def env(devices: int = 8, compile: str = COMMAND_COMPILE) -> dict:
+    return os.environ | {"XLA_FLAGS": xla_flags(devices, compile), "JAX_PLATFORMS": "cpu"}
 
 
 def command(module: str, *args) -> list[str]:
@@ -109,14 +109,15 @@ _server = None
 
 
 def run(module: str, *args, devices: int = 8, expect: int | None = 0, timeout: int = 600,
-        cwd=REPO) -> subprocess.CompletedProcess:
+        cwd=REPO, compile: str = COMMAND_COMPILE) -> subprocess.CompletedProcess:
     """Run `python -m module args`; with `expect`, assert its exit status (stderr on failure).
-    Forked from the command server when the environment allows (see _CommandServer)."""
+    Forked from the command server when the environment allows (see _CommandServer).
+    `compile`: XLA's code generation flags ("": XLA's defaults)."""
     global _server
     if _server is None:
         _server = _CommandServer()
         atexit.register(_server.close)
-    environ = env(devices)
+    environ = env(devices, compile)
     if _server.serves(environ):
         result = _server.run(module, [str(a) for a in args], environ, cwd, timeout)
     else:
