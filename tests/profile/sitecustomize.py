@@ -21,37 +21,37 @@ if os.environ.get("MLCD_PROFILE"):
 
     _events: dict = {}
     _programs: dict = {}  # program name: [seconds compiling, compiles, cache reads]
-    _read = [False]       # jax times a cache read inside the compile that follows it
+    _read = False         # jax times a cache read inside the compile event that follows it
     _start = time.time()
 
     def _listen(event, duration, fun_name=None, **_):
+        global _read
         total, count = _events.get(event, (0.0, 0))
         _events[event] = (total + duration, count + 1)
         if event == "/jax/compilation_cache/cache_retrieval_time_sec":
-            _read[0] = True
+            _read = True
         elif event == "/jax/core/compile/backend_compile_duration":
             program = _programs.setdefault(fun_name or "?", [0.0, 0, 0])
-            if _read[0]:
+            if _read:
                 program[2] += 1
             else:
                 program[0] += duration
                 program[1] += 1
-            _read[0] = False
+            _read = False
 
     def _write():
         t = os.times()  # a forked child's start at zero
         line = {"pid": os.getpid(), "argv": sys.argv[:3], "wall": time.time() - _start,
                 "cpu": t.user + t.system, "events": _events, "programs": _programs,
-                "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
-                "worker": os.environ.get("PYTEST_XDIST_WORKER", "")}
+                "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]}
         with open(os.environ["MLCD_PROFILE"], "a") as f:  # one short write per process
             f.write(json.dumps(line) + "\n")
 
     def _forked():  # a command forked from the command server counts its own events
-        global _start
+        global _start, _read
         _events.clear()
         _programs.clear()
-        _start = time.time()
+        _start, _read = time.time(), False
 
     jax.monitoring.register_event_duration_secs_listener(_listen)
     os.register_at_fork(after_in_child=_forked)
