@@ -13,6 +13,7 @@ import functools
 import logging
 import pathlib
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +85,12 @@ class Checkpointer:
                 logging.getLogger(name).addFilter(_OrbaxErrorNoise())
         if not getattr(sys.unraisablehook, "quiet", False):
             sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+        # A failed write makes orbax drop the writes it had queued beside it (its
+        # `write_fragment` coroutines) unawaited; Python warns of each when it is collected, after
+        # the one-line error. This package runs no coroutines of its own. Set on every
+        # Checkpointer: `warnings.catch_warnings` (pytest's too) restores the filters on exit.
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                                category=RuntimeWarning)
         self.directory = pathlib.Path(directory).absolute()
         self._saving = None  # the step of the last save started
         self.manager = ocp.CheckpointManager(
