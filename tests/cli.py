@@ -27,6 +27,15 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters
 # compiled; at -O1 a cold tiny train or LiT compiles ~25 % faster and their steps run as fast as
 # at -O2, where at -O0 LiT's steps ran 1.6x slower (docs/testing.md).
 COMMAND_COMPILE = "--xla_backend_optimization_level=1"
+# The trainer's: FAST_COMPILE. The suite's trainings are a few steps of the micro model, where
+# compiling is most of a run (a cold 10-step run of configs/test_tiny.py:regions: 19-22 → 10
+# CPU-s); LiT's 150-step runs, the evaluators and the demos do more work per program and stay at
+# -O1 (docs/testing.md).
+TRAIN_COMPILE = FAST_COMPILE
+
+
+def compile_for(module: str) -> str:
+    return TRAIN_COMPILE if module == "mlcd_jax.train" else COMMAND_COMPILE
 
 
 def xla_flags(devices: int = 8, compile: str = COMMAND_COMPILE) -> str:
@@ -109,15 +118,15 @@ _server = None
 
 
 def run(module: str, *args, devices: int = 8, expect: int | None = 0, timeout: int = 600,
-        cwd=REPO, compile: str = COMMAND_COMPILE) -> subprocess.CompletedProcess:
+        cwd=REPO, compile: str | None = None) -> subprocess.CompletedProcess:
     """Run `python -m module args`; with `expect`, assert its exit status (stderr on failure).
     Forked from the command server when the environment allows (see _CommandServer).
-    `compile`: XLA's code generation flags ("": XLA's defaults)."""
+    `compile`: XLA's code generation flags ("": XLA's defaults; None: compile_for(module))."""
     global _server
     if _server is None:
         _server = _CommandServer()
         atexit.register(_server.close)
-    environ = env(devices, compile)
+    environ = env(devices, compile_for(module) if compile is None else compile)
     if _server.serves(environ):
         result = _server.run(module, [str(a) for a in args], environ, cwd, timeout)
     else:
@@ -151,7 +160,8 @@ def sigterm_after(module: str, *args, workdir, lines: int = 20, timeout: int = 3
                   devices: int = 8) -> str:
     """Run `python -m module args`, send SIGTERM once `workdir`/metrics.jsonl has `lines` lines
     (a preemption mid-run), and return its stdout after asserting it saved and exited cleanly."""
-    proc = subprocess.Popen(command(module, *args), cwd=REPO, env=env(devices),
+    proc = subprocess.Popen(command(module, *args), cwd=REPO,
+                            env=env(devices, compile_for(module)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = pathlib.Path(workdir) / "metrics.jsonl"
     deadline = time.time() + timeout

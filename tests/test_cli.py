@@ -14,8 +14,9 @@ def test_a_forked_command_is_the_command_started_afresh(tmp_path):
     mistake = ("mlcd_jax.train", "--config=configs/test_tiny.py", f"--workdir={tmp_path}",
                "--config.data.source=folder")
     forked = cli.run(*mistake, expect=None)
-    assert cli._server.serves(cli.env())  # it went through the server
-    afresh = subprocess.run(cli.command(*mistake), cwd=cli.REPO, env=cli.env(),
+    environ = cli.env(compile=cli.compile_for(mistake[0]))  # the forked command's
+    assert cli._server.serves(environ)  # it went through the server
+    afresh = subprocess.run(cli.command(*mistake), cwd=cli.REPO, env=environ,
                             capture_output=True, text=True, timeout=300)
     assert (forked.returncode, forked.stdout, forked.stderr) == (
         afresh.returncode, afresh.stdout, afresh.stderr) == (

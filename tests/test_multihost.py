@@ -16,7 +16,7 @@ import pytest
 from mlcd_jax import distributed, keys
 from mlcd_jax.labels import store
 
-from cli import CACHE, COMMAND_COMPILE, xla_flags
+from cli import CACHE, COMMAND_COMPILE, TRAIN_COMPILE, xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch" / "local_multiprocess.sh"
@@ -52,9 +52,9 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
     every head's loss, step by step."""
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     train = [a.replace("configs/test_tiny.py", "configs/test_tiny.py" + arg) for a in TRAIN]
-    run(train + [f"--workdir={one}"], XLA_FLAGS=xla_flags(8))
+    run(train + [f"--workdir={one}"], XLA_FLAGS=xla_flags(8, TRAIN_COMPILE))
     out = run(["bash", str(LAUNCH), "-n", "2", "-d", "4", "--logs", str(tmp_path / "logs"), "--",
-               *train, f"--workdir={two}"], XLA_FLAGS=COMMAND_COMPILE)
+               *train, f"--workdir={two}"], XLA_FLAGS=TRAIN_COMPILE)
     assert "on 8 devices" in out.stdout  # one mesh over both processes' devices
     logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
     assert "step 4/4" in logs[0] and "step 4/4" not in logs[1]  # only process 0 reports
@@ -71,7 +71,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes_in_one(tmp_pa
     shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "4")
     out = run(train + [f"--workdir={resumed}"],
-              XLA_FLAGS=xla_flags(8))
+              XLA_FLAGS=xla_flags(8, TRAIN_COMPILE))
     assert "resuming at step 2" in out.stdout
     for key in ("loss", *(f"{name}/loss" for name in heads)):
         np.testing.assert_allclose([losses(resumed, key)[s] for s in (3, 4)],

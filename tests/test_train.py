@@ -17,7 +17,7 @@ from flax import nnx
 
 from mlcd_jax import checkpoint, config as config_lib, mesh as mesh_lib, validation
 
-from cli import REPO, env, losses, records, run, sigterm_after, train, train_args
+from cli import REPO, TRAIN_COMPILE, env, losses, records, run, sigterm_after, train, train_args
 
 slow = pytest.mark.slow  # runs the trainer in a subprocess
 
@@ -204,7 +204,8 @@ def test_torn_metrics_line_and_failing_logs_do_not_stop_training(tmp_path):
 def test_second_trainer_on_a_workdir_is_refused(tmp_path):
     first = subprocess.Popen(command(tmp_path, "--config.total_steps=100000",
                                      "--config.log_every=1"),
-                             cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             cwd=REPO, env=env(compile=TRAIN_COMPILE), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 300
         while not ((tmp_path / "metrics.jsonl").exists() and losses(tmp_path)):
@@ -227,7 +228,8 @@ def test_failed_save_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
     of it would depend on which tests ran before. Under `make coverage` the command is not
     measured: coverage could not write its data file under the limit either."""
     limited = " ".join(command(tmp_path))
-    environ = {k: v for k, v in env().items() if not k.startswith("COVERAGE_PROCESS_")}
+    environ = {k: v for k, v in env(compile=TRAIN_COMPILE).items()
+               if not k.startswith("COVERAGE_PROCESS_")}
     result = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 20; exec {limited}"],
                             cwd=REPO, env=environ | {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
                                                      "1e9"},
@@ -354,9 +356,9 @@ def test_periodic_evals_match_the_standalone_evaluator(tmp_path):
     evals = records(tmp_path, "evals.jsonl")
     assert [e["step"] for e in evals] == [4, 6]  # every 4 steps, and after the last
     # The same checkpoint through `python -m mlcd_jax.evaluate`: same splits, same sharded
-    # features, same probes, so the same accuracies.
+    # features, same probes, compiled as the trainer's were, so the same accuracies.
     run("mlcd_jax.evaluate", f"--model={tmp_path}", "--step=6", "--dataset=digits",
-        f"--out={tmp_path / 'e.json'}", "--no-pixels")
+        f"--out={tmp_path / 'e.json'}", "--no-pixels", compile=TRAIN_COMPILE)
     standalone = json.loads((tmp_path / "e.json").read_text())
     assert "step 6" in standalone["model"]
     for probe in ("knn", "linear_probe"):

@@ -12,11 +12,12 @@ and cache reads, and writes one JSON line per process at exit."""
 import os
 
 if os.environ.get("MLCD_PROFILE"):
-    import atexit
+    import atexit  # noqa: I001  (mlcd_jax before jax, as every command imports them)
     import json
     import sys
     import time
 
+    import mlcd_jax  # noqa: F401  (it starts jax quietly)
     import jax.monitoring
 
     _events: dict = {}
