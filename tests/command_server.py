@@ -20,12 +20,12 @@ import select
 import sys
 
 # Libraries only: a command's own module (train, lit, plan, ablate, …) defines its absl flags as
-# __main__, and must run from scratch in the child. The last four are imported by the package
-# only where they are used (scikit-learn's digits and probes: ~1.4 s; faiss, pyarrow).
+# __main__, and must run from scratch in the child. The last two are imported by the package
+# only where they are used (scikit-learn's probes: ~1.4 s; pyarrow).
 PRELOAD = ("mlcd_jax.loop", "mlcd_jax.step", "mlcd_jax.weights", "mlcd_jax.data.input",
            "mlcd_jax.evaluate.run", "mlcd_jax.features", "mlcd_jax.labels.embed",
            "mlcd_jax.models.text", "mlcd_jax.data.tokenizer", "mlcd_jax.labels.assign",
-           "sklearn.datasets", "sklearn.linear_model", "pyarrow.parquet")
+           "sklearn.linear_model", "pyarrow.parquet")
 
 
 def run_child(request: dict) -> None:

@@ -2,8 +2,6 @@
 documented shape. The full run's numbers are in README.md (`make demo`)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -15,12 +13,10 @@ ENCODERS = {"raw_pixels", "random_init", "single_label", "mlcd", "teacher"}
 
 @pytest.mark.slow
 def test_demo_end_to_end_shortened(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "mlcd_jax.demo", f"--workdir={tmp_path}",
-         "--override=--config.total_steps=6", "--override=--config.evals.every=3",
-         "--lit_override=--config.total_steps=4", "--lit_override=--config.evals.every=2"],
-        capture_output=True, text=True, timeout=900, env=cli.env())
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = cli.run("mlcd_jax.demo", f"--workdir={tmp_path}",
+                     "--override=--config.total_steps=6", "--override=--config.evals.every=3",
+                     "--lit_override=--config.total_steps=4",
+                     "--lit_override=--config.evals.every=2", timeout=900)
     out = json.loads((tmp_path / "results.json").read_text())
     assert set(out) == {"linear_probe", "knn", "zero_shot", "retrieval", "wall_s"}
     for probe in ("linear_probe", "knn"):

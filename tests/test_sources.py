@@ -1,5 +1,5 @@
-"""Data sources (mlcd_jax/data/sources.py): tfds captions, the demo's digit canvases, a damaged
-ArrayRecord file named, a caption that is not UTF-8."""
+"""Data sources (mlcd_jax/data/sources.py): scikit-learn's digits, tfds captions, the demo's digit
+canvases, a damaged ArrayRecord file named, a caption that is not UTF-8."""
 
 import numpy as np
 import pytest
@@ -44,6 +44,20 @@ class CaptionedSquares(tfds.core.GeneratorBasedBuilder):
         assert src[0]["image"].shape == (20, 24, 3) and src[0]["label"] == -1
     assert len(got) == 6 and got == expected and any(got)
     assert all(isinstance(t, str) for row in got for t in row)
+
+
+def test_digits_are_scikit_learns_without_importing_it(monkeypatch):
+    """The bundled file read directly, and scikit-learn's own loader where it has moved: both
+    give what `sklearn.datasets.load_digits` gives."""
+    from sklearn.datasets import load_digits
+    reference = load_digits()
+    images, classes = sources.load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(classes, reference.target)
+    monkeypatch.setattr(sources.pathlib.Path, "is_file", lambda self: False)
+    images, classes = sources.load_digits()
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(classes, reference.target)
 
 
 def test_digits_canvas_makes_raw_pixels_weak():
