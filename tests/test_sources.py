@@ -49,9 +49,11 @@ class CaptionedSquares(tfds.core.GeneratorBasedBuilder):
 def test_digits_are_scikit_learns_without_importing_it(monkeypatch):
     """The bundled file read directly, and scikit-learn's own loader where it has moved: both
     give what `sklearn.datasets.load_digits` gives."""
-    from sklearn.datasets import load_digits
-    reference = load_digits()
-    images, classes = sources.load_digits()
+    import sklearn.datasets
+    reference = sklearn.datasets.load_digits()
+    with monkeypatch.context() as patch:  # the direct read must not fall back
+        patch.setattr(sklearn.datasets, "load_digits", lambda: pytest.fail("fell back"))
+        images, classes = sources.load_digits()
     np.testing.assert_array_equal(images, reference.images)
     np.testing.assert_array_equal(classes, reference.target)
     monkeypatch.setattr(sources.pathlib.Path, "is_file", lambda self: False)

@@ -125,7 +125,7 @@ class Subset(_Keyed):
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: images (1797, 8, 8) of values 0..16 and their classes, read from
-    the file scikit-learn bundles without importing scikit-learn (~1.5 s in every command that
+    the file scikit-learn bundles without importing scikit-learn (~1 CPU-s in every command that
     reads them: each of the demo's); its own `load_digits` where that file has moved."""
     import importlib.util
     spec = importlib.util.find_spec("sklearn")
