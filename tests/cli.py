@@ -22,11 +22,15 @@ CACHE = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SEC
 # The pytest processes' code generation (tests/conftest.py): LLVM at -O0 and XLA's elemental
 # emitters instead of its MLIR fusion emitters. The same programs (XLA's HLO passes unchanged),
 # compiled faster; their test-sized inputs run in no time.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+# Both: one LLVM module per program (XLA splits it into up to 32 to compile them in parallel; with
+# both cores busy that only adds each part's own pipeline: ~10 % of compiling, docs/testing.md).
+ONE_MODULE = "--xla_cpu_parallel_codegen_split_count=1"
+FAST_COMPILE = (f"--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+                f"{ONE_MODULE}")
 # The commands': LLVM at -O1. Half their CPU time was XLA compiling programs no other test had
 # compiled; at -O1 a cold tiny train or LiT compiles ~25 % faster and their steps run as fast as
 # at -O2, where at -O0 LiT's steps ran 1.6x slower (docs/testing.md).
-COMMAND_COMPILE = "--xla_backend_optimization_level=1"
+COMMAND_COMPILE = f"--xla_backend_optimization_level=1 {ONE_MODULE}"
 # The trainer's: FAST_COMPILE. The suite's trainings are a few steps of the micro model, where
 # compiling is most of a run (a cold 10-step run of configs/test_tiny.py:regions: 19-22 → 10
 # CPU-s); LiT's 150-step runs, the evaluators and the demos do more work per program and stay at

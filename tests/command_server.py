@@ -13,6 +13,7 @@ fork, and {"exited": pid, "returncode": rc} when a child ends (-N: killed by sig
 EOF on stdin.
 """
 
+import gc
 import json
 import os
 import runpy
@@ -52,6 +53,10 @@ def send(message: dict) -> None:
 def serve() -> None:
     for name in PRELOAD:
         __import__(name)
+    # The imported objects out of the garbage collector's reach: a child's collections would
+    # otherwise walk all of them, writing to (and so copying) every page of the server's heap.
+    # Four forked 10-step tiny trainings: 13.7-18.6 s without, 9.7-12.0 s with.
+    gc.freeze()
     pending, children = b"", 0
     while True:
         readable, _, _ = select.select([0], [], [], 0.02)
