@@ -20,8 +20,8 @@ import glob
 import importlib.util
 import os
 import re
+import subprocess
 import sys
-import tempfile
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -134,23 +134,47 @@ def choose() -> None:
 @contextlib.contextmanager
 def quiet_native_logs():
     """Run a block with the process's stderr (file descriptor 2, where native libraries write)
-    captured, then pass on every line but the NOISE. Python exceptions propagate as usual."""
+    sent through a filter that passes on every line but the NOISE. Python exceptions propagate as
+    usual.
+
+    The filter is a process of its own, reading a pipe: when a native library aborts this process
+    inside the block (a compiler's failed check, as libtpu's on some programs), what it printed
+    before dying still reaches stderr once the pipe closes, instead of dying with it."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
     except (OSError, ValueError):  # no real stderr (an embedding host): nothing to filter
         yield
         return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
+    read, write = os.pipe()
+    try:
+        # -I -S: the standard library only, nothing from the environment or site-packages.
+        filter_ = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, NOISE.pattern],
+                                   stdin=read, stdout=saved, stderr=saved)
+    except OSError:  # cannot start a process: unfiltered
+        os.close(read), os.close(write), os.close(saved)
+        yield
+        return
+    os.close(read)
+    os.dup2(write, 2)
+    os.close(write)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes our end of the pipe: the filter reads to its end and exits
+        os.close(saved)
         try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines()
-                    if not NOISE.search(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr, flush=True)
+            filter_.wait(timeout=60)  # a process started in the block may hold the pipe open
+        except subprocess.TimeoutExpired:
+            filter_.kill()
+
+
+# The filter: stdin to stdout, line by line, without the lines matching argv[1].
+_FILTER = """import re, sys
+noise = re.compile(sys.argv[1])
+for line in sys.stdin.buffer:
+    if not noise.search(line.decode(errors="replace")):
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+"""

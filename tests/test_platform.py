@@ -3,6 +3,7 @@ program is compiled for, not the machine that compiles it), and a CPU machine's 
 with libtpu and the CUDA plugin installed."""
 
 import os
+import signal
 import subprocess
 import sys
 import types
@@ -75,6 +76,24 @@ def test_native_noise_is_filtered_and_everything_else_passes(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["a real problem", "after"]
+
+
+def test_a_native_abort_inside_the_block_still_shows_what_it_printed():
+    """A native library that prints its failed check and aborts the process inside the block (as
+    libtpu's compiler did on a plan): its line reaches stderr, the noise does not, the process
+    ends by SIGABRT; before, the line died in a temporary file and the plan ended without a word."""
+    script = (
+        "import os\n"
+        "from mlcd_jax import platform\n"
+        "with platform.quiet_native_logs():\n"
+        "    os.write(2, b'I0000 00:00 1 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
+        "    os.write(2, b'F0000 scatter_emitter.cc:3005] Check failed: operand_indices\\n')\n"
+        "    os.abort()\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -signal.SIGABRT, (done.returncode, done.stderr)
+    assert "scatter_emitter.cc:3005] Check failed: operand_indices" in done.stderr
+    assert "cuda drivers" not in done.stderr
 
 
 def test_noise_patterns_name_what_libtpu_and_cuda_print():
