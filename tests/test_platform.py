@@ -60,20 +60,23 @@ def test_without_a_platform_auto_resolves_for_this_process():
     assert platform.labels_backend("auto") == "faiss"
 
 
+def quiet_block(*lines: str) -> subprocess.CompletedProcess:
+    """A Python process that writes the noise line and then `lines` of code inside the block."""
+    script = "\n".join((
+        "import os, sys", "from mlcd_jax import platform", "with platform.quiet_native_logs():",
+        "    os.write(2, b'I0000 00:00 1 cudart_stub.cc:31] Could not find cuda drivers\\n')",
+        *lines))
+    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
 def test_native_noise_is_filtered_and_everything_else_passes(tmp_path):
     """Lines written to file descriptor 2 (as native libraries write) inside the block: the
     known noise is dropped, any other line reaches stderr."""
-    script = (
-        "import os, sys\n"
-        "from mlcd_jax import platform\n"
-        "with platform.quiet_native_logs():\n"
-        "    os.write(2, b'I0000 00:00 1 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
-        "    os.write(2, b'WARNING: All log messages before absl::InitializeLog() is called "
-        "are written to STDERR\\n')\n"
-        "    os.write(2, b'a real problem\\n')\n"
-        "print('after', file=sys.stderr)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = quiet_block("    os.write(2, b'WARNING: All log messages before absl::InitializeLog() "
+                       "is called are written to STDERR\\n')",
+                       "    os.write(2, b'a real problem\\n')",
+                       "print('after', file=sys.stderr)")
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["a real problem", "after"]
 
@@ -82,15 +85,9 @@ def test_a_native_abort_inside_the_block_still_shows_what_it_printed():
     """A native library that prints its failed check and aborts the process inside the block (as
     libtpu's compiler did on a plan): its line reaches stderr, the noise does not, the process
     ends by SIGABRT; before, the line died in a temporary file and the plan ended without a word."""
-    script = (
-        "import os\n"
-        "from mlcd_jax import platform\n"
-        "with platform.quiet_native_logs():\n"
-        "    os.write(2, b'I0000 00:00 1 cudart_stub.cc:31] Could not find cuda drivers\\n')\n"
-        "    os.write(2, b'F0000 scatter_emitter.cc:3005] Check failed: operand_indices\\n')\n"
-        "    os.abort()\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = quiet_block(
+        "    os.write(2, b'F0000 scatter_emitter.cc:3005] Check failed: operand_indices\\n')",
+        "    os.abort()")
     assert done.returncode == -signal.SIGABRT, (done.returncode, done.stderr)
     assert "scatter_emitter.cc:3005] Check failed: operand_indices" in done.stderr
     assert "cuda drivers" not in done.stderr
