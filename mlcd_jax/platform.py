@@ -147,14 +147,9 @@ def quiet_native_logs():
         yield
         return
     read, write = os.pipe()
-    try:
-        # -I -S: the standard library only, nothing from the environment or site-packages.
-        filter_ = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, NOISE.pattern],
-                                   stdin=read, stdout=saved, stderr=saved)
-    except OSError:  # cannot start a process: unfiltered
-        os.close(read), os.close(write), os.close(saved)
-        yield
-        return
+    # -I -S: the standard library only, nothing from the environment or site-packages.
+    filter_ = subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, NOISE.pattern],
+                               stdin=read, stdout=saved, stderr=saved)
     os.close(read)
     os.dup2(write, 2)
     os.close(write)
@@ -164,10 +159,13 @@ def quiet_native_logs():
         sys.stderr.flush()
         os.dup2(saved, 2)  # closes our end of the pipe: the filter reads to its end and exits
         os.close(saved)
-        try:
-            filter_.wait(timeout=60)  # a process started in the block may hold the pipe open
+        try:  # a process started in the block and still running holds the pipe open
+            filter_.wait(timeout=FILTER_WAIT_S)
         except subprocess.TimeoutExpired:
             filter_.kill()
+
+
+FILTER_WAIT_S = 60  # how long the block's end waits for the filter to pass on the last lines
 
 
 # The filter: stdin to stdout, line by line, without the lines matching argv[1].

@@ -93,6 +93,19 @@ def test_a_native_abort_inside_the_block_still_shows_what_it_printed():
     assert "cuda drivers" not in done.stderr
 
 
+def test_a_process_left_running_by_the_block_does_not_hold_it_open():
+    """A process started inside the block that outlives it keeps the filter's pipe open: the
+    block ends after FILTER_WAIT_S, not when that process ends (10 minutes: past the helper's
+    timeout); what was printed before passes."""
+    done = quiet_block("    platform.FILTER_WAIT_S = 1",
+                       "    os.write(2, b'before the end\\n')",
+                       "    import subprocess, time; time.sleep(0.5)",
+                       "    lingering = subprocess.Popen(['sleep', '600'])",
+                       "print('after', flush=True); lingering.kill()")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["before the end"] and done.stdout == "after\n"
+
+
 def test_noise_patterns_name_what_libtpu_and_cuda_print():
     noise = [
         "I0000 00:00:1796210563.429561 4386 cudart_stub.cc:31] Could not find cuda drivers on "
