@@ -30,7 +30,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import probe  # noqa: E402  (bench/probe.py)
 
-from mlcd_jax import head, mesh as mesh_lib  # noqa: E402
+from mlcd_jax.training import sharded_head as head
+from mlcd_jax.runtime import mesh as mesh_lib
 
 
 def run_case(devices, *, classes, dim, batch, labels, ratio, steps, chunk):

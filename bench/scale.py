@@ -124,7 +124,7 @@ def prepared(work: pathlib.Path, n: int, what: str) -> pathlib.Path:
     elif what == "labels":  # a keyed store of the tars' keys, in another order
         random_store(base / "labels", [f"{k:09d}" for k in np.random.default_rng(3).permutation(n)])
     elif what == "keys":  # the join's inputs: records' key hashes, and a store of other keys
-        from mlcd_jax import keys
+        from mlcd_jax.data import record_keys as keys
         (base / "keys").mkdir(parents=True, exist_ok=True)
         hashes = np.lib.format.open_memmap(base / "keys" / "records.npy", "w+", keys.HASH, (n,))
         for s in range(0, n, 1 << 20):
@@ -154,7 +154,7 @@ def prepared(work: pathlib.Path, n: int, what: str) -> pathlib.Path:
 
 def random_store(directory: pathlib.Path, names: list[str]) -> None:
     """A label store of random labels (N × 8 of K = 1,000) whose rows are the keys `names`."""
-    from mlcd_jax import keys
+    from mlcd_jax.data import record_keys as keys
     from mlcd_jax.labels import store
     directory.mkdir(parents=True, exist_ok=True)
     n = len(names)
@@ -204,7 +204,7 @@ def micro_model_dir(work: pathlib.Path) -> pathlib.Path:
     if not (path / "vit_config.json").is_file():
         from flax import nnx
 
-        from mlcd_jax import weights
+        from mlcd_jax.interop import weights
         from mlcd_jax.models import vit
         weights.save_model_dir(vit.ViT(vit.vit_config("micro", embed_dim=32), rngs=nnx.Rngs(0)),
                                path)
@@ -235,8 +235,9 @@ def run_stage(stage: str, n: int, work: pathlib.Path) -> dict:
     if stage == "input":
         import jax
 
-        from mlcd_jax import config as config_lib, mesh as mesh_lib
-        from mlcd_jax.data import input as input_lib
+        from mlcd_jax.config import schema as config_lib
+        from mlcd_jax.runtime import mesh as mesh_lib
+        from mlcd_jax.training import input as input_lib
         c = config_lib.base_config()
         c.data.source, c.data.path = "arrayrecord", str(base / "ar" / "data-*.array_record")
         c.data.labels, c.data.image_size, c.data.num_labels = str(base / "labels"), 16, 8
@@ -251,8 +252,8 @@ def run_stage(stage: str, n: int, work: pathlib.Path) -> dict:
         jax.block_until_ready(batch)
         return {"rows": n, "open_s": opened}
     if stage == "embed":
-        from mlcd_jax import weights
         from mlcd_jax.data import sources
+        from mlcd_jax.interop import weights
         from mlcd_jax.labels import embed
         model, _ = weights.load_encoder(micro_model_dir(work))
         src = sources.ArrayRecordSource(str(base / "ar" / "data-*.array_record"))
@@ -291,9 +292,12 @@ def run_stage(stage: str, n: int, work: pathlib.Path) -> dict:
     if stage == "lit":
         import jax
 
-        from mlcd_jax import lit, lit_config, mesh as mesh_lib, weights
+        from mlcd_jax.config import schema as lit_config
         from mlcd_jax.data import sources, tokenizer as tokenizer_lib
         from mlcd_jax.evaluate import zero_shot
+        from mlcd_jax.interop import weights
+        from mlcd_jax.lit import trainer as lit
+        from mlcd_jax.runtime import mesh as mesh_lib
         c = lit_config.lit_config()
         c.image.image_size, c.image.batch_size, c.batch_size = 16, 512, 256
         c.data.templates, c.text.context_length = ("{caption}",), 16

@@ -20,7 +20,8 @@ CPU (`--preset cpu`). Ours: the trainer's own jitted step (`step.build`: ViT for
 the sharded MLCD head, clipping and AdamW) on one device. PyTorch: transformers' CLIPVisionModel
 with the same config (a bias-free projection to the same embedding width), the same MLCD loss over
 all K classes (r = 1, so both compute the same thing), clipping and AdamW. Model FLOPs are analytic
-(`mlcd_jax/flops.py`); MFU is against the fastest of float32 (or bf16) matmul probes run between
+(`mlcd_jax/planning/flops.py`); MFU is against the fastest of float32 (or bf16) matmul probes run
+between
 the rounds, on the same threads, through XLA and (column "best") the faster of XLA and PyTorch.
 The two sides are timed in alternating rounds, each in a fresh process, and each side's fastest
 step counts, so a drift of this machine's speed (DESIGN.md) cannot favour one side. Needs the
@@ -103,14 +104,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import probe  # noqa: E402  (bench/probe.py)
 
-from mlcd_jax import (  # noqa: E402
-    config as config_lib,
-    flops,
-    mesh as mesh_lib,
-    step as step_lib,
-    validation,
-)
+from mlcd_jax.config import schema as config_lib  # noqa: E402
 from mlcd_jax.models import vit  # noqa: E402
+from mlcd_jax.planning import flops  # noqa: E402
+from mlcd_jax.runtime import mesh as mesh_lib  # noqa: E402
+from mlcd_jax.training import step as step_lib, validation  # noqa: E402
 
 
 def fastest(fn, steps):

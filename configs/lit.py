@@ -1,17 +1,4 @@
-"""LiT on your own labelled images (README, "From the demo to real scale", step 5): a B text
-tower (CLIP's) against a locked encoder, captions from class names in CLIP-style templates.
+"""The preset `lit` (mlcd_jax/config/presets/lit.py), at the path the docs give:
+`--config=configs/lit.py` and `--config=lit` load the same config."""
 
-    configs/lit.py          CLIP's softmax loss
-    configs/lit.py:siglip   SigLIP's sigmoid loss
-"""
-
-from mlcd_jax import flag_parsing, lit_config
-
-
-def get_config(arg=""):
-    flag_parsing.check_arg(arg, ("", "siglip"), "configs/lit.py")
-    c = lit_config.lit_config()
-    c.loss.kind = "siglip" if arg == "siglip" else "clip"
-    c.data.dataset = "folder"
-    c.evals.every = 1000
-    return c
+from mlcd_jax.config.presets.lit import get_config  # noqa: F401

@@ -1,37 +1,4 @@
-"""RICE (Xie et al., ICCV 2025, arXiv 2507.20025): the MLCD recipe (configs/mlcd_laion400m.py) plus
-a Region Transformer layer and two region heads, on records converted with their boxes
-(`convert --regions`) and region labels made by `labels embed --regions` → kmeans → assign
-(object regions) and `labels ocr` (OCR regions). Its numbers are the issue's reading of the paper:
-1M region clusters, single-label margin softmax for objects, MLCD over the tokenizer's vocabulary
-for OCR regions, ρ = 0.1; N region slots per image.
+"""The preset `rice` (mlcd_jax/config/presets/rice.py), at the path the docs give:
+`--config=configs/rice.py` and `--config=rice` load the same config."""
 
-    python -m mlcd_jax.train --config=configs/rice.py:B/16 --workdir=RUN \
-        --config.data.path='data/train-*.array_record' --config.data.labels=LAB \
-        --config.heads.objects.labels=OBJ_LAB --config.heads.ocr.labels=OCR_LAB \
-        --config.heads.ocr.num_classes=VOCAB   # 49,408 (CLIP's BPE) unless set
-    python -m mlcd_jax.plan --config=configs/rice.py:B/16 --topology=v5p:4x4x4
-
-`:B/16,objects` (any size, then ",objects"): the object head alone, for data without OCR regions.
-A head whose label store is not set stops the run at start, naming the field.
-"""
-
-from mlcd_jax import config as config_lib, flag_parsing, recipes
-
-REGIONS_PER_IMAGE = 10  # region slots per image (subsampled, or repeated when fewer)
-
-
-def get_config(arg="B/16"):
-    flag_parsing.check_arg(arg, tuple(recipes.VARIANTS) + tuple(
-        f"{v},objects" for v in recipes.VARIANTS), "configs/rice.py")
-    size, _, only = arg.partition(",")
-    lr, embed_dim = recipes.VARIANTS[size]
-    c = recipes.laion400m_recipe(size, lr=lr, embed_dim=embed_dim)
-    c.model.region_layers = 1
-    c.data.regions_per_image = REGIONS_PER_IMAGE
-    c.heads.objects = config_lib.region_head(num_classes=1_000_000, loss="unicom",
-                                             regions="objects", sample_ratio=0.1,
-                                             negatives="batch")
-    if only != "objects":
-        c.heads.ocr = config_lib.region_head(num_classes=49_408, loss="mlcd", regions="text",
-                                             num_labels=16, sample_ratio=0.1, negatives="batch")
-    return c
+from mlcd_jax.config.presets.rice import get_config  # noqa: F401

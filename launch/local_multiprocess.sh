@@ -6,7 +6,7 @@
 #   launch/local_multiprocess.sh -n 2 -- python -m mlcd_jax.train --config=configs/test_tiny.py --workdir=/tmp/mp
 #
 # Every process runs CMD with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set
-# (mlcd_jax/distributed.py reads them), JAX_PLATFORMS=cpu and -d simulated devices (added to the
+# (mlcd_jax/runtime/distributed.py reads them), JAX_PLATFORMS=cpu and -d simulated devices (added to the
 # caller's XLA_FLAGS, which are kept). Process 0 prints to this terminal; every process's output
 # goes to DIR/process_<i>.log (default: a temporary folder). If any process fails, the others are stopped and the first failure's exit code is returned.
 set -euo pipefail

@@ -11,7 +11,7 @@
 #    --ref (default: this clone's origin and branch) into ~/mlcd_jax (or update it), create ~/mlcd_jax/.venv, install the package and
 #    jax[tpu] matching the pinned jax. Skipped on a worker that already has it at that ref.
 # 2. The same CMD on every host (each runs it inside ~/mlcd_jax with .venv's python); jax
-#    joins the hosts by itself (mlcd_jax/distributed.py). Host i's output goes to DIR/worker_i.log
+#    joins the hosts by itself (mlcd_jax/runtime/distributed.py). Host i's output goes to DIR/worker_i.log
 #    here (default logs/tpu_NAME_<time>); the exit code is the first failing host's.
 # --dry-run prints the gcloud commands instead of running them.
 set -euo pipefail

@@ -18,17 +18,11 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mlcd_jax import (
-    config as config_lib,
-    flag_parsing,
-    loop,
-    mesh as mesh_lib,
-    step as step_lib,
-    validation,
-    weights,
-)
-from mlcd_jax.data import input as input_lib
+from mlcd_jax.config import schema as config_lib
 from mlcd_jax.evaluate import run as eval_run
+from mlcd_jax.interop import weights
+from mlcd_jax.runtime import cli as flag_parsing, mesh as mesh_lib
+from mlcd_jax.training import input as input_lib, loop, step as step_lib, validation
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config.")

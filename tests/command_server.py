@@ -23,8 +23,9 @@ import sys
 # Libraries only: a command's own module (train, lit, plan, ablate, …) defines its absl flags as
 # __main__, and must run from scratch in the child. The last two are imported by the package
 # only where they are used (scikit-learn's probes: ~1.4 s; pyarrow).
-PRELOAD = ("mlcd_jax.loop", "mlcd_jax.step", "mlcd_jax.weights", "mlcd_jax.data.input",
-           "mlcd_jax.evaluate.run", "mlcd_jax.features", "mlcd_jax.labels.embed",
+PRELOAD = ("mlcd_jax.training.loop", "mlcd_jax.training.step", "mlcd_jax.interop.weights",
+           "mlcd_jax.training.input",
+           "mlcd_jax.evaluate.run", "mlcd_jax.evaluate.features", "mlcd_jax.labels.embed",
            "mlcd_jax.models.text", "mlcd_jax.data.tokenizer", "mlcd_jax.labels.assign",
            "sklearn.linear_model", "pyarrow.parquet")
 

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlcd_jax import contrastive, mesh as mesh_lib
+from mlcd_jax.lit import contrastive
+from mlcd_jax.runtime import mesh as mesh_lib
 
 from numerics import assert_same_math
 

@@ -17,7 +17,7 @@ def test_embed_kmeans_assign_then_train_on_digits(tmp_path):
     """The whole label pipeline on real (bundled) images, then the trainer on its labels."""
     from flax import nnx
 
-    from mlcd_jax import weights
+    from mlcd_jax.interop import weights
     from mlcd_jax.models import vit
     model = vit.ViT(vit.vit_config("micro", embed_dim=16), rngs=nnx.Rngs(0))
     weights.save_model_dir(model, tmp_path / "teacher")
@@ -66,7 +66,7 @@ def test_unreadable_images_are_named_by_every_stage(tmp_path, capsys):
     from array_record.python.array_record_module import ArrayRecordWriter
     from flax import nnx
 
-    from mlcd_jax import features
+    from mlcd_jax.evaluate import features
     from mlcd_jax.models import vit
     unreadable_files(tmp_path / "imgs")
     folder = sources.FolderSource(tmp_path / "imgs")

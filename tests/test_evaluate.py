@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlcd_jax import features, mesh as mesh_lib
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import probes, run
+from mlcd_jax.evaluate import features, probes, run
 from mlcd_jax.models import vit
+from mlcd_jax.runtime import mesh as mesh_lib
 
 import cli
 from numerics import assert_same_math
@@ -120,7 +120,7 @@ def test_folder_splits_never_test_on_the_train_images(tmp_path):
 
 @pytest.mark.slow
 def test_cli_on_folders_reports_the_pixel_baseline(tmp_path, capsys):
-    from mlcd_jax import weights
+    from mlcd_jax.interop import weights
     train_dir, test_dir = (digit_folders(tmp_path / "train", "train"),
                            digit_folders(tmp_path / "test", "test"))
     weights.save_model_dir(vit.ViT(vit.vit_config("micro", image_size=32), rngs=nnx.Rngs(0)),

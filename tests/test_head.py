@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlcd_jax import head, mesh as mesh_lib
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import sharded_head as head
 
 from numerics import assert_same_math
 

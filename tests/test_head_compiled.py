@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlcd_jax import head, mesh as mesh_lib
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import sharded_head as head
 
 K, D, B, L = 1_000_000, 512, 256, 8
 COLLECTIVE = re.compile(r"=\s*(.+?)\s+(all-gather|all-reduce|reduce-scatter|all-to-all|"

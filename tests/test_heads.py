@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlcd_jax import head, mesh as mesh_lib
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import sharded_head as head
 
 
 @pytest.mark.parametrize("loss", ["mlcd", "unicom"])
@@ -56,7 +57,7 @@ def test_unlabelled_rows_count_for_nothing(devices, n, loss):
 def build(devices, n, arg=None, **fields):
     """The trainer's step (step.build) for configs/test_tiny.py[:arg] on n devices."""
     import configs.test_tiny as tiny
-    from mlcd_jax import step, validation
+    from mlcd_jax.training import step, validation
     c = tiny.get_config(arg)
     for path, value in fields.items():
         section, _, name = path.rpartition(".")
@@ -73,7 +74,7 @@ def initial(c, built):
 
 def run_steps(c, mesh, built, steps=3):
     """(losses, metrics of the last step, batches) of `steps` steps from the seeded init."""
-    from mlcd_jax.data import input as input_lib
+    from mlcd_jax.training import input as input_lib
     state = initial(c, built)
     inputs = input_lib.SyntheticInput(c, built.batch_sharding)
     losses, batches = [], []
@@ -91,7 +92,7 @@ def test_one_head_steps_as_the_image_head_alone(devices):
     import optax
     from flax import nnx
 
-    from mlcd_jax import optim
+    from mlcd_jax.training import optim
     c, mesh, built = build(devices, 8)
     tx = optim.make_optimizer(c.optim, 3, centers_lr_mult=c.head.lr_mult)
 
@@ -171,8 +172,7 @@ def test_each_region_slot_carries_its_own_regions_labels(tmp_path):
     store (-1 where the store has none), padding slots all -1."""
     import json
 
-    from mlcd_jax import keys
-    from mlcd_jax.data import pipeline, sources, transforms
+    from mlcd_jax.data import pipeline, record_keys as keys, sources, transforms
     from mlcd_jax.labels import join, store
 
     from data_helpers import jpeg
@@ -258,7 +258,7 @@ def test_region_heads_resume_exactly_and_checkpoints_hold_every_head(tmp_path):
     # Export: the encoder for transformers as ever, the region layers beside it, read back equal.
     from flax import nnx
 
-    from mlcd_jax import weights
+    from mlcd_jax.interop import weights
     out = cli.run("mlcd_jax.interop.hf", "export", tmp_path / "run", tmp_path / "hf")
     assert "1 region layers: wrote" in out.stdout
     trained = weights.load_region_layers(tmp_path / "run")

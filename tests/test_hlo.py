@@ -1,9 +1,9 @@
 # ruff: noqa: E501  (HLO lines are long)
-"""mlcd_jax.hlo, the reading of a compiled program that the plan reports: kernels and their
+"""mlcd_jax.planning.hlo, the reading of a compiled program that the plan reports: kernels and their
 launches per step (loops by trip count), bytes moved (slices and in-place updates as what they
 touch), collectives and their payload, the largest temporaries of a buffer assignment."""
 
-from mlcd_jax import hlo
+from mlcd_jax.planning import hlo
 
 # A step whose loop runs 12 times: a fusion that reads one layer of a stacked f32[12,1024]
 # weight and writes one layer of a stacked output in place; a cuBLAS call with its workspace; an

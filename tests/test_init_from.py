@@ -11,8 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mlcd_jax import config as config_lib, weights
-from mlcd_jax.interop import hf
+from mlcd_jax.config import schema as config_lib
+from mlcd_jax.interop import hf, weights
 from mlcd_jax.models import vit
 
 import cli

@@ -1,5 +1,5 @@
-"""The trainer's input (mlcd_jax/data/input.py): batches made ahead on a thread, the consumed (not
-the made) state, the devices' idle time, an input error raised in the trainer."""
+"""The trainer's input (mlcd_jax/training/input.py): batches made ahead on a thread, the consumed
+(not the made) state, the devices' idle time, an input error raised in the trainer."""
 
 import time
 
@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from mlcd_jax import config as config_lib, mesh as mesh_lib
-from mlcd_jax.data import input as input_lib
+from mlcd_jax.config import schema as config_lib
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import input as input_lib
 
 
 class SlowInput(input_lib._Input):

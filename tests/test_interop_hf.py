@@ -9,8 +9,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from mlcd_jax import weights
-from mlcd_jax.interop import hf
+from mlcd_jax.interop import hf, weights
 from mlcd_jax.models import vit
 
 import cli
@@ -215,7 +214,8 @@ def test_cli_errors_are_clear(tmp_path):
 def test_export_a_training_run_to_transformers(tmp_path):
     """workdir → `export RUN OUT [--step N]` → MLCDVisionModel.from_pretrained: the outputs of the
     checkpoint's encoder, for each step asked for."""
-    from mlcd_jax import checkpoint, weights
+    from mlcd_jax.interop import weights
+    from mlcd_jax.training import checkpoint
     cli.train(tmp_path / "run", "--config.total_steps=4", "--config.checkpoint_every=2",
               "--config.optim.lr=0.05")
     x = inputs(16, 16)
@@ -242,7 +242,7 @@ def test_export_a_training_run_to_transformers(tmp_path):
 def test_cli_help_keeps_its_lines_and_bad_model_dirs_are_one_line(tmp_path):
     result = run_cli("--help")
     assert "\n    python -m mlcd_jax.interop.hf export RUN OUT [--step N]" in result.stdout
-    from mlcd_jax import weights
+    from mlcd_jax.interop import weights
     weights.save_model_dir(vit.ViT(vit.vit_config("micro"), rngs=__import__("flax").nnx.Rngs(0)),
                            tmp_path / "ours")
     config_file = tmp_path / "ours" / "vit_config.json"

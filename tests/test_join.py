@@ -1,4 +1,5 @@
-"""Labels follow images by key (mlcd_jax/keys.py, labels/join.py): img2dataset tars (a .json
+"""Labels follow images by key (mlcd_jax/data/record_keys.py, labels/join.py): img2dataset tars (a
+.json
 sidecar per sample, one corrupt image) converted as two prefixes in parallel and read by one glob;
 clip-retrieval embeddings (img_emb/ + metadata/ parquet) in another order and partitioning, with
 the corrupt image embedded and one record not embedded. Every record's labels equal the top-l of
@@ -16,9 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mlcd_jax import config as config_lib, keys, mesh as mesh_lib
-from mlcd_jax.data import convert, input as input_lib, sources
+from mlcd_jax.config import schema as config_lib
+from mlcd_jax.data import convert, record_keys as keys, sources
 from mlcd_jax.labels import assign, join, sharded, stats, store
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import input as input_lib
 
 import cli
 

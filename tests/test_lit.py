@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlcd_jax import records, weights
+from mlcd_jax.interop import weights
 from mlcd_jax.models import vit
+from mlcd_jax.runtime import files as records
 
 import cli
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlcd_jax import config as config_lib, head, losses, validation
+from mlcd_jax.config import schema as config_lib
+from mlcd_jax.training import losses, sharded_head as head, validation
 
 from cli import REPO, records, run, train
 
@@ -109,8 +110,8 @@ def test_single_label_arcface_collapses_with_the_exact_gradient_only(tmp_path):
     (measured: pos_cos −0.78 at step 120, still falling; −1.00 by step 150); straight-through
     keeps the positives on the positive side and closer than the negatives (measured: pos_cos
     0.021–0.055, 0.025 at the end against neg_cos 0.010; CosFace in this setting: 0.02–0.03)."""
-    from mlcd_jax import demo
     from mlcd_jax.data import sources
+    from mlcd_jax.demos import mlcd as demo
     labels = demo.teacher_labels(tmp_path, sources.DigitsCanvasSource("train"))
     small = ["--config.head.margin_type=arcface", "--config.model.size=micro",
              "--config.data.image_size=16", "--config.total_steps=120",

@@ -1,7 +1,7 @@
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from mlcd_jax import mesh as mesh_lib
+from mlcd_jax.runtime import mesh as mesh_lib
 
 
 @pytest.mark.parametrize("axes, want", [

@@ -13,8 +13,9 @@ import sys
 import numpy as np
 import pytest
 
-from mlcd_jax import distributed, keys
+from mlcd_jax.data import record_keys as keys
 from mlcd_jax.labels import store
+from mlcd_jax.runtime import distributed
 
 from cli import CACHE, COMMAND_COMPILE, TRAIN_COMPILE, xla_flags
 
@@ -139,7 +140,7 @@ def test_lit_is_one_job_over_two_processes_and_sigterm_on_both_resumes_exactly(t
 
     from flax import nnx
 
-    from mlcd_jax import weights
+    from mlcd_jax.interop import weights
     from mlcd_jax.models import vit
     encoder = tmp_path / "encoder"
     weights.save_model_dir(vit.ViT(vit.vit_config("micro", image_size=32, embed_dim=16),
@@ -205,7 +206,7 @@ def test_dry_run_prints_one_command_per_process():
 
 @pytest.mark.slow
 def test_unreachable_coordinator_is_named(tmp_path):
-    code = ("from mlcd_jax import distributed; "
+    code = ("from mlcd_jax.runtime import distributed; "
             "distributed.initialize('127.0.0.1:9', 2, 1, timeout_s=5)")
     result = subprocess.run([sys.executable, "-c", code], env=clean_env(), cwd=REPO,
                             capture_output=True, text=True, timeout=120)

@@ -11,9 +11,9 @@ from flax import nnx
 from PIL import Image
 from scipy.special import erf
 
-from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import transforms
 from mlcd_jax.models import vit
+from mlcd_jax.runtime import mesh as mesh_lib
 
 from numerics import assert_same_math
 

@@ -14,9 +14,9 @@ from transformers.models.siglip2.image_processing_pil_siglip2 import (
     get_image_size_for_max_num_patches,
 )
 
-from mlcd_jax import features, weights
 from mlcd_jax.data import transforms
-from mlcd_jax.interop import hf
+from mlcd_jax.evaluate import features
+from mlcd_jax.interop import hf, weights
 from mlcd_jax.interop.hf import __main__ as hf_cli
 from mlcd_jax.models import vit
 

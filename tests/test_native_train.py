@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlcd_jax import mesh as mesh_lib, step, validation
-from mlcd_jax.data import input as input_lib, pipeline, sources, transforms
+from mlcd_jax.data import pipeline, sources, transforms
 from mlcd_jax.models import region
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import input as input_lib, step, validation
 
 import cli
 
@@ -141,8 +142,8 @@ def test_a_folder_of_mixed_aspect_ratios_trains_evaluates_embeds_and_exports(tmp
         get_image_size_for_max_num_patches,
     )
 
-    from mlcd_jax import features, weights
-    from mlcd_jax.interop import hf
+    from mlcd_jax.evaluate import features
+    from mlcd_jax.interop import hf, weights
     mixed_folder(tmp_path / "train")
     mixed_folder(tmp_path / "test", seed=1)
     run = tmp_path / "run"
@@ -184,10 +185,10 @@ def test_a_folder_of_mixed_aspect_ratios_trains_evaluates_embeds_and_exports(tmp
 
 
 def test_native_demos_labels_are_each_strips_digit_clusters(tmp_path):
-    """The native demo's teacher (mlcd_jax/demo_native.py): each strip's labels are distinct
+    """The native demo's teacher (mlcd_jax/demos/native.py): each strip's labels are distinct
     clusters, at most one per digit, −1 after; a strip of one digit carries that digit's cluster,
     and the clusters are mostly pure in digits (the teacher sees the clean glyphs)."""
-    from mlcd_jax import demo_native
+    from mlcd_jax.demos import native as demo_native
     train = sources.DigitsStripsSource("train")
     labels = np.load(demo_native.teacher_labels(tmp_path, train) / "labels.npy")
     assert labels.shape == (len(train), 6)

@@ -6,8 +6,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mlcd_jax import config as config_lib, optim
+from mlcd_jax.config import schema as config_lib
 from mlcd_jax.models import vit
+from mlcd_jax.training import optim
 
 
 def params():
@@ -122,8 +123,8 @@ def test_sparse_centers_in_the_train_step(devices):
     positive) moved, each counted once per step that used it; every other row, and its moments,
     is the initial one to the bit (weight decay too touches only used rows). The compiled step
     holds no K × D temporary beyond what the dense one holds."""
-    from mlcd_jax import mesh as mesh_lib, step as step_lib, validation
-    from mlcd_jax.data import input as input_lib
+    from mlcd_jax.runtime import mesh as mesh_lib
+    from mlcd_jax.training import input as input_lib, step as step_lib, validation
     mesh = mesh_lib.make_mesh([("data", -1)], devices)
     temporaries = {}
     for update in ("dense", "sparse"):

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from mlcd_jax import config as config_lib, flops
+from mlcd_jax.config import schema as config_lib
 from mlcd_jax.models import vit
+from mlcd_jax.planning import flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

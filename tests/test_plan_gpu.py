@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from mlcd_jax import hlo, platform
+from mlcd_jax.planning import hlo
+from mlcd_jax.runtime import backend as platform
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
@@ -55,7 +56,7 @@ def test_b16_recipe_on_one_h200_uses_cudnn_attention_and_fits():
     """The paper's B/16 recipe (remat of every block, bf16) at batch 256 on one H200: "auto"
     attention is cuDNN's fused kernel (the target is a GPU, though this machine is a CPU), no
     (B, heads, T, T) scores exist, and the temporaries stay under 10 GiB."""
-    from mlcd_jax import plan
+    from mlcd_jax.planning import plan
     r = plan.plan(recipe(batch_size=256), "h200:1")
     assert r["platform"] == "gpu" and r["device_kind"].startswith("NVIDIA H200")
     assert r["attention"] == "cudnn" and r["program"]["cudnn_attention"]
@@ -75,7 +76,7 @@ def test_b16_recipe_on_one_h200_uses_cudnn_attention_and_fits():
 def test_b16_recipe_on_two_hosts_of_eight_gpus():
     """2 hosts × 8 H100s, 256 images per GPU: 16 devices over two processes, the gradients
     all-reduced, temporaries per GPU under 10 GiB with remat."""
-    from mlcd_jax import plan
+    from mlcd_jax.planning import plan
     r = plan.plan(recipe(batch_size=16 * 256), "h100:2x8")
     assert r["devices"] == 16 and r["mesh"] == {"data": 16}
     assert r["device_kind"].startswith("NVIDIA H100")
@@ -113,7 +114,7 @@ def test_head_memory_per_gpu_halves_from_8_to_16_gpus(tmp_path):
         assert line in done.stdout, done.stdout
     assert not re.search(r"cudart|cuda drivers|CUDA libraries|CUB", done.stdout + done.stderr)
     eight = json.loads(out.read_text())
-    from mlcd_jax import plan
+    from mlcd_jax.planning import plan
     sixteen = plan.plan(head_dominated(), "h200:2x8")
     assert eight["devices"] == 8 and sixteen["devices"] == 16
     ideal = 3 * 4 * 2 ** 20 * 128 / GiB  # centers + 2 moments, float32, in all
@@ -131,14 +132,14 @@ def test_an_unknown_gpu_is_one_line_naming_the_known_ones():
 
 
 def test_a_missing_plugin_is_one_line_naming_the_fix(monkeypatch):
-    from mlcd_jax import plan
+    from mlcd_jax.planning import plan
     monkeypatch.setattr(plan.platform, "gpu_plugin_installed", lambda: False)
     with pytest.raises(SystemExit, match="make plan-env"):
         plan.target("h200:8")
 
 
 def test_gpu_figures_come_from_xlas_specs():
-    from mlcd_jax import gpu_specs, plan
+    from mlcd_jax.planning import gpu_specs, plan
     h100, h200, b200 = plan.gpu_chip("h100"), plan.gpu_chip("h200"), plan.gpu_chip("b200")
     assert round(h100.bf16_tflops) == round(h200.bf16_tflops) == 989  # NVIDIA's dense bf16
     assert round(b200.bf16_tflops) == 2225

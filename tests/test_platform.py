@@ -1,4 +1,4 @@
-"""mlcd_jax.platform: every "auto" choice resolved from the target's platform (the devices a
+"""mlcd_jax.runtime.backend: every "auto" choice resolved from the target's platform (the devices a
 program is compiled for, not the machine that compiles it), and a CPU machine's commands quiet
 with libtpu and the CUDA plugin installed."""
 
@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from mlcd_jax import platform
+from mlcd_jax.runtime import backend as platform
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,8 @@ def test_without_a_platform_auto_resolves_for_this_process():
 def quiet_block(*lines: str) -> subprocess.CompletedProcess:
     """A Python process that writes the noise line and then `lines` of code inside the block."""
     script = "\n".join((
-        "import os, sys", "from mlcd_jax import platform", "with platform.quiet_native_logs():",
+        "import os, sys", "from mlcd_jax.runtime import backend as platform",
+        "with platform.quiet_native_logs():",
         "    os.write(2, b'I0000 00:00 1 cudart_stub.cc:31] Could not find cuda drivers\\n')",
         *lines))
     return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
@@ -152,7 +153,7 @@ def test_a_plain_install_without_the_cuda_plugin_imports(hidden):
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     code = (f"import sys; sys.modules[{hidden!r}] = None\n"  # None in sys.modules: not installed
             "import mlcd_jax, jax\n"
-            "from mlcd_jax import platform\n"
+            "from mlcd_jax.runtime import backend as platform\n"
             "assert not platform.gpu_plugin_installed()\n"
             "print(jax.default_backend())")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.models import region, vit
+from mlcd_jax.runtime import mesh as mesh_lib
 
 CFG = vit.vit_config("micro", image_size=16)  # width 32, 2 heads, patch 4: a 4 × 4 grid
 GRID, PATCH, LAYERS = (4, 4), 4, 2

@@ -17,12 +17,12 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from mlcd_jax import mesh as mesh_lib, weights
 from mlcd_jax.data import convert, regions, sources, transforms
 from mlcd_jax.evaluate import __main__ as evaluate_cli, regions as region_probes
-from mlcd_jax.interop import hf
+from mlcd_jax.interop import hf, weights
 from mlcd_jax.labels import embed, join, ocr, store
 from mlcd_jax.models import region as region_lib, vit
+from mlcd_jax.runtime import mesh as mesh_lib
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlcd_jax import keys
-from mlcd_jax.data import convert, regions, sources, tokenizer, transforms
+from mlcd_jax.data import convert, record_keys as keys, regions, sources, tokenizer, transforms
 from mlcd_jax.labels import __main__ as labels_cli, embed, join, store
 
 W, H = 40, 30  # every test image: 40 wide, 30 high
@@ -292,7 +291,7 @@ def embedded(coco, tmp_path_factory):
     crops embedded (shards of 2 regions)."""
     from flax import nnx
 
-    from mlcd_jax import weights
+    from mlcd_jax.interop import weights
     from mlcd_jax.models import vit
     base = tmp_path_factory.mktemp("embedded")
     convert.convert(str(coco / "imgs"), str(base / "ar" / "train"), 2,

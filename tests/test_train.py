@@ -15,7 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mlcd_jax import checkpoint, config as config_lib, mesh as mesh_lib, validation
+from mlcd_jax.config import schema as config_lib
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import checkpoint, validation
 
 from cli import REPO, TRAIN_COMPILE, env, losses, records, run, sigterm_after, train, train_args
 
@@ -324,8 +326,7 @@ def test_init_from_an_imported_transformers_model(tmp_path):
     """Continue pretraining from released weights: transformers MLCD → our model dir → trainer."""
     import transformers
 
-    from mlcd_jax import weights
-    from mlcd_jax.interop import hf
+    from mlcd_jax.interop import hf, weights
     config = transformers.MLCDVisionConfig(hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=2,
                                            image_size=16, patch_size=4)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.models import vit
+from mlcd_jax.runtime import mesh as mesh_lib
 
 from numerics import assert_same_math
 

@@ -6,8 +6,8 @@ A convert output PREFIX has, beside its shards PREFIX-0000k-of-N.array_record:
                          "caption"?} (a person can read it)
 * PREFIX.index.offsets   the byte offset of every line and the file's size: N + 1 little-endian
                          int64 (memory-mapped, so record i's line is one seek away)
-* PREFIX.index.hashes    every record's key hashed (`mlcd_jax/keys.py`): N × 16 bytes in record
-                         order, memory-mapped (a join reads it without parsing a line)
+* PREFIX.index.hashes    every record's key hashed (`mlcd_jax/data/record_keys.py`): N × 16 bytes
+in record                          order, memory-mapped (a join reads it without parsing a line)
 * PREFIX.index.regions   with `convert --regions` only: where each record's regions start, all
                          of them and those with a text: (N + 1) × 2 little-endian int64, cumulative
                          (memory-mapped: a record's counts, or any range's, without a line read)
@@ -37,9 +37,8 @@ import pathlib
 
 import numpy as np
 
-from mlcd_jax import keys as keys_lib
-from mlcd_jax.data import regions as regions_lib
-from mlcd_jax.records import write_json_atomic
+from mlcd_jax.data import record_keys as keys_lib, regions as regions_lib
+from mlcd_jax.runtime.files import write_json_atomic
 
 FORMAT = 2  # 2: keys (1: names and captions only)
 

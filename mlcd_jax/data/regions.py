@@ -59,8 +59,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mlcd_jax import keys as keys_lib, records
-from mlcd_jax.data import transforms
+from mlcd_jax.data import record_keys as keys_lib, transforms
+from mlcd_jax.runtime import files as records
 
 BESIDE = "beside"
 TEXT_FIELDS = ("utf8_string", "text", "caption")

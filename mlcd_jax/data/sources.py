@@ -2,7 +2,8 @@
 "image" (uint8 H × W × 3) or "image_bytes" (an encoded JPEG/PNG/...), plus "label" where known.
 Each also has ``name(i)`` (what a person calls record i: its file, or its place in a shard),
 ``key(i)`` (what its labels are joined by: a folder file's relative path, img2dataset's sample key;
-bundled data: its name) with ``key_hashes(indices)`` (`mlcd_jax/keys.py`; `unkeyed` says why a
+bundled data: its name) with ``key_hashes(indices)`` (`mlcd_jax/data/record_keys.py`; `unkeyed`
+says why a
 source has no keys, None when it has) and ``fingerprint()`` (changes when the records change), so
 later stages can name a bad record, join it with its labels and tell stale results from current
 ones. Sources whose images come with text have ``captions(i)``
@@ -35,9 +36,8 @@ import re
 import numpy as np
 from PIL import Image
 
-from mlcd_jax import keys as keys_lib
-from mlcd_jax.data import index as index_lib, regions as regions_lib
-from mlcd_jax.records import digest
+from mlcd_jax.data import index as index_lib, record_keys as keys_lib, regions as regions_lib
+from mlcd_jax.runtime.files import digest
 
 SOURCES = ("synthetic", "digits", "digits_canvas", "digits_regions", "digits_strips", "folder",
            "arrayrecord", "tfds")

@@ -36,17 +36,16 @@ import json
 import pathlib
 import sys
 
-from mlcd_jax import flag_parsing
 from mlcd_jax.evaluate import regions as region_probes, run
+from mlcd_jax.runtime import cli as flag_parsing
 
 PROMPTS = ("a photo of a {name}.", "{name}", "an image of the {name}.")
 
 
 def text_evals(a, model, train, test, size, mesh, native=None) -> dict:
     """Zero-shot and retrieval of `a.text_model` against the encoder's test embeddings."""
-    from mlcd_jax import features
     from mlcd_jax.data import sources, tokenizer
-    from mlcd_jax.evaluate import zero_shot
+    from mlcd_jax.evaluate import features, zero_shot
     from mlcd_jax.interop import hf
     tower = hf.load_text_model(a.text_model)
     tok = tokenizer.load(a.text_model, tower.cfg.context_length)
@@ -119,8 +118,10 @@ def main(argv=None) -> int:
     try:
         import jax
 
-        from mlcd_jax import distributed, features, mesh as mesh_lib, weights
-        distributed.initialize()  # a multi-process job (mlcd_jax/distributed.py) shares the work
+        from mlcd_jax.evaluate import features
+        from mlcd_jax.interop import weights
+        from mlcd_jax.runtime import distributed, mesh as mesh_lib
+        distributed.initialize()  # a multi-process job (runtime/distributed.py) shares the work
         model, what = weights.load_encoder(a.model, a.step)
         train, test = run.dataset_splits(a.dataset, path=a.path, test_path=a.test_path,
                                          tfds_name=a.tfds_name, train_split=a.train_split,

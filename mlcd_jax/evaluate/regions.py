@@ -33,10 +33,10 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import transforms
 from mlcd_jax.evaluate import probes, run
 from mlcd_jax.models import region as region_lib
+from mlcd_jax.runtime import mesh as mesh_lib
 
 HOW = ("regions without a class and patches in no classed box are left out; boxes follow the "
        "eval transform (a box with under half its area in the crop is left out)")

@@ -9,9 +9,8 @@ import types
 
 import numpy as np
 
-from mlcd_jax import features
 from mlcd_jax.data import sources
-from mlcd_jax.evaluate import probes
+from mlcd_jax.evaluate import features, probes
 
 
 def split(source, test_fraction: float, seed: int = 0):

@@ -35,9 +35,9 @@ import sys
 
 import jax
 
-from mlcd_jax import distributed, flag_parsing, platform, records
 from mlcd_jax.data import regions as regions_lib, sources
 from mlcd_jax.labels import assign, embed, kmeans, ocr, stats, store
+from mlcd_jax.runtime import backend as platform, cli as flag_parsing, distributed, files as records
 
 SOURCES = tuple(s for s in sources.SOURCES if s != "synthetic")  # real images
 PROCESS_HELP = ("this process's share of the shards (default: the multi-process job's, else all); "
@@ -61,7 +61,7 @@ def make_source(a):
 
 def run_embed(a):
     source = make_source(a)
-    from mlcd_jax import weights
+    from mlcd_jax.interop import weights
     model, _ = weights.load_encoder(a.model, a.step)
     dtype = platform.embed_dtype(a.dtype)
     model = embed.with_dtype(model, dtype)
@@ -216,7 +216,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("all", parents=[io, km, asg, be])
     a = parser.parse_args(argv)
     try:
-        # In a multi-process job (mlcd_jax/distributed.py) the shards split by the job's processes.
+        # In a multi-process job (mlcd_jax/runtime/distributed.py) the shards split by the job's
+        # processes.
         distributed.initialize()
         if getattr(a, "process_index", 0) is None:
             a.process_index = jax.process_index()

@@ -7,7 +7,8 @@ parts made from the same inputs; parts of other centers (a re-clustering into th
 or another l are redone. When every part exists, each is checked against its record (fingerprint,
 rows, sha256, ids in [0, K)) and they are concatenated into ``labels.npy`` (N × l int32, most
 similar first), the embeddings' keys into the sorted key table ``keys.npy`` (by which a record finds
-its row, `mlcd_jax/keys.py`; a key twice is an error naming both rows), then ``manifest.json``.
+its row, `mlcd_jax/data/record_keys.py`; a key twice is an error naming both rows), then
+``manifest.json``.
 Embeddings without keys make a store without them: joined to records by position, and said.
 Backends: `faiss` (CPU): exact search (IndexFlatIP) for small K, an IVF index for large K, its
 recall@l against exact search measured on a sample and recorded; `jax`: exact search on the device
@@ -28,8 +29,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mlcd_jax import distributed, keys as keys_lib, platform, records
+from mlcd_jax.data import record_keys as keys_lib
 from mlcd_jax.labels import kmeans, sharded, store
+from mlcd_jax.runtime import backend as platform, distributed, files as records
 
 # K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at
 # K = 100k it matched IVF (nprobe 64) in speed, with exact results (bench/labels.py, README).

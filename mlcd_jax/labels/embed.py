@@ -29,9 +29,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mlcd_jax import distributed, records
 from mlcd_jax.data import pipeline, regions as regions_lib, sources
 from mlcd_jax.labels import store
+from mlcd_jax.runtime import distributed, files as records
 
 
 def model_fingerprint(params) -> str:
@@ -75,7 +75,8 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     """Embed this process's share of `source` into `out_dir`, batches split over `mesh` (default:
     this process's devices; processes embed different shards, so the mesh is theirs alone);
     `native` (a `transforms.Native`): each image at native resolution."""
-    from mlcd_jax import features, mesh as mesh_lib
+    from mlcd_jax.evaluate import features
+    from mlcd_jax.runtime import mesh as mesh_lib
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mesh = mesh or mesh_lib.make_mesh([("data", -1)], jax.local_devices())

@@ -2,7 +2,8 @@
 
 The label store's rows follow its embeddings (any order, any partitions: clip-retrieval's, our
 `embed`'s); the dataset's records follow convert's (any number of prefixes read by one glob). Each
-record's key (`data/sources.py`) is looked up in the store's sorted key table (`mlcd_jax/keys.py`):
+record's key (`data/sources.py`) is looked up in the store's sorted key table
+(`mlcd_jax/data/record_keys.py`):
 
 1. the dataset's own key table is built (bounded memory; a key on two records is an error naming
    both), then read in hash order against the store's table, so both are swept once;
@@ -33,9 +34,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mlcd_jax import distributed, keys as keys_lib, records
-from mlcd_jax.data import regions as regions_lib
+from mlcd_jax.data import record_keys as keys_lib, regions as regions_lib
 from mlcd_jax.labels import store as store_lib
+from mlcd_jax.runtime import distributed, files as records
 
 MISSING = ("error", "skip")
 CHUNK = 1 << 20

@@ -25,9 +25,9 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
-from mlcd_jax import keys as keys_lib, records
-from mlcd_jax.data import tokenizer as tokenizer_lib
+from mlcd_jax.data import record_keys as keys_lib, tokenizer as tokenizer_lib
 from mlcd_jax.labels import store
+from mlcd_jax.runtime import files as records
 
 BATCH = 4096  # texts tokenised at once
 CHUNK = 1 << 16  # records whose region counts are read at once

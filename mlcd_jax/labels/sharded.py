@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mlcd_jax import mesh as mesh_lib, platform
+from mlcd_jax.runtime import backend as platform, mesh as mesh_lib
 
 AXIS = "devices"
 SCORES_PER_CHUNK = 1 << 24  # B × chunk scores at a time (64 MiB in float32)

@@ -9,7 +9,8 @@ is, each with its ``metadata/metadata_{i}.parquet`` (one row per embedding; the 
 clip-retrieval ``img_emb/`` folder, an older `embed`) still work, joined to records by position.
 
 Label store: ``labels.npy`` (N × l int32, most similar center first; read memory-mapped), the
-embeddings' keys as a sorted key table ``keys.npy`` (`mlcd_jax/keys.py`: row i of labels.npy is
+embeddings' keys as a sorted key table ``keys.npy`` (`mlcd_jax/data/record_keys.py`: row i of
+labels.npy is
 the labels of the record whose key hashes to an entry with row i) and ``manifest.json`` (N, K, l,
 the embeddings' fingerprint and model, the assign index and recall, "keys": the table or null).
 
@@ -30,8 +31,8 @@ import re
 
 import numpy as np
 
-from mlcd_jax import keys as keys_lib
-from mlcd_jax.records import array_sha256, digest, write_json_atomic, write_npy_atomic
+from mlcd_jax.data import record_keys as keys_lib
+from mlcd_jax.runtime.files import array_sha256, digest, write_json_atomic, write_npy_atomic
 
 CLIP_RETRIEVAL_KEY = "image_path"  # clip-retrieval's metadata column of webdataset's sample key
 

@@ -30,8 +30,8 @@ Attention is ``jax.nn.dot_product_attention``: cuDNN's fused (flash) kernel on G
 XLA elsewhere (``attention="auto"``). The cuDNN path pads the token axis to a multiple of
 ``CUDNN_TOKEN_MULTIPLE`` (ViT-B/16 has 197 tokens) and masks the padding out by sequence lengths;
 ``attention_pad`` runs the same padding through XLA, which is how CPU tests check that path.
-Every parameter carries ``logical_axes`` metadata (see ``mlcd_jax.mesh.param_shardings``) so it
-can be FSDP-sharded.
+Every parameter carries ``logical_axes`` metadata (see ``mlcd_jax.runtime.mesh.param_shardings``)
+so it can be FSDP-sharded.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlcd_jax import platform
+from mlcd_jax.runtime import backend as platform
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),

@@ -19,7 +19,7 @@ export JAX_PLATFORMS=cpu JAX_COMPILATION_CACHE_DIR="$work/cache"
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 $py - "$work/encoder" <<'EOF'
 import sys
-from mlcd_jax import weights  # first: it starts jax quietly
+from mlcd_jax.interop import weights  # first: it starts jax quietly
 from mlcd_jax.models import vit
 from flax import nnx
 weights.save_model_dir(vit.ViT(vit.vit_config("micro", image_size=32, embed_dim=16),

@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mlcd_jax import weights
-from mlcd_jax.interop import hf
+from mlcd_jax.interop import hf, weights
 
 
 def main(argv=None) -> int:

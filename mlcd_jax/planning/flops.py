@@ -7,10 +7,10 @@ analysis counts a `lax.scan` body once, so it undercounts scanned ViTs by their 
 
 from __future__ import annotations
 
-from mlcd_jax import config as config_lib
-from mlcd_jax.head import num_sampled
-from mlcd_jax.mesh import padded_num_classes
+from mlcd_jax.config import schema as config_lib
 from mlcd_jax.models import vit
+from mlcd_jax.runtime.mesh import padded_num_classes
+from mlcd_jax.training.sharded_head import num_sampled
 
 
 def encoder_forward(cfg: vit.ViTConfig, height: int, width: int) -> float:

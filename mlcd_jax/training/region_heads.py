@@ -18,7 +18,7 @@ import dataclasses
 
 import jax
 
-from mlcd_jax import head as head_lib
+from mlcd_jax.training import sharded_head as head_lib
 
 REGIONS = ("objects", "text", "all")  # the regions a head trains on: no text, a text, both
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mlcd_jax import mesh as mesh_lib
+from mlcd_jax.runtime import mesh as mesh_lib
 
 KINDS = ("clip", "siglip")
 

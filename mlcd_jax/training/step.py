@@ -18,18 +18,18 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from mlcd_jax import (
+from mlcd_jax.config import schema as config_lib
+from mlcd_jax.data import transforms
+from mlcd_jax.models import region as region_lib, vit
+from mlcd_jax.runtime import backend as platform, mesh as mesh_lib
+from mlcd_jax.training import (
     checkpoint,
-    config as config_lib,
-    head,
-    heads as heads_lib,
-    mesh as mesh_lib,
+    input as input_lib,
     optim,
-    platform,
+    region_heads as heads_lib,
+    sharded_head as head,
     validation,
 )
-from mlcd_jax.data import input as input_lib, transforms
-from mlcd_jax.models import region as region_lib, vit
 
 
 def init_state(key, *, model_cfg, num_rows, tx, region_layers: int = 0,

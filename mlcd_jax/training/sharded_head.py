@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mlcd_jax import losses, mesh as mesh_lib
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import losses
 
 Metrics = dict[str, jax.Array]
 # multi-label (MLCD); single-label baseline (UNICOM / Partial FC); the OneVision-Encoder form (a

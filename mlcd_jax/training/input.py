@@ -15,9 +15,9 @@ import time
 import jax
 import numpy as np
 
-from mlcd_jax import platform
 from mlcd_jax.data import pipeline, sources, synthetic, transforms
 from mlcd_jax.labels import join, store
+from mlcd_jax.runtime import backend as platform
 
 PREFETCH = 2  # batches made ahead, on the devices (≥ 2)
 

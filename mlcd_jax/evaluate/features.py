@@ -12,9 +12,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mlcd_jax import mesh as mesh_lib
 from mlcd_jax.data import pipeline, transforms
 from mlcd_jax.models import vit
+from mlcd_jax.runtime import mesh as mesh_lib
 
 
 def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=None,

@@ -152,7 +152,7 @@ def state_shardings(abstract_state, abstract_encoder, mesh: Mesh, abstract_regio
     parameters, the rest (counters) replicated."""
     from flax import nnx
 
-    from mlcd_jax import optim
+    from mlcd_jax.training import optim
     params = {"encoder": nnx.to_pure_dict(param_shardings(abstract_encoder, mesh)),
               "centers": class_sharding(mesh)}
     if "region_centers" in abstract_state["params"]:  # RICE's region heads, each its own K,

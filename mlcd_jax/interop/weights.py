@@ -80,7 +80,7 @@ def _workdir_config(workdir):
 def _restore_workdir(workdir, step: int | None = None):
     """(config, params, step) of a training workdir's checkpoint `step` (default: the latest),
     checksums verified, restored onto this process's first device."""
-    from mlcd_jax import checkpoint
+    from mlcd_jax.training import checkpoint
     workdir = pathlib.Path(workdir).absolute()
     c = _workdir_config(workdir)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
@@ -104,7 +104,7 @@ def _restore_workdir(workdir, step: int | None = None):
 def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
     """(encoder, step) of a training workdir: its resolved config.json and checkpoint `step`
     (default: the latest), checksums verified, restored onto this process's first device."""
-    from mlcd_jax import config as config_lib
+    from mlcd_jax.config import schema as config_lib
     c, params, step = _restore_workdir(workdir, step)
     return vit.with_params(config_lib.vit_config(c), params["encoder"]), step
 
@@ -139,7 +139,7 @@ def load_region_layers(path, step: int | None = None):
     from mlcd_jax.models import region
     path = pathlib.Path(path)
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
-        from mlcd_jax import config as config_lib
+        from mlcd_jax.config import schema as config_lib
         c, params, _ = _restore_workdir(path, step)
         if "region" not in params:
             return None
@@ -184,7 +184,7 @@ def native_sizing(path) -> transforms.Native | None:
     """The native sizing the encoder at `path` was trained (or exported) with: a training
     workdir's data.resolution, our model dir's native.json, a transformers dir's preprocessor
     config; None: square images."""
-    from mlcd_jax import config as config_lib
+    from mlcd_jax.config import schema as config_lib
     path = pathlib.Path(path)
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
         c = _workdir_config(path)
@@ -234,7 +234,7 @@ def sizing(path, model: vit.ViT, resolution: str = "", max_tokens: int = 0,
 
 def architecture(path) -> vit.ViTConfig:
     """The ViTConfig of the encoder at `path` (any form `load_encoder` takes), weights unread."""
-    from mlcd_jax import config as config_lib
+    from mlcd_jax.config import schema as config_lib
     path = pathlib.Path(path)
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
         return config_lib.vit_config(_workdir_config(path))
@@ -258,7 +258,7 @@ def adopt_architecture(c, explicit=frozenset()) -> str:
     projection width where it has one, and for learned positions the image size they were made
     for. A field given on the command line (`explicit`: names like "model.size") that contradicts
     the checkpoint is one line naming both values. Returns what was taken, for the start line."""
-    from mlcd_jax import config as config_lib
+    from mlcd_jax.config import schema as config_lib
     path, m = c.model.init_from, c.model
     arch = architecture(path)
     shape = {f: getattr(arch, f) for f in config_lib.SHAPE_FIELDS}

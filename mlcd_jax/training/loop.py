@@ -1,7 +1,7 @@
 """The run loop every long job shares: the trainer (`train.py`) and LiT (`lit.py`).
 
 A job builds its state, its jitted step and its batches; `Run` does the rest, the same way for
-both: the job's processes joined (`join`, mlcd_jax/distributed.py), the workdir locked, the
+both: the job's processes joined (`join`, mlcd_jax/runtime/distributed.py), the workdir locked, the
 newest checkpoint that reads back whole restored (a corrupt one set aside, the next older tried),
 the resolved config written, then the steps with the log / checkpoint / eval cadence, the
 progress line and ETA (reporting.py) and a profile if asked. SIGTERM on any process (preemption)
@@ -29,10 +29,11 @@ import numpy as np
 from absl import flags, logging
 from jax.experimental import multihost_utils
 
-from mlcd_jax import checkpoint, distributed, reporting
+from mlcd_jax.runtime import distributed
+from mlcd_jax.training import checkpoint, reporting
 
 # Multi-host: auto-detected on TPU pods, SLURM and Open MPI; else these (or JAX_* variables, as
-# launch/local_multiprocess.sh sets them). See mlcd_jax/distributed.py.
+# launch/local_multiprocess.sh sets them). See mlcd_jax/runtime/distributed.py.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")

@@ -8,11 +8,13 @@ import math
 
 import ml_collections
 
-from mlcd_jax import config as config_lib, head, heads as heads_lib, mesh as mesh_lib
+from mlcd_jax.config import schema as config_lib
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate.probes import PROBES
 from mlcd_jax.labels import join
 from mlcd_jax.models import vit
+from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import region_heads as heads_lib, sharded_head as head
 
 
 def validate(c: ml_collections.ConfigDict,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mlcd_jax import config as config_lib
+from mlcd_jax.config import schema as config_lib
 
 VARIANTS = {  # the paper's ViT sizes: (peak learning rate, embedding width)
     "B/32": (5e-4, 512),

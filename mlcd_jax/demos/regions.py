@@ -22,14 +22,15 @@ import time
 
 import numpy as np
 
-from mlcd_jax import demo_runs, weights
+from mlcd_jax.config import presets
 from mlcd_jax.data import sources, tokenizer as tokenizer_lib
+from mlcd_jax.demos import runs as demo_runs
 from mlcd_jax.evaluate import regions as region_probes, run as eval_run
+from mlcd_jax.interop import weights
 from mlcd_jax.labels import assign, kmeans, ocr, store
 from mlcd_jax.models import region
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "demo_regions.py"
+CONFIG = presets.path("demo_regions")
 KINDS = ("image", "objects", "ocr")
 K, L = 64, 4  # the image head's clusters and labels per image; the object head's K too
 

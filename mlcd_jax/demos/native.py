@@ -23,13 +23,16 @@ import time
 
 import numpy as np
 
-from mlcd_jax import demo_runs, features, keys as keys_lib, records, reporting, weights
-from mlcd_jax.data import sources
-from mlcd_jax.evaluate import probes
+from mlcd_jax.config import presets
+from mlcd_jax.data import record_keys as keys_lib, sources
+from mlcd_jax.demos import runs as demo_runs
+from mlcd_jax.evaluate import features, probes
+from mlcd_jax.interop import weights
 from mlcd_jax.labels import kmeans, store
+from mlcd_jax.runtime import files as records
+from mlcd_jax.training import reporting
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "demo_native.py"
+CONFIG = presets.path("demo_native")
 KINDS = ("square", "squash", "native")
 K, L = 64, 6  # glyph clusters; labels per strip (one per distinct cluster of its ≤ 6 digits)
 

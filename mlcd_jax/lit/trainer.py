@@ -8,7 +8,7 @@ dir), locked, embeds the train and test images once (cached in WORKDIR/features 
 the weights, images and size) → captions (templates with class names, or the data's own
 {caption}s) → tokenizer (a local CLIP one, or a BPE trained on the captions, saved in
 WORKDIR/tokenizer) → the text tower, its temperature (and SigLIP's bias), AdamW, one jitted step
-with the contrastive loss split over the mesh (`mlcd_jax/contrastive.py`) → checkpoint or init →
+with the contrastive loss split over the mesh (`mlcd_jax/lit/contrastive.py`) → checkpoint or init →
 loop, with periodic zero-shot and retrieval evals on the held-out images (retrieval only where
 the images have no classes: captioned web data through `python -m mlcd_jax.data.convert`, or a
 tfds dataset with captions). Batch `step` is a function of (seed, step). The run loop is the
@@ -32,23 +32,14 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from mlcd_jax import (
-    checkpoint,
-    contrastive,
-    distributed,
-    features,
-    flag_parsing,
-    loop,
-    mesh as mesh_lib,
-    optim,
-    records,
-    weights,
-)
 from mlcd_jax.data import sources, tokenizer as tokenizer_lib
-from mlcd_jax.evaluate import run as eval_run, zero_shot
-from mlcd_jax.interop import hf
+from mlcd_jax.evaluate import features, run as eval_run, zero_shot
+from mlcd_jax.interop import hf, weights
 from mlcd_jax.labels import embed
+from mlcd_jax.lit import contrastive
 from mlcd_jax.models import text as text_lib
+from mlcd_jax.runtime import cli as flag_parsing, distributed, files as records, mesh as mesh_lib
+from mlcd_jax.training import checkpoint, loop, optim
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/lit_*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features, tokenizer.")
@@ -310,6 +301,6 @@ def lit(c, workdir: pathlib.Path) -> None:
                                "CLIPTextModelWithProjection + tokenizer.json)")
 
 
-if __name__ == "__main__":
+def run():
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main, flags_parser=flag_parsing.parse_flags)

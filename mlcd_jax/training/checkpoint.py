@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from mlcd_jax import distributed
+from mlcd_jax.runtime import distributed
 
 
 class ConfigMismatch(ValueError):

@@ -34,7 +34,7 @@ def parse_flags(argv):
                     and a.split("=")[0].endswith("." + name.group(1))), "--config")
         _exit(f"{arg}: config has no field {name.group(1) if name else text!r}"
               f"{f'; did you mean {hint.group(1)!r}?' if hint else ''} (every field and its "
-              "default: mlcd_jax/config.py:base_config)")
+              "default: mlcd_jax/config/schema.py:base_config)")
     except (OSError, ValueError, TypeError) as e:
         _exit(" ".join(str(e).split()))
 

@@ -8,20 +8,23 @@ import pathlib
 import subprocess
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+# Where this package is imported from: the runs find it there too, from a checkout that was never
+# installed as well as from a wheel.
+PACKAGE_PARENT = str(pathlib.Path(__file__).resolve().parents[2])
 
 
 def env() -> dict:
     """This process's environment with 8 simulated CPU devices added to its XLA_FLAGS (a user's
-    own XLA flags are kept)."""
+    own XLA flags are kept) and this package importable."""
     flags = os.environ.get("XLA_FLAGS", "")
-    return os.environ | {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip()}
+    path = os.environ.get("PYTHONPATH", "")
+    return os.environ | {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip(),
+                         "PYTHONPATH": os.pathsep.join(filter(None, (path, PACKAGE_PARENT)))}
 
 
 def train(flags: list[str]) -> None:
     """`python -m mlcd_jax.train` with `flags`, on 8 simulated devices."""
-    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True, env=env(),
-                   cwd=REPO)
+    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True, env=env())
 
 
 def sweep(kinds, seeds: int, pretrain, probe) -> dict:

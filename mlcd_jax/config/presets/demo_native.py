@@ -1,0 +1,46 @@
+"""Native resolution's demo runs (`python -m mlcd_jax.demo --native` drives them): the demo's RoPE
+ViT on `digits_strips` (strips of 1–6 digits, wide or tall: aspect ratios from 1:6 to 6:1), the
+same token budget (64 patches of 4 px), head, labels (each digit's cluster of the clean glyphs,
+up to 6 per strip) and steps in both:
+
+    configs/demo_native.py:square   every strip a 32 × 32 crop (random-resized crops in training,
+                                    the centre crop in evaluation: CLIP's preprocessing)
+    configs/demo_native.py:squash   every whole strip resized to 32 × 32, its aspect ratio lost
+    configs/demo_native.py:native   every strip at its own aspect ratio, the largest size within
+                                    64 patches (NaFlex), padded to 64
+
+The label store's path is set by the driver (data.labels).
+"""
+
+from mlcd_jax.config import schema as config_lib
+from mlcd_jax.runtime import cli as flag_parsing
+
+ARGS = ("square", "squash", "native")
+
+
+def get_config(arg="native"):
+    flag_parsing.check_arg(arg, ARGS, "configs/demo_native.py")
+    c = config_lib.base_config()
+    c.mesh = (("data", -1),)
+    c.model.size = "demo"           # patch 4
+    c.model.embed_dim = 64
+    c.model.dtype = "float32"
+    c.head.loss = "mlcd"
+    c.head.num_classes = 64
+    c.head.sample_ratio = 1.0       # K is small: every class, exactly (as the demo)
+    c.data.source = "digits_strips"
+    c.data.split = "train"
+    c.data.image_size = 32          # square and squash: 8 × 8 = 64 patches
+    c.data.resolution = arg
+    c.data.max_tokens = 64 if arg == "native" else 0  # the same budget
+    c.data.num_labels = 6           # a strip's digits' clusters, each once (−1 after)
+    c.data.crop_scale = (0.8, 1.0)  # a crop loses little of a strip
+    c.data.flip = False             # a mirrored digit is another glyph
+    c.batch_size = 128
+    c.total_steps = 400
+    c.optim.lr = 5e-3
+    c.optim.warmup_steps = 50
+    c.optim.weight_decay = 0.05
+    c.log_every = 20
+    c.checkpoint_every = 400
+    return c
