@@ -11,7 +11,9 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import mlcd_jax  # noqa: E402, F401, I001  (before jax: it picks the platform, quietly)
+from mlcd_jax.runtime import backend  # noqa: E402, I001
+
+backend.choose()  # before jax starts: the platform, quietly (as every command)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

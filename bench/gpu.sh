@@ -21,7 +21,7 @@ if [ -n "${DRY_RUN:-}" ]; then
   # Toy programs compile twice as fast without XLA:CPU's expensive optimizations and its MLIR
   # fusion emitters (the step part's dry run: 54 → 35 s).
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
-  echo "dry run: toy sizes on $("$py" -c 'import mlcd_jax, jax; print(jax.default_backend())')"
+  echo "dry run: toy sizes on $("$py" -c 'from mlcd_jax.runtime import backend; backend.choose(); import jax; print(jax.default_backend())')"
 else
   if [ -d .whl ]; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl

@@ -24,14 +24,16 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import mlcd_jax  # noqa: E402, F401, I001  (before jax: it picks the platform, quietly)
+from mlcd_jax.runtime import backend  # noqa: E402, I001
+
+backend.choose()  # before jax starts: the platform, quietly (as every command)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import probe  # noqa: E402  (bench/probe.py)
 
-from mlcd_jax.training import sharded_head as head
-from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.runtime import mesh as mesh_lib  # noqa: E402
+from mlcd_jax.training import sharded_head as head  # noqa: E402
 
 
 def run_case(devices, *, classes, dim, batch, labels, ratio, steps, chunk):

@@ -324,7 +324,8 @@ def run_stage(stage: str, n: int, work: pathlib.Path) -> dict:
 
 
 def child(stage: str, n: int, work: pathlib.Path) -> None:
-    import mlcd_jax  # noqa: F401, I001  (before jax: it picks the platform, quietly)
+    from mlcd_jax.runtime import backend  # noqa: I001
+    backend.choose()  # before jax starts: the platform, quietly (as every command)
     import jax  # noqa: F401  (imports are not the stage's cost)
 
     from mlcd_jax.data import sources  # noqa: F401

@@ -40,7 +40,9 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import mlcd_jax  # noqa: E402, F401  (before jax: it picks the platform, quietly)
+from mlcd_jax.runtime import backend  # noqa: E402, I001
+
+backend.choose()  # before jax starts: the platform, quietly (as every command)
 
 
 def parse(argv=None):
@@ -92,7 +94,8 @@ def parse(argv=None):
 
 def _has_gpu() -> bool:
     """Whether jax sees a GPU, asked in a child so this process leaves the device alone."""
-    probe = "import mlcd_jax, jax; print(jax.default_backend())"
+    probe = ("from mlcd_jax.runtime import backend; backend.choose(); import jax; "
+             "print(jax.default_backend())")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     return done.stdout.strip().endswith("gpu")
 
@@ -352,7 +355,7 @@ def main(argv=None):
         runs = results[json.dumps(row)]
         best = min(runs, key=lambda r: r["seconds"])
         c = config_for(row)
-        model_flops = flops.train_step(c, config_lib.vit_config(c), 1)["per_step"]
+        model_flops = flops.per_step(c, config_lib.vit_config(c), 1)["per_step"]
         table.append(row | best | {
             "image_size": c.data.image_size, "batch": c.batch_size, "dtype": ARGS.dtype,
             "gflop_per_step": model_flops / 1e9, "images_per_s": c.batch_size / best["seconds"],

@@ -38,7 +38,9 @@ if _OWN_CACHE:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, even quick
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-import mlcd_jax  # noqa: E402,F401,I001  (first: it starts jax and its plugins quietly)
+from mlcd_jax.runtime import backend  # noqa: E402,I001
+
+backend.choose()  # jax started (and its plugins registered) quietly, as in every command
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -27,7 +27,9 @@ def env(**extra):
 RUNNER = """
 import importlib, pathlib, sys
 sys.path.insert(0, "bench")
-import mlcd_jax  # before jax: the platform, quietly
+from mlcd_jax.runtime import backend  # noqa: I001
+
+backend.choose()  # before jax: the platform, quietly
 out = pathlib.Path(sys.argv[1])
 jobs = {
     "dense_grad": ["--smoke"],

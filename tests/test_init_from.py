@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from mlcd_jax.config import schema as config_lib
-from mlcd_jax.interop import hf, weights
+from mlcd_jax.interop import weights
+from mlcd_jax.interop.hf import mapping as hf
 from mlcd_jax.models import vit
 
 import cli

@@ -9,7 +9,8 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from mlcd_jax.interop import hf, weights
+from mlcd_jax.interop import weights
+from mlcd_jax.interop.hf import mapping as hf
 from mlcd_jax.models import vit
 
 import cli

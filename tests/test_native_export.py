@@ -16,8 +16,8 @@ from transformers.models.siglip2.image_processing_pil_siglip2 import (
 
 from mlcd_jax.data import transforms
 from mlcd_jax.evaluate import features
-from mlcd_jax.interop import hf, weights
-from mlcd_jax.interop.hf import __main__ as hf_cli
+from mlcd_jax.interop import weights
+from mlcd_jax.interop.hf import __main__ as hf_cli, mapping as hf
 from mlcd_jax.models import vit
 
 TOL = 1e-4

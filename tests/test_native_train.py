@@ -143,7 +143,8 @@ def test_a_folder_of_mixed_aspect_ratios_trains_evaluates_embeds_and_exports(tmp
     )
 
     from mlcd_jax.evaluate import features
-    from mlcd_jax.interop import hf, weights
+    from mlcd_jax.interop import weights
+    from mlcd_jax.interop.hf import mapping as hf
     mixed_folder(tmp_path / "train")
     mixed_folder(tmp_path / "test", seed=1)
     run = tmp_path / "run"

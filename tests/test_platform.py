@@ -152,8 +152,9 @@ def test_a_plain_install_without_the_cuda_plugin_imports(hidden):
     mlcd_jax must not ask for its submodule (that raises), and must find no plugin."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     code = (f"import sys; sys.modules[{hidden!r}] = None\n"  # None in sys.modules: not installed
-            "import mlcd_jax, jax\n"
             "from mlcd_jax.runtime import backend as platform\n"
+            "platform.choose()\n"  # as every command starts
+            "import jax\n"
             "assert not platform.gpu_plugin_installed()\n"
             "print(jax.default_backend())")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,

@@ -19,7 +19,8 @@ from PIL import Image
 
 from mlcd_jax.data import convert, regions, sources, transforms
 from mlcd_jax.evaluate import __main__ as evaluate_cli, regions as region_probes
-from mlcd_jax.interop import hf, weights
+from mlcd_jax.interop import weights
+from mlcd_jax.interop.hf import mapping as hf
 from mlcd_jax.labels import embed, join, ocr, store
 from mlcd_jax.models import region as region_lib, vit
 from mlcd_jax.runtime import mesh as mesh_lib

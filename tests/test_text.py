@@ -8,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from mlcd_jax.interop import hf
+from mlcd_jax.interop.hf import mapping as hf
 from mlcd_jax.models import text
 
 TOL = 1e-4  # largest |ours − transformers| allowed, float32

@@ -326,7 +326,8 @@ def test_init_from_an_imported_transformers_model(tmp_path):
     """Continue pretraining from released weights: transformers MLCD → our model dir → trainer."""
     import transformers
 
-    from mlcd_jax.interop import hf, weights
+    from mlcd_jax.interop import weights
+    from mlcd_jax.interop.hf import mapping as hf
     config = transformers.MLCDVisionConfig(hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=2,
                                            image_size=16, patch_size=4)

@@ -15,6 +15,7 @@ import ml_collections
 
 from mlcd_jax.data import transforms
 from mlcd_jax.models import vit
+from mlcd_jax.runtime.errors import UserError
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -178,7 +179,7 @@ def region_head(**fields) -> ml_collections.ConfigDict:
                                             # (names them) or "skip" (counted, left out)
     for name, value in fields.items():
         if name not in h:
-            raise ValueError(f"region_head: no field {name!r}; the fields are {', '.join(h)}")
+            raise UserError(f"region_head: no field {name!r}; the fields are {', '.join(h)}")
         h[name] = value
     return h
 
@@ -190,8 +191,8 @@ def total_steps(c: ml_collections.ConfigDict, num_examples: int | None = None) -
         return int(c.total_steps)
     n = num_examples if num_examples is not None else c.data.num_examples
     if not n:
-        raise ValueError("config.epochs: the epoch length is unknown: set config.data.num_examples "
-                         "(the synthetic source has no size of its own) or use config.total_steps")
+        raise UserError("config.epochs: the epoch length is unknown: set config.data.num_examples "
+                        "(the synthetic source has no size of its own) or use config.total_steps")
     return math.ceil(c.epochs * n / c.batch_size)
 
 
@@ -230,8 +231,8 @@ def vit_config(c: ml_collections.ConfigDict) -> vit.ViTConfig:
     if not m.size:
         unset = [f"model.{f}" for f in SHAPE_FIELDS if not m.get(f, 0)]
         if unset:
-            raise ValueError(f"config.model.size is '': set {', '.join(unset)} (or a size name: "
-                             f"{', '.join(vit.SIZES)})")
+            raise UserError(f"config.model.size is '': set {', '.join(unset)} (or a size name: "
+                            f"{', '.join(vit.SIZES)})")
         return vit.ViTConfig(**overrides)
     return vit.vit_config(m.size, **overrides)
 

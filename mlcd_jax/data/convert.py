@@ -31,7 +31,6 @@ replaces them once the new ones are written.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import pathlib
@@ -39,10 +38,13 @@ import re
 import sys
 import tarfile
 
+from absl import flags
 from tqdm import tqdm
 
 from mlcd_jax.data import index as index_lib, regions as regions_lib, transforms
 from mlcd_jax.data.sources import IMAGE_SUFFIXES, SHARD_NAME, caption_text
+from mlcd_jax.runtime import cli
+from mlcd_jax.runtime.errors import MissingFile, UserError
 
 
 def _expand(pattern: str) -> list[str]:
@@ -76,9 +78,9 @@ def _sidecar(data: bytes, where: str) -> dict:
     try:
         sidecar = json.loads(data)
     except ValueError as e:
-        raise ValueError(f"{where}: not a JSON object ({e}); fix or remove that sidecar") from None
+        raise UserError(f"{where}: not a JSON object ({e}); fix or remove that sidecar") from None
     if not isinstance(sidecar, dict):
-        raise ValueError(f"{where}: not a JSON object; fix or remove that sidecar")
+        raise UserError(f"{where}: not a JSON object; fix or remove that sidecar")
     return sidecar
 
 
@@ -101,7 +103,7 @@ def iter_images(inputs: str, sidecars: bool = False):
         return
     tars = _expand(inputs)
     if not tars:
-        raise FileNotFoundError(f"--input {inputs}: neither a folder nor matching tar files")
+        raise MissingFile(f"--input {inputs}: neither a folder nor matching tar files")
     for tar in tars:
         with tarfile.open(tar) as t:
             samples: dict[str, dict[str, tarfile.TarInfo]] = {}  # webdataset key → {suffix: member}
@@ -141,9 +143,9 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
     out = pathlib.Path(output)
     old = existing_shards(output)
     if old and not overwrite:
-        raise FileExistsError(f"--output {output}: {len(old)} shards of an earlier convert exist "
-                              f"({old[0].name} …); pass --overwrite to replace them, or choose "
-                              "another --output")
+        raise UserError(f"--output {output}: {len(old)} shards of an earlier convert exist "
+                        f"({old[0].name} …); pass --overwrite to replace them, or choose "
+                        "another --output")
     out.parent.mkdir(parents=True, exist_ok=True)
     # Annotations are read (and checked) before any image: a bad file stops convert at once.
     annotations = (regions_lib.Annotations(regions, pathlib.Path(f"{output}.regions-work"),
@@ -213,8 +215,8 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
         index.abandon()
         for tmp in tmp_paths:
             tmp.unlink()
-        raise FileNotFoundError(f"--input {inputs}: no readable images "
-                                f"({', '.join(IMAGE_SUFFIXES)}; {num_skipped} unreadable)")
+        raise MissingFile(f"--input {inputs}: no readable images "
+                          f"({', '.join(IMAGE_SUFFIXES)}; {num_skipped} unreadable)")
     shards = []
     for i, tmp in enumerate(tmp_paths):  # final names carry the shard count
         final = out.parent / f"{out.name}-{i:05d}-of-{len(tmp_paths):05d}.array_record"
@@ -234,7 +236,7 @@ def reindex(output: str) -> dict:
     from array_record.python.array_record_module import ArrayRecordReader
     shards = [str(p) for p in existing_shards(output)]
     if not shards:
-        raise FileNotFoundError(f"--reindex {output}: no shards {output}-*-of-*.array_record")
+        raise MissingFile(f"--reindex {output}: no shards {output}-*-of-*.array_record")
     counts = []
     for shard in tqdm(shards, desc="reindex: counting records", unit="shard"):
         reader = ArrayRecordReader(shard)
@@ -243,61 +245,61 @@ def reindex(output: str) -> dict:
     return index_lib.reindex(output, shards, counts, key_of_name) | {"shards": len(shards)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlcd_jax.data.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="image folder, or tar files (glob / {a..b})")
-    p.add_argument("--output", help="output prefix")
-    p.add_argument("--reindex", metavar="OUTPUT", help="add the offsets table and record keys "
-                   "to an earlier convert's OUTPUT.index.jsonl, nothing re-encoded")
-    p.add_argument("--shard_size", type=int, default=10_000)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the shards of an earlier convert with this --output")
-    p.add_argument("--warn_below", type=int, default=16,
-                   help="list images smaller than this many pixels on a side")
-    p.add_argument("--regions", default=None, metavar="FILE_OR_FOLDER",
-                   help="boxes per image, kept in the index: a COCO-style .json, a .jsonl keyed "
-                   "by record key ({key, boxes: [[x0, y0, x1, y1], ...], texts}), a folder of "
-                   f"SA-1B per-image JSON, or {regions_lib.BESIDE!r} (each image's own KEY.json)")
-    rules = regions_lib.Rules()
-    p.add_argument("--min_region_side", type=float, default=rules.min_side,
-                   help="drop boxes with a side under this many pixels (the paper's SAM boxes: "
-                   "128 at SA-1B's resolution)")
-    p.add_argument("--min_region_fraction", type=float, default=rules.min_fraction,
-                   help="... or under this fraction of the image's shorter side (default 1/16: "
-                   "one patch of a /16 ViT)")
-    a = p.parse_args(argv)
-    if a.reindex:
-        try:
-            done = reindex(a.reindex)
-        except (FileNotFoundError, ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+# -- the command line (its own flags: this module is a library too) -------------------------------
+
+FLAGS = flags.FlagValues()
+INPUT = flags.DEFINE_string("input", None, "Image folder, or tar files (glob / {a..b}).",
+                            flag_values=FLAGS)
+OUTPUT = flags.DEFINE_string("output", None, "Output prefix.", flag_values=FLAGS)
+REINDEX = flags.DEFINE_string("reindex", None, "OUTPUT: add the offsets table and record keys to "
+                              "an earlier convert's OUTPUT.index.jsonl, nothing re-encoded.",
+                              flag_values=FLAGS)
+SHARD_SIZE = flags.DEFINE_integer("shard_size", 10_000, "Images per ArrayRecord file.",
+                                  lower_bound=1, flag_values=FLAGS)
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace the shards of an earlier convert with "
+                              "this --output.", flag_values=FLAGS)
+WARN_BELOW = flags.DEFINE_integer("warn_below", 16, "List images smaller than this many pixels "
+                                  "on a side.", flag_values=FLAGS)
+REGIONS = flags.DEFINE_string("regions", None, "Boxes per image, kept in the index: a COCO-style "
+                              ".json, a .jsonl keyed by record key ({key, boxes: [[x0, y0, x1, "
+                              "y1], ...], texts}), a folder of SA-1B per-image JSON, or "
+                              f"{regions_lib.BESIDE!r} (each image's own KEY.json).",
+                              flag_values=FLAGS)
+MIN_REGION_SIDE = flags.DEFINE_float("min_region_side", regions_lib.Rules.min_side, "Drop boxes "
+                                     "with a side under this many pixels (the paper's SAM boxes: "
+                                     "128 at SA-1B's resolution).", flag_values=FLAGS)
+MIN_REGION_FRACTION = flags.DEFINE_float(
+    "min_region_fraction", regions_lib.Rules.min_fraction, "... or under this fraction of the "
+    "image's shorter side (default 1/16: one patch of a /16 ViT).", flag_values=FLAGS)
+
+
+def command(args) -> None:
+    del args
+    if REINDEX.value:
+        done = reindex(REINDEX.value)
         print(f"reindex: {done['records']:,} records of {done['shards']} shards: wrote "
-              f"{a.reindex}.index.offsets and {a.reindex}.index.json")
-        return 0
-    if not (a.input and a.output):
-        p.error("--input and --output are required (or --reindex OUTPUT)")
-    if a.shard_size < 1:
-        p.error(f"--shard_size must be ≥ 1, got {a.shard_size}")
-    if a.min_region_side < 0 or not 0 <= a.min_region_fraction < 1:
-        p.error("--min_region_side must be ≥ 0 and --min_region_fraction in [0, 1)")
-    try:
-        result = convert(a.input, a.output, a.shard_size, overwrite=a.overwrite,
-                         warn_below=a.warn_below, regions=a.regions,
-                         region_rules=regions_lib.Rules(a.min_region_side, a.min_region_fraction))
-    except (FileNotFoundError, FileExistsError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+              f"{REINDEX.value}.index.offsets and {REINDEX.value}.index.json")
+        return
+    if not (INPUT.value and OUTPUT.value):
+        raise UserError("--input and --output are required (or --reindex OUTPUT)")
+    if MIN_REGION_SIDE.value < 0 or not 0 <= MIN_REGION_FRACTION.value < 1:
+        raise UserError("--min_region_side must be ≥ 0 and --min_region_fraction in [0, 1)")
+    result = convert(INPUT.value, OUTPUT.value, SHARD_SIZE.value, overwrite=OVERWRITE.value,
+                     warn_below=WARN_BELOW.value, regions=REGIONS.value,
+                     region_rules=regions_lib.Rules(MIN_REGION_SIDE.value,
+                                                    MIN_REGION_FRACTION.value))
     skipped = f"; skipped {result['skipped']:,} unreadable" if result["skipped"] else ""
     captioned = (f" ({result['captioned']:,} with a caption)" if result["captioned"] else "")
     regions = result["regions"]
     boxed = (f"; {regions['regions']:,} regions ({regions['with_text']:,} with a text) on "
              f"{regions['records']:,} images" if regions else "")
     print(f"convert: wrote {result['records']:,} images to {len(result['shards'])} ArrayRecord "
-          f"files ({a.output}-*.array_record) and {a.output}.index.jsonl{captioned}{boxed}"
-          f"{skipped}")
-    return 0
+          f"files ({OUTPUT.value}-*.array_record) and {OUTPUT.value}.index.jsonl{captioned}"
+          f"{boxed}{skipped}")
+
+
+def main(argv=None) -> int:
+    return cli.run(command, FLAGS, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

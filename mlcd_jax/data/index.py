@@ -38,12 +38,13 @@ import pathlib
 import numpy as np
 
 from mlcd_jax.data import record_keys as keys_lib, regions as regions_lib
+from mlcd_jax.runtime.errors import MissingFile, UserError
 from mlcd_jax.runtime.files import write_json_atomic
 
 FORMAT = 2  # 2: keys (1: names and captions only)
 
 
-class StaleIndex(ValueError):
+class StaleIndex(UserError):
     """The index does not describe the shards beside it (or predates the offsets table)."""
 
 
@@ -82,7 +83,7 @@ class _RegionTable:
                 "sha256": self.sha.hexdigest()}
 
 
-class DuplicateKey(ValueError):
+class DuplicateKey(UserError):
     """Two records of one convert output have the same key."""
 
 
@@ -184,7 +185,7 @@ def reindex(prefix, shards: list[str], counts: list[int], key_of) -> dict:
     lines_path, offsets_path, manifest_path = paths(prefix)
     keys_path, table_path = hashes_path(prefix), regions_path(prefix)
     if not lines_path.is_file():
-        raise FileNotFoundError(f"{lines_path} not found: --reindex needs convert's index")
+        raise MissingFile(f"{lines_path} not found: --reindex needs convert's index")
     # Regions convert kept stay, their table remade from the lines (what made them is kept).
     old = json.loads(manifest_path.read_text()).get("regions") if manifest_path.is_file() else None
     table = _RegionTable(pathlib.Path(f"{table_path}.tmp"))

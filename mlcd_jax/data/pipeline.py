@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from mlcd_jax.data import transforms
+from mlcd_jax.runtime.errors import UserError
 
 
 class LabelLookup:
@@ -195,7 +196,7 @@ def dataset(source, *, batch_size: int, image_size: int, num_labels: int, seed: 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} is not divisible by {process_count} processes")
+        raise UserError(f"batch size {batch_size} is not divisible by {process_count} processes")
     ds = grain.MapDataset.source(source).map_with_index(
         LabelLookup(labels, num_labels, len(source)))
     if regions:

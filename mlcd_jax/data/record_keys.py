@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from mlcd_jax.runtime.errors import UserError
+
 HASH = np.dtype([("hash", "<u8"), ("check", "<u8")])
 ENTRY = np.dtype([("hash", "<u8"), ("check", "<u8"), ("row", "<i8")])
 BYTES_PER_KEY = ENTRY.itemsize
@@ -34,7 +36,7 @@ def hashes(keys: Iterable[str]) -> np.ndarray:
     return np.frombuffer(digest, HASH).copy()
 
 
-class DuplicateKey(ValueError):
+class DuplicateKey(UserError):
     """A key that appears at two rows of one side."""
 
     def __init__(self, message: str, rows: tuple[int, int]):
@@ -70,7 +72,7 @@ def build(path, chunks: Iterable[np.ndarray], total: int, *,
         for f in files:
             f.close()
         if row != total:
-            raise ValueError(f"{what}: {row} keys read but {total} expected")
+            raise UserError(f"{what}: {row} keys read but {total} expected")
         out = np.lib.format.open_memmap(f"{path}.tmp", "w+", ENTRY, (total,))
         done = 0
         for b in range(buckets):
@@ -95,8 +97,8 @@ def build(path, chunks: Iterable[np.ndarray], total: int, *,
 def open_table(path) -> np.ndarray:
     table = np.load(path, mmap_mode="r")
     if table.dtype != ENTRY or table.ndim != 1:
-        raise ValueError(f"{path}: not a key table ({table.dtype}, shape {table.shape}); "
-                         "remake it")
+        raise UserError(f"{path}: not a key table ({table.dtype}, shape {table.shape}); "
+                        "remake it")
     return table
 
 

@@ -61,6 +61,7 @@ from tqdm import tqdm
 
 from mlcd_jax.data import record_keys as keys_lib, transforms
 from mlcd_jax.runtime import files as records
+from mlcd_jax.runtime.errors import MissingFile, UserError
 
 BESIDE = "beside"
 TEXT_FIELDS = ("utf8_string", "text", "caption")
@@ -228,13 +229,13 @@ def sa1b(obj, where: str, folder: str = "") -> Raw | None:
 def _read_sa1b_folder(folder: pathlib.Path) -> Iterator[Raw]:
     files = sorted(folder.rglob("*.json"))
     if not files:
-        raise FileNotFoundError(f"--regions {folder}: no .json files (SA-1B's per-image JSON) "
-                                "under it")
+        raise MissingFile(f"--regions {folder}: no .json files (SA-1B's per-image JSON) "
+                          "under it")
     for path in tqdm(files, desc="regions: reading per-image JSON", unit="file"):
         try:
             obj = json.loads(path.read_bytes())
         except ValueError as e:
-            raise ValueError(f"{path}: not JSON ({e}); fix or remove that file") from None
+            raise UserError(f"{path}: not JSON ({e}); fix or remove that file") from None
         rel = path.parent.relative_to(folder).as_posix()
         raw = sa1b(obj, str(path), "" if rel == "." else rel)
         if raw is not None:
@@ -250,24 +251,24 @@ def _read_jsonl(path: pathlib.Path) -> Iterator[Raw]:
             try:
                 line = json.loads(text)
             except ValueError as e:
-                raise ValueError(f"{where}: not JSON ({e}); each line is {{\"key\", \"boxes\": "
-                                 "[[x0, y0, x1, y1], ...], \"texts\"?}") from None
+                raise UserError(f"{where}: not JSON ({e}); each line is {{\"key\", \"boxes\": "
+                                "[[x0, y0, x1, y1], ...], \"texts\"?}") from None
             if not isinstance(line, dict) or "key" not in line or not isinstance(
                     line.get("boxes"), list):
-                raise ValueError(f"{where}: needs \"key\" (the record's key) and \"boxes\" (a "
-                                 "list of [x0, y0, x1, y1])")
+                raise UserError(f"{where}: needs \"key\" (the record's key) and \"boxes\" (a "
+                                "list of [x0, y0, x1, y1])")
             texts = line.get("texts", [None] * len(line["boxes"]))
             if not isinstance(texts, list) or len(texts) != len(line["boxes"]):
-                raise ValueError(f"{where}: \"texts\" must list one text (or null) per box; "
-                                 f"it has {len(texts) if isinstance(texts, list) else texts!r} "
-                                 f"for {len(line['boxes'])} boxes")
+                raise UserError(f"{where}: \"texts\" must list one text (or null) per box; "
+                                f"it has {len(texts) if isinstance(texts, list) else texts!r} "
+                                f"for {len(line['boxes'])} boxes")
             classes = line.get("classes", [None] * len(line["boxes"]))
             if not (isinstance(classes, list) and len(classes) == len(line["boxes"]) and all(
                     c is None or (isinstance(c, int) and not isinstance(c, bool) and c >= -1)
                     for c in classes)):
-                raise ValueError(f"{where}: \"classes\" must list one class per box: an integer "
-                                 f"≥ 0, or null (or -1) where unknown; got {classes!r:.80} for "
-                                 f"{len(line['boxes'])} boxes")
+                raise UserError(f"{where}: \"classes\" must list one class per box: an integer "
+                                f"≥ 0, or null (or -1) where unknown; got {classes!r:.80} for "
+                                f"{len(line['boxes'])} boxes")
             size = line.get("size")
             yield Raw(_name(line["key"]),
                       np.array([_xyxy(b) for b in line["boxes"]], np.float64).reshape(-1, 4),
@@ -302,8 +303,8 @@ class _Stream:
             self.fail("a value larger than 64 MiB, or the JSON is malformed")
 
     def fail(self, what: str):
-        raise ValueError(f"{self.where}: {what} near character {self.read + self.pos:,}; is it "
-                         "COCO-style annotation JSON?")
+        raise UserError(f"{self.where}: {what} near character {self.read + self.pos:,}; is it "
+                        "COCO-style annotation JSON?")
 
     def peek(self) -> str:
         """The next character past whitespace ('' at the end)."""
@@ -449,8 +450,8 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path, meta: dict) -> Iterator[R
     images, ids = _Lines(work / "images.jsonl"), open(work / "images.ids", "wb")
     for _, member, image in _members(path, ("images", "imgs"), "regions: COCO images"):
         if not isinstance(image, dict) or image.get("file_name") is None:
-            raise ValueError(f"{path}: an entry of images has no file_name ({str(image)[:80]}); "
-                             "each image needs id and file_name")
+            raise UserError(f"{path}: an entry of images has no file_name ({str(image)[:80]}); "
+                            "each image needs id and file_name")
         image_id = image.get("id", member)
         images.add({"key": _name(image["file_name"]), "id": image_id,
                     "size": _size(image.get("width"), image.get("height"))})
@@ -458,8 +459,8 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path, meta: dict) -> Iterator[R
     ids.close()
     images = images.close()
     if not len(images):
-        raise ValueError(f"{path}: no images[] (or imgs{{}}) entries: not COCO-style annotation "
-                         "JSON (images[].file_name/id, annotations[].image_id/bbox)")
+        raise UserError(f"{path}: no images[] (or imgs{{}}) entries: not COCO-style annotation "
+                        "JSON (images[].file_name/id, annotations[].image_id/bbox)")
     table = keys_lib.build(work / "images.table.npy", _hash_chunks(work / "images.ids"),
                            len(images),
                            describe=lambda r: f"images entry {r} ({images[r]['key']!r})",
@@ -493,12 +494,12 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path, meta: dict) -> Iterator[R
         if name in ("categories", "cats"):
             c = _category({"category_id": ann.get("id", member)} if isinstance(ann, dict) else {})
             if c == NO_CATEGORY:
-                raise ValueError(f"{path}: an entry of {name} has no integer id "
-                                 f"({str(ann)[:80]}); each category needs id and name")
+                raise UserError(f"{path}: an entry of {name} has no integer id "
+                                f"({str(ann)[:80]}); each category needs id and name")
             categories.setdefault(c, str(ann.get("name", c)))
             continue
         if not isinstance(ann, dict) or "image_id" not in ann:
-            raise ValueError(f"{path}: an annotation has no image_id ({str(ann)[:80]})")
+            raise UserError(f"{path}: an annotation has no image_id ({str(ann)[:80]})")
         batch.append((ann["image_id"], _xywh(ann.get("bbox")), _text(ann), _category(ann)))
         if len(batch) == BATCH:
             flush()
@@ -595,10 +596,10 @@ class Table:
         if self.claimed[row] >= 0:
             other = self.claimers.get(int(self.claimed[row]))
             raw = Raw.of_line(self.lines[row])
-            raise ValueError(f"{self.what}: the annotations of {raw.key!r} ({raw.where}) match "
-                             f"two records, {other!r} and {name!r}; name the image with its "
-                             "folder in the annotations (e.g. train2017/x.jpg), or convert each "
-                             "folder on its own")
+            raise UserError(f"{self.what}: the annotations of {raw.key!r} ({raw.where}) match "
+                            f"two records, {other!r} and {name!r}; name the image with its "
+                            "folder in the annotations (e.g. train2017/x.jpg), or convert each "
+                            "folder on its own")
         self.claimed[row] = self.claimers.add(name)
         return Raw.of_line(self.lines[row])
 
@@ -623,9 +624,9 @@ def open_source(spec: str, work: pathlib.Path):
     if path.is_dir():
         return Table(work, _read_sa1b_folder(path), spec)
     if not path.is_file():
-        raise FileNotFoundError(f"--regions {spec}: no such file or folder (a COCO-style .json, "
-                                "a .jsonl keyed by record key, a folder of SA-1B per-image JSON, "
-                                f"or {BESIDE!r})")
+        raise MissingFile(f"--regions {spec}: no such file or folder (a COCO-style .json, "
+                          "a .jsonl keyed by record key, a folder of SA-1B per-image JSON, "
+                          f"or {BESIDE!r})")
     if path.suffix == ".jsonl":
         return Table(work, _read_jsonl(path), spec)
     meta = {}
@@ -778,7 +779,7 @@ def region_offsets(source, path: pathlib.Path, kind: str = "all") -> records.Map
     records' regions (record order, then the record's own order), built from `region_counts` a
     chunk of records at a time into `path` and kept with a record of what made it."""
     if kind not in KINDS:
-        raise ValueError(f"region kind must be one of {KINDS}, got {kind!r}")
+        raise UserError(f"region kind must be one of {KINDS}, got {kind!r}")
     made_by = records.digest(source.fingerprint(), source.regions_fingerprint(), kind)
     if (records.piece_record(path) or {}).get("fingerprint") != made_by:
         n = len(source)
@@ -872,7 +873,7 @@ class RegionCrops:
     def key(self, r) -> str:
         _, regions, key, j = self._locate(int(r))
         if key is None:
-            raise ValueError(self.unkeyed)
+            raise UserError(self.unkeyed)
         return region_key(key, int(regions.ids[j]))
 
     def key_hashes(self, indices) -> np.ndarray:

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from mlcd_jax.data import index as index_lib, record_keys as keys_lib, regions as regions_lib
+from mlcd_jax.runtime.errors import MissingFile, UserError
 from mlcd_jax.runtime.files import digest
 
 SOURCES = ("synthetic", "digits", "digits_canvas", "digits_regions", "digits_strips", "folder",
@@ -167,8 +168,8 @@ class DigitsCanvasSource(_Keyed):
     def __init__(self, split: str = "train", canvas: int = 32, test_fraction: float = 0.3,
                  seed: int = 0):
         if split not in ("train", "test"):
-            raise ValueError("config.data.split for digits_canvas must be train or test, "
-                             f"got {split!r}")
+            raise UserError("config.data.split for digits_canvas must be train or test, "
+                            f"got {split!r}")
         digits = DigitsSource()
         order = np.random.default_rng(seed).permutation(len(digits))
         n_test = round(len(digits) * test_fraction)
@@ -232,11 +233,11 @@ class DigitsRegionsSource(_Keyed):
     def __init__(self, split: str = "train", canvas: int = 48, test_fraction: float = 0.3,
                  seed: int = 0):
         if split not in ("train", "test"):
-            raise ValueError("config.data.split for digits_regions must be train or test, "
-                             f"got {split!r}")
+            raise UserError("config.data.split for digits_regions must be train or test, "
+                            f"got {split!r}")
         if canvas < 32:
-            raise ValueError(f"digits_regions: canvas must be ≥ 32 px (text digits of ≥ 6 px), "
-                             f"got {canvas}")
+            raise UserError(f"digits_regions: canvas must be ≥ 32 px (text digits of ≥ 6 px), "
+                            f"got {canvas}")
         digits = DigitsSource()
         order = np.random.default_rng(seed).permutation(len(digits))
         n_test = round(len(digits) * test_fraction)
@@ -353,8 +354,8 @@ class DigitsStripsSource(_Keyed):
 
     def __init__(self, split: str = "train", test_fraction: float = 0.3, seed: int = 0):
         if split not in ("train", "test"):
-            raise ValueError("config.data.split for digits_strips must be train or test, "
-                             f"got {split!r}")
+            raise UserError("config.data.split for digits_strips must be train or test, "
+                            f"got {split!r}")
         digits = DigitsSource()
         order = np.random.default_rng(seed).permutation(len(digits))
         n_test = round(len(digits) * test_fraction)
@@ -410,21 +411,21 @@ class FolderSource:
     def __init__(self, root, *, classes: dict[str, int] | None = None, field="config.data.path",
                  regions: str | None = None, region_rules: regions_lib.Rules | None = None):
         if not str(root):
-            raise FileNotFoundError(f"{field} is empty: set it to the folder of images")
+            raise MissingFile(f"{field} is empty: set it to the folder of images")
         self.root = pathlib.Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{field}: {self.root} is not a folder")
+            raise MissingFile(f"{field}: {self.root} is not a folder")
         self.paths = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
-            raise FileNotFoundError(f"{field}: no images ({', '.join(IMAGE_SUFFIXES)}) "
-                                    f"under {self.root}")
+            raise MissingFile(f"{field}: no images ({', '.join(IMAGE_SUFFIXES)}) "
+                              f"under {self.root}")
         found = sorted({p.relative_to(self.root).parts[0] for p in self.paths
                         if len(p.relative_to(self.root).parts) > 1})
         if classes is not None:
             unknown = sorted(set(found) - set(classes))
             if unknown:
-                raise ValueError(f"{field}: {self.root} has classes {unknown[:5]} that the train "
-                                 "folder does not; a test folder needs the train folder's classes")
+                raise UserError(f"{field}: {self.root} has classes {unknown[:5]} that the train "
+                                "folder does not; a test folder needs the train folder's classes")
             self.class_index = dict(classes)
         else:
             self.class_index = {c: i for i, c in enumerate(found)}
@@ -461,12 +462,12 @@ class FolderSource:
 
     def regions(self, i) -> regions_lib.Regions:
         if self._regions is None:
-            raise ValueError(self.no_regions)
+            raise UserError(self.no_regions)
         return regions_lib.Regions.of_line(self._regions.line(i))
 
     def region_counts(self, indices) -> np.ndarray:
         if self._regions is None:
-            raise ValueError(self.no_regions)
+            raise UserError(self.no_regions)
         return self._regions.region_counts(indices)
 
     def regions_fingerprint(self) -> str | None:
@@ -475,7 +476,7 @@ class FolderSource:
     def region_classes(self) -> list[str] | None:
         """The names of the regions' classes (`Regions.classes` indexes them; None: none)."""
         if self._regions is None:
-            raise ValueError(self.no_regions)
+            raise UserError(self.no_regions)
         return self._regions.regions.get("classes")
 
     def fingerprint(self):
@@ -503,7 +504,7 @@ def _folder_regions(folder: FolderSource, spec: str, rules) -> index_lib.Index:
                 try:
                     sidecar = json.loads(meta.read_bytes())
                 except ValueError as e:
-                    raise ValueError(f"{meta}: not JSON ({e}); fix or remove it") from None
+                    raise UserError(f"{meta}: not JSON ({e}); fix or remove it") from None
             writer.add(key, key, None, annotations.of(key, key, regions_lib.image_size(path),
                                                       sidecar))
     except BaseException:
@@ -530,15 +531,15 @@ class ArrayRecordSource:
     def __init__(self, pattern, *, field="config.data.path"):
         from array_record.python.array_record_module import ArrayRecordReader
         if not str(pattern):
-            raise FileNotFoundError(f"{field} is empty: set it to the ArrayRecord files, e.g. "
-                                    "'data/train-*.array_record'")
+            raise MissingFile(f"{field} is empty: set it to the ArrayRecord files, e.g. "
+                              "'data/train-*.array_record'")
         matched = sorted(glob.glob(str(pattern)))
         self.files = [f for f in matched if f.endswith(".array_record")]
         if not self.files:
             extra = (f" (it matches {len(matched)} other files, e.g. {matched[0]})" if matched
                      else "")
-            raise FileNotFoundError(f"{field}: no *.array_record files match {pattern}{extra}; "
-                                    "make them with `python -m mlcd_jax.data.convert`")
+            raise MissingFile(f"{field}: no *.array_record files match {pattern}{extra}; "
+                              "make them with `python -m mlcd_jax.data.convert`")
         self._indexes: dict[str, index_lib.Index | index_lib.StaleIndex | None] = {}
         self.counts, self.first = [], []  # per file: records, and its first record in its index
         for f in self.files:
@@ -553,9 +554,9 @@ class ArrayRecordSource:
                 self.counts.append(reader.num_records())
                 reader.close()
             except Exception as e:  # riegeli raises plain RuntimeErrors without the file name
-                raise ValueError(f"{field}: {f} is not a readable ArrayRecord file "
-                                 f"({_first_line(e)}); "
-                                 "remake it with `python -m mlcd_jax.data.convert`") from None
+                raise UserError(f"{field}: {f} is not a readable ArrayRecord file "
+                                f"({_first_line(e)}); "
+                                "remake it with `python -m mlcd_jax.data.convert`") from None
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._open()
 
@@ -660,7 +661,7 @@ class ArrayRecordSource:
         """Record i's regions, from its line of convert's index."""
         f, _ = self._locate(i)
         if self.first[f] is not None and self._index(self.files[f]).regions is None:
-            raise ValueError(self.no_regions)
+            raise UserError(self.no_regions)
         return regions_lib.Regions.of_line(self._line(i, "regions"))
 
     def region_counts(self, indices) -> np.ndarray:
@@ -680,7 +681,7 @@ class ArrayRecordSource:
     def regions_fingerprint(self) -> str:
         """Changes when any record's regions change (each index's digest of them)."""
         if self.no_regions is not None:
-            raise ValueError(self.no_regions)
+            raise UserError(self.no_regions)
         return digest([self._index(f).regions.get("sha256") for f in self.files])
 
     def region_classes(self) -> list[str] | None:
@@ -688,7 +689,7 @@ class ArrayRecordSource:
         list for every file: files whose indexes name them differently are refused (classes only
         numbered, as JSON lines give them, agree up to the largest)."""
         if self.no_regions is not None:
-            raise ValueError(self.no_regions)
+            raise UserError(self.no_regions)
         found = {}  # names → the first index that has them
         for f in self.files:
             index = self._index(f)
@@ -702,9 +703,9 @@ class ArrayRecordSource:
             return list(longest)
         if len(found) > 1:
             (a, first), (b, second) = list(found.items())[:2]
-            raise ValueError(f"{first} and {second} name their regions' classes differently "
-                             f"({', '.join(a)[:60]} vs {', '.join(b)[:60]}); convert them "
-                             "with one annotation file's categories")
+            raise UserError(f"{first} and {second} name their regions' classes differently "
+                            f"({', '.join(a)[:60]} vs {', '.join(b)[:60]}); convert them "
+                            "with one annotation file's categories")
         return list(longest)
 
     @property
@@ -724,7 +725,7 @@ class ArrayRecordSource:
         """Record i's key, from convert's index."""
         line = self._line(i, "keys")
         if "key" not in line:
-            raise ValueError(self.unkeyed)
+            raise UserError(self.unkeyed)
         return line["key"]
 
     def key_hashes(self, indices) -> np.ndarray:
@@ -814,4 +815,4 @@ def make_source(data, *, field: str = "config.data.") -> object:
         return ArrayRecordSource(data.path, field=f"{field}path")
     if kind == "tfds":
         return TfdsSource(data.tfds_name, data.split, data.path or None)
-    raise ValueError(f"{field}source must be one of {SOURCES}; got {kind!r}")
+    raise UserError(f"{field}source must be one of {SOURCES}; got {kind!r}")

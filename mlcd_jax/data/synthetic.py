@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mlcd_jax.runtime.errors import UserError
+
 MAX_CLASSES = 50_000  # templates × templates similarities are computed densely
 
 
@@ -17,11 +19,11 @@ class SyntheticSource:
     def __init__(self, *, num_classes: int, num_labels: int, image_size: int, noise: float,
                  seed: int):
         if num_classes > MAX_CLASSES:
-            raise ValueError(f"config.head.num_classes: the synthetic source supports at most "
-                             f"{MAX_CLASSES} classes, got {num_classes}; use a real data source")
+            raise UserError(f"config.head.num_classes: the synthetic source supports at most "
+                            f"{MAX_CLASSES} classes, got {num_classes}; use a real data source")
         if num_labels > num_classes:
-            raise ValueError(f"config.data.num_labels {num_labels} exceeds num_classes "
-                             f"{num_classes}")
+            raise UserError(f"config.data.num_labels {num_labels} exceeds num_classes "
+                            f"{num_classes}")
         rng = np.random.default_rng(seed)
         self.templates = (rng.normal(size=(num_classes, image_size, image_size, 3))
                           .astype(np.float32))

@@ -18,6 +18,8 @@ import pathlib
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from mlcd_jax.runtime.errors import MissingFile, UserError
+
 START, END = "<|startoftext|>", "<|endoftext|>"
 # CLIP's word pattern: contractions, letter runs, single digits, runs of other symbols.
 WORDS = Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
@@ -42,7 +44,7 @@ class TextTokenizer:
         self.tokenizer, self.context_length = tokenizer, context_length
         self.start, self.end = tokenizer.token_to_id(START), tokenizer.token_to_id(END)
         if self.start is None or self.end is None:
-            raise ValueError(f"the tokenizer has no {START} / {END} tokens: not a CLIP tokenizer")
+            raise UserError(f"the tokenizer has no {START} / {END} tokens: not a CLIP tokenizer")
 
     @property
     def vocab_size(self) -> int:
@@ -71,8 +73,8 @@ def load(directory, context_length: int = 77) -> TextTokenizer:
                              context_length)
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
-        raise FileNotFoundError(f"{directory}: no tokenizer.json, nor vocab.json + merges.txt (a "
-                                "CLIP tokenizer saved by transformers or open_clip)")
+        raise MissingFile(f"{directory}: no tokenizer.json, nor vocab.json + merges.txt (a "
+                          "CLIP tokenizer saved by transformers or open_clip)")
     lines = merges.read_text(encoding="utf-8").splitlines()
     pairs = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     bpe = models.BPE(vocab=json.loads(vocab.read_text(encoding="utf-8")), merges=pairs,
@@ -95,8 +97,8 @@ def train(texts, vocab_size: int, context_length: int = 77) -> TextTokenizer:
     ends = sorted({s[-1] for s in symbols.values()})
     vocab = [START, END, *sorted(pre_tokenizers.ByteLevel.alphabet()), *ends]
     if vocab_size < len(vocab):
-        raise ValueError(f"config.text.vocab_size {vocab_size} is below the {len(vocab)} tokens "
-                         "every byte and word end needs")
+        raise UserError(f"config.text.vocab_size {vocab_size} is below the {len(vocab)} tokens "
+                        "every byte and word end needs")
     merges = []
     while len(vocab) < vocab_size:
         pairs = collections.Counter()

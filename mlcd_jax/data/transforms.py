@@ -15,6 +15,8 @@ import math
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mlcd_jax.runtime.errors import UserError
+
 CLIP_MEAN_VALUES = (0.48145466, 0.4578275, 0.40821073)  # as CLIP's preprocessor configs say
 CLIP_STD_VALUES = (0.26862954, 0.26130258, 0.27577711)
 CLIP_MEAN = np.array(CLIP_MEAN_VALUES, np.float32)
@@ -190,8 +192,8 @@ class Native:
 
     def __post_init__(self):
         if not 1 <= self.max_tokens or not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"native sizing needs 0 ≤ min_tokens ≤ max_tokens and max_tokens ≥ "
-                             f"1, got min_tokens {self.min_tokens}, max_tokens {self.max_tokens}")
+            raise UserError(f"native sizing needs 0 ≤ min_tokens ≤ max_tokens and max_tokens ≥ "
+                            f"1, got min_tokens {self.min_tokens}, max_tokens {self.max_tokens}")
 
     def size(self, height: int, width: int) -> tuple[int, int]:
         """(H, W) in pixels, multiples of the patch, for an image of height × width."""

@@ -29,24 +29,14 @@ import time
 
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mlcd_jax.demos import mlcd as demo, runs as demo_runs
 from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.evaluate.probes import PROBES
 from mlcd_jax.interop import weights
 from mlcd_jax.labels import assign, stats, store
-from mlcd_jax.runtime import cli as flag_parsing, files as records
-
-CONFIG = config_flags.DEFINE_config_file("config", None, "A training config (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Label stores, runs, results, table and plots.")
-_GRID = flags.DEFINE_multi_string("grid", [], "FIELD=V1,V2,...: a config field and its values.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Pretrainings per point, config.seed = 0 .. seeds-1.")
-_PRODUCT = flags.DEFINE_boolean("product", False, "Every combination of the grids' values, "
-                                "instead of one field at a time around the config's values.")
-_EMBEDDINGS = flags.DEFINE_string("embeddings", "", "Teacher embeddings of the training data "
-                                  "(`labels embed`); default for digits_canvas: the demo's.")
+from mlcd_jax.runtime import files as records
+from mlcd_jax.runtime.errors import UserError
 
 
 def parse_grid(c, grids: list[str]) -> dict[str, list]:
@@ -55,7 +45,7 @@ def parse_grid(c, grids: list[str]) -> dict[str, list]:
     for grid in grids:
         field, _, values = grid.partition("=")
         if not values:
-            raise ValueError(f"--grid {grid!r}: expected FIELD=V1,V2,... e.g. "
+            raise UserError(f"--grid {grid!r}: expected FIELD=V1,V2,... e.g. "
                              "'data.num_labels=1,2,4,8'")
         base = get(c, field)
         cast = {bool: lambda v: {"true": True, "false": False}[v.lower()], int: int,
@@ -63,7 +53,7 @@ def parse_grid(c, grids: list[str]) -> dict[str, list]:
         try:
             out[field] = [cast(v.strip()) for v in values.split(",")]
         except (ValueError, KeyError):
-            raise ValueError(f"--grid {field}: {values!r} are not all {type(base).__name__}s "
+            raise UserError(f"--grid {field}: {values!r} are not all {type(base).__name__}s "
                              f"(the config's value is {base!r})") from None
     return out
 
@@ -72,7 +62,7 @@ def get(c, field: str):
     node = c
     for i, part in enumerate(field.split(".")):
         if part not in node:
-            raise ValueError(f"--grid {field}: config has no field "
+            raise UserError(f"--grid {field}: config has no field "
                              f"{'.'.join(field.split('.')[:i + 1])!r} (every field and its "
                              "default: mlcd_jax/config/schema.py:base_config)")
         node = node[part]
@@ -103,7 +93,7 @@ def teacher(c, workdir: pathlib.Path, embeddings: str) -> store.EmbeddingShards:
     if c.data.source == "digits_canvas":
         from mlcd_jax.data import sources
         return demo.teacher_embeddings(workdir, sources.DigitsCanvasSource(c.data.split))
-    raise ValueError("--embeddings: the teacher's embeddings of config.data (`python -m "
+    raise UserError("--embeddings: the teacher's embeddings of config.data (`python -m "
                      "mlcd_jax.labels embed`) are needed to cluster; only digits_canvas has a "
                      "built-in teacher")
 
@@ -148,10 +138,10 @@ def label_purity(c, workdir: pathlib.Path) -> dict[str, list[float]]:
     return out
 
 
-def summarize(c, grid, runs: list[dict]) -> list[dict]:
+def summarize(c, grid, runs: list[dict], product: bool) -> list[dict]:
     """One row per point: the probes' mean and standard deviation over its seeds."""
     rows = []
-    for point in points(c, grid, _PRODUCT.value):
+    for point in points(c, grid, product):
         done = [r for r in runs if r["point"] == point]
         row = {"point": point, "name": name(point), "seeds": len(done),
                "values": {f: point.get(f, get(c, f)) for f in grid}}
@@ -174,9 +164,9 @@ def table(rows, grid) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, grid, workdir: pathlib.Path) -> list[pathlib.Path]:
+def plot(rows, grid, workdir: pathlib.Path, product: bool) -> list[pathlib.Path]:
     """A PNG per swept field: each probe against the field's value, the other fields held (at
-    the config's values; with --product, one line per combination of theirs)."""
+    the config's values; with `product`, one line per combination of theirs)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -184,7 +174,7 @@ def plot(rows, grid, workdir: pathlib.Path) -> list[pathlib.Path]:
     for field in grid:
         fig, axes = plt.subplots(1, len(PROBES), figsize=(5 * len(PROBES), 3.6), squeeze=False)
         others = lambda r: tuple((f, r["values"][f]) for f in grid if f != field)
-        swept = [r for r in rows if _PRODUCT.value or set(r["point"]) <= {field}]
+        swept = [r for r in rows if product or set(r["point"]) <= {field}]
         for held, group in itertools.groupby(sorted(swept, key=lambda r: str(others(r))),
                                              key=others):
             group = sorted(group, key=lambda r: r["values"][field])
@@ -200,7 +190,7 @@ def plot(rows, grid, workdir: pathlib.Path) -> list[pathlib.Path]:
                     ax.set_xscale("log")
                 ax.set_xlabel(field), ax.set_ylabel(f"{p.replace('_', ' ')} accuracy")
         for ax in axes[0]:
-            if _PRODUCT.value and len(grid) > 1:
+            if product and len(grid) > 1:
                 ax.legend(fontsize=7)
         fig.suptitle(f"{field}: mean ± std over seeds")
         fig.tight_layout()
@@ -211,19 +201,22 @@ def plot(rows, grid, workdir: pathlib.Path) -> list[pathlib.Path]:
     return written
 
 
-def ablate(c, workdir: pathlib.Path, overrides: list[str]) -> int:
-    grid = parse_grid(c, _GRID.value)
+def ablate(c, workdir: pathlib.Path, overrides: list[str], *, grids: list[str], seeds: int,
+           product: bool, embeddings: str) -> int:
+    """The sweep of the module's docstring; `overrides`: the trainer's --config and --config.*
+    flags, as given. Returns the exit status (1: some pretrainings failed; rerun to retry)."""
+    grid = parse_grid(c, grids)
     if not grid:
-        raise ValueError("--grid: give at least one, e.g. --grid 'data.num_labels=1,2,4,8'")
-    if _SEEDS.value < 1:
-        raise ValueError(f"--seeds must be ≥ 1, got {_SEEDS.value}")
-    todo = points(c, grid, _PRODUCT.value)
+        raise UserError("--grid: give at least one, e.g. --grid 'data.num_labels=1,2,4,8'")
+    if seeds < 1:
+        raise UserError(f"--seeds must be ≥ 1, got {seeds}")
+    todo = points(c, grid, product)
     workdir.mkdir(parents=True, exist_ok=True)
-    shards = teacher(c, workdir, _EMBEDDINGS.value)
+    shards = teacher(c, workdir, embeddings)
     # Seed by seed: a sweep cut short has every point at seed 0 (then 1, …), and a rerun with
     # fewer --seeds summarizes what finished.
-    jobs = [(p, s) for s in range(_SEEDS.value) for p in todo]
-    print(f"ablate: {len(todo)} points × {_SEEDS.value} seeds = {len(jobs)} pretrainings in "
+    jobs = [(p, s) for s in range(seeds) for p in todo]
+    print(f"ablate: {len(todo)} points × {seeds} seeds = {len(jobs)} pretrainings in "
           f"{workdir}", flush=True)
     runs, failed, start, trained = [], [], time.time(), 0
     for i, (point, seed) in enumerate(jobs, 1):
@@ -242,7 +235,7 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str]) -> int:
             result = pretrain_and_probe(run, labels, flags_)
         except subprocess.CalledProcessError as e:
             if e.returncode == 2:  # the trainer's one-line config error, the same for every point
-                raise ValueError(f"{name(point)}: the trainer refused its flags (above)") from None
+                raise UserError(f"{name(point)}: the trainer refused its flags (above)") from None
             failed.append(f"{name(point)} seed {seed} (exit {e.returncode}; {run})")
             continue
         runs.append({"point": point, "seed": seed, **result})
@@ -257,9 +250,9 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str]) -> int:
         print(f"error: {len(failed)} pretrainings failed: {'; '.join(failed)}; rerun the same "
               "command to retry them (finished points are kept)", file=sys.stderr, flush=True)
         return 1
-    rows, purity = summarize(c, grid, runs), label_purity(c, workdir)
-    records.write_json_atomic(workdir / "ablation.json", {"grid": grid, "seeds": _SEEDS.value,
-                                                        "product": _PRODUCT.value, "rows": rows,
+    rows, purity = summarize(c, grid, runs, product), label_purity(c, workdir)
+    records.write_json_atomic(workdir / "ablation.json", {"grid": grid, "seeds": seeds,
+                                                        "product": product, "rows": rows,
                                                         "label_purity": purity})
     text = table(rows, grid)
     if purity:
@@ -267,31 +260,7 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str]) -> int:
                  + "\n".join(f"  {k}: {', '.join(f'{v:.2f}' for v in shares)}"
                               for k, shares in purity.items()))
     (workdir / "ablation.md").write_text(text + "\n")
-    pngs = plot(rows, grid, workdir)
+    pngs = plot(rows, grid, workdir, product)
     print(f"\n{text}\n\n{time.time() - start:.0f} s; wrote {workdir / 'ablation.json'}, "
           f"ablation.md, {', '.join(p.name for p in pngs)}", flush=True)
     return 0
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    # The trainer gets the same --config and --config.* flags (absl has consumed them).
-    given = [a for a in sys.argv[1:] if a.startswith("--config")]
-    try:
-        spaced = [a for a in given if "=" not in a]
-        if spaced:
-            raise ValueError(f"{spaced[0]}: write it as {spaced[0]}=VALUE")
-        # The trainer runs in the repository: the config file by its absolute path.
-        config = [f"--config={pathlib.Path(a[9:]).absolute()}" for a in given
-                  if a.startswith("--config=")]
-        given = config[-1:] + [a for a in given if a.startswith("--config.")]
-        sys.exit(ablate(CONFIG.value, pathlib.Path(_WORKDIR.value).absolute(), given))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-
-
-def run():
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=flag_parsing.parse_flags)

@@ -1,4 +1,4 @@
-"""MLCD end to end on bundled data: python -m mlcd_jax.demo [--workdir runs/demo]
+"""MLCD end to end on bundled data (`python -m mlcd_jax.demo`; its flags in mlcd_jax/demo.py).
 
 The task: scikit-learn's 1,797 handwritten digits, each placed at a random scale and position on a
 32 × 32 canvas (`DigitsCanvasSource`; 1,258 train / 539 held out). The teacher, standing in for
@@ -14,7 +14,6 @@ results.json, a table, and loss / cosine curves (PNG) to the workdir.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import pathlib
@@ -107,40 +106,11 @@ def plot(workdir: pathlib.Path) -> None:
     plt.close("all")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mlcd_jax.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--override", action="append", default=[],
-                   help="a trainer flag for both runs, e.g. "
-                   "--override=--config.head.margin_type=cosface")
-    p.add_argument("--lit_override", action="append", default=[],
-                   help="a flag for the LiT runs, e.g. --lit_override=--config.total_steps=100")
-    p.add_argument("--regions", action="store_true", help="the region demo instead (RICE: "
-                   "mlcd_jax/demos/regions.py): image-only MLCD vs + object regions vs + OCR "
-                   "regions on digits_regions, --seeds seeds each (default workdir "
-                   "runs/demo_regions)")
-    p.add_argument("--native", action="store_true", help="the native-resolution demo instead "
-                   "(mlcd_jax/demos/native.py): square crops vs native resolution at the same "
-                   "token budget on digits_strips, --seeds seeds each (default workdir "
-                   "runs/demo_native)")
-    p.add_argument("--seeds", type=int, default=3, help="with --regions or --native: seeds per "
-                   "run")
-    p.add_argument("--max_patches", type=int, default=5000,
-                   help="with --regions: the dense probe's patches per split (a seeded sample)")
-    a = p.parse_args(argv)
-    if a.native:
-        from mlcd_jax.demos import native as demo_native
-        if a.workdir == "runs/demo":
-            a.workdir = "runs/demo_native"
-        return demo_native.main(a)
-    if a.regions:
-        from mlcd_jax.demos import regions as demo_regions
-        if a.workdir == "runs/demo":
-            a.workdir = "runs/demo_regions"
-        return demo_regions.main(a)
+def run(workdir, *, overrides=(), lit_overrides=()) -> None:
+    """The demo (see the module's docstring): `overrides` (trainer flags) for both pretrainings,
+    `lit_overrides` for the LiT runs."""
     start = time.time()
-    workdir = pathlib.Path(a.workdir).absolute()
+    workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     train, test = sources.DigitsCanvasSource("train"), sources.DigitsCanvasSource("test")
 
@@ -148,7 +118,7 @@ def main(argv=None) -> int:
     labels = teacher_labels(workdir, train)
     for i, kind in enumerate(("mlcd", "single")):
         print(f"[{2 + i}/5] pretraining ({kind}); the trainer names the devices", flush=True)
-        pretrain(workdir, kind, labels, a.override)
+        pretrain(workdir, kind, labels, overrides)
 
     print("[4/5] evaluating on the held-out canvases", flush=True)
     from flax import nnx
@@ -180,7 +150,7 @@ def main(argv=None) -> int:
     results["zero_shot"], results["retrieval"] = {}, {}
     for name, model in (("random_init", workdir / "random_init"),
                         ("single_label", workdir / "single"), ("mlcd", workdir / "mlcd")):
-        last = lit(workdir, name, model, a.lit_override)
+        last = lit(workdir, name, model, lit_overrides)
         results["zero_shot"][name] = last["zero_shot_top1"]
         results["retrieval"][name] = {k: last[k] for k in ("image_to_text_R@1",
                                                             "text_to_image_R@1")}
@@ -200,6 +170,5 @@ def main(argv=None) -> int:
         print(f"{name:<14}{results['linear_probe'][name]:>13.3f}{results['knn'][name]:>8.3f}"
               f"{lit_cols}")
     print(f"\n{results['wall_s']:.0f} s; wrote {workdir / 'results.json'}, loss.png, cosine.png")
-    return 0
 
 

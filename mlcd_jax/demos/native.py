@@ -168,24 +168,24 @@ def plot(summary: dict, train, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def main(a) -> int:
-    """The native-resolution demo (see the module's docstring); `a`: the demo's parsed flags."""
+def run(workdir, *, seeds: int, overrides=()) -> None:
+    """The native-resolution demo (see the module's docstring): `seeds` runs of each kind,
+    `overrides` (trainer flags) for every run."""
     start = time.time()
-    workdir = pathlib.Path(a.workdir).absolute()
+    workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     train, test = sources.DigitsStripsSource("train"), sources.DigitsStripsSource("test")
     print(f"[1/3] teacher: each strip's clean digits → k-means K = {K} → each digit's nearest "
           "center as the strip's labels", flush=True)
     labels = teacher_labels(workdir, train)
-    summary = demo_runs.sweep(KINDS, a.seeds,
-                              lambda kind, seed: pretrain(workdir, kind, seed, labels, a.override),
+    summary = demo_runs.sweep(KINDS, seeds,
+                              lambda kind, seed: pretrain(workdir, kind, seed, labels, overrides),
                               lambda run: probe(run, train, test))
-    text = table(summary, a.seeds)
+    text = table(summary, seeds)
     (workdir / "native.md").write_text(text + "\n")
     (workdir / "results.json").write_text(json.dumps(
-        {"runs": summary, "seeds": a.seeds, "wall_s": time.time() - start}, indent=2))
+        {"runs": summary, "seeds": seeds, "wall_s": time.time() - start}, indent=2))
     plot(summary, train, workdir / "native.png")
     print("\n" + text)
     print(f"\n{time.time() - start:.0f} s; wrote {workdir / 'results.json'}, native.md, "
           "native.png")
-    return 0

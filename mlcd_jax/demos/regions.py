@@ -159,24 +159,24 @@ def plot(summary: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def main(a) -> int:
-    """The region demo (see the module's docstring); `a`: the demo's parsed flags."""
+def run(workdir, *, seeds: int, overrides=(), max_patches: int = 5000) -> None:
+    """The region demo (see the module's docstring): `seeds` runs of each kind, `overrides`
+    (trainer flags) for every run, the dense probe's patches per split at most `max_patches`."""
     start = time.time()
-    workdir = pathlib.Path(a.workdir).absolute()
+    workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     train, test = sources.DigitsRegionsSource("train"), sources.DigitsRegionsSource("test")
     print("[1/3] teacher: clean glyphs → k-means (images, object regions); text → token ids",
           flush=True)
     stores = label_stores(workdir, train)
-    summary = demo_runs.sweep(KINDS, a.seeds,
-                              lambda kind, seed: pretrain(workdir, kind, seed, stores, a.override),
-                              lambda run: probe(run, train, test, a.max_patches))
-    text = table(summary, a.seeds)
+    summary = demo_runs.sweep(KINDS, seeds,
+                              lambda kind, seed: pretrain(workdir, kind, seed, stores, overrides),
+                              lambda run: probe(run, train, test, max_patches))
+    text = table(summary, seeds)
     (workdir / "regions.md").write_text(text + "\n")
     (workdir / "results.json").write_text(json.dumps(
-        {"runs": summary, "seeds": a.seeds, "wall_s": time.time() - start}, indent=2))
+        {"runs": summary, "seeds": seeds, "wall_s": time.time() - start}, indent=2))
     plot(summary, workdir / "regions.png")
     print("\n" + text)
     print(f"\n{time.time() - start:.0f} s; wrote {workdir / 'results.json'}, regions.md, "
           "regions.png")
-    return 0

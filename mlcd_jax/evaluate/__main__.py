@@ -31,14 +31,16 @@ training workdir gets MODEL/eval.json, and any other model only the printed tabl
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
-from mlcd_jax.evaluate import regions as region_probes, run
-from mlcd_jax.runtime import cli as flag_parsing
+from absl import flags
 
+from mlcd_jax.data import sources
+from mlcd_jax.runtime import cli
+
+FLAGS = flags.FlagValues()
 PROMPTS = ("a photo of a {name}.", "{name}", "an image of the {name}.")
 
 
@@ -46,14 +48,15 @@ def text_evals(a, model, train, test, size, mesh, native=None) -> dict:
     """Zero-shot and retrieval of `a.text_model` against the encoder's test embeddings."""
     from mlcd_jax.data import sources, tokenizer
     from mlcd_jax.evaluate import features, zero_shot
-    from mlcd_jax.interop import hf
+    from mlcd_jax.interop.hf import mapping as hf
+    from mlcd_jax.runtime.errors import UserError
     tower = hf.load_text_model(a.text_model)
     tok = tokenizer.load(a.text_model, tower.cfg.context_length)
     x, y, rows = features.extract(model, test, image_size=size, mesh=mesh,
                                   desc="features (test)", native=native)
     if tower.cfg.embed_dim not in (None, x.shape[1]) or (
             tower.cfg.embed_dim is None and tower.cfg.width != x.shape[1]):
-        raise ValueError(f"--text_model {a.text_model} embeds texts in "
+        raise UserError(f"--text_model {a.text_model} embeds texts in "
                          f"{tower.cfg.embed_dim or tower.cfg.width} dimensions, the encoder's "
                          f"images in {x.shape[1]}: not a text tower trained for this encoder")
     names = zero_shot.class_names(a.dataset, train, tuple(filter(None, a.class_names.split(","))))
@@ -63,98 +66,103 @@ def text_evals(a, model, train, test, size, mesh, native=None) -> dict:
     return zero_shot.text_evals(tower, tok, names, prompts, zero_shot.normalize(x), y, captions)
 
 
-def main(argv=None) -> int:
-    from mlcd_jax.data import sources
-    p = argparse.ArgumentParser(prog="python -m mlcd_jax.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "--checkpoint", "--workdir", dest="model", required=True,
-                   help="a training workdir, our model dir, or a transformers checkpoint dir")
-    p.add_argument("--step", type=int, default=None, help="with a training workdir: which step")
-    p.add_argument("--dataset", required=True, choices=(*sources.LABELLED, "arrayrecord"),
-                   help="arrayrecord: only with --regions (its images have no classes)")
-    p.add_argument("--path", default="", help="folder: the (train) images, one sub-folder per "
-                   "class; tfds: the data_dir")
-    p.add_argument("--test_path", default="", help="folder: the test images (same classes)")
-    p.add_argument("--tfds_name", default="")
-    p.add_argument("--train_split", default="train")
-    p.add_argument("--test_split", default="", help="the dataset's test split (tfds, "
-                   "digits_canvas)")
-    p.add_argument("--test_fraction", type=float, default=0.3,
-                   help="without a test split or folder: this fraction of the images is held out")
-    p.add_argument("--image_size", type=int, default=0, help="default: the model's")
-    flag_parsing.add_sizing_flags(p)
-    p.add_argument("--pixels", action=argparse.BooleanOptionalAction, default=True,
-                   help="also probe raw pixels, the baseline (default: yes)")
-    p.add_argument("--text_model", default="", help="a text tower (LiT's text_model dir: "
-                   "transformers CLIP text model + tokenizer.json) for zero-shot and retrieval")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="zero-shot prompt with {name} (repeat; default: three CLIP-style ones)")
-    p.add_argument("--template", action="append", default=None,
-                   help="retrieval caption with {name} (and {size}, {place} on digits_canvas; "
-                   "repeat; default: the prompts)")
-    p.add_argument("--class_names", default="", help="comma-separated (default: the dataset's)")
-    p.add_argument("--regions", action="store_true", help="also the region and dense probes "
-                   "(images with boxes whose regions have classes)")
-    p.add_argument("--annotations", default="", help="folder with --regions: its images' boxes "
-                   "(what convert --regions takes: a COCO-style .json, a .jsonl keyed by path)")
-    p.add_argument("--test_annotations", default="", help="the --test_path folder's boxes "
-                   "(default: --annotations)")
-    p.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --regions: also the dense probe (default: yes)")
-    p.add_argument("--max_regions", type=int, default=50_000, help="with --regions: at most "
-                   "this many train regions (a seeded sample)")
-    p.add_argument("--max_patches", type=int, default=20_000, help="with --regions: at most "
-                   "this many patches of each split for the dense probe (a seeded sample)")
-    p.add_argument("--out", default="", help="the JSON results (default: MODEL/eval.json for a "
-                   "training workdir, else none)")
-    a = p.parse_args(argv)
-    if a.dataset == "folder" and not a.path:
-        p.error("--dataset folder needs --path (the image folder, one sub-folder per class)")
-    if not a.regions and (a.dataset == "arrayrecord" or a.annotations or a.test_annotations):
-        p.error("--dataset arrayrecord and --annotations are for --regions (ArrayRecord images "
-                "have no classes; give a folder with one sub-folder per class)")
-    if a.max_regions < 2 or a.max_patches < 2:
-        p.error("--max_regions and --max_patches must be ≥ 2")
-    try:
-        import jax
+MODEL = flags.DEFINE_string("model", None, "A training workdir, our model dir, or a transformers "
+                            "checkpoint dir.", flag_values=FLAGS)
+flags.DEFINE_alias("checkpoint", "model", flag_values=FLAGS)
+flags.DEFINE_alias("workdir", "model", flag_values=FLAGS)
+STEP = flags.DEFINE_integer("step", None, "With a training workdir: which step.", flag_values=FLAGS)
+DATASET = flags.DEFINE_enum("dataset", None, [*sources.LABELLED, "arrayrecord"],
+                            "The images (arrayrecord: only with --regions: its images have no "
+                            "classes).", flag_values=FLAGS)
+PATH = flags.DEFINE_string("path", "", "folder: the (train) images, one sub-folder per class; "
+                           "tfds: the data_dir.", flag_values=FLAGS)
+TEST_PATH = flags.DEFINE_string("test_path", "", "folder: the test images (same classes).",
+                                flag_values=FLAGS)
+TFDS_NAME = flags.DEFINE_string("tfds_name", "", "tfds: the dataset's name.", flag_values=FLAGS)
+TRAIN_SPLIT = flags.DEFINE_string("train_split", "train", "The train split.", flag_values=FLAGS)
+TEST_SPLIT = flags.DEFINE_string("test_split", "", "The dataset's test split (tfds, "
+                                 "digits_canvas).", flag_values=FLAGS)
+TEST_FRACTION = flags.DEFINE_float("test_fraction", 0.3, "Without a test split or folder: this "
+                                   "fraction of the images is held out.", flag_values=FLAGS)
+IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Default: the model's.", flag_values=FLAGS)
+SIZING = cli.sizing_flags(FLAGS)
+PIXELS = flags.DEFINE_bool("pixels", True, "Also probe raw pixels, the baseline.",
+                           flag_values=FLAGS)
+TEXT_MODEL = flags.DEFINE_string("text_model", "", "A text tower (LiT's text_model dir: "
+                                 "transformers CLIP text model + tokenizer.json) for zero-shot "
+                                 "and retrieval.", flag_values=FLAGS)
+PROMPT = flags.DEFINE_multi_string("prompt", None, "Zero-shot prompt with {name} (repeat; "
+                                   "default: three CLIP-style ones).", flag_values=FLAGS)
+TEMPLATE = flags.DEFINE_multi_string("template", None, "Retrieval caption with {name} (and "
+                                     "{size}, {place} on digits_canvas; repeat; default: the "
+                                     "prompts).", flag_values=FLAGS)
+CLASS_NAMES = flags.DEFINE_string("class_names", "", "Comma-separated (default: the dataset's).",
+                                  flag_values=FLAGS)
+REGIONS = flags.DEFINE_bool("regions", False, "Also the region and dense probes (images with "
+                            "boxes whose regions have classes).", flag_values=FLAGS)
+ANNOTATIONS = flags.DEFINE_string("annotations", "", "folder with --regions: its images' boxes "
+                                  "(what convert --regions takes: a COCO-style .json, a .jsonl "
+                                  "keyed by path).", flag_values=FLAGS)
+TEST_ANNOTATIONS = flags.DEFINE_string("test_annotations", "", "The --test_path folder's boxes "
+                                       "(default: --annotations).", flag_values=FLAGS)
+DENSE = flags.DEFINE_bool("dense", True, "With --regions: also the dense probe.", flag_values=FLAGS)
+MAX_REGIONS = flags.DEFINE_integer("max_regions", 50_000, "With --regions: at most this many "
+                                   "train regions (a seeded sample).", flag_values=FLAGS)
+MAX_PATCHES = flags.DEFINE_integer("max_patches", 20_000, "With --regions: at most this many "
+                                   "patches of each split for the dense probe (a seeded sample).",
+                                   flag_values=FLAGS)
+OUT = flags.DEFINE_string("out", "", "The JSON results (default: MODEL/eval.json for a training "
+                          "workdir, else none).", flag_values=FLAGS)
 
-        from mlcd_jax.evaluate import features
-        from mlcd_jax.interop import weights
-        from mlcd_jax.runtime import distributed, mesh as mesh_lib
-        distributed.initialize()  # a multi-process job (runtime/distributed.py) shares the work
-        model, what = weights.load_encoder(a.model, a.step)
-        train, test = run.dataset_splits(a.dataset, path=a.path, test_path=a.test_path,
-                                         tfds_name=a.tfds_name, train_split=a.train_split,
-                                         test_split=a.test_split, test_fraction=a.test_fraction,
-                                         labelled=not a.regions, annotations=a.annotations,
-                                         test_annotations=a.test_annotations)
-        size = a.image_size or model.cfg.image_hw[0]
-        native = weights.sizing(a.model, model, a.resolution, a.max_tokens, a.min_tokens,
-                                size)
-        mesh = mesh_lib.make_mesh([("data", -1)])  # batches split over every device
-        if a.regions:
-            region_probes.class_names(train, test)  # no regions, no classes: said before work
-        result = {}
-        if run.image_classes(train):
-            result = run.evaluate(model, train, test, image_size=size, mesh=mesh, native=native)
-            if a.pixels:
-                side = min(size, 32)
-                result["raw_pixels"] = run.probe(features.pixels(train, image_size=side),
-                                                 features.pixels(test, image_size=side))
-        elif jax.process_index() == 0:
-            print(f"{a.dataset}: the images have no classes; only the region probes run")
-        if a.text_model:
-            result["text"] = text_evals(a, model, train, test, size, mesh, native)
-        if a.regions:
-            from mlcd_jax.models import region
-            layers = weights.load_region_layers(a.model, a.step)  # a run with region heads
-            with_layers = model if layers is None else region.WithRegions(model, layers)
-            result |= region_probes.evaluate(with_layers, train, test, image_size=size, mesh=mesh,
-                                             max_regions=a.max_regions,
-                                             max_patches=a.max_patches, dense=a.dense)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+def command(args) -> int | None:
+    del args
+    from mlcd_jax.runtime.errors import UserError
+    a = FLAGS
+    if a.dataset == "folder" and not a.path:
+        raise UserError("--dataset folder needs --path (the image folder, one sub-folder per "
+                        "class)")
+    if not a.regions and (a.dataset == "arrayrecord" or a.annotations or a.test_annotations):
+        raise UserError("--dataset arrayrecord and --annotations are for --regions (ArrayRecord "
+                        "images have no classes; give a folder with one sub-folder per class)")
+    if a.max_regions < 2 or a.max_patches < 2:
+        raise UserError("--max_regions and --max_patches must be ≥ 2")
+    import jax
+
+    from mlcd_jax.evaluate import features, regions as region_probes, run as evaluation
+    from mlcd_jax.interop import weights
+    from mlcd_jax.runtime import distributed, mesh as mesh_lib
+    distributed.initialize()  # a multi-process job (runtime/distributed.py) shares the work
+    model, what = weights.load_encoder(a.model, a.step)
+    train, test = evaluation.dataset_splits(a.dataset, path=a.path, test_path=a.test_path,
+                                     tfds_name=a.tfds_name, train_split=a.train_split,
+                                     test_split=a.test_split, test_fraction=a.test_fraction,
+                                     labelled=not a.regions, annotations=a.annotations,
+                                     test_annotations=a.test_annotations)
+    size = a.image_size or model.cfg.image_hw[0]
+    native = weights.sizing(a.model, model, a.resolution, a.max_tokens, a.min_tokens,
+                            size)
+    mesh = mesh_lib.make_mesh([("data", -1)])  # batches split over every device
+    if a.regions:
+        region_probes.class_names(train, test)  # no regions, no classes: said before work
+    result = {}
+    if evaluation.image_classes(train):
+        result = evaluation.evaluate(model, train, test, image_size=size, mesh=mesh, native=native)
+        if a.pixels:
+            side = min(size, 32)
+            result["raw_pixels"] = evaluation.probe(features.pixels(train, image_size=side),
+                                             features.pixels(test, image_size=side))
+    elif jax.process_index() == 0:
+        print(f"{a.dataset}: the images have no classes; only the region probes run")
+    if a.text_model:
+        result["text"] = text_evals(a, model, train, test, size, mesh, native)
+    if a.regions:
+        from mlcd_jax.models import region
+        layers = weights.load_region_layers(a.model, a.step)  # a run with region heads
+        with_layers = model if layers is None else region.WithRegions(model, layers)
+        result |= region_probes.evaluate(with_layers, train, test, image_size=size, mesh=mesh,
+                                         max_regions=a.max_regions,
+                                         max_patches=a.max_patches, dense=a.dense)
     result |= {"model": what, "dataset": a.dataset, "train": len(train), "test": len(test),
                "resolution": (native.describe() if native else
                               {"resolution": "square", "image_size": size})}
@@ -191,6 +199,10 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(command, FLAGS, argv, required=("model", "dataset"), doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from mlcd_jax.data import transforms
 from mlcd_jax.evaluate import probes, run
 from mlcd_jax.models import region as region_lib
 from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.runtime.errors import UserError
 
 HOW = ("regions without a class and patches in no classed box are left out; boxes follow the "
        "eval transform (a box with under half its area in the crop is left out)")
@@ -49,19 +50,19 @@ def class_names(train, test, flag: str = "--regions") -> list[str]:
     for what, source in (("train", train), ("test", test)):
         why = getattr(source, "no_regions", "this dataset has no boxes")
         if why is not None:
-            raise ValueError(f"{flag}: the {what} images have no regions: {why} (a folder "
-                             "takes them from --annotations, ArrayRecord files from convert "
-                             "--regions; the bundled --dataset digits_regions has them)")
+            raise UserError(f"{flag}: the {what} images have no regions: {why} (a folder "
+                            "takes them from --annotations, ArrayRecord files from convert "
+                            "--regions; the bundled --dataset digits_regions has them)")
         found = source.region_classes()
         if not found:
-            raise ValueError(f"{flag}: the {what} images' regions have no classes (COCO "
-                             "annotations' category_id, a JSON-lines \"classes\"; SA-1B's boxes "
-                             "have none): convert with an annotation file that gives them")
+            raise UserError(f"{flag}: the {what} images' regions have no classes (COCO "
+                            "annotations' category_id, a JSON-lines \"classes\"; SA-1B's boxes "
+                            "have none): convert with an annotation file that gives them")
         names.append(list(found))
     if names[0][:len(names[1])] != names[1][:len(names[0])]:
-        raise ValueError(f"{flag}: the test images' region classes ({', '.join(names[1][:5])} …) "
-                         f"are not the train images' ({', '.join(names[0][:5])} …): convert "
-                         "both with the same annotation categories")
+        raise UserError(f"{flag}: the test images' region classes ({', '.join(names[1][:5])} …) "
+                        f"are not the train images' ({', '.join(names[0][:5])} …): convert "
+                        "both with the same annotation categories")
     return max(names, key=len)
 
 
@@ -247,7 +248,7 @@ def extract(model, source, *, image_size: int, batch_size: int = 64, mesh=None,
 def _probe(train_xy, test_xy, what: str, which=probes.PROBES) -> dict:
     for split, (_, y) in (("train", train_xy), ("test", test_xy)):
         if y is None or not len(y):
-            raise ValueError(f"--regions: the {split} split has no {what} with a class to probe")
+            raise UserError(f"--regions: the {split} split has no {what} with a class to probe")
     return run.probe(train_xy, test_xy, which)
 
 
@@ -260,8 +261,8 @@ def evaluate(model, train, test, *, image_size: int, mesh=None, batch_size: int 
     names = class_names(train, test)
     size = image_size
     if size % model.cfg.patch:
-        raise ValueError(f"--image_size {size} is not a multiple of the encoder's patch "
-                         f"{model.cfg.patch}")
+        raise UserError(f"--image_size {size} is not a multiple of the encoder's patch "
+                        f"{model.cfg.patch}")
     got = {}
     for split, source, cap in (("train", train, max_regions), ("test", test, None)):
         got[split] = extract(model, source, image_size=size, batch_size=batch_size, mesh=mesh,

@@ -11,6 +11,7 @@ import numpy as np
 
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate import features, probes
+from mlcd_jax.runtime.errors import UserError
 
 
 def split(source, test_fraction: float, seed: int = 0):
@@ -33,20 +34,20 @@ def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_na
     the same) give a folder's images their regions (`FolderSource(regions=...)`)."""
     allowed = sources.LABELLED if labelled else ("arrayrecord", *sources.LABELLED)
     if dataset not in allowed:
-        raise ValueError(f"{flag}dataset: must be one of {allowed}"
-                         f"{' (images with classes)' if labelled else ''}, got {dataset!r}")
+        raise UserError(f"{flag}dataset: must be one of {allowed}"
+                        f"{' (images with classes)' if labelled else ''}, got {dataset!r}")
     with_files = ("folder", "arrayrecord")  # sources whose test images are other files
     if test_split and dataset not in sources.WITH_SPLITS:
-        raise ValueError(f"{flag}test_split: {dataset} has no named splits (only "
-                         f"{', '.join(sources.WITH_SPLITS)} do); "
-                         + (f"give the test images as {flag}test_path" if dataset in with_files
+        raise UserError(f"{flag}test_split: {dataset} has no named splits (only "
+                        f"{', '.join(sources.WITH_SPLITS)} do); "
+                        + (f"give the test images as {flag}test_path" if dataset in with_files
                             else f"{flag}test_fraction holds out part of it"))
     if annotations and dataset != "folder":
-        raise ValueError(f"{flag}annotations: only for a folder; ArrayRecord files keep the "
-                         "regions `convert --regions` put in their index")
+        raise UserError(f"{flag}annotations: only for a folder; ArrayRecord files keep the "
+                        "regions `convert --regions` put in their index")
     if test_path and dataset not in with_files:
-        raise ValueError(f"{flag}test_path: only for a folder or ArrayRecord files; {dataset} "
-                         f"takes {flag}test_split or {flag}test_fraction")
+        raise UserError(f"{flag}test_path: only for a folder or ArrayRecord files; {dataset} "
+                        f"takes {flag}test_split or {flag}test_fraction")
     if dataset == "arrayrecord":
         train = sources.ArrayRecordSource(path, field=f"{flag}path")
         if test_path:
@@ -55,8 +56,8 @@ def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_na
     if dataset == "folder":
         train = sources.FolderSource(path, field=f"{flag}path", regions=annotations or None)
         if labelled and not train.class_index:
-            raise ValueError(f"{flag}path {path}: no class sub-folders; evaluation needs one "
-                             "sub-folder per class (PATH/CLASS/image.jpg)")
+            raise UserError(f"{flag}path {path}: no class sub-folders; evaluation needs one "
+                            "sub-folder per class (PATH/CLASS/image.jpg)")
         if test_path:
             return train, sources.FolderSource(test_path, classes=train.class_index,
                                                field=f"{flag}test_path",
@@ -93,7 +94,7 @@ def evaluate(model, train, test, *, image_size: int, mesh=None, which=probes.PRO
     `transforms.Native`: of the images at native resolution)."""
     unknown = set(which) - set(probes.PROBES)
     if unknown:
-        raise ValueError(f"unknown probes {sorted(unknown)}; known: {probes.PROBES}")
+        raise UserError(f"unknown probes {sorted(unknown)}; known: {probes.PROBES}")
     train_xy = features.extract(model, train, image_size=image_size, mesh=mesh,
                                 desc=f"{desc} (train)", native=native)[:2]
     test_xy = features.extract(model, test, image_size=image_size, mesh=mesh,
@@ -105,8 +106,8 @@ def probe(train_xy, test_xy, which=probes.PROBES) -> dict:
     """{probe: result} of the probes in `which` on given (features, labels) pairs."""
     for what, (_, y) in (("train", train_xy), ("test", test_xy)):
         if not len(y) or (y < 0).any():
-            raise ValueError(f"the {what} images have no class labels ({int((y < 0).sum())} of "
-                             f"{len(y)} without one); probes need a labelled dataset")
+            raise UserError(f"the {what} images have no class labels ({int((y < 0).sum())} of "
+                            f"{len(y)} without one); probes need a labelled dataset")
     if len(np.unique(train_xy[1])) < 2:
-        raise ValueError("the train images are all of one class; probes need two or more")
+        raise UserError("the train images are all of one class; probes need two or more")
     return {name: getattr(probes, name)(*train_xy, *test_xy) for name in which}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mlcd_jax.runtime.errors import UserError
+
 
 def normalize(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
@@ -40,8 +42,8 @@ def retrieval(images: np.ndarray, texts: np.ndarray, text_image: np.ndarray,
     text_image = np.asarray(text_image)
     without = np.setdiff1d(np.arange(len(images)), text_image)
     if len(without):
-        raise ValueError(f"retrieval: {len(without)} images have no caption (e.g. image "
-                         f"{without[0]}); every image needs at least one")
+        raise UserError(f"retrieval: {len(without)} images have no caption (e.g. image "
+                        f"{without[0]}); every image needs at least one")
     sims = normalize(images) @ normalize(texts).T                        # (N, T)
     # Image → text: the best rank among the image's own captions.
     order = np.argsort(-sims, axis=1, kind="stable")                     # texts by similarity
@@ -68,7 +70,7 @@ def class_names(dataset: str, train, configured=(), field: str = "--class_names"
         return DIGIT_NAMES
     if getattr(train, "class_index", None):
         return tuple(sorted(train.class_index, key=train.class_index.get))
-    raise ValueError(f"{field}: {dataset} does not name its classes; give them")
+    raise UserError(f"{field}: {dataset} does not name its classes; give them")
 
 
 def captions(source, labels, *, templates, names, field: str = "--templates") -> list[list[str]]:
@@ -85,8 +87,8 @@ def captions(source, labels, *, templates, names, field: str = "--templates") ->
 
 def check_templates(source, templates, field: str = "--templates") -> None:
     if any("{caption}" in t for t in templates) and not hasattr(source, "captions"):
-        raise ValueError(f"{field}: {{caption}}, but this dataset has no captions of its own; "
-                         "use {name} templates")
+        raise UserError(f"{field}: {{caption}}, but this dataset has no captions of its own; "
+                        "use {name} templates")
 
 
 def row_captions(source, i: int, label: int, *, templates, names,
@@ -100,8 +102,8 @@ def row_captions(source, i: int, label: int, *, templates, names,
         source.caption_fields(i) if hasattr(source, "caption_fields") else {})
     texts = source.captions(i) if own else [None]
     if not texts:
-        raise ValueError(f"{field}: {{caption}}, but {source.name(i)} has no caption (no "
-                         "text beside it); give every image one, or use {name} templates")
+        raise UserError(f"{field}: {{caption}}, but {source.name(i)} has no caption (no "
+                        "text beside it); give every image one, or use {name} templates")
     try:
         return [t.format(**known, caption=text) for t in templates
                 for text in (texts if "{caption}" in t else texts[:1])]
@@ -109,8 +111,8 @@ def row_captions(source, i: int, label: int, *, templates, names,
         why = ("it has no class label" if e.args[0] == "name" else
                f"it is not a caption field of this dataset (it has "
                f"{', '.join([*known, 'caption'] if own else known)})")
-        raise ValueError(f"{field}: {{{e.args[0]}}} cannot be filled for {source.name(i)}: "
-                         f"{why}") from None
+        raise UserError(f"{field}: {{{e.args[0]}}} cannot be filled for {source.name(i)}: "
+                        f"{why}") from None
 
 
 def embed_texts(tower, tokens, batch: int = 1024) -> np.ndarray:

@@ -14,8 +14,9 @@ import jax
 from flax import nnx
 
 from mlcd_jax.data import transforms
-from mlcd_jax.interop import hf
+from mlcd_jax.interop.hf import mapping as hf
 from mlcd_jax.models import vit
+from mlcd_jax.runtime.errors import MissingFile, UserError
 
 
 def _this_host():
@@ -45,16 +46,16 @@ def save_model_dir(model: vit.ViT, path, native: transforms.Native | None = None
 def _read_model_dir_config(path: pathlib.Path, **overrides) -> vit.ViTConfig:
     config_file = path / "vit_config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: expected a model directory written by "
-                                "`python -m mlcd_jax.interop.hf import` (vit_config.json + "
-                                "params/)")
+        raise MissingFile(f"{config_file} not found: expected a model directory written by "
+                          "`python -m mlcd_jax.interop.hf import` (vit_config.json + "
+                          "params/)")
     fields = json.loads(config_file.read_text())
     if isinstance(fields.get("image_size"), list):
         fields["image_size"] = tuple(fields["image_size"])
     try:
         return vit.ViTConfig(**(fields | overrides))
     except (TypeError, ValueError) as e:  # TypeError: a field ViTConfig does not have
-        raise ValueError(f"{config_file}: {e}") from None
+        raise UserError(f"{config_file}: {e}") from None
 
 
 def load_model_dir(path, **overrides) -> vit.ViT:
@@ -73,7 +74,7 @@ def _workdir_config(workdir):
     import ml_collections
     config_file = pathlib.Path(workdir) / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: not a training workdir")
+        raise MissingFile(f"{config_file} not found: not a training workdir")
     return ml_collections.ConfigDict(json.loads(config_file.read_text()))
 
 
@@ -88,8 +89,8 @@ def _restore_workdir(workdir, step: int | None = None):
         steps = ckpt.steps()
         step = (steps[-1] if steps else None) if step is None else step
         if step is None or step not in steps:
-            raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
-                                    f"{workdir / 'checkpoints'} (have {steps})")
+            raise MissingFile(f"no checkpoint {'' if step is None else step} in "
+                              f"{workdir / 'checkpoints'} (have {steps})")
         # The run may have used another device count: every array onto this process's first
         # device, shapes as stored.
         here = _this_host()
@@ -156,7 +157,7 @@ def load_region_layers(path, step: int | None = None):
     stored = load_file(str(path / REGION_FILE))
     missing = sorted(set(_named(want)) - set(stored))
     if missing:
-        raise ValueError(f"{path / REGION_FILE} lacks {', '.join(missing[:3])}: export it again")
+        raise UserError(f"{path / REGION_FILE} lacks {', '.join(missing[:3])}: export it again")
     leaves, treedef = jax.tree_util.tree_flatten(want)
     params = jax.tree_util.tree_unflatten(treedef, [stored[k] for k in _named(want)])
     return vit.with_params(cfg, params, cls=layers)
@@ -170,14 +171,14 @@ def load_encoder(path, step: int | None = None) -> tuple[vit.ViT, str]:
         model, step = load_from_workdir(path, step)
         return model, f"{path} (step {step})"
     if step is not None:
-        raise ValueError(f"--step {step}: {path} is not a training workdir (no checkpoints/)")
+        raise UserError(f"--step {step}: {path} is not a training workdir (no checkpoints/)")
     if (path / "vit_config.json").is_file():
         return load_model_dir(path), str(path)
     if (path / "config.json").is_file():
         return hf.load_vision_model(path), str(path)
-    raise FileNotFoundError(f"{path}: neither a training workdir (config.json + checkpoints/), our "
-                            "model dir (vit_config.json) nor a transformers checkpoint "
-                            "(config.json + *.safetensors)")
+    raise MissingFile(f"{path}: neither a training workdir (config.json + checkpoints/), our "
+                      "model dir (vit_config.json) nor a transformers checkpoint "
+                      "(config.json + *.safetensors)")
 
 
 def native_sizing(path) -> transforms.Native | None:
@@ -195,7 +196,7 @@ def native_sizing(path) -> transforms.Native | None:
         try:
             return transforms.Native(**json.loads((path / NATIVE_FILE).read_text()))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path / NATIVE_FILE}: not a native sizing ({e})") from None
+            raise UserError(f"{path / NATIVE_FILE}: not a native sizing ({e})") from None
     return hf.read_native(path)
 
 
@@ -207,19 +208,19 @@ def sizing(path, model: vit.ViT, resolution: str = "", max_tokens: int = 0,
     budget, else the square size's, (image_size or the model's / patch)²) and `min_tokens`.
     `flag` names the options in errors ("--" or "config.image.")."""
     if resolution not in ("", "square", "native", "squash"):
-        raise ValueError(f"{flag}resolution: must be square, native or squash (or empty: the "
-                         f"model's own), got {resolution!r}")
+        raise UserError(f"{flag}resolution: must be square, native or squash (or empty: the "
+                        f"model's own), got {resolution!r}")
     own = native_sizing(path)
     if resolution == "squash" or (not resolution and own and not own.keep_aspect):
         if max_tokens or min_tokens:
-            raise ValueError(f"{flag}max_tokens: token budgets are for {flag}resolution native")
+            raise UserError(f"{flag}max_tokens: token budgets are for {flag}resolution native")
         side = image_size or (own.size(1, 1)[0] if own else model.cfg.image_hw[0])
         return transforms.Native(model.cfg.patch, (side // model.cfg.patch) ** 2,
                                  keep_aspect=False)
     if resolution == "square" or (not resolution and own is None):
         if max_tokens or min_tokens:
-            raise ValueError(f"{flag}max_tokens: token budgets are for {flag}resolution native"
-                             + ("" if resolution else f" ({path} was trained on square images)"))
+            raise UserError(f"{flag}max_tokens: token budgets are for {flag}resolution native"
+                            + ("" if resolution else f" ({path} was trained on square images)"))
         return None
     patch = model.cfg.patch
     side = image_size or model.cfg.image_hw[0]
@@ -228,8 +229,8 @@ def sizing(path, model: vit.ViT, resolution: str = "", max_tokens: int = 0,
     least = min_tokens or (own.min_tokens if own and own.min_tokens <= budget else 0)
     try:
         return transforms.Native(patch, budget, least)
-    except ValueError as e:
-        raise ValueError(f"{flag}min_tokens: {e}") from None
+    except UserError as e:
+        raise UserError(f"{flag}min_tokens: {e}") from None
 
 
 def architecture(path) -> vit.ViTConfig:
@@ -242,9 +243,9 @@ def architecture(path) -> vit.ViTConfig:
         return _read_model_dir_config(path)
     if (path / "config.json").is_file():
         return hf.read_vision_config(path)
-    raise FileNotFoundError(f"config.model.init_from: {path}: neither a training workdir "
-                            "(config.json + checkpoints/), our model dir (vit_config.json) nor a "
-                            "transformers checkpoint (config.json + *.safetensors)")
+    raise MissingFile(f"config.model.init_from: {path}: neither a training workdir "
+                      "(config.json + checkpoints/), our model dir (vit_config.json) nor a "
+                      "transformers checkpoint (config.json + *.safetensors)")
 
 
 # Config fields the checkpoint decides (ViTConfig's name for each), beside the shape.
@@ -323,9 +324,9 @@ def init_from(path, encoder, shardings, step: int | None = None) -> tuple[dict, 
             if getattr(key_path[0], "key", None) == "projection":
                 fresh.append(f"{name} (the checkpoint's is {loaded[key_path].shape})")
                 return current
-            raise ValueError(f"config.model.init_from: {path} has {name} of shape "
-                             f"{loaded[key_path].shape}, the configured model needs "
-                             f"{current.shape}")
+            raise UserError(f"config.model.init_from: {path} has {name} of shape "
+                            f"{loaded[key_path].shape}, the configured model needs "
+                            f"{current.shape}")
         taken.append(name)
         return jax.device_put(loaded[key_path], sharding)
 

@@ -28,16 +28,16 @@ Every step is resumable: `assign` never redoes a finished shard.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
+import types
 
-import jax
+from absl import flags
 
 from mlcd_jax.data import regions as regions_lib, sources
-from mlcd_jax.labels import assign, embed, kmeans, ocr, stats, store
-from mlcd_jax.runtime import backend as platform, cli as flag_parsing, distributed, files as records
+from mlcd_jax.labels import kmeans, store
+from mlcd_jax.runtime import backend as platform, cli
 
 SOURCES = tuple(s for s in sources.SOURCES if s != "synthetic")  # real images
 PROCESS_HELP = ("this process's share of the shards (default: the multi-process job's, else all); "
@@ -50,7 +50,7 @@ def make_source(a):
 
     if getattr(a, "annotations", None) and (a.source != "folder"
                                             or not getattr(a, "regions", True)):
-        raise ValueError("--annotations gives a folder's regions to `embed --regions` and `ocr` "
+        raise cli.UserError("--annotations gives a folder's regions to `embed --regions` and `ocr` "
                          "with --source folder (ArrayRecord files keep the regions convert "
                          "--regions put in their index)")
     return sources.make_source(types.SimpleNamespace(
@@ -60,8 +60,9 @@ def make_source(a):
 
 
 def run_embed(a):
-    source = make_source(a)
     from mlcd_jax.interop import weights
+    from mlcd_jax.labels import embed
+    source = make_source(a)
     model, _ = weights.load_encoder(a.model, a.step)
     dtype = platform.embed_dtype(a.dtype)
     model = embed.with_dtype(model, dtype)
@@ -81,12 +82,16 @@ def run_embed(a):
 
 
 def run_ocr(a):
+    from mlcd_jax.labels import ocr
     result = ocr.run(make_source(a), a.out, tokenizer=a.tokenizer, num_labels=a.num_labels,
                      vocab_size=a.vocab_size, sample_records=a.tokenizer_records, seed=a.seed)
     print(f"ocr: {json.dumps(result)}")
 
 
 def run_kmeans(a):
+    import jax
+
+    from mlcd_jax.runtime import files as records
     shards = store.open_embeddings(a.embeddings)
     print(f"kmeans: {shards.total:,} embeddings of width {shards.dim} in {len(shards.files)} "
           f"shards → K = {a.num_centers:,}")
@@ -112,6 +117,7 @@ def run_kmeans(a):
 
 
 def run_assign(a):
+    from mlcd_jax.labels import assign
     result = assign.run(a.embeddings, a.centers or pathlib.Path(a.out) / "centers.npy", a.out,
                         num_labels=a.num_labels, index_kind=a.index, nprobe=a.nprobe,
                         process_index=a.process_index, process_count=a.process_count,
@@ -120,6 +126,8 @@ def run_assign(a):
 
 
 def run_stats(a):
+    from mlcd_jax.labels import stats
+    from mlcd_jax.runtime import files as records
     s = stats.compute(a.labels, make_source(a) if getattr(a, "source", None) else None)
     out = pathlib.Path(a.labels)
     stats.plot(s, out / "cluster_sizes.png")
@@ -129,122 +137,187 @@ def run_stats(a):
     print(f"stats: wrote {out / 'stats.json'} and {out / 'cluster_sizes.png'}")
 
 
+# -- the command line: one set of flags per verb ------------------------------------------------
+
+def _verb(*groups) -> flags.FlagValues:
+    fv = flags.FlagValues()
+    for group in groups:
+        group(fv)
+    return fv
+
+
+def _io(fv):
+    flags.DEFINE_string("embeddings", None, "Embedding shards (manifest.json + *.npy, or "
+                        "clip-retrieval's img_emb/).", flag_values=fv)
+    flags.DEFINE_string("out", None, "The label store's folder.", flag_values=fv)
+
+
+def _kmeans(fv):
+    flags.DEFINE_integer("num_centers", None, "K.", flag_values=fv)
+    flags.DEFINE_integer("points_per_center", 256, "Points sampled per center.", flag_values=fv)
+    flags.DEFINE_integer("niter", 20, "Iterations.", flag_values=fv)
+    flags.DEFINE_integer("two_level", 1, "Parts clustered first (1 = off).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed.", flag_values=fv)
+    flags.DEFINE_enum("init", "random", list(kmeans.INITS), "Initialisation.", flag_values=fv)
+    flags.DEFINE_integer("nredo", 1, "Restarts; the best objective is kept.", flag_values=fv)
+
+
+def _assign(fv):
+    flags.DEFINE_integer("num_labels", 8, "l: labels per image.", flag_values=fv)
+    flags.DEFINE_enum("index", "auto", ["auto", "flat", "ivf"], "faiss's index.", flag_values=fv)
+    flags.DEFINE_integer("nprobe", 64, "ivf: lists searched.", flag_values=fv)
+    _processes(fv)
+    flags.DEFINE_string("key_column", None, "clip-retrieval's metadata/*.parquet column with "
+                        f"each image's key (default {store.CLIP_RETRIEVAL_KEY}: webdataset's "
+                        "sample key).", flag_values=fv)
+
+
+def _processes(fv):
+    flags.DEFINE_integer("process_index", None, PROCESS_HELP, flag_values=fv)
+    flags.DEFINE_integer("process_count", None, PROCESS_HELP, flag_values=fv)
+
+
+def _backend(fv):
+    flags.DEFINE_enum("backend", "auto", list(platform.LABEL_BACKENDS), "faiss (CPU), jax (the "
+                      "device mesh), auto: jax on accelerators.", flag_values=fv)
+    flags.DEFINE_enum("jax_dtype", "auto", ["auto", "float32", "float16", "bfloat16"], "The jax "
+                      "backend's scored inputs (auto: float16 on GPUs, bfloat16 on TPUs, float32 "
+                      "on CPU; accumulation is float32).", flag_values=fv)
+
+
+def _data(fv):
+    flags.DEFINE_string("path", "", "The images: a folder, an ArrayRecord glob, a tfds "
+                        "data_dir.", flag_values=fv)
+    flags.DEFINE_string("tfds_name", "", "tfds: the dataset's name.", flag_values=fv)
+    flags.DEFINE_string("split", "train", "The split.", flag_values=fv)
+
+
+def _boxes(fv):  # a folder source's regions (ArrayRecord files keep convert's in their index)
+    flags.DEFINE_string("annotations", None, "With --source folder: the images' boxes, as "
+                        "convert --regions takes them (COCO-style .json, .jsonl keyed by record "
+                        "key, a folder of SA-1B per-image JSON, or 'beside').", flag_values=fv)
+    flags.DEFINE_float("min_region_side", regions_lib.Rules.min_side, "Drop boxes with a side "
+                       "under this many pixels.", flag_values=fv)
+    flags.DEFINE_float("min_region_fraction", regions_lib.Rules.min_fraction, "... or under "
+                       "this fraction of the image's shorter side.", flag_values=fv)
+
+
+def _source(required: bool):
+    def group(fv):
+        flags.DEFINE_enum("source", None, list(SOURCES), "The images' source"
+                          + ("." if required else ": also join its records with the store by "
+                             "key (how many have labels, lack them, labels without a record)."),
+                          flag_values=fv)
+    return group
+
+
+def _embed(fv):
+    flags.DEFINE_string("model", None, "A training workdir, our model dir, or a transformers "
+                        "checkpoint dir.", flag_values=fv)
+    flags.DEFINE_integer("step", None, "With a training workdir: which step.", flag_values=fv)
+    flags.DEFINE_string("out", None, "The embedding shards' folder.", flag_values=fv)
+    flags.DEFINE_integer("image_size", 224, "The side of the images fed to the model.",
+                         flag_values=fv)
+    cli.sizing_flags(fv)
+    flags.DEFINE_integer("batch_size", 256, "Images embedded at a time.", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 100_000, "Embeddings per shard.", flag_values=fv)
+    flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"], "The teacher's compute "
+                      "dtype (auto: bfloat16 on accelerators, float32 on CPU); part of each "
+                      "shard's record.", flag_values=fv)
+    _processes(fv)
+    flags.DEFINE_bool("regions", False, "Embed each region's crop instead of each image (keys "
+                      "RECORD_KEY#ID).", flag_values=fv)
+    flags.DEFINE_enum("region_kind", "objects", list(regions_lib.KINDS), "Which regions: objects "
+                      "(without a text: RICE's object regions), text (OCR regions) or all.",
+                      flag_values=fv)
+
+
+def _ocr(fv):
+    flags.DEFINE_string("out", None, "The OCR regions' label store.", flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "A CLIP tokenizer dir (tokenizer.json, or vocab.json "
+                        "+ merges.txt); default: a BPE trained on the region texts.",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_labels", 16, "Token ids kept per region.", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 4096, "Without --tokenizer: the trained BPE's vocabulary "
+                         "(at most).", flag_values=fv)
+    flags.DEFINE_integer("tokenizer_records", 100_000, "Without --tokenizer: records whose region "
+                         "texts train it (seeded).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed.", flag_values=fv)
+
+
+def _centers(fv):
+    flags.DEFINE_string("centers", None, "Default: OUT/centers.npy.", flag_values=fv)
+
+
+def _stats(fv):
+    flags.DEFINE_string("labels", None, "The label store's folder.", flag_values=fv)
+
+
+def _run(verb: str, fv: flags.FlagValues):
+    def command(args) -> None:
+        del args
+        run_verb(types.SimpleNamespace(**fv.flag_values_dict(), command=verb))
+    return command
+
+
+def run_verb(a) -> None:
+    import jax
+
+    from mlcd_jax.labels import assign
+    from mlcd_jax.runtime import distributed
+    # In a multi-process job (mlcd_jax/runtime/distributed.py) the shards split by the job's
+    # processes.
+    distributed.initialize()
+    if getattr(a, "process_index", 0) is None:
+        a.process_index = jax.process_index()
+    if getattr(a, "process_count", 0) is None:
+        a.process_count = jax.process_count()
+    first = jax.process_index() == 0
+    if a.command == "embed":
+        run_embed(a)
+    if a.command == "ocr" and first:
+        run_ocr(a)
+    if hasattr(a, "backend"):
+        a.backend = assign.resolve_backend(a.backend)
+    if a.command in ("kmeans", "all"):
+        if first or a.backend == "jax":  # faiss: one process clusters, the others wait
+            run_kmeans(a)
+        distributed.barrier("kmeans done")
+    if a.command == "all":
+        a.centers, a.labels = None, a.out
+    if a.command in ("assign", "all"):
+        run_assign(a)
+    if a.command == "stats" or (a.command == "all" and first
+                                and (pathlib.Path(a.labels) / "labels.npy").exists()):
+        run_stats(a)
+
+
+VERBS = {
+    "embed": ((_data, _boxes, _source(True), _embed), ("model", "source", "out"),
+              "Embed images (or their regions) with a teacher: embedding shards + keys."),
+    "ocr": ((_data, _boxes, _source(True), _ocr), ("source", "out"),
+            "OCR regions' labels: each region text's token ids."),
+    "kmeans": ((_io, _kmeans, _backend), ("embeddings", "out", "num_centers"),
+               "Spherical k-means of the embeddings into K centers (OUT/centers.npy)."),
+    "assign": ((_io, _assign, _backend, _centers), ("embeddings", "out"),
+               "Each embedding's top-l centers: the label store (OUT/labels.npy + keys)."),
+    "stats": ((_data, _stats, _source(False)), ("labels",),
+              "Cluster sizes, labels per image, and (with --source) the join by key."),
+    "all": ((_io, _kmeans, _assign, _backend), ("embeddings", "out", "num_centers"),
+            "kmeans, assign and stats in one go."),
+}
+
+
+def commands() -> dict[str, cli.Subcommand]:
+    out = {}
+    for verb, (groups, required, help_text) in VERBS.items():
+        fv = _verb(*groups)
+        out[verb] = cli.Subcommand(_run(verb, fv), fv, help_text, required)
+    return out
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlcd_jax.labels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    km = argparse.ArgumentParser(add_help=False)
-    km.add_argument("--num_centers", type=int, required=True)
-    km.add_argument("--points_per_center", type=int, default=256)
-    km.add_argument("--niter", type=int, default=20)
-    km.add_argument("--two_level", type=int, default=1, help="parts clustered first (1 = off)")
-    km.add_argument("--seed", type=int, default=0)
-    km.add_argument("--init", default="random", choices=list(kmeans.INITS))
-    km.add_argument("--nredo", type=int, default=1, help="restarts; the best objective is kept")
-    asg = argparse.ArgumentParser(add_help=False)
-    asg.add_argument("--num_labels", type=int, default=8)
-    asg.add_argument("--index", default="auto", choices=["auto", "flat", "ivf"])
-    asg.add_argument("--nprobe", type=int, default=64)
-    asg.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
-    asg.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
-    asg.add_argument("--key_column", default=None,
-                     help="clip-retrieval's metadata/*.parquet column with each image's key "
-                     f"(default {store.CLIP_RETRIEVAL_KEY}: webdataset's sample key)")
-    be = argparse.ArgumentParser(add_help=False)
-    be.add_argument("--backend", default="auto", choices=list(assign.BACKENDS),
-                    help="faiss (CPU), jax (the device mesh), auto: jax on accelerators")
-    be.add_argument("--jax_dtype", default="auto",
-                    choices=["auto", "float32", "float16", "bfloat16"],
-                    help="the jax backend's scored inputs (auto: float16 on GPUs, bfloat16 on "
-                    "TPUs, float32 on CPU; accumulation is float32)")
-    io = argparse.ArgumentParser(add_help=False)
-    io.add_argument("--embeddings", required=True)
-    io.add_argument("--out", required=True)
-    data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--path", default="")
-    data.add_argument("--tfds_name", default="")
-    data.add_argument("--split", default="train")
-    # A folder source's regions (ArrayRecord files keep convert's in their index).
-    boxes = argparse.ArgumentParser(add_help=False)
-    boxes.add_argument("--annotations", default=None,
-                       help="with --source folder: the images' boxes, as convert --regions takes "
-                       "them (COCO-style .json, .jsonl keyed by record key, a folder of SA-1B "
-                       "per-image JSON, or 'beside')")
-    boxes.add_argument("--min_region_side", type=float, default=regions_lib.Rules.min_side)
-    boxes.add_argument("--min_region_fraction", type=float,
-                       default=regions_lib.Rules.min_fraction)
-    p = sub.add_parser("embed", parents=[data, boxes])
-    p.add_argument("--model", required=True, help="a training workdir, our model dir, or a "
-                   "transformers checkpoint dir")
-    p.add_argument("--step", type=int, default=None, help="with a training workdir: which step")
-    p.add_argument("--source", required=True, choices=SOURCES)
-    p.add_argument("--out", required=True)
-    p.add_argument("--image_size", type=int, default=224)
-    flag_parsing.add_sizing_flags(p)
-    p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--shard_size", type=int, default=100_000)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="the teacher's compute dtype (auto: bfloat16 on accelerators, float32 on "
-                   "CPU); part of each shard's record")
-    p.add_argument("--process_index", type=int, default=None, help=PROCESS_HELP)
-    p.add_argument("--process_count", type=int, default=None, help=PROCESS_HELP)
-    p.add_argument("--regions", action="store_true",
-                   help="embed each region's crop instead of each image (keys RECORD_KEY#ID)")
-    p.add_argument("--region_kind", default="objects", choices=list(regions_lib.KINDS),
-                   help="which regions: objects (without a text: RICE's object regions, the "
-                   "default), text (OCR regions) or all")
-    p = sub.add_parser("ocr", parents=[data, boxes],
-                       help="OCR regions' labels: each region text's token ids")
-    p.add_argument("--source", required=True, choices=SOURCES)
-    p.add_argument("--out", required=True)
-    p.add_argument("--tokenizer", default=None, help="a CLIP tokenizer dir (tokenizer.json, or "
-                   "vocab.json + merges.txt); default: a BPE trained on the region texts")
-    p.add_argument("--num_labels", type=int, default=16, help="token ids kept per region")
-    p.add_argument("--vocab_size", type=int, default=4096,
-                   help="without --tokenizer: the trained BPE's vocabulary (at most)")
-    p.add_argument("--tokenizer_records", type=int, default=100_000,
-                   help="without --tokenizer: records whose region texts train it (seeded)")
-    p.add_argument("--seed", type=int, default=0)
-    sub.add_parser("kmeans", parents=[io, km, be])
-    p = sub.add_parser("assign", parents=[io, asg, be])
-    p.add_argument("--centers", default=None, help="default: OUT/centers.npy")
-    p = sub.add_parser("stats", parents=[data])
-    p.add_argument("--labels", required=True)
-    p.add_argument("--source", default=None, choices=SOURCES,
-                   help="also join a dataset's records with the store by key: how many have "
-                   "labels, how many lack them, labels without a record")
-    p = sub.add_parser("all", parents=[io, km, asg, be])
-    a = parser.parse_args(argv)
-    try:
-        # In a multi-process job (mlcd_jax/runtime/distributed.py) the shards split by the job's
-        # processes.
-        distributed.initialize()
-        if getattr(a, "process_index", 0) is None:
-            a.process_index = jax.process_index()
-        if getattr(a, "process_count", 0) is None:
-            a.process_count = jax.process_count()
-        first = jax.process_index() == 0
-        if a.command == "embed":
-            run_embed(a)
-        if a.command == "ocr" and first:
-            run_ocr(a)
-        if hasattr(a, "backend"):
-            a.backend = assign.resolve_backend(a.backend)
-        if a.command in ("kmeans", "all"):
-            if first or a.backend == "jax":  # faiss: one process clusters, the others wait
-                run_kmeans(a)
-            distributed.barrier("kmeans done")
-        if a.command == "all":
-            a.centers, a.labels = None, a.out
-        if a.command in ("assign", "all"):
-            run_assign(a)
-        if a.command == "stats" or (a.command == "all" and first
-                                 and (pathlib.Path(a.labels) / "labels.npy").exists()):
-            run_stats(a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run_subcommands(commands(), argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from mlcd_jax.data import record_keys as keys_lib
 from mlcd_jax.labels import kmeans, sharded, store
 from mlcd_jax.runtime import backend as platform, distributed, files as records
+from mlcd_jax.runtime.errors import MissingFile, UserError
 
 # K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at
 # K = 100k it matched IVF (nprobe 64) in speed, with exact results (bench/labels.py, README).
@@ -50,7 +51,7 @@ def build_index(centers: np.ndarray, kind: str = "auto", nprobe: int = 64):
         index.train(centers)
         index.nprobe = min(nprobe, nlist)
     else:
-        raise ValueError(f"--index must be auto, flat or ivf, got {kind!r}")
+        raise UserError(f"--index must be auto, flat or ivf, got {kind!r}")
     index.add(centers)
     return index, kind
 
@@ -64,13 +65,10 @@ def recall(index, centers: np.ndarray, queries: np.ndarray, l: int) -> float:
     return float(np.mean([len(set(a) & set(b)) / l for a, b in zip(want, got)]))
 
 
-BACKENDS = ("auto", "faiss", "jax")
-
-
 def resolve_backend(backend: str) -> str:
     """`auto`: jax where jax has an accelerator, faiss on CPU (`platform.labels_backend`)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in platform.LABEL_BACKENDS:
+        raise UserError(f"--backend must be one of {platform.LABEL_BACKENDS}, got {backend!r}")
     return platform.labels_backend(backend)
 
 
@@ -112,16 +110,16 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
     shards = store.open_embeddings(embeddings_dir, key_column)
     centers_path = pathlib.Path(centers_path)
     if not centers_path.is_file():
-        raise FileNotFoundError(f"{centers_path} not found: run `python -m mlcd_jax.labels kmeans "
-                                f"--out {centers_path.parent}` first, or pass --centers")
+        raise MissingFile(f"{centers_path} not found: run `python -m mlcd_jax.labels kmeans "
+                          f"--out {centers_path.parent}` first, or pass --centers")
     raw_centers = np.load(centers_path)
     centers = store.normalize(raw_centers)
     if centers.shape[1] != shards.dim:
-        raise ValueError(f"{centers_path} has width {centers.shape[1]} but the embeddings in "
-                         f"{embeddings_dir} have {shards.dim}; were they made by another model?")
+        raise UserError(f"{centers_path} has width {centers.shape[1]} but the embeddings in "
+                        f"{embeddings_dir} have {shards.dim}; were they made by another model?")
     if not 1 <= num_labels <= len(centers):
-        raise ValueError(f"--num_labels {num_labels}: must lie in [1, K = {len(centers)}] (the "
-                         f"centers in {centers_path})")
+        raise UserError(f"--num_labels {num_labels}: must lie in [1, K = {len(centers)}] (the "
+                        f"centers in {centers_path})")
     out = pathlib.Path(out_dir)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     backend = resolve_backend(backend)
@@ -215,7 +213,7 @@ def merge(parts, fingerprints, out: pathlib.Path, shards, centers, num_labels, r
             del labels
             (out / "labels.npy.tmp").unlink()
             part.with_suffix(".json").unlink(missing_ok=True)
-            raise ValueError(f"assign: {part}: {problem}; rerun assign to redo that part")
+            raise UserError(f"assign: {part}: {problem}; rerun assign to redo that part")
         labels[offsets[i]:offsets[i + 1]] = array
     labels.flush()
     del labels
@@ -230,10 +228,10 @@ def merge(parts, fingerprints, out: pathlib.Path, shards, centers, num_labels, r
         try:
             keys_lib.build(out / "keys.npy", hashed(), shards.total, describe=shards.describe,
                            what=f"the embeddings in {shards.directory}")
-        except ValueError as e:
+        except UserError as e:
             (out / "labels.npy.tmp").unlink()
-            raise ValueError(f"assign: {e}; the parts are kept, rerun assign once the keys "
-                             "are fixed") from None
+            raise UserError(f"assign: {e}; the parts are kept, rerun assign once the keys "
+                            "are fixed") from None
         finally:
             bar.close()
         keys = "keys.npy"

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from mlcd_jax.data import pipeline, regions as regions_lib, sources
 from mlcd_jax.labels import store
 from mlcd_jax.runtime import distributed, files as records
+from mlcd_jax.runtime.errors import UserError
 
 
 def model_fingerprint(params) -> str:
@@ -56,16 +57,16 @@ def region_crops(source, out_dir, kind: str = "objects") -> regions_lib.RegionCr
     source of crops to embed; where each record's regions start is kept in OUT_DIR."""
     why = getattr(source, "no_regions", "this source has no boxes (folder or arrayrecord do)")
     if why is not None:
-        raise ValueError(f"--regions: {why}")
+        raise UserError(f"--regions: {why}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     crops = regions_lib.RegionCrops(source, out / f"regions.{kind}.offsets.npy", kind)
     if not len(crops):
         every = regions_lib.region_offsets(source, out / "regions.all.offsets.npy", "all")
         total = int(every[len(every) - 1])
-        raise ValueError(f"--regions: the records hold no regions of kind {kind!r} ({total:,} "
-                         "regions in all; OCR regions, those with a text, are labelled by "
-                         "`labels ocr`; --region_kind all embeds every region)")
+        raise UserError(f"--regions: the records hold no regions of kind {kind!r} ({total:,} "
+                        "regions in all; OCR regions, those with a text, are labelled by "
+                        "`labels ocr`; --region_kind all embeds every region)")
     return crops
 
 
@@ -112,7 +113,7 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
                 rows.append(batch["index"])
                 bar.update(len(x) + int(batch["skipped"].sum()))
             if skipped.count and not keyed:
-                raise ValueError(
+                raise UserError(
                     f"embed: records {bounds[i][0]}–{bounds[i][1] - 1}: {skipped.summary()}. "
                     "Without keys every record needs an embedding (its index is its label row): "
                     "make the dataset with `python -m mlcd_jax.data.convert` (it leaves unreadable "
@@ -150,7 +151,7 @@ def _refuse_other_runs(out: pathlib.Path, names, fingerprints) -> None:
     for path in sorted(out.glob("emb_*.npy")):
         record = records.piece_record(path)
         if record is not None and record.get("fingerprint") != expected.get(path.name):
-            raise ValueError(
+            raise UserError(
                 f"--out {out} already holds {path.name}, made from other images, another model "
                 "or another --image_size/--resolution/--max_tokens/--shard_size; embed into a new "
                 "--out, or delete that "

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from mlcd_jax.data import record_keys as keys_lib, regions as regions_lib
 from mlcd_jax.labels import store as store_lib
 from mlcd_jax.runtime import distributed, files as records
+from mlcd_jax.runtime.errors import UserError
 
 MISSING = ("error", "skip")
 CHUNK = 1 << 20
@@ -57,19 +58,19 @@ def join(source, store: store_lib.LabelStore, *, missing: str = "error",
          field: str = "config.data") -> Joined:
     """`source` joined with `store` (see the module's docstring)."""
     if missing not in MISSING:
-        raise ValueError(f"{field}.missing_labels must be one of {MISSING}, got {missing!r}")
+        raise UserError(f"{field}.missing_labels must be one of {MISSING}, got {missing!r}")
     n, stored = len(source), len(store.labels)
     if store.keys_path is None:
         if n != stored:
-            raise ValueError(f"{store.path} labels {stored:,} examples but the dataset has {n:,}, "
-                             "and the store has no keys to join them by; make the store from "
-                             "keyed embeddings (`labels embed`, or clip-retrieval's metadata/)")
+            raise UserError(f"{store.path} labels {stored:,} examples but the dataset has {n:,}, "
+                            "and the store has no keys to join them by; make the store from "
+                            "keyed embeddings (`labels embed`, or clip-retrieval's metadata/)")
         return Joined(source, store, None,
                       f"by position ({store.path.parent} has no keys: made before keys or from "
                       "embeddings without them; rows are taken in record order)")
     if source.unkeyed is not None:
-        raise ValueError(f"{store.path.parent} joins labels by key, but the records of "
-                         f"{field}.path have none: {source.unkeyed}")
+        raise UserError(f"{store.path.parent} joins labels by key, but the records of "
+                        f"{field}.path have none: {source.unkeyed}")
     cache = _cache_dir(source, store)
     _made_once(cache, lambda aside: _build(source, store, aside))
     distributed.barrier("labels joined")
@@ -81,7 +82,7 @@ def join(source, store: store_lib.LabelStore, *, missing: str = "error",
         return Joined(source, store, rows, how, 0, summary["unused"])
     shown = ", ".join(repr(k) for k in summary["first_missing"])
     if missing == "error":
-        raise ValueError(
+        raise UserError(
             f"{summary['missing']:,} of {n:,} records of {field}.path have no labels in "
             f"{store.path.parent} (keys {shown}{' …' if summary['missing'] > 5 else ''}): embed "
             f"and assign them, or set {field}.missing_labels=skip to train without them")
@@ -244,21 +245,21 @@ def join_regions(source, store: store_lib.LabelStore, *, expect: str | None = No
     head ignores it); any region the store lacks reads as -1; labels without a region are counted.
     """
     if missing not in MISSING:
-        raise ValueError(f"{field}.missing_labels must be one of {MISSING}, got {missing!r}")
+        raise UserError(f"{field}.missing_labels must be one of {MISSING}, got {missing!r}")
     kind = (store.manifest.get("regions") or {}).get("kind")
     expect = expect or ("text" if kind == "ocr" else "objects")
     if expect not in EXPECT:
         raise ValueError(f"expect must be one of {EXPECT}, got {expect!r}")
     why = getattr(source, "no_regions", "this source has no boxes")
     if why is not None:
-        raise ValueError(f"{store.path.parent} labels regions, but the records of {field}.path "
-                         f"have none: {why}")
+        raise UserError(f"{store.path.parent} labels regions, but the records of {field}.path "
+                        f"have none: {why}")
     if store.keys_path is None:
-        raise ValueError(f"{store.path.parent} has no keys, so its rows cannot be matched to "
-                         "regions; make it from `labels embed --regions` (or `labels ocr`)")
+        raise UserError(f"{store.path.parent} has no keys, so its rows cannot be matched to "
+                        "regions; make it from `labels embed --regions` (or `labels ocr`)")
     if source.unkeyed is not None:
-        raise ValueError(f"{store.path.parent} joins regions by key, but the records of "
-                         f"{field}.path have none: {source.unkeyed}")
+        raise UserError(f"{store.path.parent} joins regions by key, but the records of "
+                        f"{field}.path have none: {source.unkeyed}")
     table = store.keys_path.stat()
     cache = store.path.parent / "joins" / ("regions-" + records.digest(
         source.fingerprint(), source.regions_fingerprint(), store.manifest, table.st_size,
@@ -273,7 +274,7 @@ def join_regions(source, store: store_lib.LabelStore, *, expect: str | None = No
         shown = ", ".join(repr(k) for k in summary["first_missing"])
         more = " …" if summary["missing"] > len(summary["first_missing"]) else ""
         if missing == "error":
-            raise ValueError(
+            raise UserError(
                 f"{summary['missing']:,} of {summary['expected']:,} {what} of {field}.path have "
                 f"no labels in {store.path.parent} (keys {shown}{more}): label them (`labels "
                 f"embed --regions` then assign, or `labels ocr`), or set "

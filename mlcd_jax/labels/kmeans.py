@@ -15,7 +15,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from mlcd_jax.labels import sharded, store
+from mlcd_jax.labels import store
+from mlcd_jax.runtime.errors import UserError
 
 # faiss ClusteringParameters.init_method: random (faiss's default, O(k·d)), k-means++ (O(n·k·d),
 # better seeds, small K only), AFK-MC² (an O(n·d + m·k²·d) approximation of k-means++)
@@ -60,17 +61,18 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
     """Centers (k × D, normalised) of x (normalised rows). jax: x is this process's share of the
     points (every process of the job calls this); the best of nredo runs by objective."""
     if k < 1:
-        raise ValueError(f"kmeans: --num_centers must be ≥ 1, got {k}")
+        raise UserError(f"kmeans: --num_centers must be ≥ 1, got {k}")
     if init not in INITS:
-        raise ValueError(f"kmeans --init must be one of {list(INITS)}, got {init!r}")
+        raise UserError(f"kmeans --init must be one of {list(INITS)}, got {init!r}")
     if backend == "jax":
+        from mlcd_jax.labels import sharded  # the jax backend: jax only where it is used
         runs = [sharded.spherical_kmeans(x, k, niter=niter, seed=seed + r, init=init,
                                          dtype=jax_dtype, verbose=verbose)
                 for r in range(nredo)]
         return max(runs, key=lambda run: run[1][-1] if run[1] else 0.0)[0]
     if len(x) < k:
-        raise ValueError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower "
-                         "--num_centers or raise --points_per_center")
+        raise UserError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower "
+                        "--num_centers or raise --points_per_center")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=verbose,
                       nredo=nredo, max_points_per_centroid=max(1, -(-len(x) // k)))
     km.cp.init_method = INITS[init]
@@ -85,8 +87,8 @@ def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: i
     """(centers K × D float32, stats) for the embedding shards. faiss: this process reads the
     whole sample; jax: every process of the job reads only its share of it."""
     if num_centers > shards.total:
-        raise ValueError(f"kmeans: --num_centers {num_centers:,} is more than the "
-                         f"{shards.total:,} embeddings in {shards.directory}; K must be at most N")
+        raise UserError(f"kmeans: --num_centers {num_centers:,} is more than the "
+                        f"{shards.total:,} embeddings in {shards.directory}; K must be at most N")
     size = min(num_centers * points_per_center, shards.total)
     share = (0, 1)
     if backend == "jax":

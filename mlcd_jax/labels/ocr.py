@@ -28,6 +28,7 @@ from tqdm import tqdm
 from mlcd_jax.data import record_keys as keys_lib, tokenizer as tokenizer_lib
 from mlcd_jax.labels import store
 from mlcd_jax.runtime import files as records
+from mlcd_jax.runtime.errors import UserError
 
 BATCH = 4096  # texts tokenised at once
 CHUNK = 1 << 16  # records whose region counts are read at once
@@ -54,8 +55,8 @@ def make_tokenizer(source, out: pathlib.Path, *, directory=None, vocab_size: int
     texts = [t for s in range(0, len(chosen), CHUNK) for _, t in _texts_of(source,
                                                                          chosen[s:s + CHUNK])]
     if not texts:
-        raise ValueError("labels ocr: the sampled records have no region with a text (OCR "
-                         "regions come from annotations with utf8_string / text / caption)")
+        raise UserError("labels ocr: the sampled records have no region with a text (OCR "
+                        "regions come from annotations with utf8_string / text / caption)")
     tok = tokenizer_lib.train(texts, vocab_size)
     path = tok.save(out)
     return tok, f"{path} (trained on {len(texts):,} region texts of {len(chosen):,} records)"
@@ -78,12 +79,12 @@ def run(source, out_dir, *, tokenizer=None, num_labels: int = 16, vocab_size: in
         sample_records: int = 100_000, seed: int = 0) -> dict:
     """The OCR label store of `source`'s text regions in `out_dir` (see the module's docstring)."""
     if getattr(source, "no_regions", "this source has no boxes") is not None:
-        raise ValueError(f"labels ocr: {getattr(source, 'no_regions', 'no regions')}")
+        raise UserError(f"labels ocr: {getattr(source, 'no_regions', 'no regions')}")
     if source.unkeyed is not None:
-        raise ValueError(f"labels ocr: region labels are found by key, but the records have "
-                         f"none: {source.unkeyed}")
+        raise UserError(f"labels ocr: region labels are found by key, but the records have "
+                        f"none: {source.unkeyed}")
     if num_labels < 1:
-        raise ValueError(f"--num_labels must be ≥ 1, got {num_labels}")
+        raise UserError(f"--num_labels must be ≥ 1, got {num_labels}")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # no manifest vouches for a half-made store
@@ -93,8 +94,8 @@ def run(source, out_dir, *, tokenizer=None, num_labels: int = 16, vocab_size: in
     total = sum(int(source.region_counts(np.arange(s, min(n, s + CHUNK)))[:, 1].sum())
                 for s in range(0, n, CHUNK))
     if not total:
-        raise ValueError("labels ocr: the records have no region with a text (OCR regions come "
-                         "from annotations with utf8_string / text / caption)")
+        raise UserError("labels ocr: the records have no region with a text (OCR regions come "
+                        "from annotations with utf8_string / text / caption)")
     rows, empty, cut = 0, 0, 0
     with (open(out / "keys.hashes.tmp", "wb") as hashes,
           tqdm(total=n, desc="labels ocr", unit="record", unit_scale=True) as bar):
@@ -117,8 +118,8 @@ def run(source, out_dir, *, tokenizer=None, num_labels: int = 16, vocab_size: in
         labels.flush()
         del labels
     if not rows:
-        raise ValueError(f"labels ocr: none of the {total:,} region texts has a token of "
-                         f"{tokenizer_name}")
+        raise UserError(f"labels ocr: none of the {total:,} region texts has a token of "
+                        f"{tokenizer_name}")
     _cut_rows(out / "labels.all.tmp", out / "labels.npy.tmp", rows)
     hashed = np.memmap(out / "keys.hashes.tmp", keys_lib.HASH, "r")
     keys_lib.build(out / "keys.npy", (hashed[s:s + (1 << 22)] for s in range(0, rows, 1 << 22)),

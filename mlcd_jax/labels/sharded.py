@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mlcd_jax.runtime import backend as platform, mesh as mesh_lib
+from mlcd_jax.runtime.errors import UserError
 
 AXIS = "devices"
 SCORES_PER_CHUNK = 1 << 24  # B × chunk scores at a time (64 MiB in float32)
@@ -259,7 +260,7 @@ def reseed_sources(counts: np.ndarray, empty: np.ndarray,
     weights = np.maximum(counts.astype(np.float64) - 1, 0)
     eligible = np.flatnonzero(weights > 0)
     if not eligible.size:
-        raise ValueError("kmeans: every cluster has at most one point; lower --num_centers")
+        raise UserError("kmeans: every cluster has at most one point; lower --num_centers")
     take = min(len(empty), len(eligible))
     keys = np.log(weights[eligible]) + rng.gumbel(size=len(eligible))
     sources = eligible[np.argpartition(-keys, take - 1)[:take]]
@@ -291,8 +292,8 @@ def init_centers(x: np.ndarray, k: int, *, init: str, seed: int) -> np.ndarray:
     rows; "kmeans++" runs k-means++ (cosine distance) on a subsample of at most 16·k rows, one
     jitted loop (for K up to ~10^4: its k steps are sequential)."""
     if init not in ("random", "kmeans++"):
-        raise ValueError(f"kmeans --init for the jax backend must be random or kmeans++, got "
-                         f"{init!r}")
+        raise UserError(f"kmeans --init for the jax backend must be random or kmeans++, got "
+                        f"{init!r}")
     total = int(_process_counts(len(x)).sum())
     rng = np.random.default_rng(seed)
     if init == "random":
@@ -325,8 +326,8 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
     rng = np.random.default_rng(seed + 1)
     total = int(_process_counts(len(x)).sum())
     if total < k:
-        raise ValueError(f"kmeans: {total} points cannot make K = {k} centers; lower "
-                         "--num_centers or raise --points_per_center")
+        raise UserError(f"kmeans: {total} points cannot make K = {k} centers; lower "
+                        "--num_centers or raise --points_per_center")
     centers = shard_centers(init_centers(x, k, init=init, seed=seed), mesh, dtype)
     mine = x
     blocks = Blocks(mesh, rows_per_device)

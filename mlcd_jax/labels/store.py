@@ -32,6 +32,7 @@ import re
 import numpy as np
 
 from mlcd_jax.data import record_keys as keys_lib
+from mlcd_jax.runtime.errors import MissingFile, UserError
 from mlcd_jax.runtime.files import array_sha256, digest, write_json_atomic, write_npy_atomic
 
 CLIP_RETRIEVAL_KEY = "image_path"  # clip-retrieval's metadata column of webdataset's sample key
@@ -63,17 +64,17 @@ class EmbeddingShards:
         try:
             schema = pq.read_schema(path)
             if self.key_column not in schema.names:
-                raise ValueError(f"{path} has no column {self.key_column!r} (it has "
-                                 f"{', '.join(schema.names)}); pass --key_column with the one "
-                                 "that holds each image's key")
+                raise UserError(f"{path} has no column {self.key_column!r} (it has "
+                                f"{', '.join(schema.names)}); pass --key_column with the one "
+                                "that holds each image's key")
             column = pq.read_table(path, columns=[self.key_column]).column(0)
         except (OSError, pq.lib.ArrowException) as e:
-            raise ValueError(f"{path} is not a readable parquet file ({e}); remake it") from None
+            raise UserError(f"{path} is not a readable parquet file ({e}); remake it") from None
         if len(column) != self.counts[i]:
-            raise ValueError(f"{path} has {len(column):,} rows but {self.files[i]} holds "
-                             f"{self.counts[i]:,} embeddings: each embedding needs its row")
+            raise UserError(f"{path} has {len(column):,} rows but {self.files[i]} holds "
+                            f"{self.counts[i]:,} embeddings: each embedding needs its row")
         if column.null_count:
-            raise ValueError(f"{path}: {column.null_count} rows have no {self.key_column!r}")
+            raise UserError(f"{path}: {column.null_count} rows have no {self.key_column!r}")
         return [str(k) for k in column.to_pylist()]
 
     def key_hashes(self, i: int) -> np.ndarray:
@@ -119,19 +120,19 @@ def open_embeddings(directory, key_column: str | None = None) -> EmbeddingShards
         counts = tuple(int(s["count"]) for s in m["shards"])
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{manifest} lists shards that are missing: {missing[:5]}; "
-                                    "rerun `embed` (it redoes only missing shards)")
+            raise MissingFile(f"{manifest} lists shards that are missing: {missing[:5]}; "
+                              "rerun `embed` (it redoes only missing shards)")
         for f, count in zip(files, counts):  # the .npy headers must say what the manifest says
             shape = np.load(f, mmap_mode="r").shape
             if shape != (count, int(m["dim"])):
-                raise ValueError(f"{f} holds {shape[0]} × {shape[1]} embeddings but {manifest} "
-                                 f"says {count} × {m['dim']}: the directory mixes two embedding "
-                                 "runs; embed into a new --out")
+                raise UserError(f"{f} holds {shape[0]} × {shape[1]} embeddings but {manifest} "
+                                f"says {count} × {m['dim']}: the directory mixes two embedding "
+                                "runs; embed into a new --out")
         keys = tuple(directory / s["keys"] for s in m["shards"] if s.get("keys"))
         missing = [f.name for f in keys if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{manifest} lists key files that are missing: {missing[:5]}; "
-                                    "embed again into a new --out")
+            raise MissingFile(f"{manifest} lists key files that are missing: {missing[:5]}; "
+                              "embed again into a new --out")
         return EmbeddingShards(directory, files, counts, int(m["dim"]), m.get("model", "unknown"),
                                tuple(s.get("fingerprint", "") for s in m["shards"]),
                                keys if len(keys) == len(files) else (),
@@ -141,15 +142,15 @@ def open_embeddings(directory, key_column: str | None = None) -> EmbeddingShards
     if clip:  # clip-retrieval: counts and dim from the .npy headers, no data read
         shapes = [np.load(f, mmap_mode="r").shape for f in clip]
         if len({s[1] for s in shapes}) != 1:
-            raise ValueError(f"{directory}/img_emb: shards differ in width: "
-                             f"{sorted({s[1] for s in shapes})}")
+            raise UserError(f"{directory}/img_emb: shards differ in width: "
+                            f"{sorted({s[1] for s in shapes})}")
         metadata = [directory / "metadata" / f"metadata_{f.name[len('img_emb_'):-4]}.parquet"
                     for f in clip]
         found = [m.is_file() for m in metadata]
         if any(found) and not all(found):
             missing = [m.name for m, ok in zip(metadata, found) if not ok]
-            raise FileNotFoundError(f"{directory}/metadata: {missing[:3]} missing: each "
-                                    "img_emb_N.npy needs its metadata_N.parquet (its keys)")
+            raise MissingFile(f"{directory}/metadata: {missing[:3]} missing: each "
+                              "img_emb_N.npy needs its metadata_N.parquet (its keys)")
         fingerprints = tuple(
             digest(f.name, s[0], f.stat().st_size, f.stat().st_mtime_ns,
                    *((m.stat().st_size, m.stat().st_mtime_ns) if ok else ()))
@@ -158,9 +159,9 @@ def open_embeddings(directory, key_column: str | None = None) -> EmbeddingShards
                                "clip-retrieval", fingerprints,
                                tuple(metadata) if all(found) else (),
                                key_column or CLIP_RETRIEVAL_KEY)
-    raise FileNotFoundError(f"{directory}: no manifest.json (from "
-                            "`python -m mlcd_jax.labels embed`) and no img_emb/img_emb_*.npy "
-                            "(clip-retrieval); point --embeddings at one")
+    raise MissingFile(f"{directory}: no manifest.json (from "
+                      "`python -m mlcd_jax.labels embed`) and no img_emb/img_emb_*.npy "
+                      "(clip-retrieval); point --embeddings at one")
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
@@ -244,13 +245,13 @@ def open_label_store(directory, *, num_examples: int | None = None,
     manifest_file, labels_file = directory / "manifest.json", directory / "labels.npy"
     for f in (manifest_file, labels_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} not found: run `python -m mlcd_jax.labels assign` first")
+            raise MissingFile(f"{f} not found: run `python -m mlcd_jax.labels assign` first")
     manifest = json.loads(manifest_file.read_text())
     labels = np.load(labels_file, mmap_mode="r")
     n, l, k = manifest["num_examples"], manifest["num_labels"], manifest["num_classes"]
     if labels.shape != (n, l) or labels.dtype != np.int32:
-        raise ValueError(f"{labels_file}: shape {labels.shape} {labels.dtype}, but {manifest_file} "
-                         f"says ({n}, {l}) int32; the store is damaged, rerun `assign`")
+        raise UserError(f"{labels_file}: shape {labels.shape} {labels.dtype}, but {manifest_file} "
+                        f"says ({n}, {l}) int32; the store is damaged, rerun `assign`")
     keys = manifest.get("keys")
     if keys:
         table = directory / keys["file"]
@@ -259,16 +260,16 @@ def open_label_store(directory, *, num_examples: int | None = None,
         except (OSError, ValueError):
             whole = False
         if not whole:
-            raise ValueError(f"{table} is missing or does not hold {n:,} keys as {manifest_file} "
-                             "says; the store is damaged, rerun `assign`")
+            raise UserError(f"{table} is missing or does not hold {n:,} keys as {manifest_file} "
+                            "says; the store is damaged, rerun `assign`")
     elif num_examples is not None and n != num_examples:
-        raise ValueError(f"{labels_file} labels {n} examples but the dataset has {num_examples}, "
-                         "and the store has no keys to join them by (it was made before keys, or "
-                         "from embeddings without them), so rows are matched by position; was it "
-                         "made from another dataset (or split)?")
+        raise UserError(f"{labels_file} labels {n} examples but the dataset has {num_examples}, "
+                        "and the store has no keys to join them by (it was made before keys, or "
+                        "from embeddings without them), so rows are matched by position; was it "
+                        "made from another dataset (or split)?")
     if num_classes is not None and k != num_classes:
-        raise ValueError(f"{labels_file} uses K = {k} classes but config.head.num_classes = "
-                         f"{num_classes}; set them equal")
+        raise UserError(f"{labels_file} uses K = {k} classes but config.head.num_classes = "
+                        f"{num_classes}; set them equal")
     return LabelStore(labels, manifest, labels_file)
 
 
@@ -296,8 +297,8 @@ def check_label_range(store: LabelStore, chunk: int = 1 << 20, *,
                              | ((part[:, 0] < 0) & (not allow_empty)))
         if bad.size:
             row = start + int(bad[0])
-            raise ValueError(f"labels.npy row {row} is {part[bad[0]].tolist()}: ids must lie in "
-                             f"[-1, {store.num_classes}) with the first label ≥ 0")
+            raise UserError(f"labels.npy row {row} is {part[bad[0]].tolist()}: ids must lie in "
+                            f"[-1, {store.num_classes}) with the first label ≥ 0")
 
 
 def write_region_label_manifest(directory, *, num_examples: int, num_classes: int,

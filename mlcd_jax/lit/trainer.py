@@ -1,9 +1,8 @@
 """LiT: a text tower trained to match a locked image encoder (Zhai et al. 2022), which gives an MLCD
-encoder zero-shot classification and image–text retrieval.
+encoder zero-shot classification and image–text retrieval (`python -m mlcd_jax.lit`, its flags in
+`__main__.py`).
 
-    python -m mlcd_jax.lit --config=configs/lit_demo.py --workdir=DIR --config.image.model=RUN
-
-Reads top to bottom: the image encoder (a pretraining workdir, our model dir or a transformers
+`run` reads top to bottom: the image encoder (a pretraining workdir, our model dir or a transformers
 dir), locked, embeds the train and test images once (cached in WORKDIR/features with a record of
 the weights, images and size) → captions (templates with class names, or the data's own
 {caption}s) → tokenizer (a local CLIP one, or a BPE trained on the captions, saved in
@@ -27,22 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
 from flax import nnx
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from mlcd_jax.data import sources, tokenizer as tokenizer_lib
 from mlcd_jax.evaluate import features, run as eval_run, zero_shot
-from mlcd_jax.interop import hf, weights
+from mlcd_jax.interop import weights
+from mlcd_jax.interop.hf import mapping as hf
 from mlcd_jax.labels import embed
 from mlcd_jax.lit import contrastive
 from mlcd_jax.models import text as text_lib
-from mlcd_jax.runtime import cli as flag_parsing, distributed, files as records, mesh as mesh_lib
+from mlcd_jax.runtime import distributed, files as records, mesh as mesh_lib
+from mlcd_jax.runtime.errors import UserError
 from mlcd_jax.training import checkpoint, loop, optim
-
-CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/lit_*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features, tokenizer.")
 
 
 def image_features(c, workdir, encoder, source, name, mesh, native=None):
@@ -165,7 +161,9 @@ class CaptionBatches:
         return []
 
 
-def train_step(state, batch, *, graphdef, tx, kind, chunk, mesh):
+def text_step(state, batch, *, graphdef, tx, kind, chunk, mesh):
+    """One optimizer step of the text tower, its temperature and bias, against locked image
+    features."""
     images, tokens = batch
 
     def loss_fn(params):
@@ -187,23 +185,21 @@ def host_copy(tree):
     return jax.tree.map(lambda x: x.addressable_shards[0].data, tree)
 
 
-def main(argv):
-    del argv
-    loop.main(lit, CONFIG.value, _WORKDIR.value)
-
-
-def lit(c, workdir: pathlib.Path) -> None:
-    loop.join()
+def run(c, workdir, *, multihost=(None, None, None)) -> None:
+    """LiT of config `c` in `workdir` (resuming from its newest good checkpoint); `multihost`:
+    (coordinator, process count, process id) where not auto-detected."""
+    loop.join(*multihost)
+    workdir = pathlib.Path(workdir).absolute()
     if not c.image.model:
-        raise ValueError("config.image.model: the image encoder to lock (a training workdir, a "
-                         "model dir or a transformers dir) is not set")
+        raise UserError("config.image.model: the image encoder to lock (a training workdir, a "
+                        "model dir or a transformers dir) is not set")
     if c.loss.kind not in contrastive.KINDS:
-        raise ValueError(f"config.loss.kind must be one of {contrastive.KINDS}, got "
-                         f"{c.loss.kind!r}")
+        raise UserError(f"config.loss.kind must be one of {contrastive.KINDS}, got "
+                        f"{c.loss.kind!r}")
     mesh = mesh_lib.make_mesh(c.mesh)
     if c.batch_size % mesh_lib.num_batch_shards(mesh):
-        raise ValueError(f"config.batch_size {c.batch_size} is not divisible by the "
-                         f"{mesh_lib.num_batch_shards(mesh)} devices of the mesh")
+        raise UserError(f"config.batch_size {c.batch_size} is not divisible by the "
+                        f"{mesh_lib.num_batch_shards(mesh)} devices of the mesh")
     with loop.Run(c, workdir) as run:  # the workdir locked, its checkpoints opened
         (workdir / "features").mkdir(exist_ok=True)
 
@@ -230,8 +226,8 @@ def lit(c, workdir: pathlib.Path) -> None:
             names = zero_shot.class_names(d.dataset, train_src, d.class_names,
                                           "config.data.class_names")
             if max(train_y.max(), test_y.max()) >= len(names):
-                raise ValueError(f"config.data.class_names: {len(names)} names for labels up to "
-                                 f"{max(train_y.max(), test_y.max())}")
+                raise UserError(f"config.data.class_names: {len(names)} names for labels up to "
+                                f"{max(train_y.max(), test_y.max())}")
         zero_shot.check_templates(train_rows, d.templates, "config.data.templates")
         fill = functools.partial(zero_shot.row_captions, train_rows, templates=d.templates,
                                  names=names, field="config.data.templates")
@@ -249,7 +245,7 @@ def lit(c, workdir: pathlib.Path) -> None:
         tok = make_tokenizer(c, workdir, tokenizer_texts)
         for prompt in c.evals.prompts if c.evals.every and labelled else ():  # a mistake: now
             if prompt.format(name="x") == prompt:
-                raise ValueError(f"config.evals.prompts: {prompt!r} has no {{name}}")
+                raise UserError(f"config.evals.prompts: {prompt!r} has no {{name}}")
 
         # The text tower, its temperature and bias, the optimizer, the step.
         cfg = text_lib.text_config(c.text.size, vocab_size=tok.vocab_size,
@@ -271,7 +267,7 @@ def lit(c, workdir: pathlib.Path) -> None:
         abstract = jax.eval_shape(init, jax.random.key(0))
         shardings = jax.tree.map(lambda _: replicated, abstract)
         batch = mesh_lib.batch_sharding(mesh)
-        step_fn = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx,
+        step_fn = jax.jit(functools.partial(text_step, graphdef=graphdef, tx=tx,
                                             kind=c.loss.kind, chunk=c.loss.chunk or None,
                                             mesh=mesh),
                           in_shardings=(shardings, (batch, batch)),
@@ -299,8 +295,3 @@ def lit(c, workdir: pathlib.Path) -> None:
             tok.save(workdir / "text_model")
             run.report.message(f"text tower: {workdir / 'text_model'} (transformers "
                                "CLIPTextModelWithProjection + tokenizer.json)")
-
-
-def run():
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main, flags_parser=flag_parsing.parse_flags)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlcd_jax.models import vit
+from mlcd_jax.runtime.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,15 +42,15 @@ class TextConfig:
         for name in ("width", "depth", "heads", "mlp_dim", "vocab_size", "context_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TextConfig.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"TextConfig.{name} must be a positive integer, got {value!r}")
         if self.width % self.heads:
-            raise ValueError(f"TextConfig.width {self.width} is not divisible by heads "
-                             f"{self.heads}")
+            raise UserError(f"TextConfig.width {self.width} is not divisible by heads "
+                            f"{self.heads}")
         if self.act not in vit.ACTIVATIONS:
-            raise ValueError(f"TextConfig.act must be one of {tuple(vit.ACTIVATIONS)}, got "
-                             f"{self.act!r}")
+            raise UserError(f"TextConfig.act must be one of {tuple(vit.ACTIVATIONS)}, got "
+                            f"{self.act!r}")
         if self.dtype not in vit.DTYPES:
-            raise ValueError(f"TextConfig.dtype must be one of {vit.DTYPES}, got {self.dtype!r}")
+            raise UserError(f"TextConfig.dtype must be one of {vit.DTYPES}, got {self.dtype!r}")
 
     @property
     def head_dim(self) -> int:
@@ -66,7 +67,7 @@ SIZES = {
 
 def text_config(name: str, **overrides) -> TextConfig:
     if name not in SIZES:
-        raise ValueError(f"unknown text tower size {name!r}; known sizes: {', '.join(SIZES)}")
+        raise UserError(f"unknown text tower size {name!r}; known sizes: {', '.join(SIZES)}")
     return TextConfig(**(SIZES[name] | overrides))
 
 
@@ -97,8 +98,8 @@ class TextTransformer(nnx.Module):
         cfg = self.cfg
         b, t = tokens.shape
         if t > cfg.context_length:
-            raise ValueError(f"{t} tokens per text, but this text tower has {cfg.context_length} "
-                             "positions")
+            raise UserError(f"{t} tokens per text, but this text tower has {cfg.context_length} "
+                            "positions")
         x = self.token_embedding[...][tokens] + self.position_embedding[...][:t]
         x = vit.run_blocks(self.blocks, cfg, x.astype(cfg.dtype))
         x = self.final_layer_norm(x)

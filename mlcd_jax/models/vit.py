@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mlcd_jax.runtime import backend as platform
+from mlcd_jax.runtime.errors import UserError
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -90,41 +91,41 @@ class ViTConfig:
         for name in ("width", "depth", "heads", "mlp_dim", "patch", "channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
+                raise UserError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
         if not all(isinstance(s, int) and s >= 1 for s in self.image_hw):
-            raise ValueError(f"ViTConfig.image_size must be positive, got {self.image_size!r}")
+            raise UserError(f"ViTConfig.image_size must be positive, got {self.image_size!r}")
         if self.embed_dim is not None and not (isinstance(self.embed_dim, int)
                                                and self.embed_dim >= 1):
-            raise ValueError(f"ViTConfig.embed_dim must be None or a positive integer, got "
-                             f"{self.embed_dim!r}")
+            raise UserError(f"ViTConfig.embed_dim must be None or a positive integer, got "
+                            f"{self.embed_dim!r}")
         for name in ("ln_eps", "rope_theta"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"ViTConfig.{name} must be a finite positive number, "
-                                 f"got {value!r}")
+                raise UserError(f"ViTConfig.{name} must be a finite positive number, "
+                                f"got {value!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"ViTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise UserError(f"ViTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.pos not in POSITIONS:
-            raise ValueError(f"ViTConfig.pos must be one of {POSITIONS}, got {self.pos!r}")
+            raise UserError(f"ViTConfig.pos must be one of {POSITIONS}, got {self.pos!r}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"ViTConfig.remat_policy must be one of {tuple(REMAT_POLICIES)}, "
-                             f"got {self.remat_policy!r}")
+            raise UserError(f"ViTConfig.remat_policy must be one of {tuple(REMAT_POLICIES)}, "
+                            f"got {self.remat_policy!r}")
         if self.attention not in ATTENTION:
-            raise ValueError(f"ViTConfig.attention must be one of {ATTENTION}, "
-                             f"got {self.attention!r}")
+            raise UserError(f"ViTConfig.attention must be one of {ATTENTION}, "
+                            f"got {self.attention!r}")
         if not isinstance(self.attention_pad, int) or self.attention_pad < 0:
-            raise ValueError(f"ViTConfig.attention_pad must be an integer ≥ 0, "
-                             f"got {self.attention_pad!r}")
+            raise UserError(f"ViTConfig.attention_pad must be an integer ≥ 0, "
+                            f"got {self.attention_pad!r}")
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"ViTConfig.act must be one of {tuple(ACTIVATIONS)}, got {self.act!r}")
+            raise UserError(f"ViTConfig.act must be one of {tuple(ACTIVATIONS)}, got {self.act!r}")
         if self.width % self.heads:
-            raise ValueError(f"ViTConfig.width {self.width} is not divisible by heads {self.heads}")
+            raise UserError(f"ViTConfig.width {self.width} is not divisible by heads {self.heads}")
         if self.pos == "rope" and self.head_dim % 4:
-            raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
+            raise UserError(f"2D RoPE needs head_dim divisible by 4, got {self.head_dim}")
         h, w = self.image_hw
         if h % self.patch or w % self.patch:
-            raise ValueError(f"ViTConfig.image_size {self.image_size} is not divisible by patch "
-                             f"{self.patch}")
+            raise UserError(f"ViTConfig.image_size {self.image_size} is not divisible by patch "
+                            f"{self.patch}")
 
     @property
     def head_dim(self) -> int:
@@ -155,7 +156,7 @@ def vit_config(name: str, **overrides) -> ViTConfig:
     """A named size (``SIZES``) with any field overridden, e.g.
     ``vit_config("B/16", pos="learned")``."""
     if name not in SIZES:
-        raise ValueError(f"unknown ViT size {name!r}; known sizes: {', '.join(SIZES)}")
+        raise UserError(f"unknown ViT size {name!r}; known sizes: {', '.join(SIZES)}")
     return ViTConfig(**(SIZES[name] | overrides))
 
 
@@ -373,7 +374,7 @@ class ViT(nnx.Module):
         cfg = self.cfg
         b, height, width, _ = pixels.shape
         if height % cfg.patch or width % cfg.patch:
-            raise ValueError(f"image size {height}×{width} is not divisible by patch {cfg.patch}")
+            raise UserError(f"image size {height}×{width} is not divisible by patch {cfg.patch}")
         grid_h, grid_w = height // cfg.patch, width // cfg.patch
         x = self.patch_embedding(pixels.astype(cfg.dtype)).reshape(b, grid_h * grid_w, cfg.width)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (b, 1, cfg.width))
@@ -381,8 +382,8 @@ class ViT(nnx.Module):
         rope = None
         if cfg.pos == "learned":
             if (height, width) != cfg.image_hw:
-                raise ValueError(f"this ViT's learned position embedding is for {cfg.image_hw} "
-                                 f"images, got {height}×{width}; use pos='rope' for any size")
+                raise UserError(f"this ViT's learned position embedding is for {cfg.image_hw} "
+                                f"images, got {height}×{width}; use pos='rope' for any size")
             x = x + self.position_embedding[...].astype(x.dtype)
         else:
             rope = Rope.of(rope_angles(cfg, grid_h, grid_w, self.class_pos_emb[...]))
@@ -397,8 +398,8 @@ class ViT(nnx.Module):
         cfg = self.cfg
         b, t, d = p.patches.shape
         if d != cfg.patch * cfg.patch * cfg.channels:
-            raise ValueError(f"patches of {d} values, but this ViT's are {cfg.patch}×{cfg.patch}"
-                             f"×{cfg.channels} = {cfg.patch * cfg.patch * cfg.channels}")
+            raise UserError(f"patches of {d} values, but this ViT's are {cfg.patch}×{cfg.patch}"
+                            f"×{cfg.channels} = {cfg.patch * cfg.patch * cfg.channels}")
         dtype = jnp.dtype(cfg.dtype)
         kernel = self.patch_embedding.kernel[...].reshape(d, cfg.width)  # the conv as a dense
         x = (p.patches.reshape(b * t, d).astype(dtype) @ kernel.astype(dtype)).reshape(

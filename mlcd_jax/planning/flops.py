@@ -54,7 +54,7 @@ def head_forward(embed_dim: int, num_classes: int, num_labels: int, sample_ratio
     return float(2 * embed_dim * scored)
 
 
-def train_step(c, cfg: vit.ViTConfig, num_devices: int) -> dict:
+def per_step(c, cfg: vit.ViTConfig, num_devices: int) -> dict:
     """Model FLOPs of one optimizer step of config `c` (its model `cfg`) on `num_devices`
     devices."""
     size, native = c.data.image_size, config_lib.native(c, cfg.patch)

@@ -1,10 +1,6 @@
-"""Capacity planning without the hardware: compile the train step for a TPU topology or a GPU
-cluster ahead of time, on this machine's CPU.
-
-    python -m mlcd_jax.plan --config=configs/mlcd_laion400m.py:L/14 --topology=v5p:4x4x4
-    python -m mlcd_jax.plan --config=configs/mlcd_laion400m.py:B/16 --topology=h200:8 --json=p.json
-    python -m mlcd_jax.plan --config=configs/mlcd_laion400m.py:B/16 --topology=h100:2x8 \
-        --config.mesh="(('data', 16),)"
+"""Capacity planning without the hardware: the train step compiled for a TPU topology or a GPU
+cluster ahead of time, on this machine's CPU (`python -m mlcd_jax.plan`, its flags in
+mlcd_jax/plan.py).
 
 XLA builds the trainer's own train step (`step.build`: the same mesh, ViT, sharded head,
 optimizer and jit) over virtual devices, from abstract inputs: no data, no parameters, no
@@ -26,36 +22,18 @@ the installed jax: `make plan-env`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import pathlib
 import re
-import sys
 
 import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
 
 from mlcd_jax.config import schema as config_lib
-from mlcd_jax.interop import weights
 from mlcd_jax.models import vit
 from mlcd_jax.planning import flops, gpu_specs, hlo
-from mlcd_jax.runtime import backend as platform, cli as flag_parsing, mesh as mesh_lib
+from mlcd_jax.runtime import backend as platform, mesh as mesh_lib
+from mlcd_jax.runtime.errors import UserError
 from mlcd_jax.training import step as step_lib, validation
-
-# The compilers run on the host CPU: jax itself needs no accelerator backend (and must not start
-# the CUDA plugin's, which fails without a driver) unless the user asked for one.
-if not os.environ.get("JAX_PLATFORMS"):
-    jax.config.update("jax_platforms", "cpu")
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]), as "
-                                          "the trainer's.")
-_TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "A TPU topology name libtpu accepts (v5e:4x4, v5p:4x4x4, v4:4x4x4, "
-    "v6e:8x8) or GPUs: NAME:N or NAME:HOSTSxN with NAME one of " + ", ".join(gpu_specs.names()))
-_JSON = flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
-_MFU = flags.DEFINE_float("mfu", 0.5, "Assumed model FLOPs utilisation for images/s and days.")
 
 GiB = 2 ** 30
 # Without a device XLA cannot autotune: its default Triton GEMM tiles failed on a 197-token shape
@@ -109,7 +87,7 @@ def _gpu_topology(name: str) -> tuple[str, int, int] | None:
     if not m or not re.match(r"[abh]\d", m.group(1)):  # TPU names are v<generation>
         return None
     if m.group(1) not in gpu_specs.names():
-        raise SystemExit(f"error: --topology={name!r}: unknown GPU {m.group(1)!r}; known: "
+        raise UserError(f"--topology={name!r}: unknown GPU {m.group(1)!r}; known: "
                          f"{', '.join(gpu_specs.names())} (e.g. h200:8, h100:2x8)")
     return m.group(1), int(m.group(2) or 1), int(m.group(3))
 
@@ -128,8 +106,8 @@ def target(name: str) -> Target:
 
 def _gpu_devices(name: str, kind: str, hosts: int, per_host: int):
     if not platform.gpu_plugin_installed():
-        raise SystemExit(
-            "error: planning for a GPU needs jax's CUDA plugin, which is not installed: run "
+        raise UserError(
+            "planning for a GPU needs jax's CUDA plugin, which is not installed: run "
             f'`make plan-env` or `pip install "jax-cuda12-plugin=={jax.__version__}"` in this '
             "environment")
     from jax.experimental import topologies
@@ -140,7 +118,7 @@ def _gpu_devices(name: str, kind: str, hosts: int, per_host: int):
                 platform="cuda", target_config=gpu_specs.target_config(kind),
                 topology=f"1x{hosts}x{per_host}").devices
     except Exception as e:  # XLA's message, e.g. a spec it cannot parse
-        raise SystemExit(f"error: --topology={name!r}: {str(e).splitlines()[0][:300]}") from None
+        raise UserError(f"--topology={name!r}: {str(e).splitlines()[0][:300]}") from None
 
 
 def _tpu_devices(name: str):
@@ -154,17 +132,17 @@ def _tpu_devices(name: str):
     except Exception as e:  # jax raises RuntimeError/XlaRuntimeError/ValueError by cause
         message = str(e).splitlines()[0][:300]
         if not _libtpu_installed():
-            raise SystemExit(
-                "error: planning for a TPU needs libtpu, which is not installed: run `make "
+            raise UserError(
+                "planning for a TPU needs libtpu, which is not installed: run `make "
                 f'plan-env` or `pip install "jax[tpu]=={jax.__version__}"` in this '
                 "environment") from e
         if "lockfile" in message:  # libtpu allows one process per machine
-            raise SystemExit(
-                f"error: {message}\nAnother process on this machine holds libtpu (a jax job "
+            raise UserError(
+                f"{message}. Another process on this machine holds libtpu (a jax job "
                 "started without JAX_PLATFORMS=cpu in an environment with libtpu, e.g. training "
                 "or tests). Plan when it has ended, or run that job with "
                 "JAX_PLATFORMS=cpu.") from None
-        raise SystemExit(f"error: --topology={name!r}: {message}. Names look like v5e:4x4, "
+        raise UserError(f"--topology={name!r}: {message}. Names look like v5e:4x4, "
                          "v5p:4x4x4, v4:2x2x2, v6e:8x8 (generation:chips per dimension), or "
                          f"GPUs: {', '.join(gpu_specs.names())} as h200:8 or h100:2x8") from None
 
@@ -187,8 +165,8 @@ def compile_step(built, t: Target):
         lowered = built.step_fn.lower(built.abstract_state, built.abstract_batch)
     except RuntimeError as e:
         if "cuDNN" in str(e):
-            raise SystemExit(
-                f"error: {str(e).splitlines()[0]}: cuDNN's attention needs the cuDNN library "
+            raise UserError(
+                f"{str(e).splitlines()[0]}: cuDNN's attention needs the cuDNN library "
                 "to plan it: run `make plan-env` (nvidia-cudnn-cu12), or plan "
                 "--config.model.attention=xla") from None
         raise
@@ -224,7 +202,7 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
         program = hlo.Program(compiled.as_text())
     total = arguments + temporaries + (mem.output_size_in_bytes - mem.alias_size_in_bytes
                                        if mem else 0)
-    model_flops = flops.train_step(c, built.model_cfg, len(devices))["per_step"]
+    model_flops = flops.per_step(c, built.model_cfg, len(devices))["per_step"]
     # libtpu's estimate; a lax.scan body (scanned blocks) is costed once, so only without scan.
     estimate = None if c.model.scan else cost.get("optimal_seconds")
     result = {
@@ -388,27 +366,3 @@ def show(r: dict) -> str:
     lines += [f"  warning: {line}" for line in r["replicated"]]
     lines += [f"  try: {tip}" for tip in r["advice"]]
     return "\n".join(lines)
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.ERROR)
-    c = _CONFIG.value
-    try:
-        if c.model.init_from:  # the architecture of the encoder the run would continue from
-            explicit = set(config_flags.get_override_values(flags.FLAGS["config"]))
-            print(f"encoder: {weights.adopt_architecture(c, explicit)}", flush=True)
-        result = plan(c, _TOPOLOGY.value, _MFU.value)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(show(result), flush=True)
-    if _JSON.value:
-        pathlib.Path(_JSON.value).write_text(json.dumps(result, indent=2))
-        print(f"wrote {_JSON.value}")
-    return 0
-
-
-def run():
-    flags.mark_flags_as_required(["config", "topology"])
-    app.run(main, flags_parser=flag_parsing.parse_flags)

@@ -6,9 +6,10 @@ does not have. Every "auto" choice (attention implementation, the label stage's 
 dtypes, input workers) is resolved from it, so a plan for an H200 builds the program an H200
 would run, not the one this CPU would.
 
-`choose()` runs before jax starts (`mlcd_jax/__init__.py`): without a GPU or TPU device on this
-machine it sets JAX_PLATFORMS=cpu (unless the user set it), so jax neither initializes libtpu nor
-the CUDA plugin, and it imports jax and registers its plugins with the CUDA plugin's
+`choose()` runs at the start of every command (`runtime/cli.py`), before jax starts, never on
+import: without a GPU or TPU device on this machine it sets JAX_PLATFORMS=cpu (unless the user
+set it), so jax neither initializes libtpu nor the CUDA plugin, and where the CUDA plugin is
+installed without a GPU it imports jax and registers its plugins with the plugin's
 driver-not-found lines (printed by its native libraries as they load) filtered out. Nothing else
 is filtered: any other line reaches stderr as before.
 """
@@ -78,6 +79,9 @@ def attention(choice: str, dtype: str, platform: str | None = None) -> str:
     return "cudnn" if platform == "gpu" and dtype != "float32" else "xla"
 
 
+LABEL_BACKENDS = ("auto", "faiss", "jax")  # the label stage's search: faiss (CPU), the mesh
+
+
 def labels_backend(choice: str, platform: str | None = None) -> str:
     """The label stage's search: "auto" is faiss on CPUs, jax on accelerators."""
     if choice != "auto":
@@ -127,8 +131,15 @@ def choose() -> None:
     with quiet_native_logs() if plugin and not gpu_present() else contextlib.nullcontext():
         import jax  # noqa: F401
         if plugin:  # registering the plugin loads its native libraries: here, not later
-            from jax._src import xla_bridge  # (registering starts no backend)
-            getattr(xla_bridge, "_discover_and_register_pjrt_plugins", lambda: None)()
+            register_plugins()
+
+
+def register_plugins() -> None:
+    """jax's PJRT plugins (the CUDA plugin) registered now; registering starts no backend. The one
+    use of jax's private API in the package (tests/runtime/test_backend.py fails when jax moves
+    it): jax registers them only when a backend starts, which is too late to quiet them."""
+    from jax._src import xla_bridge
+    xla_bridge._discover_and_register_pjrt_plugins()
 
 
 @contextlib.contextmanager

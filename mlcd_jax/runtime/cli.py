@@ -1,48 +1,181 @@
-"""Command-line parsing for the absl commands (the trainer, LiT, the planner) in which a config
-mistake is one line naming it, the config files' own argument check, and the sizing flags of the
-argparse commands that feed an encoder images (evaluate, labels embed)."""
+"""Every command's command line, one stack: absl flags, `--help`, configs by name or path, one-line
+errors and exit codes.
+
+A command (`python -m mlcd_jax.train`, a `__main__` module, a console script `mlcd-train`) defines
+its flags with absl at import, in a FlagValues of its own (two commands imported into one process
+never collide), and imports the rest of the package inside its body, which `run` calls once the
+backend is chosen:
+
+    FLAGS = flags.FlagValues()
+    CONFIG = cli.config_flag(FLAGS)
+    WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, the resolved config.",
+                                  flag_values=FLAGS)
+
+    def command(args):
+        from mlcd_jax.training import trainer   # jax starts here, on the backend chosen
+        trainer.run(CONFIG.value, WORKDIR.value)
+
+    def main(argv=None) -> int:                 # the console script's entry, too
+        return cli.run(command, FLAGS, argv, required=("config", "workdir"), doc=__doc__)
+
+    if __name__ == "__main__":
+        sys.exit(main())
+
+`run` (1) chooses the backend before jax starts (`backend.choose`: importing the package chooses
+nothing), (2) parses the flags: `--help` prints the command's docstring and flags; a mistake (an
+unknown flag, a value of the wrong type, a misspelt config field, a config file or argument that
+does not exist) is one line and exit 2; `--config=NAME[:ARG]` names a preset that ships with the
+package (`config/presets/`) and works from any directory, as does `--config=configs/NAME.py` where
+the checkout's file is not at hand; argparse's `--no-FLAG` still means `--noFLAG`, and (3) calls
+the body: a `UserError` ends in its one line and exit code (2; a diverged run 3), as does a full
+disk or a file the user may not write; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import os
 import re
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import flags
+
+from mlcd_jax.runtime.errors import UserError  # noqa: F401  (commands raise cli.UserError)
+
+# OS errors that are the machine's state, not the code's: said in one line naming the file.
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 
 
-def parse_flags(argv):
-    """absl flag parsing for the trainer and the planner in which a config mistake (a misspelt
-    field, a missing config file, a value of the wrong type, an unknown config argument) is one
-    line naming it, and exit 2, instead of ml_collections' chained tracebacks."""
+def config_flag(flag_values: flags.FlagValues,
+                help_text: str = "The config: a preset's name (e.g. demo, mlcd_laion400m:B/16, "
+                "test_tiny) or a config file (configs/*.py[:ARG])."):
+    """`--config`: an ml_collections config file's `get_config(ARG)`, overridable field by field
+    with `--config.a.b=value`. A preset's name is resolved to its file by `run`."""
+    from ml_collections import config_flags
+    return config_flags.DEFINE_config_file("config", None, help_text, flag_values=flag_values)
 
-    from absl import flags
-    for arg in argv[1:]:
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1].split(":", 1)[0]
-            if not os.path.isfile(path):
-                _exit(f"--config={path}: no such file (configs are in configs/, e.g. "
-                      "--config=configs/test_tiny.py)")
+
+@dataclasses.dataclass(frozen=True)
+class Multihost:
+    """A multi-process job's flags (auto-detected on TPU pods, SLURM and Open MPI; else these, or
+    the JAX_* variables `launch/local_multiprocess.sh` sets; runtime/distributed.py)."""
+    coordinator_address: flags.FlagHolder
+    num_processes: flags.FlagHolder
+    process_id: flags.FlagHolder
+
+    def values(self) -> tuple[str | None, int | None, int | None]:
+        return (self.coordinator_address.value, self.num_processes.value,
+                self.process_id.value)
+
+
+def multihost_flags(flag_values: flags.FlagValues) -> Multihost:
+    return Multihost(
+        flags.DEFINE_string("coordinator_address", None, "host:port of process 0.",
+                            flag_values=flag_values),
+        flags.DEFINE_integer("num_processes", None, "Processes in the job.",
+                             flag_values=flag_values),
+        flags.DEFINE_integer("process_id", None, "This process's index.",
+                             flag_values=flag_values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizing:
+    """How a command feeds an encoder images (`interop.weights.sizing` takes these; empty or 0: as
+    the model was trained or exported, square crops for other models)."""
+    resolution: flags.FlagHolder
+    max_tokens: flags.FlagHolder
+    min_tokens: flags.FlagHolder
+
+
+def sizing_flags(flag_values: flags.FlagValues) -> Sizing:
+    return Sizing(
+        flags.DEFINE_enum(
+            "resolution", "", ["", "square", "native", "squash"], "square: image_size² crops; "
+            "squash: each whole image resized to image_size²; native: each image at its aspect "
+            "ratio within --max_tokens patches (default: as the model was trained or exported; "
+            "square for other models).", flag_values=flag_values),
+        flags.DEFINE_integer("max_tokens", 0, "native: patches per image at most (default: the "
+                             "model's budget, else (image_size / patch)²).",
+                             flag_values=flag_values),
+        flags.DEFINE_integer("min_tokens", 0, "native: images keep their own size where it has "
+                             "min_tokens … max_tokens patches (default: the model's).",
+                             flag_values=flag_values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Subcommand:
+    """One verb of a command with several (`labels embed …`): its own flags and body."""
+    command: Callable[[list[str]], int | None]
+    flag_values: flags.FlagValues
+    help: str
+    required: tuple[str, ...] = ()
+
+
+def run(command: Callable[[list[str]], int | None], flag_values: flags.FlagValues,
+        argv: Sequence[str] | None = None, *, required: Sequence[str] = (), doc: str = "",
+        prog: str = "") -> int:
+    """Run a command: the backend chosen, its flags parsed from `argv` (the arguments after the
+    program's name; default: this process's), `command(positional args)` called. Returns the
+    exit status (see the module's docstring)."""
+    argv = [prog or sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
+    if _wants_help(argv):
+        print(_help(doc, flag_values))
+        return 0
+    _start()
+    return _call(lambda: command(parse(argv, flag_values, required)))
+
+
+def run_subcommands(commands: dict[str, Subcommand], argv: Sequence[str] | None = None, *,
+                    doc: str = "") -> int:
+    """Run `PROG VERB --flags ...`: the verb's own flags parsed, its command called; the exit
+    status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbs = "\n".join(f"  {name:<10}{c.help}" for name, c in commands.items())
+    verb = argv[0] if argv else ""
+    if verb in ("", "-h", "--help", "help"):
+        print(f"{doc.strip()}\n\ncommands (each VERB --help lists its flags):\n{verbs}")
+        return 0 if verb else 2
+    if verb not in commands:
+        return _say(f"unknown command {verb!r}; one of: {', '.join(commands)}", 2)
+    subcommand = commands[verb]
+    rest = [f"{sys.argv[0]} {verb}", *argv[1:]]
+    if _wants_help(rest):
+        print(_help(subcommand.help, subcommand.flag_values))
+        return 0
+    _start()
+    return _call(lambda: subcommand.command(parse(rest, subcommand.flag_values,
+                                                  subcommand.required)))
+
+
+def parse(argv: Sequence[str], flag_values: flags.FlagValues,
+          required: Sequence[str] = ()) -> list[str]:
+    """The positional arguments of `argv` once `flag_values` are parsed from it; a mistake raises
+    UserError with one line naming the flag or config field."""
+    argv = _normalize(list(argv), flag_values)
+    flag_values.unparse_flags()  # a second run in one process starts from the defaults
     try:
-        return flags.FLAGS(argv)
+        positional = flag_values(argv)
     except flags.Error as e:  # a config file's own error arrives with its traceback as text
-        lines = [l for l in str(e).splitlines() if l.strip()]
-        _exit(re.sub(r"^\w+(Error|Exception): ", "", lines[-1]) if "Traceback" in str(e)
-              else " ".join(lines))
-    except (AttributeError, KeyError) as e:  # a field that does not exist
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        last = re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])
+        raise UserError(last if "Traceback" in str(e) else " ".join(lines)) from None
+    except (AttributeError, KeyError) as e:  # a config field that does not exist
         text = repr(e.args)
         name = re.search(r"'+(\w+)\\*'", text)
         hint = re.search(r'Did you mean \\*"(\w+)\\*"', text)
         arg = next((a.split("=")[0] for a in argv if name and a.startswith("--config.")
                     and a.split("=")[0].endswith("." + name.group(1))), "--config")
-        _exit(f"{arg}: config has no field {name.group(1) if name else text!r}"
-              f"{f'; did you mean {hint.group(1)!r}?' if hint else ''} (every field and its "
-              "default: mlcd_jax/config/schema.py:base_config)")
+        raise UserError(f"{arg}: config has no field {name.group(1) if name else text!r}"
+                        f"{f'; did you mean {hint.group(1)!r}?' if hint else ''} (every field "
+                        "and its default: mlcd_jax/config/schema.py)") from None
     except (OSError, ValueError, TypeError) as e:
-        _exit(" ".join(str(e).split()))
-
-
-def _exit(message: str):
-    import sys
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+        raise UserError(" ".join(str(e).split())) from None
+    for name in required:
+        if flag_values[name].value is None:
+            raise UserError(f"--{name} is required: {flag_values[name].help}")
+    return positional
 
 
 def check_arg(arg, allowed: tuple, config_file: str) -> None:
@@ -50,22 +183,85 @@ def check_arg(arg, allowed: tuple, config_file: str) -> None:
     `:mlcdd` must not train something else)."""
     if arg not in allowed:
         shown = ", ".join(f":{a}" for a in allowed if a) or "none"
-        raise ValueError(f"--config={config_file}:{arg}: unknown config argument; allowed: {shown}")
+        raise UserError(f"--config={config_file}:{arg}: unknown config argument; allowed: {shown}")
 
 
-SHAPE_FIELDS = ("width", "depth", "heads", "mlp_dim", "patch")  # model.size, field by field
+# -- inside -------------------------------------------------------------------------------------
+
+def _start() -> None:
+    from mlcd_jax.runtime import backend
+    backend.choose()
 
 
-def add_sizing_flags(parser) -> None:
-    """--resolution, --max_tokens, --min_tokens: how a command feeds an encoder (`weights.sizing`
-    takes them; empty or 0: as the model was trained or exported, square crops for other models)."""
-    parser.add_argument("--resolution", default="", choices=("", "square", "native", "squash"),
-                        help="square: image_size² crops; squash: each whole image resized to "
-                        "image_size²; native: each image at its aspect ratio within --max_tokens "
-                        "patches (default: as the model was trained or exported; square for "
-                        "other models)")
-    parser.add_argument("--max_tokens", type=int, default=0, help="native: patches per image at "
-                        "most (default: the model's budget, else (image_size / patch)²)")
-    parser.add_argument("--min_tokens", type=int, default=0, help="native: images keep their own "
-                        "size where it has min_tokens … max_tokens patches (default: the "
-                        "model's)")
+def _call(body: Callable[[], int | None]) -> int:
+    """`body()`'s exit status; a user's mistake (or the machine's: a full disk) is one line."""
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
+    try:
+        return body() or 0
+    except UserError as e:
+        return _say(str(e), e.exit_code)
+    except OSError as e:
+        if e.errno not in MACHINE_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        return _say(f"{e.strerror or e}{where} (free space or permissions there, then rerun: "
+                    "finished work is kept)", 2)
+
+
+def _say(message: str, status: int) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    return status
+
+
+def _wants_help(argv: Sequence[str]) -> bool:
+    return any(a in ("-h", "--help", "--helpfull", "--helpshort") for a in argv[1:])
+
+
+def _help(doc: str | None, flag_values: flags.FlagValues) -> str:
+    """The command's docstring, then each of its flags (absl's own logging flags left out)."""
+    import textwrap
+    lines, seen = [], set()
+    for module, found in flag_values.flags_by_module_dict().items():
+        for flag in found:
+            if module.startswith("absl.") or flag.name in seen:
+                continue
+            seen.add(flag.name)
+            name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+            default = (f" (default: {flag.default_as_str})"
+                       if flag.default not in (None, "", [], ()) else "")
+            lines += textwrap.wrap(f"{name}: {flag.help}{default}", 98,
+                                   initial_indent="  ", subsequent_indent="      ")
+    return f"{(doc or '').strip()}\n\nflags:\n" + "\n".join(lines)
+
+
+def _normalize(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
+    """argparse's spellings the commands had (`--no-FLAG`, `--flag value`) in absl's, and
+    `--config` resolved to a file."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--no-") and arg[5:].replace("-", "_") in flag_values:
+            arg = "--no" + arg[5:].replace("-", "_")
+        if arg == "--config" and i + 1 < len(argv) and "config" in flag_values:
+            arg, i = f"--config={argv[i + 1]}", i + 1
+        if arg.startswith("--config=") and "config" in flag_values:
+            arg = "--config=" + _config_path(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _config_path(value: str) -> str:
+    """A config file from `--config`: PATH[:ARG] as given where PATH is a file here, else the
+    preset of that name (NAME, or configs/NAME.py from outside the checkout)."""
+    from mlcd_jax.config import presets
+    path, colon, arg = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    name = path.removesuffix(".py").rsplit("/", 1)[-1]
+    if (path == name or path.endswith(f"configs/{name}.py")) and name in presets.names():
+        return f"{presets.path(name)}{colon}{arg}"
+    raise UserError(f"--config={value}: no such config file or preset; the presets: "
+                    f"{', '.join(presets.names())} (e.g. --config=demo or "
+                    "--config=mlcd_laion400m:B/16), or a path to a config file")

@@ -21,6 +21,8 @@ import time
 import jax
 import numpy as np
 
+from mlcd_jax.runtime.errors import UserError
+
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
@@ -56,7 +58,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         process_id = int(os.environ["JAX_PROCESS_ID"])
     explicit = coordinator_address is not None or num_processes is not None
     if explicit and (coordinator_address is None or num_processes is None or process_id is None):
-        raise ValueError(
+        raise UserError(
             "multi-process start needs all three of the coordinator address, the process count and "
             f"this process's id (got {coordinator_address!r}, {num_processes!r}, {process_id!r}); "
             f"set --coordinator_address/--num_processes/--process_id or {', '.join(ENV)}")

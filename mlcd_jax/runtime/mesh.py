@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mlcd_jax.runtime.errors import UserError
+
 # Axes over which the global batch is split. Any other axis (e.g. "model") sees the whole batch.
 BATCH_AXES = ("data", "fsdp")
 
@@ -25,28 +27,28 @@ def resolve_axis_sizes(axes: MeshSpec, num_devices: int) -> tuple[tuple[str, ...
     """Names and sizes of the mesh axes, with a -1 size filled by the devices left over."""
     pairs = list(axes.items()) if isinstance(axes, Mapping) else [tuple(a) for a in axes]
     if not pairs or any(len(p) != 2 for p in pairs):
-        raise ValueError("mesh: expected (axis name, size) pairs such as [('data', -1)], "
-                         f"got {axes!r}")
+        raise UserError("mesh: expected (axis name, size) pairs such as [('data', -1)], "
+                        f"got {axes!r}")
     names = tuple(str(name) for name, _ in pairs)
     sizes = [int(size) for _, size in pairs]
     if len(set(names)) != len(names):
-        raise ValueError(f"mesh: axis names must be distinct, got {names}")
+        raise UserError(f"mesh: axis names must be distinct, got {names}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh: sizes must be positive or -1 (fill), got "
-                         f"{dict(zip(names, sizes))}")
+        raise UserError(f"mesh: sizes must be positive or -1 (fill), got "
+                        f"{dict(zip(names, sizes))}")
     fills = [i for i, s in enumerate(sizes) if s == -1]
     if len(fills) > 1:
-        raise ValueError(f"mesh: at most one axis may have size -1, got {dict(zip(names, sizes))}")
+        raise UserError(f"mesh: at most one axis may have size -1, got {dict(zip(names, sizes))}")
     fixed = math.prod(s for s in sizes if s != -1)
     if fills:
         if num_devices % fixed:
-            raise ValueError(
+            raise UserError(
                 f"mesh: the fixed axis sizes multiply to {fixed}, which does not divide the "
                 f"{num_devices} devices, so axis {names[fills[0]]!r} = -1 cannot be filled; "
                 "change the sizes so that their product divides the device count")
         sizes[fills[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(
+        raise UserError(
             f"mesh: axis sizes {dict(zip(names, sizes))} use {fixed} devices but {num_devices} are "
             "available; make the product equal the device count, or set one size to -1")
     return names, tuple(sizes)

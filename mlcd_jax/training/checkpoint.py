@@ -20,17 +20,18 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from mlcd_jax.runtime import distributed
+from mlcd_jax.runtime.errors import MissingFile, UserError
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatch(UserError):
     """The checkpoint is sound but was written by another config (array shapes differ)."""
 
 
-class CorruptCheckpoint(ValueError):
+class CorruptCheckpoint(UserError):
     """The checkpoint does not read back as it was written."""
 
 
-class SaveFailed(OSError):
+class SaveFailed(UserError, OSError):
     """A checkpoint could not be written (a full disk, a lost mount): said in one line."""
 
 
@@ -147,7 +148,7 @@ class Checkpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise MissingFile(f"no checkpoint in {self.directory}")
         where = self.directory / str(step)
         try:
             stored = self.metadata(step)

@@ -18,6 +18,7 @@ import numpy as np
 from mlcd_jax.data import pipeline, sources, synthetic, transforms
 from mlcd_jax.labels import join, store
 from mlcd_jax.runtime import backend as platform
+from mlcd_jax.runtime.errors import UserError
 
 PREFETCH = 2  # batches made ahead, on the devices (≥ 2)
 
@@ -34,8 +35,8 @@ def join_labels(c, source) -> join.Joined | None:
         return None
     labels = store.open_label_store(c.data.labels, num_classes=c.head.num_classes)
     if labels.labels.shape[1] < c.data.num_labels:
-        raise ValueError(f"{labels.path} has {labels.labels.shape[1]} labels per example "
-                         f"but config.data.num_labels = {c.data.num_labels}")
+        raise UserError(f"{labels.path} has {labels.labels.shape[1]} labels per example "
+                        f"but config.data.num_labels = {c.data.num_labels}")
     store.check_label_range(labels)
     return join.join(source, labels, missing=c.data.missing_labels)
 
@@ -203,11 +204,11 @@ def join_regions(c, joined, source) -> dict:
     for name, h in c.heads.items():
         labels = store.open_label_store(h.labels, num_classes=h.num_classes) if h.labels else None
         if labels is None:
-            raise ValueError(f"config.heads.{name}.labels: the region label store of this head "
-                             "is not set (`labels embed --regions` then `assign`, or `labels ocr`)")
+            raise UserError(f"config.heads.{name}.labels: the region label store of this head "
+                            "is not set (`labels embed --regions` then `assign`, or `labels ocr`)")
         if labels.labels.shape[1] < h.num_labels:
-            raise ValueError(f"{labels.path} has {labels.labels.shape[1]} labels per region but "
-                             f"config.heads.{name}.num_labels = {h.num_labels}")
+            raise UserError(f"{labels.path} has {labels.labels.shape[1]} labels per region but "
+                            f"config.heads.{name}.num_labels = {h.num_labels}")
         store.check_label_range(labels, allow_empty=True)
         found[name] = join.join_regions(records, labels, expect=h.regions,
                                         missing=h.missing_labels, field="config.data")

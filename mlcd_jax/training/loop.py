@@ -8,8 +8,7 @@ progress line and ETA (reporting.py) and a profile if asked. SIGTERM on any proc
 saves at a step boundary every process agrees on (jax's preemption service; one process watches
 the signal itself) and exits; rerunning the command resumes exactly. A checkpoint counts as good
 only once a later step's loss was finite: on a non-finite loss or parameters the unproven ones are
-set aside and the run stops, saying where the newest good one is. A mistake ends in one line
-(`main`).
+set aside and the run stops (`errors.Diverged`), saying where the newest good one is.
 """
 
 from __future__ import annotations
@@ -19,49 +18,27 @@ import os
 import pathlib
 import signal
 import socket
-import sys
 import time
 from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
 from jax.experimental import multihost_utils
 
 from mlcd_jax.runtime import distributed
+from mlcd_jax.runtime.errors import Diverged, UserError
 from mlcd_jax.training import checkpoint, reporting
 
-# Multi-host: auto-detected on TPU pods, SLURM and Open MPI; else these (or JAX_* variables, as
-# launch/local_multiprocess.sh sets them). See mlcd_jax/runtime/distributed.py.
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
-
-class WorkdirInUse(RuntimeError):
+class WorkdirInUse(UserError):
     pass
 
 
-# What ends a run in one line instead of a traceback: a mistake in the config or the data, a
-# second run on the workdir, a diverged run (exit 3), a failed save. Whatever was saved is kept.
-ONE_LINE_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, WorkdirInUse,
-                   checkpoint.SaveFailed)
-
-
-def main(job: Callable, config, workdir: str) -> None:
-    """Run `job(config, workdir)`, ending a mistake in one line (exit 2; a diverged run 3)."""
-    logging.set_verbosity(logging.WARNING)  # orbax and jax log every save at INFO
-    try:
-        job(config, pathlib.Path(workdir).absolute())
-    except ONE_LINE_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(3 if isinstance(e, FloatingPointError) else 2)
-
-
-def join() -> None:
+def join(coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None) -> None:
     """Join the job's other processes (a no-op for one), before any other jax call."""
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def lock_workdir(workdir: pathlib.Path):
@@ -136,9 +113,9 @@ class Run:
             return None
         state, data_state, self.start = found
         if data_state["seed"] != self.c.seed:
-            raise ValueError(f"config.seed {self.c.seed} differs from the checkpoint's "
-                             f"{data_state['seed']} in {self.ckpt.directory}; use the same seed "
-                             "or a new workdir")
+            raise UserError(f"config.seed {self.c.seed} differs from the checkpoint's "
+                            f"{data_state['seed']} in {self.ckpt.directory}; use the same seed "
+                            "or a new workdir")
         return state, data_state
 
     def begin(self, total_steps: int, described: str,
@@ -230,7 +207,7 @@ class Run:
             if profiling:
                 jax.profiler.stop_trace()
 
-    def _diverged(self, step: int, what: str, unproven: list[int]) -> FloatingPointError:
+    def _diverged(self, step: int, what: str, unproven: list[int]) -> Diverged:
         """Set aside the checkpoints this divergence puts in doubt; the error to stop with."""
         ckpt = self.ckpt
         ckpt.wait()
@@ -241,4 +218,4 @@ class Run:
                  "config.optim.lr or raise config.optim.warmup_steps, then rerun to resume from it"
                  if good is not None else "no good checkpoint was saved before it: lower "
                  "config.optim.lr or raise config.optim.warmup_steps and rerun from the start")
-        return FloatingPointError(f"{what} at step {step}; stopped without saving; {where}")
+        return Diverged(f"{what} at step {step}; stopped without saving; {where}")

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mlcd_jax.runtime.errors import UserError
+
 
 def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """`config.optim`'s learning rate by step."""
@@ -61,8 +63,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, *,
                         weight_decay=optim.weight_decay, mask=decay_mask)
     if sparse_centers:
         if region_lr_mults:
-            raise ValueError("config.head.center_update: sparse center updates are for the image "
-                             "head alone; with region heads (config.heads) use dense")
+            raise UserError("config.head.center_update: sparse center updates are for the image "
+                            "head alone; with region heads (config.heads) use dense")
         return _encoder_dense_centers_sparse(clip, adamw, sparse_rows_adamw(
             schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
             weight_decay=optim.weight_decay, lr_mult=centers_lr_mult or 1.0))

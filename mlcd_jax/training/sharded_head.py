@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.runtime.errors import UserError
 from mlcd_jax.training import losses
 
 Metrics = dict[str, jax.Array]
@@ -248,7 +249,7 @@ class HeadConfig:
         section), e.g. "head.margin_type: must be one of ..."."""
         def check(ok, field, problem):
             if not ok:
-                raise ValueError(f"head.{field}: {problem}, got {getattr(self, field)!r}")
+                raise UserError(f"head.{field}: {problem}, got {getattr(self, field)!r}")
 
         check(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
         check(self.margin_type in losses.MARGIN_TYPES, "margin_type",

@@ -14,6 +14,7 @@ from mlcd_jax.evaluate.probes import PROBES
 from mlcd_jax.labels import join
 from mlcd_jax.models import vit
 from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.runtime.errors import UserError
 from mlcd_jax.training import region_heads as heads_lib, sharded_head as head
 
 
@@ -22,7 +23,7 @@ def validate(c: ml_collections.ConfigDict,
     """The model's and the head's configs, made once here and handed to `step.build`; any
     mistake raises ValueError naming the field and the fix, before anything is compiled."""
     def fail(field, message):
-        raise ValueError(f"config.{field}: {message}")
+        raise UserError(f"config.{field}: {message}")
 
     if bool(c.total_steps) == bool(c.epochs):
         fail("total_steps", "set exactly one of config.total_steps and config.epochs "
@@ -61,8 +62,8 @@ def validate(c: ml_collections.ConfigDict,
         fail("profile_steps", f"must be ≥ 0 (0 = no profile), got {c.profile_steps}")
     try:
         names, sizes = mesh_lib.resolve_axis_sizes(c.mesh, num_devices)
-    except ValueError as e:
-        raise ValueError(f"config: {e}") from None
+    except UserError as e:
+        raise UserError(f"config: {e}") from None
     data_shards = math.prod(s for n, s in zip(names, sizes) if n in mesh_lib.BATCH_AXES)
     if c.grad_accum < 1 or c.batch_size % c.grad_accum:
         fail("grad_accum", f"must divide batch_size {c.batch_size}, got {c.grad_accum}")
@@ -81,34 +82,34 @@ def resolution(c: ml_collections.ConfigDict, model_cfg: vit.ViTConfig) -> None:
     """The data's resolution fields (`config_lib.native` reads them)."""
     d = c.data
     if d.get("resolution", "square") not in config_lib.RESOLUTIONS:
-        raise ValueError(f"config.data.resolution: must be one of {config_lib.RESOLUTIONS}, "
-                         f"got {d.resolution!r}")
+        raise UserError(f"config.data.resolution: must be one of {config_lib.RESOLUTIONS}, "
+                        f"got {d.resolution!r}")
     if d.get("resolution", "square") in ("square", "squash"):
         if d.get("max_tokens", 0) or d.get("min_tokens", 0):
-            raise ValueError("config.data.max_tokens: token budgets are for "
-                             f"config.data.resolution=native; {d.get('resolution', 'square')} "
-                             "images have (data.image_size / patch)² patches")
+            raise UserError("config.data.max_tokens: token budgets are for "
+                            f"config.data.resolution=native; {d.get('resolution', 'square')} "
+                            "images have (data.image_size / patch)² patches")
         if d.get("resolution", "square") == "squash" and d.image_size % model_cfg.patch:
-            raise ValueError(f"config.data.image_size: {d.image_size} is not a multiple of the "
-                             f"patch {model_cfg.patch}")
+            raise UserError(f"config.data.image_size: {d.image_size} is not a multiple of the "
+                            f"patch {model_cfg.patch}")
         return
     for field in ("max_tokens", "min_tokens"):
         if d[field] < 0:
-            raise ValueError(f"config.data.{field}: must be ≥ 0, got {d[field]}")
+            raise UserError(f"config.data.{field}: must be ≥ 0, got {d[field]}")
     if d.image_size % model_cfg.patch and not d.max_tokens:
-        raise ValueError(f"config.data.max_tokens: 0 means (data.image_size / patch)², but "
-                         f"image_size {d.image_size} is not a multiple of patch "
-                         f"{model_cfg.patch}; set max_tokens")
+        raise UserError(f"config.data.max_tokens: 0 means (data.image_size / patch)², but "
+                        f"image_size {d.image_size} is not a multiple of patch "
+                        f"{model_cfg.patch}; set max_tokens")
     budget = d.max_tokens or (d.image_size // model_cfg.patch) ** 2
     if d.min_tokens > budget:
-        raise ValueError(f"config.data.min_tokens: {d.min_tokens} is more than the {budget} of "
-                         "max_tokens; lower it (0: fill the budget)")
+        raise UserError(f"config.data.min_tokens: {d.min_tokens} is more than the {budget} of "
+                        "max_tokens; lower it (0: fill the budget)")
     native = config_lib.native(c, model_cfg.patch)
     grid = (d.image_size // model_cfg.patch) ** 2
     if d.source == "synthetic" and grid > native.max_tokens:
-        raise ValueError(f"config.data.max_tokens: synthetic images are data.image_size² "
-                         f"squares, {grid} patches, more than max_tokens {native.max_tokens}; "
-                         "raise max_tokens or lower data.image_size")
+        raise UserError(f"config.data.max_tokens: synthetic images are data.image_size² "
+                        f"squares, {grid} patches, more than max_tokens {native.max_tokens}; "
+                        "raise max_tokens or lower data.image_size")
 
 
 def region_heads(c: ml_collections.ConfigDict) -> tuple[heads_lib.RegionHead, ...]:
@@ -118,7 +119,7 @@ def region_heads(c: ml_collections.ConfigDict) -> tuple[heads_lib.RegionHead, ..
         where = f"heads.{name}"
 
         def fail(field, message):
-            raise ValueError(f"config.{where}.{field}: {message}")
+            raise UserError(f"config.{where}.{field}: {message}")
 
         if h.regions not in heads_lib.REGIONS:
             fail("regions", f"must be one of {heads_lib.REGIONS}, got {h.regions!r}")
@@ -139,30 +140,30 @@ def region_heads(c: ml_collections.ConfigDict) -> tuple[heads_lib.RegionHead, ..
                                                 else "bfloat16"),
                 negatives=h.negatives, label_columns=h.label_columns,
                 negative_filter=float(h.negative_filter), skip_unlabelled=True)
-        except ValueError as e:  # "head.FIELD: ..." from HeadConfig
-            raise ValueError(f"config.{where}.{str(e).removeprefix('head.')}") from None
+        except UserError as e:  # "head.FIELD: ..." from HeadConfig
+            raise UserError(f"config.{where}.{str(e).removeprefix('head.')}") from None
         found.append(heads_lib.RegionHead(name, cfg, h.num_labels, float(h.weight),
                                           float(h.lr_mult), h.labels, h.regions,
                                           h.missing_labels))
     if found:
         if c.model.get("region_layers", 0) < 1:
-            raise ValueError(f"config.model.region_layers: the region heads "
-                             f"({', '.join(h.name for h in found)}) need the Region Transformer "
-                             "layer: set it ≥ 1")
+            raise UserError(f"config.model.region_layers: the region heads "
+                            f"({', '.join(h.name for h in found)}) need the Region Transformer "
+                            "layer: set it ≥ 1")
         if c.data.get("regions_per_image", 0) < 1:
-            raise ValueError("config.data.regions_per_image: the region heads need region slots "
-                             "per image: set it ≥ 1 (RICE samples N regions per image)")
+            raise UserError("config.data.regions_per_image: the region heads need region slots "
+                            "per image: set it ≥ 1 (RICE samples N regions per image)")
         if c.head.get("center_update", "dense") == "sparse":
-            raise ValueError("config.head.center_update: sparse center updates are for the image "
-                             "head alone; with region heads use dense")
+            raise UserError("config.head.center_update: sparse center updates are for the image "
+                            "head alone; with region heads use dense")
     return tuple(found)
 
 
 def model_config(c: ml_collections.ConfigDict) -> vit.ViTConfig:
     try:
         return config_lib.vit_config(c)
-    except ValueError as e:
-        raise ValueError(f"config: {e}") from None
+    except UserError as e:
+        raise UserError(f"config: {e}") from None
 
 
 def head_config(c: ml_collections.ConfigDict) -> head.HeadConfig:
@@ -182,8 +183,8 @@ def head_config(c: ml_collections.ConfigDict) -> head.HeadConfig:
             center_update=h.get("center_update", "dense"),
             label_columns=h.get("label_columns", 0),
             negative_filter=float(h.get("negative_filter", 1.0)))
-    except ValueError as e:
-        raise ValueError(f"config.{e}") from None
+    except UserError as e:
+        raise UserError(f"config.{e}") from None
 
 
 def warnings(c: ml_collections.ConfigDict, total_steps: int, num_examples: int | None) -> list[str]:

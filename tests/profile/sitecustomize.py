@@ -17,7 +17,8 @@ if os.environ.get("MLCD_PROFILE"):
     import sys
     import time
 
-    import mlcd_jax  # noqa: F401  (it starts jax quietly)
+    from mlcd_jax.runtime import backend
+    backend.choose()  # jax started quietly, as in every command
     import jax.monitoring
 
     _events: dict = {}
