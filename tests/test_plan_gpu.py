@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from mlcd_jax.planning import hlo
+from mlcd_jax.planning import gpu_specs, hlo
 from mlcd_jax.runtime import backend as platform
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -147,3 +147,30 @@ def test_gpu_figures_come_from_xlas_specs():
     assert round(h200.hbm_gib) == 141 and plan.gpu_chip("a100-80g").bf16_tflops == 312
     assert "collective_memory_granularity" not in gpu_specs.target_config("h100")
     assert "collective_memory_granularity" in gpu_specs.SPECS["h100"]  # kept as XLA has it
+
+
+def test_every_gpu_spec_is_package_data_with_its_figures():
+    """One specs/<name>.txtpb per GPU name, no other, each read through importlib.resources and
+    carrying what the plan reads from it (memory, bandwidth, cores, the device's name)."""
+    import importlib.resources
+    folder = importlib.resources.files("mlcd_jax.planning") / "specs"
+    files = {f.name for f in folder.iterdir() if f.name.endswith(".txtpb")}
+    assert files == {f"{name}.txtpb" for name in gpu_specs.names()}
+    for name in gpu_specs.names():
+        assert gpu_specs.SPECS[name] == (folder / f"{name}.txtpb").read_text(encoding="utf-8")
+        for key in ("device_memory_size", "memory_bandwidth", "core_count"):
+            assert gpu_specs.field(name, key) > 0, (name, key)
+        assert re.search(r'^device_description_str: "NVIDIA ', gpu_specs.SPECS[name], re.M), name
+    with pytest.raises(KeyError):
+        gpu_specs.target_config("h300")
+
+
+@needs_plugin
+@pytest.mark.parametrize("name", gpu_specs.names())
+def test_xla_parses_every_gpu_spec(name):
+    """XLA's GPU compiler takes each spec (as `target_config` gives it): the device it describes
+    is the one the spec names."""
+    from mlcd_jax.planning import plan
+    described = re.search(r'^device_description_str: "(.*)"$', gpu_specs.SPECS[name], re.M)
+    devices = plan.target(f"{name}:2").devices
+    assert len(devices) == 2 and {d.device_kind for d in devices} == {described.group(1)}

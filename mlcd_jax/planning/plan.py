@@ -5,8 +5,8 @@ mlcd_jax/plan.py).
 XLA builds the trainer's own train step (`step.build`: the same mesh, ViT, sharded head,
 optimizer and jit) over virtual devices, from abstract inputs: no data, no parameters, no
 accelerator. TPUs: libtpu's compiler, any topology name libtpu accepts (v5e:4x4, v5p:4x4x4).
-GPUs: XLA's GPU compiler from a device spec kept in `mlcd_jax/planning/gpu_specs.py`, GPU:N (one
-host of N GPUs) or GPU:HxN (H hosts of N), GPU one of h100, h200, b200, a100-80g.
+GPUs: XLA's GPU compiler from a device spec in `mlcd_jax/planning/specs/` (`gpu_specs.py` reads
+it), GPU:N (one host of N GPUs) or GPU:HxN (H hosts of N), GPU one of h100, h200, b200, a100-80g.
 
 It prints per-device memory (arguments, temporaries, total) against the device's memory, model
 FLOPs per step, images/s and days at an assumed MFU, which knob helps when the recipe does not
