@@ -133,8 +133,7 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
     fingerprints = [records.digest(made_by, shards.shard_fingerprint(i))
                     for i in range(len(shards.files))]
     parts = [out / "parts" / f"part_{i:05d}.npy" for i in range(len(shards.files))]
-    finished = lambda i: ((records.piece_record(parts[i]) or {}).get("fingerprint")
-                          == fingerprints[i])
+    finished = lambda i: records.fresh_piece(parts[i], fingerprints[i]) is not None
     mine = [i for i in range(len(shards.files)) if i % process_count == process_index]
     todo = [i for i in mine if not finished(i)]
     stale = [i for i in todo if records.piece_record(parts[i]) is not None]

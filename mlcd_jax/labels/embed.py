@@ -93,7 +93,7 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     fingerprints = [records.digest(made_by, a, b) for a, b in bounds]
     _refuse_other_runs(out, names, fingerprints)
     todo = [i for i in range(len(bounds)) if i % process_count == process_index
-            and records.piece_record(out / names[i]) is None]
+            and records.fresh_piece(out / names[i], fingerprints[i]) is None]
     keyed = source.unkeyed is None
     if not keyed and process_index == 0:
         print(f"embed: the records have no keys ({source.unkeyed}); the embeddings are written "

@@ -51,17 +51,10 @@ def image_features(c, workdir, encoder, source, name, mesh, native=None):
     path = workdir / "features" / f"{name}.npy"
     made_by = records.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
                              c.image.image_size, *([native.describe()] if native else []))
-    record = records.piece_record(path) or {}
-    whole = False
-    if record.get("fingerprint") == made_by:
-        try:
-            x = np.load(path, mmap_mode="r")
-            labels = np.load(path.with_suffix(".labels.npy"), mmap_mode="r")
-            rows = np.load(path.with_suffix(".records.npy"), mmap_mode="r")
-            whole = (labels.shape == rows.shape == (len(x),)
-                     and records.array_sha256(x) == record.get("sha256"))
-        except (OSError, ValueError, EOFError):  # a damaged file: recomputed below
-            whole = False
+    # Its record, checksum and labels and records beside it must all agree (a damaged file, or
+    # one made by other weights, images or size: recomputed below).
+    whole = records.fresh_piece(path, made_by, verify_sha256=True,
+                                companions=(".labels.npy", ".records.npy")) is not None
     if not all(distributed.gather_json(whole)):  # every process, or none: extract is collective
         first = jax.process_index() == 0
         if first:
@@ -83,7 +76,7 @@ def caption_counts(c, workdir, source, labels, names, fill) -> np.ndarray:
     not mid-run), cached in WORKDIR/features with a record of the images, templates and names."""
     path = workdir / "features" / "train.captions.npy"
     made_by = records.digest(source.fingerprint(), list(c.data.templates), list(names))
-    if (records.piece_record(path) or {}).get("fingerprint") == made_by:
+    if records.fresh_piece(path, made_by) is not None:
         counts = np.load(path, mmap_mode="r")
         if len(counts) == len(source):
             return counts

@@ -67,6 +67,31 @@ def piece_record(path: pathlib.Path) -> dict | None:
     return meta if meta.get("rows") == rows else None
 
 
+def fresh_piece(path: pathlib.Path, fingerprint: str, *, verify_sha256: bool = False,
+                companions: tuple[str, ...] = ()) -> dict | None:
+    """The record of the piece at `path` if a rerun may reuse it, else None (make it again): it is
+    finished (`piece_record`: its array reads back with the recorded rows) and was made with
+    `fingerprint`; each companion, the array `path.with_suffix(suffix)` written beside it (e.g.
+    ".labels.npy"), reads back with one entry per row; with `verify_sha256`, the array's bytes
+    still hash to the recorded sha256 (a full read: for pieces that bit rot or a copy may have
+    changed under an intact record). A damaged array or companion is not fresh."""
+    record = piece_record(path)
+    if record is None or record.get("fingerprint") != fingerprint:
+        return None
+    if not (verify_sha256 or companions):
+        return record
+    try:
+        array = np.load(path, mmap_mode="r")
+        for suffix in companions:
+            if np.load(path.with_suffix(suffix), mmap_mode="r").shape != (len(array),):
+                return None
+        if verify_sha256 and array_sha256(array) != record.get("sha256"):
+            return None
+    except (OSError, ValueError, EOFError):
+        return None
+    return record
+
+
 def write_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
     """Write then rename, so a killed job never leaves a half-written file under the final name."""
     tmp = path.with_suffix(path.suffix + ".tmp")
