@@ -251,7 +251,7 @@ def pytorch(c, compiled: bool):
     device = "cuda" if cuda else "cpu"
     if not cuda:
         torch.set_num_threads(ARGS.threads)
-    cfg = config_lib.vit_config(c)
+    cfg = vit.from_config(c)
     common = dict(hidden_size=cfg.width, intermediate_size=cfg.mlp_dim,
                   num_hidden_layers=cfg.depth, num_attention_heads=cfg.heads,
                   image_size=cfg.image_hw[0], patch_size=cfg.patch, attn_implementation="sdpa")
@@ -355,7 +355,7 @@ def main(argv=None):
         runs = results[json.dumps(row)]
         best = min(runs, key=lambda r: r["seconds"])
         c = config_for(row)
-        model_flops = flops.per_step(c, config_lib.vit_config(c), 1)["per_step"]
+        model_flops = flops.per_step(c, vit.from_config(c), 1)["per_step"]
         table.append(row | best | {
             "image_size": c.data.image_size, "batch": c.batch_size, "dtype": ARGS.dtype,
             "gflop_per_step": model_flops / 1e9, "images_per_s": c.batch_size / best["seconds"],

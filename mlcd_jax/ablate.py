@@ -15,10 +15,11 @@ import sys
 
 from absl import flags
 
+from mlcd_jax.config import presets
 from mlcd_jax.runtime import cli
 
 FLAGS = flags.FlagValues()
-CONFIG = cli.config_flag(FLAGS, "A training config: a preset's name (demo:mlcd) or a file.")
+CONFIG = presets.config_flag(FLAGS, "A training config: a preset's name (demo:mlcd) or a file.")
 WORKDIR = flags.DEFINE_string("workdir", None, "Label stores, runs, results, table and plots.",
                               flag_values=FLAGS)
 GRID = flags.DEFINE_multi_string("grid", [], "FIELD=V1,V2,...: a config field and its values.",

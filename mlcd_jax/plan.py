@@ -20,11 +20,12 @@ import sys
 
 from absl import flags
 
+from mlcd_jax.config import presets
 from mlcd_jax.runtime import cli
 
 FLAGS = flags.FlagValues()
-CONFIG = cli.config_flag(FLAGS, "The config, as the trainer's: a preset's name "
-                         "(mlcd_laion400m:B/16, rice:B/16) or a file (configs/*.py[:ARG]).")
+CONFIG = presets.config_flag(FLAGS, "The config, as the trainer's: a preset's name "
+                             "(mlcd_laion400m:B/16, rice:B/16) or a file (configs/*.py[:ARG]).")
 TOPOLOGY = flags.DEFINE_string(
     "topology", None, "A TPU topology name libtpu accepts (v5e:4x4, v5p:4x4x4, v4:4x4x4, "
     "v6e:8x8) or GPUs: NAME:N or NAME:HOSTSxN with NAME one of h100, h200, b200, a100-80g.",

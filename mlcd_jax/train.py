@@ -14,16 +14,20 @@ import sys
 
 from absl import flags
 
+from mlcd_jax.config import presets
 from mlcd_jax.runtime import cli
 
 FLAGS = flags.FlagValues()
-CONFIG = cli.config_flag(FLAGS)
+CONFIG = presets.config_flag(FLAGS)
 WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config.",
                               flag_values=FLAGS)
 COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile the train step, print its "
                                  "per-device memory, and exit: no data, no parameters allocated.",
                                  flag_values=FLAGS)
 MULTIHOST = cli.multihost_flags(FLAGS)
+
+if __name__ == "__mp_main__":  # a worker process of this command (grain's input workers are
+    cli.start()                # spawned): jax starts there as in the command, quietly
 
 
 def command(args) -> None:

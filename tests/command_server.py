@@ -52,6 +52,8 @@ def send(message: dict) -> None:
 
 
 def serve() -> None:
+    from mlcd_jax.runtime import backend
+    backend.choose()  # as every command starts: jax and its plugins quietly
     for name in PRELOAD:
         __import__(name)
     # The imported objects out of the garbage collector's reach: a child's collections would

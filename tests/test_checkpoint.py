@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from mlcd_jax.runtime import mesh as mesh_lib
-from mlcd_jax.training import checkpoint, optim, reporting
+from mlcd_jax.runtime import checkpoint, mesh as mesh_lib
+from mlcd_jax.training import optim, reporting
 
 
 def make_state(mesh, scale):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from mlcd_jax.config import presets
 from mlcd_jax.runtime import backend, cli
 from mlcd_jax.runtime.errors import UserError
 
@@ -118,12 +119,13 @@ def test_argparse_spellings_and_presets_by_name():
     flags.DEFINE_bool("pixels", True, "", flag_values=fv)
     flags.DEFINE_string("model", None, "", flag_values=fv)
     flags.DEFINE_alias("checkpoint", "model", flag_values=fv)
-    cli.config_flag(flag_values=fv)
+    presets.config_flag(fv)
     rest = cli.parse(["prog", "--no-pixels", "--checkpoint", "RUN", "--config", "test_tiny:unicom",
-                      "pos"], fv, required=("model",))
+                      "--config.evals.dataset=digits", "pos"], fv, required=("model",))
     assert rest == ["prog", "pos"]
     assert fv.pixels is False and fv.model == "RUN"
     assert fv.config.head.loss == "unicom"  # the preset, by name, from any directory
+    assert fv.config.evals.source == "digits"  # a renamed field under its old name
     with pytest.raises(UserError, match="--model is required"):
         fresh = flags.FlagValues()
         flags.DEFINE_string("model", None, "a model", flag_values=fresh)

@@ -138,9 +138,8 @@ def test_cli_on_folders_reports_the_pixel_baseline(tmp_path, capsys):
     assert "raw pixels" in result.stdout
     from mlcd_jax.evaluate import __main__ as evaluate_cli
     model = f"--model={tmp_path / 'model'}"
-    with pytest.raises(SystemExit):  # argparse: usage and the message, exit 2
-        evaluate_cli.main([model, "--dataset=folder"])
-    assert "--dataset folder needs --path" in capsys.readouterr().err
+    assert evaluate_cli.main([model, "--dataset=folder"]) == 2  # --dataset: --source's old name
+    assert "--source folder needs --path" in capsys.readouterr().err
     assert evaluate_cli.main([model, "--dataset=folder", f"--path={train_dir}",
                               "--test_split=test"]) == 2
     assert "give the test images as --test_path" in capsys.readouterr().err

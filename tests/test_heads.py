@@ -1,11 +1,12 @@
 """Several heads in one step (RICE's region heads beside the image head): a region head's padded
-and unlabelled rows count for nothing (`HeadConfig.skip_unlabelled`), on 1, 2, 4 and 8 devices."""
+and unlabelled rows count for nothing (`RegionHead.skip_unlabelled`), on 1, 2, 4 and 8 devices."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mlcd_jax.config import schema
 from mlcd_jax.runtime import mesh as mesh_lib
 from mlcd_jax.training import sharded_head as head
 
@@ -27,7 +28,7 @@ def test_unlabelled_rows_count_for_nothing(devices, n, loss):
     order = rng.permutation(16)  # padding spread among the labelled rows
     centers = rng.normal(size=(k, d)).astype(np.float32)
     mesh = mesh_lib.make_mesh([("data", -1)], devices[:n])
-    cfg = head.HeadConfig(loss, sample_ratio=1.0, skip_unlabelled=True)
+    cfg = schema.RegionHead(loss=loss, num_classes=k, sample_ratio=1.0)
 
     def run(features, labels, cfg):
         f = lambda x, c: head.loss(x, c, labels, key=jax.random.key(0), cfg=cfg, mesh=mesh)
@@ -36,7 +37,7 @@ def test_unlabelled_rows_count_for_nothing(devices, n, loss):
         return float(value), metrics, [np.asarray(g) for g in grads]
 
     mixed = run(features[order], all_labels[order], cfg)
-    alone = run(labelled, labels, head.HeadConfig(loss, sample_ratio=1.0))
+    alone = run(labelled, labels, schema.Head(loss=loss, num_classes=k, sample_ratio=1.0))
     assert mixed[0] == pytest.approx(alone[0], rel=1e-6)
     for name in ("pos_cos", "pos_term", "neg_term", "pos_logit", "log_partition"):
         if name in alone[1]:
@@ -50,8 +51,8 @@ def test_unlabelled_rows_count_for_nothing(devices, n, loss):
     np.testing.assert_allclose(mixed[2][1], alone[2][1], atol=1e-5 * np.abs(alone[2][1]).max())
     if n == 1:  # off, the same rows count (the image head's mean, as it was): another loss
         assert run(features[order], all_labels[order],
-                   head.HeadConfig(loss, sample_ratio=1.0))[0] != pytest.approx(alone[0],
-                                                                                rel=1e-3)
+                   schema.Head(loss=loss, num_classes=k, sample_ratio=1.0))[0] != pytest.approx(
+                       alone[0], rel=1e-3)
 
 
 def build(devices, n, arg=None, **fields):
@@ -157,7 +158,7 @@ def test_region_heads_add_their_weighted_losses(devices, n, regions_on_one_devic
         return [head.loss(embedded.reshape(-1, embedded.shape[-1]),
                           params["region_centers"][h.name],
                           regions["labels"][h.name][0].reshape(-1, h.num_labels),
-                          key=jax.random.fold_in(key, i), cfg=h.cfg)[0]
+                          key=jax.random.fold_in(key, i), cfg=h)[0]
                 for i, h in enumerate(built.region_heads, start=1)]
 
     for h, want in zip(built.region_heads, each_head(initial(c, built)["params"])):

@@ -11,7 +11,6 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mlcd_jax.config import schema as config_lib
 from mlcd_jax.interop import weights
 from mlcd_jax.interop.hf import mapping as hf
 from mlcd_jax.models import vit
@@ -42,7 +41,7 @@ def test_the_checkpoint_sets_the_architecture(tmp_path):
     c.model.init_from = str(path)
     said = weights.adopt_architecture(c)
     assert "replacing the config's model.size 'micro'" in said and "no projection" in said
-    cfg = config_lib.vit_config(c)
+    cfg = vit.from_config(c)
     assert (cfg.width, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.patch) == (48, 3, 4, 96, 4)
     assert (cfg.pos, cfg.act, cfg.rope_theta, cfg.ln_eps, cfg.embed_dim) == (
         "rope", "gelu", 500.0, 1e-6, 32)  # embed_dim: the config's, for a new projection
@@ -58,14 +57,14 @@ def test_a_named_size_and_a_clip_projection_and_its_image_size(tmp_path):
     c = tiny_config()
     c.model.init_from = str(path)
     weights.adopt_architecture(c)
-    cfg = config_lib.vit_config(c)
+    cfg = vit.from_config(c)
     assert c.model.size == "tiny" and c.data.image_size == 24
     assert (cfg.pos, cfg.act, cfg.embed_dim, cfg.image_hw) == ("learned", "quick_gelu", 24,
                                                                 (24, 24))
     c = tiny_config()
     c.model.init_from, c.model.embed_dim = str(path), 16
     weights.adopt_architecture(c, {"model.embed_dim"})  # asked for: a new projection of 16
-    assert config_lib.vit_config(c).embed_dim == 16
+    assert vit.from_config(c).embed_dim == 16
 
 
 @pytest.mark.parametrize("field, value, mine, theirs", [

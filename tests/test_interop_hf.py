@@ -216,7 +216,7 @@ def test_export_a_training_run_to_transformers(tmp_path):
     """workdir → `export RUN OUT [--step N]` → MLCDVisionModel.from_pretrained: the outputs of the
     checkpoint's encoder, for each step asked for."""
     from mlcd_jax.interop import weights
-    from mlcd_jax.training import checkpoint
+    from mlcd_jax.runtime import checkpoint
     cli.train(tmp_path / "run", "--config.total_steps=4", "--config.checkpoint_every=2",
               "--config.optim.lr=0.05")
     x = inputs(16, 16)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from mlcd_jax.interop import weights
 from mlcd_jax.models import vit
-from mlcd_jax.runtime import files as records
+from mlcd_jax.runtime import files
 
 import cli
 
@@ -54,8 +54,8 @@ def test_text_tower_learns_captions_of_informative_image_features(tmp_path, enco
         labels = np.load(features / f"{split}.labels.npy")
         x = directions[labels] + 0.3 * rng.normal(size=(len(labels), 16))
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-        record = records.piece_record(features / f"{split}.npy")
-        records.write_piece(features / f"{split}.npy", x, {"fingerprint": record["fingerprint"]})
+        record = files.piece_record(features / f"{split}.npy")
+        files.write_piece(features / f"{split}.npy", x, {"fingerprint": record["fingerprint"]})
     before = {s: np.load(features / f"{s}.npy") for s in ("train", "test")}
     for name in ("checkpoints", "metrics.jsonl", "evals.jsonl", "tensorboard"):
         subprocess.run(["rm", "-rf", str(tmp_path / name)], check=True)
@@ -97,7 +97,7 @@ def test_config_mistakes_are_one_line(tmp_path, encoder):
     out = cli.run("mlcd_jax.lit", *LIT, f"--workdir={tmp_path}", expect=2)
     assert "config.image.model" in out.stderr and "Traceback" not in out.stderr
     out = lit(tmp_path, encoder, "--config.loss.kind=infonce", expect=2)
-    assert "config.loss.kind must be one of" in out.stderr and "Traceback" not in out.stderr
+    assert "config.loss.kind: must be one of" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.slow
@@ -167,8 +167,8 @@ def test_retrieval_only_on_captioned_web_shards(tmp_path, encoder):
     for split, rows in order.items():
         x = directions[digits.target[rows]] + 0.3 * rng.normal(size=(len(rows), 16))
         x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-        record = records.piece_record(features / f"{split}.npy")
-        records.write_piece(features / f"{split}.npy", x, {"fingerprint": record["fingerprint"]})
+        record = files.piece_record(features / f"{split}.npy")
+        files.write_piece(features / f"{split}.npy", x, {"fingerprint": record["fingerprint"]})
     for name in ("checkpoints", "metrics.jsonl", "evals.jsonl", "tensorboard"):
         subprocess.run(["rm", "-rf", str(run / name)], check=True)
     out = lit(run, encoder, *data, "--config.total_steps=100", "--config.evals.every=100")
@@ -201,7 +201,7 @@ def test_lit_has_the_trainers_protections(tmp_path, encoder):
     assert cli.records(reference)[-1]["step"] == 120
 
     def start(workdir, *args, lines: int):
-        """A LiT in the background, once its metrics.jsonl has `lines` records."""
+        """A LiT in the background, once its metrics.jsonl has `lines` files."""
         proc = subprocess.Popen(cli.command("mlcd_jax.lit", *LIT, f"--workdir={workdir}",
                                             f"--config.image.model={encoder}", *args),
                                 cwd=cli.REPO, env=cli.env(DEVICES), stdout=subprocess.DEVNULL,

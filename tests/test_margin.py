@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlcd_jax.config import schema as config_lib
+from mlcd_jax.config import schema
 from mlcd_jax.training import losses, sharded_head as head, validation
 
 from cli import REPO, records, run, train
@@ -61,8 +61,8 @@ def test_exact_gradient_pushes_a_far_positive_away_through_the_head(kind):
     labels = np.array([[0]], np.int32)
 
     def loss_and_grad(margin_grad):
-        fn = lambda f: head.loss(f, centers, labels, key=jax.random.key(0), cfg=head.HeadConfig(
-            loss=kind, sample_ratio=1.0, margin_grad=margin_grad))[0]
+        fn = lambda f: head.loss(f, centers, labels, key=jax.random.key(0), cfg=schema.Head(
+            loss=kind, num_classes=2, sample_ratio=1.0, margin_grad=margin_grad))[0]
         value, grad = jax.value_and_grad(fn)(e[None])
         return float(value), np.asarray(grad)[0]
 
@@ -70,16 +70,16 @@ def test_exact_gradient_pushes_a_far_positive_away_through_the_head(kind):
     assert straight[0] == pytest.approx(exact[0], rel=1e-6)
     toward = positive - (positive @ e) * e        # where cos(e, positive) grows
     assert -straight[1] @ toward > 0 > -exact[1] @ toward
-    assert head.HeadConfig().margin_grad == "straight_through"
+    assert schema.Head().margin_grad == "straight_through"
 
 
 def test_config_default_and_typos_name_the_field():
-    c = config_lib.base_config()
+    c = schema.base_config()
     assert c.head.margin_grad == "straight_through" and c.head.margin_type == "arcface"
     c.model.dtype = "float32"
-    assert validation.head_config(c).margin_grad == "straight_through"
+    assert schema.head(c).margin_grad == "straight_through"
     c.head.margin_grad = "exact"
-    assert validation.head_config(c).margin_grad == "exact"
+    assert schema.head(c).margin_grad == "exact"
     sys.path.insert(0, str(REPO / "configs"))
     import test_tiny
     for field, value in (("margin_grad", "straight-through"), ("margin_type", "sphereface")):
@@ -87,8 +87,8 @@ def test_config_default_and_typos_name_the_field():
         c.head[field] = value
         with pytest.raises(ValueError, match=rf"^config\.head\.{field}: must be one of \("):
             validation.validate(c, 8)
-    with pytest.raises(ValueError, match="^head.margin_grad: must be one of"):
-        head.HeadConfig(margin_grad="exakt")
+    with pytest.raises(ValueError, match="^margin_grad: must be one of"):
+        schema.Head(margin_grad="exakt")
     with pytest.raises(ValueError, match="margin_grad must be one of"):
         losses.positive_logits(jnp.zeros(2), scale=S, margin=M, margin_type="arcface",
                                margin_grad="exakt")

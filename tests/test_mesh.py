@@ -2,6 +2,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from mlcd_jax.runtime import mesh as mesh_lib
+from mlcd_jax.training import step
 
 
 @pytest.mark.parametrize("axes, want", [
@@ -73,7 +74,7 @@ def test_train_state_shardings_and_the_guard_against_silent_replication(devices)
     state = {"params": params, "opt_state": jax.eval_shape(optax.adamw(1e-3).init, params),
              "step": jax.ShapeDtypeStruct((), "int32")}
     mesh = mesh_lib.make_mesh([("data", 2), ("fsdp", 4)])
-    shardings = mesh_lib.state_shardings(state, encoder, mesh)
+    shardings = step.state_shardings(state, encoder, mesh)
     kernel = shardings["params"]["encoder"]["blocks"]["fc1"]["kernel"]
     assert kernel.spec == P(None, "fsdp", None)
     adam_mu = shardings["opt_state"][0].mu  # Adam's first moment mirrors the parameters

@@ -15,9 +15,9 @@ from transformers.models.siglip2.image_processing_pil_siglip2 import (
 )
 
 from mlcd_jax.data import transforms
-from mlcd_jax.evaluate import features
 from mlcd_jax.interop import weights
 from mlcd_jax.interop.hf import __main__ as hf_cli, mapping as hf
+from mlcd_jax.labels import embed
 from mlcd_jax.models import vit
 
 TOL = 1e-4
@@ -85,7 +85,7 @@ def test_exported_native_encoder_gives_our_features_in_transformers(tmp_path):
     model = transformers.MLCDVisionModel.from_pretrained(tmp_path).eval()
     images = mixed_images()
     source = Images(images)
-    got = np.concatenate([x for x, _ in features.embeddings(ours, source, image_size=16,
+    got = np.concatenate([x for x, _ in embed.embeddings(ours, source, image_size=16,
                                                            batch_size=4, native=native)])
     want = transformers_features(model, tmp_path, images, native)
     print("max |ours − transformers|:", np.abs(got - want).max())
@@ -107,7 +107,7 @@ def test_squashed_export_resizes_the_whole_image_in_transformers(tmp_path):
     model = transformers.MLCDVisionModel.from_pretrained(tmp_path).eval()
     processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path)
     images = mixed_images(1)
-    got = np.concatenate([x for x, _ in features.embeddings(ours, Images(images), image_size=16,
+    got = np.concatenate([x for x, _ in embed.embeddings(ours, Images(images), image_size=16,
                                                            batch_size=4, native=squash)])
     for image, mine in zip(images, got):
         pixels = processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]

@@ -83,7 +83,7 @@ def test_native_step_on_a_full_grid_is_the_square_step(devices):
         model_cfg, head_cfg = validation.validate(c, 2)
         mesh = mesh_lib.make_mesh(c.mesh, devices[:2])
         built = step.build(c, mesh, 3, model_cfg, head_cfg)
-        native = validation.config_lib.native(c, model_cfg.patch)
+        native = transforms.native_sizing(c.data, model_cfg.patch)
         inputs = input_lib.SyntheticInput(c, built.batch_sharding, native=native)
         state = jax.jit(built.init, out_shardings=built.shardings)(jax.random.key(c.seed))
         results[resolution] = []
@@ -142,9 +142,9 @@ def test_a_folder_of_mixed_aspect_ratios_trains_evaluates_embeds_and_exports(tmp
         get_image_size_for_max_num_patches,
     )
 
-    from mlcd_jax.evaluate import features
     from mlcd_jax.interop import weights
     from mlcd_jax.interop.hf import mapping as hf
+    from mlcd_jax.labels import embed
     mixed_folder(tmp_path / "train")
     mixed_folder(tmp_path / "test", seed=1)
     run = tmp_path / "run"
@@ -167,7 +167,7 @@ def test_a_folder_of_mixed_aspect_ratios_trains_evaluates_embeds_and_exports(tmp
     native = weights.native_sizing(run)
     assert native == transforms.Native(4, 48) == hf.read_native(tmp_path / "hf")
     test = sources.FolderSource(tmp_path / "test")
-    ours = np.concatenate([x for x, _ in features.embeddings(encoder, test, image_size=32,
+    ours = np.concatenate([x for x, _ in embed.embeddings(encoder, test, image_size=32,
                                                             native=native)])
     stored = np.load(tmp_path / "emb" / "emb_00000.npy").astype(np.float32)
     normed = ours / np.linalg.norm(ours, axis=1, keepdims=True)

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from mlcd_jax.config import schema as config_lib
 from mlcd_jax.models import vit
 from mlcd_jax.planning import flops
 
@@ -121,7 +120,7 @@ def test_analytic_region_layer_flops_match_xla(size, regions, layers):
     unprojected = dataclasses.replace(cfg, embed_dim=None)  # the ViT's projection runs outside
     assert 1.0 <= counted / flops.region_forward(unprojected, patches, regions, layers) <= 1.15
     with_regions = tiny.get_config("regions")
-    counts = flops.per_step(with_regions, config_lib.vit_config(with_regions), 8)
+    counts = flops.per_step(with_regions, vit.from_config(with_regions), 8)
     assert counts["region_forward_per_image"] > 0
-    assert flops.per_step(tiny.get_config(), config_lib.vit_config(tiny.get_config()),
+    assert flops.per_step(tiny.get_config(), vit.from_config(tiny.get_config()),
                             8)["region_forward_per_image"] == 0

@@ -13,12 +13,13 @@ import sys
 import pytest
 
 from mlcd_jax.planning import gpu_specs, hlo
-from mlcd_jax.runtime import backend as platform
+from mlcd_jax.runtime import backend
+from mlcd_jax.runtime.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GiB = 2 ** 30
 
-needs_plugin = pytest.mark.skipif(not platform.gpu_plugin_installed(),
+needs_plugin = pytest.mark.skipif(not backend.gpu_plugin_installed(),
                                   reason="jax's CUDA plugin is not installed (make plan-env)")
 
 
@@ -133,8 +134,8 @@ def test_an_unknown_gpu_is_one_line_naming_the_known_ones():
 
 def test_a_missing_plugin_is_one_line_naming_the_fix(monkeypatch):
     from mlcd_jax.planning import plan
-    monkeypatch.setattr(plan.platform, "gpu_plugin_installed", lambda: False)
-    with pytest.raises(SystemExit, match="make plan-env"):
+    monkeypatch.setattr(plan.backend, "gpu_plugin_installed", lambda: False)
+    with pytest.raises(UserError, match="make plan-env"):
         plan.target("h200:8")
 
 

@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 
 from mlcd_jax.config import schema as config_lib
-from mlcd_jax.runtime import mesh as mesh_lib
-from mlcd_jax.training import checkpoint, validation
+from mlcd_jax.runtime import checkpoint, mesh as mesh_lib
+from mlcd_jax.training import validation
 
 from cli import REPO, TRAIN_COMPILE, env, losses, records, run, sigterm_after, train, train_args
 
@@ -115,7 +115,7 @@ def test_checkpoint_restores_on_fewer_devices(devices, tmp_path):
     ("data.source", "laion", "config.data.source: must be one of"),
     ("evals.every", -1, "config.evals.every: must be ≥ 0"),
     ("head.chunk", -1, "config.head.chunk: must be ≥ 0"),
-    ("evals", {"every": 10, "dataset": "synthetic"}, "config.evals.dataset: must be one of"),
+    ("evals", {"every": 10, "dataset": "synthetic"}, "config.evals.source: must be one of"),
     ("evals", {"every": 10, "probes": ("knn", "svm")}, "config.evals.probes: must be a non-empty"),
 ])
 def test_config_validation_names_field_and_fix(field, value, message):
@@ -256,7 +256,8 @@ def test_trainer_mistakes_are_one_line_naming_the_field(tmp_path):
         result = train(tmp_path / "w", *args, expect=2)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr, (message, result.stderr)
-    for config, message in (("configs/nope.py", "--config=configs/nope.py: no such file"),
+    for config, message in (("configs/nope.py", "--config=configs/nope.py: no such config file or "
+                                               "preset; the presets: demo"),
                             ("configs/demo.py:mlcdd", "configs/demo.py:mlcdd: unknown config "
                                                       "argument; allowed: :mlcd, :single")):
         result = train(tmp_path / "w", config=config, expect=2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mlcd_jax.config import schema as config_lib
+from mlcd_jax.config import schema
 
 VARIANTS = {  # the paper's ViT sizes: (peak learning rate, embedding width)
     "B/32": (5e-4, 512),
@@ -15,7 +15,7 @@ VARIANTS = {  # the paper's ViT sizes: (peak learning rate, embedding width)
 
 def laion400m_recipe(size: str, *, lr: float, embed_dim: int) -> ml_collections.ConfigDict:
     """The paper's pretraining recipe (MLCD, ECCV 2024, §4.1) for a ViT `size` at 224 px."""
-    c = config_lib.base_config()
+    c = schema.base_config()
     c.model.size = size
     c.model.pos = "learned"                 # the released B/32 and L/14 models are CLIP-style
     c.model.embed_dim = embed_dim

@@ -37,7 +37,7 @@ import pathlib
 
 import numpy as np
 
-from mlcd_jax.data import record_keys as keys_lib, regions as regions_lib
+from mlcd_jax.data import record_keys, regions as regions_lib
 from mlcd_jax.runtime.errors import MissingFile, UserError
 from mlcd_jax.runtime.files import write_json_atomic
 
@@ -83,10 +83,6 @@ class _RegionTable:
                 "sha256": self.sha.hexdigest()}
 
 
-class DuplicateKey(UserError):
-    """Two records of one convert output have the same key."""
-
-
 class Writer:
     """Writes the index as convert goes: a line and an offset per record (nothing kept in
     memory), the manifest at `finish`. Until then everything is under .tmp names."""
@@ -119,15 +115,16 @@ class Writer:
             self._regions.add(key, fields)
             line |= fields
         self._lines.write((json.dumps(line, ensure_ascii=False) + "\n").encode())
-        self._hashes.write(keys_lib.hashes([key]).tobytes())
+        self._hashes.write(record_keys.hashes([key]).tobytes())
         self.records += 1
         self.captioned += caption is not None
         self.shard_records[-1] += 1
 
     def finish(self, shards: list[str]) -> None:
         """The index of `shards` (their final names): files renamed into place, manifest last.
-        Two records with one key raise DuplicateKey, naming both, after the index is in place
-        (nothing converted is lost: remove one of the two and `--reindex`, or convert again)."""
+        Two records with one key raise record_keys.DuplicateKey, naming both, after the index is
+        in place (nothing converted is lost: remove one of the two and `--reindex`, or convert
+        again)."""
         self._offsets.write(np.int64(self._lines.tell()).astype("<i8").tobytes())
         size = self._lines.tell()
         for f, path in self._files():
@@ -168,12 +165,12 @@ def check_unique(prefix) -> None:
     index = Index(prefix)
     table = pathlib.Path(f"{prefix}.index.keys-check.npy")
     try:
-        keys_lib.build(table, [index.hashes()], index.records, what=f"{index.lines_path}",
-                       describe=lambda r: f"record {r} ({index.line(r)['name']!r}, key "
+        record_keys.build(table, [index.hashes()], index.records, what=f"{index.lines_path}",
+                          describe=lambda r: f"record {r} ({index.line(r)['name']!r}, key "
                                           f"{index.line(r)['key']!r})")
-    except keys_lib.DuplicateKey as e:
-        raise DuplicateKey(f"{e}: remove one of the two images from the input and convert "
-                           "again with --overwrite") from None
+    except record_keys.DuplicateKey as e:  # the same error, with the fix for convert's output
+        raise record_keys.DuplicateKey(f"{e}: remove one of the two images from the input and "
+                                       "convert again with --overwrite", e.rows) from None
     finally:
         table.unlink(missing_ok=True)
 
@@ -199,7 +196,7 @@ def reindex(prefix, shards: list[str], counts: list[int], key_of) -> dict:
                 raw = (json.dumps(line, ensure_ascii=False) + "\n").encode()
             offsets.write(np.int64(out.tell()).astype("<i8").tobytes())
             out.write(raw)
-            hashed.write(keys_lib.hashes([line["key"]]).tobytes())
+            hashed.write(record_keys.hashes([line["key"]]).tobytes())
             table.add(line["key"], {k: line[k] for k in ("boxes", "texts", "region_ids",
                                                          "classes") if k in line})
             records += 1
@@ -269,10 +266,10 @@ class Index:
                              f"so labels cannot be joined to its records by key; add them with "
                              f"`python -m mlcd_jax.data.convert --reindex {self.prefix}` (one "
                              f"pass, nothing re-encoded)")
-        if not path.is_file() or path.stat().st_size != keys_lib.HASH.itemsize * self.records:
+        if not path.is_file() or path.stat().st_size != record_keys.HASH.itemsize * self.records:
             raise StaleIndex(f"{path} is missing or does not match {self.lines_path}; "
                              f"`python -m mlcd_jax.data.convert --reindex {self.prefix}`")
-        return np.memmap(path, dtype=keys_lib.HASH, mode="r", shape=(self.records,))
+        return np.memmap(path, dtype=record_keys.HASH, mode="r", shape=(self.records,))
 
     def region_counts(self, records) -> np.ndarray:
         """(n, 2) int64: the regions of `records`, all and those with a text (from the table, no

@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from mlcd_jax.data import record_keys as keys_lib, transforms
+from mlcd_jax.data import record_keys, transforms
 from mlcd_jax.runtime import files as records
 from mlcd_jax.runtime.errors import MissingFile, UserError
 
@@ -412,7 +412,7 @@ class _Lines:
 def _hash_chunks(path: pathlib.Path, chunk: int = 1 << 22):
     """A file of key hashes, read a memory-mapped chunk at a time."""
     if path.stat().st_size:
-        hashed = np.memmap(path, keys_lib.HASH, "r")
+        hashed = np.memmap(path, record_keys.HASH, "r")
         yield from (hashed[s:s + chunk] for s in range(0, len(hashed), chunk))
 
 
@@ -455,14 +455,14 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path, meta: dict) -> Iterator[R
         image_id = image.get("id", member)
         images.add({"key": _name(image["file_name"]), "id": image_id,
                     "size": _size(image.get("width"), image.get("height"))})
-        ids.write(keys_lib.hashes([str(image_id)]).tobytes())
+        ids.write(record_keys.hashes([str(image_id)]).tobytes())
     ids.close()
     images = images.close()
     if not len(images):
         raise UserError(f"{path}: no images[] (or imgs{{}}) entries: not COCO-style annotation "
                         "JSON (images[].file_name/id, annotations[].image_id/bbox)")
-    table = keys_lib.build(work / "images.table.npy", _hash_chunks(work / "images.ids"),
-                           len(images),
+    table = record_keys.build(work / "images.table.npy", _hash_chunks(work / "images.ids"),
+                              len(images),
                            describe=lambda r: f"images entry {r} ({images[r]['key']!r})",
                            what=f"{path}: image ids")
     buckets = [open(work / f"bucket{b}", "wb")
@@ -474,7 +474,7 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path, meta: dict) -> Iterator[R
 
     def flush():
         nonlocal unknown
-        rows = keys_lib.lookup(table, keys_lib.hashes(str(a[0]) for a in batch))
+        rows = record_keys.lookup(table, record_keys.hashes(str(a[0]) for a in batch))
         out = np.empty(len(batch), _ROW)
         out["image"], out["box"] = rows, [a[1] for a in batch]
         out["text"] = [texts.add(a[2]) if a[2] is not None else -1 for a in batch]
@@ -570,11 +570,11 @@ class Table:
         lines, hashes = _Lines(work / "table.jsonl"), open(work / "table.hashes", "wb")
         for raw in raws:
             lines.add(raw.line())
-            hashes.write(keys_lib.hashes([raw.key]).tobytes())
+            hashes.write(record_keys.hashes([raw.key]).tobytes())
         hashes.close()
         self.lines = lines.close()
         n = len(self.lines)
-        self.table = keys_lib.build(
+        self.table = record_keys.build(
             work / "table.npy", _hash_chunks(work / "table.hashes"), n,
             describe=lambda r: f"{self.lines[r]['where']} ({self.lines[r]['key']!r})",
             what=f"{what}: the annotated images' names")
@@ -588,7 +588,7 @@ class Table:
     def find(self, key: str, name: str) -> int:
         """The row of the record's annotated image (-1: none)."""
         names = candidates(key, name)
-        rows = keys_lib.lookup(self.table, keys_lib.hashes(names))
+        rows = record_keys.lookup(self.table, record_keys.hashes(names))
         hit = np.flatnonzero(rows >= 0)
         return int(rows[hit[0]]) if hit.size else -1
 
@@ -877,7 +877,7 @@ class RegionCrops:
         return region_key(key, int(regions.ids[j]))
 
     def key_hashes(self, indices) -> np.ndarray:
-        return keys_lib.hashes(self.key(int(r)) for r in indices)
+        return record_keys.hashes(self.key(int(r)) for r in indices)
 
     @property
     def unkeyed(self):

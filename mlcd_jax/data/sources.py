@@ -36,16 +36,11 @@ import re
 import numpy as np
 from PIL import Image
 
-from mlcd_jax.data import index as index_lib, record_keys as keys_lib, regions as regions_lib
+from mlcd_jax.config.schema import LABELLED, SOURCES, WITH_SPLITS  # noqa: F401  (re-exported)
+from mlcd_jax.data import index as index_lib, record_keys, regions as regions_lib
 from mlcd_jax.runtime.errors import MissingFile, UserError
 from mlcd_jax.runtime.files import digest
 
-SOURCES = ("synthetic", "digits", "digits_canvas", "digits_regions", "digits_strips", "folder",
-           "arrayrecord", "tfds")
-# real images with classes: evaluable
-LABELLED = ("digits", "digits_canvas", "digits_regions", "digits_strips", "folder", "tfds")
-# `split` selects other records
-WITH_SPLITS = ("digits_canvas", "digits_regions", "digits_strips", "tfds")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -67,7 +62,7 @@ class _Keyed:
         return self.name(i)
 
     def key_hashes(self, indices) -> np.ndarray:
-        return keys_lib.hashes(self.key(int(i)) for i in indices)
+        return record_keys.hashes(self.key(int(i)) for i in indices)
 
 
 class Subset(_Keyed):
@@ -447,7 +442,7 @@ class FolderSource:
         return self.paths[i].relative_to(self.root).as_posix()
 
     def key_hashes(self, indices) -> np.ndarray:
-        return keys_lib.hashes(self.key(int(i)) for i in indices)
+        return record_keys.hashes(self.key(int(i)) for i in indices)
 
     def captions(self, i) -> list[str]:
         text = self.paths[i].with_suffix(".txt")
@@ -619,19 +614,19 @@ class ArrayRecordSource:
         except (OSError, ValueError, KeyError):
             return place
 
-    def _unindexed(self, f: int, what: str) -> ValueError:
+    def _unindexed(self, f: int, what: str) -> UserError:
         """Why file f's records have no `what` (its index is missing, stale or older)."""
         index = self._index(self.files[f])
         if isinstance(index, index_lib.StaleIndex):
             return index
         if index is None:
-            return ValueError(f"{self.files[f]}: no convert index beside it "
-                              f"({_index_of(self.files[f]) or 'PREFIX.index.jsonl'}), so its "
-                              f"records have no {what}; make the files with "
-                              "`python -m mlcd_jax.data.convert`")
-        return ValueError(f"{index.lines_path} lists {index.records:,} records but not "
-                          f"{self.files[f]} as it is now; it is stale: convert again with "
-                          "--overwrite")
+            return UserError(f"{self.files[f]}: no convert index beside it "
+                             f"({_index_of(self.files[f]) or 'PREFIX.index.jsonl'}), so its "
+                             f"records have no {what}; make the files with "
+                             "`python -m mlcd_jax.data.convert`")
+        return UserError(f"{index.lines_path} lists {index.records:,} records but not "
+                         f"{self.files[f]} as it is now; it is stale: convert again with "
+                         "--overwrite")
 
     def _line(self, i, what: str) -> dict:
         f, local = self._locate(i)
@@ -732,7 +727,7 @@ class ArrayRecordSource:
         """The key hashes of records `indices`, read from each file's index table (no line
         parsed)."""
         indices = np.asarray(indices, np.int64)
-        out = np.empty(len(indices), keys_lib.HASH)
+        out = np.empty(len(indices), record_keys.HASH)
         files = np.searchsorted(self.offsets, indices, side="right") - 1
         for f in np.unique(files):
             if self.first[f] is None:

@@ -224,6 +224,17 @@ class Native:
                 "min_num_patches": self.min_tokens}
 
 
+def native_sizing(data, patch: int) -> Native | None:
+    """The native-resolution sizing of a config's `data` section for a model of `patch` (None:
+    square crops). "squash" is the same patch path with every image on the square grid of
+    data.image_size."""
+    if data.resolution == "squash":
+        return Native(patch, (data.image_size // patch) ** 2, keep_aspect=False)
+    if data.resolution != "native":
+        return None
+    return Native(patch, data.max_tokens or (data.image_size // patch) ** 2, data.min_tokens)
+
+
 def native_crop(image: Image.Image, rng: np.random.Generator, scale,
                 ratio=(3 / 4, 4 / 3)) -> Window:
     """A random window for native training: its area a fraction in `scale` of the image's, its

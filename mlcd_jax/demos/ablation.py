@@ -30,12 +30,13 @@ import time
 import ml_collections
 import numpy as np
 
+from mlcd_jax.config import schema
 from mlcd_jax.demos import mlcd as demo, runs as demo_runs
 from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.evaluate.probes import PROBES
 from mlcd_jax.interop import weights
 from mlcd_jax.labels import assign, stats, store
-from mlcd_jax.runtime import files as records
+from mlcd_jax.runtime import files
 from mlcd_jax.runtime.errors import UserError
 
 
@@ -101,10 +102,10 @@ def teacher(c, workdir: pathlib.Path, embeddings: str) -> store.EmbeddingShards:
 def label_store(shards, workdir: pathlib.Path, k: int, l: int) -> pathlib.Path:
     """The top-l labels of K centers, made once (k-means once per K; assign resumes by itself)."""
     centers = workdir / "labels" / f"K{k}" / "centers.npy"
-    made_from = records.digest(shards.fingerprint(), k)  # other embeddings: clustered again
-    if (records.piece_record(centers) or {}).get("fingerprint") != made_from:
+    made_from = files.digest(shards.fingerprint(), k)  # other embeddings: clustered again
+    if (files.piece_record(centers) or {}).get("fingerprint") != made_from:
         centers.parent.mkdir(parents=True, exist_ok=True)
-        records.write_piece(centers, demo.cluster(shards, k), {"fingerprint": made_from})
+        files.write_piece(centers, demo.cluster(shards, k), {"fingerprint": made_from})
     out = centers.parent / f"l{l}"
     assign.run(shards.directory, centers, out, num_labels=l)
     return out
@@ -114,11 +115,11 @@ def pretrain_and_probe(run: pathlib.Path, labels: pathlib.Path, flags_: list[str
     if not (run / "result.json").is_file():
         demo_runs.train(flags_ + [f"--config.data.labels={labels}"])
         encoder, step = weights.load_from_workdir(run)
-        c = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))  # the run's
+        c = schema.upgrade(ml_collections.ConfigDict(json.loads((run / "config.json").read_text())))
         train, test = eval_run.splits_of(c.evals, "config.evals.")
         result = eval_run.evaluate(encoder, train, test, which=PROBES, desc=run.parent.name,
                                    image_size=c.model.image_size or c.data.image_size)
-        records.write_json_atomic(run / "result.json", {p: result[p]["accuracy"] for p in PROBES}
+        files.write_json_atomic(run / "result.json", {p: result[p]["accuracy"] for p in PROBES}
                                 | {"step": step})
     return json.loads((run / "result.json").read_text())
 
@@ -205,6 +206,7 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str], *, grids: list[str], 
            product: bool, embeddings: str) -> int:
     """The sweep of the module's docstring; `overrides`: the trainer's --config and --config.*
     flags, as given. Returns the exit status (1: some pretrainings failed; rerun to retry)."""
+    c = schema.upgrade(c)
     grid = parse_grid(c, grids)
     if not grid:
         raise UserError("--grid: give at least one, e.g. --grid 'data.num_labels=1,2,4,8'")
@@ -251,7 +253,7 @@ def ablate(c, workdir: pathlib.Path, overrides: list[str], *, grids: list[str], 
               "command to retry them (finished points are kept)", file=sys.stderr, flush=True)
         return 1
     rows, purity = summarize(c, grid, runs, product), label_purity(c, workdir)
-    records.write_json_atomic(workdir / "ablation.json", {"grid": grid, "seeds": seeds,
+    files.write_json_atomic(workdir / "ablation.json", {"grid": grid, "seeds": seeds,
                                                         "product": product, "rows": rows,
                                                         "label_purity": purity})
     text = table(rows, grid)

@@ -123,12 +123,11 @@ def run(workdir, *, overrides=(), lit_overrides=()) -> None:
     print("[4/5] evaluating on the held-out canvases", flush=True)
     from flax import nnx
 
-    from mlcd_jax.config import schema as config_lib
     from mlcd_jax.models import vit
     spec = importlib.util.spec_from_file_location("demo_config", CONFIG)
     spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
     demo_config = module.get_config("mlcd")
-    encoders = {"random_init": vit.ViT(config_lib.vit_config(demo_config), rngs=nnx.Rngs(0))}
+    encoders = {"random_init": vit.ViT(vit.from_config(demo_config), rngs=nnx.Rngs(0))}
     for kind, key in (("single", "single_label"), ("mlcd", "mlcd")):
         encoders[key] = weights.load_from_workdir(workdir / kind)[0]
     results = {"linear_probe": {}, "knn": {}}

@@ -24,12 +24,12 @@ import time
 import numpy as np
 
 from mlcd_jax.config import presets
-from mlcd_jax.data import record_keys as keys_lib, sources
+from mlcd_jax.data import record_keys, sources
 from mlcd_jax.demos import runs as demo_runs
 from mlcd_jax.evaluate import features, probes
 from mlcd_jax.interop import weights
 from mlcd_jax.labels import kmeans, store
-from mlcd_jax.runtime import files as records
+from mlcd_jax.runtime import files
 from mlcd_jax.training import reporting
 
 CONFIG = presets.path("demo_native")
@@ -59,9 +59,9 @@ def teacher_labels(workdir: pathlib.Path, train) -> pathlib.Path:
         if center not in row:
             row[np.argmax(row < 0)] = center
     out.mkdir(parents=True, exist_ok=True)
-    records.write_npy_atomic(out / "labels.npy", labels)
-    keys_lib.build(out / "keys.npy", [keys_lib.hashes(train.key(i) for i in range(len(train)))],
-                   len(train))
+    files.write_npy_atomic(out / "labels.npy", labels)
+    hashed = [record_keys.hashes(train.key(i) for i in range(len(train)))]
+    record_keys.build(out / "keys.npy", hashed, len(train))
     store.write_label_manifest(out, num_examples=len(train), num_classes=K, num_labels=L,
                                embeddings=emb, index="each digit's nearest center",
                                recall_at_l=1.0, keys="keys.npy")

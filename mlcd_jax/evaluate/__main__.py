@@ -1,15 +1,15 @@
-"""Evaluate a frozen encoder: python -m mlcd_jax.evaluate --model MODEL --dataset ...
+"""Evaluate a frozen encoder: python -m mlcd_jax.evaluate --model MODEL --source ...
 
-    python -m mlcd_jax.evaluate --model runs/demo/mlcd --dataset digits_canvas --test_split test
-    python -m mlcd_jax.evaluate --model RUN --step 400 --dataset folder --path TRAIN_DIR \\
+    python -m mlcd_jax.evaluate --model runs/demo/mlcd --source digits_canvas --test_split test
+    python -m mlcd_jax.evaluate --model RUN --step 400 --source folder --path TRAIN_DIR \\
         --test_path TEST_DIR
-    python -m mlcd_jax.evaluate --model HF_OR_MODEL_DIR --dataset tfds --tfds_name cifar10 \\
+    python -m mlcd_jax.evaluate --model HF_OR_MODEL_DIR --source tfds --tfds_name cifar10 \\
         --test_split test
 
-    python -m mlcd_jax.evaluate --model RUN --text_model LIT/text_model --dataset ...
+    python -m mlcd_jax.evaluate --model RUN --text_model LIT/text_model --source ...
 
-    python -m mlcd_jax.evaluate --model RUN --dataset digits_regions --test_split test --regions
-    python -m mlcd_jax.evaluate --model MODEL --regions --dataset arrayrecord \\
+    python -m mlcd_jax.evaluate --model RUN --source digits_regions --test_split test --regions
+    python -m mlcd_jax.evaluate --model MODEL --regions --source arrayrecord \\
         --path 'data/train-*.array_record' --test_path 'data/val-*.array_record'
 
 MODEL: a training workdir (its latest checkpoint, or --step), our model dir, or a transformers
@@ -37,7 +37,7 @@ import sys
 
 from absl import flags
 
-from mlcd_jax.data import sources
+from mlcd_jax.config.schema import LABELLED
 from mlcd_jax.runtime import cli
 
 FLAGS = flags.FlagValues()
@@ -49,6 +49,7 @@ def text_evals(a, model, train, test, size, mesh, native=None) -> dict:
     from mlcd_jax.data import sources, tokenizer
     from mlcd_jax.evaluate import features, zero_shot
     from mlcd_jax.interop.hf import mapping as hf
+    from mlcd_jax.labels import store
     from mlcd_jax.runtime.errors import UserError
     tower = hf.load_text_model(a.text_model)
     tok = tokenizer.load(a.text_model, tower.cfg.context_length)
@@ -59,11 +60,11 @@ def text_evals(a, model, train, test, size, mesh, native=None) -> dict:
         raise UserError(f"--text_model {a.text_model} embeds texts in "
                          f"{tower.cfg.embed_dim or tower.cfg.width} dimensions, the encoder's "
                          f"images in {x.shape[1]}: not a text tower trained for this encoder")
-    names = zero_shot.class_names(a.dataset, train, tuple(filter(None, a.class_names.split(","))))
+    names = zero_shot.class_names(a.source, train, tuple(filter(None, a.class_names.split(","))))
     prompts = tuple(a.prompt or PROMPTS)
     captions = zero_shot.captions(sources.Subset(test, rows), y,
                                   templates=tuple(a.template or prompts), names=names)
-    return zero_shot.text_evals(tower, tok, names, prompts, zero_shot.normalize(x), y, captions)
+    return zero_shot.text_evals(tower, tok, names, prompts, store.normalize(x), y, captions)
 
 
 MODEL = flags.DEFINE_string("model", None, "A training workdir, our model dir, or a transformers "
@@ -71,9 +72,10 @@ MODEL = flags.DEFINE_string("model", None, "A training workdir, our model dir, o
 flags.DEFINE_alias("checkpoint", "model", flag_values=FLAGS)
 flags.DEFINE_alias("workdir", "model", flag_values=FLAGS)
 STEP = flags.DEFINE_integer("step", None, "With a training workdir: which step.", flag_values=FLAGS)
-DATASET = flags.DEFINE_enum("dataset", None, [*sources.LABELLED, "arrayrecord"],
+SOURCE = flags.DEFINE_enum("source", None, [*LABELLED, "arrayrecord"],
                             "The images (arrayrecord: only with --regions: its images have no "
                             "classes).", flag_values=FLAGS)
+flags.DEFINE_alias("dataset", "source", flag_values=FLAGS)  # its former name, kept
 PATH = flags.DEFINE_string("path", "", "folder: the (train) images, one sub-folder per class; "
                            "tfds: the data_dir.", flag_values=FLAGS)
 TEST_PATH = flags.DEFINE_string("test_path", "", "folder: the test images (same classes).",
@@ -119,11 +121,11 @@ def command(args) -> int | None:
     del args
     from mlcd_jax.runtime.errors import UserError
     a = FLAGS
-    if a.dataset == "folder" and not a.path:
-        raise UserError("--dataset folder needs --path (the image folder, one sub-folder per "
+    if a.source == "folder" and not a.path:
+        raise UserError("--source folder needs --path (the image folder, one sub-folder per "
                         "class)")
-    if not a.regions and (a.dataset == "arrayrecord" or a.annotations or a.test_annotations):
-        raise UserError("--dataset arrayrecord and --annotations are for --regions (ArrayRecord "
+    if not a.regions and (a.source == "arrayrecord" or a.annotations or a.test_annotations):
+        raise UserError("--source arrayrecord and --annotations are for --regions (ArrayRecord "
                         "images have no classes; give a folder with one sub-folder per class)")
     if a.max_regions < 2 or a.max_patches < 2:
         raise UserError("--max_regions and --max_patches must be ≥ 2")
@@ -134,7 +136,7 @@ def command(args) -> int | None:
     from mlcd_jax.runtime import distributed, mesh as mesh_lib
     distributed.initialize()  # a multi-process job (runtime/distributed.py) shares the work
     model, what = weights.load_encoder(a.model, a.step)
-    train, test = evaluation.dataset_splits(a.dataset, path=a.path, test_path=a.test_path,
+    train, test = evaluation.dataset_splits(a.source, path=a.path, test_path=a.test_path,
                                      tfds_name=a.tfds_name, train_split=a.train_split,
                                      test_split=a.test_split, test_fraction=a.test_fraction,
                                      labelled=not a.regions, annotations=a.annotations,
@@ -153,7 +155,7 @@ def command(args) -> int | None:
             result["raw_pixels"] = evaluation.probe(features.pixels(train, image_size=side),
                                              features.pixels(test, image_size=side))
     elif jax.process_index() == 0:
-        print(f"{a.dataset}: the images have no classes; only the region probes run")
+        print(f"{a.source}: the images have no classes; only the region probes run")
     if a.text_model:
         result["text"] = text_evals(a, model, train, test, size, mesh, native)
     if a.regions:
@@ -163,12 +165,12 @@ def command(args) -> int | None:
         result |= region_probes.evaluate(with_layers, train, test, image_size=size, mesh=mesh,
                                          max_regions=a.max_regions,
                                          max_patches=a.max_patches, dense=a.dense)
-    result |= {"model": what, "dataset": a.dataset, "train": len(train), "test": len(test),
+    result |= {"model": what, "source": a.source, "train": len(train), "test": len(test),
                "resolution": (native.describe() if native else
                               {"resolution": "square", "image_size": size})}
     if jax.process_index() != 0:  # every process computed the same result; one reports it
         return 0
-    print(f"{a.dataset}: {len(train)} train / {len(test)} test images"
+    print(f"{a.source}: {len(train)} train / {len(test)} test images"
           + (f", {native} (raw pixels and region probes: {size}² crops)" if native
              else f", {size}² crops"))
     if "regions" in result:
@@ -202,7 +204,7 @@ def command(args) -> int | None:
 
 
 def main(argv=None) -> int:
-    return cli.run(command, FLAGS, argv, required=("model", "dataset"), doc=__doc__)
+    return cli.run(command, FLAGS, argv, required=("model", "source"), doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,66 +1,18 @@
-"""Frozen features of a dataset: eval transform, jitted forward in batches split over the mesh. The
-one embedding loop of evaluation, periodic evals, LiT and `labels embed` (below all of them)."""
+"""Frozen features of a dataset for evaluation, periodic evals and LiT: the encoder's embeddings
+of every readable image (the one embedding loop, `labels.embed.embeddings`), in memory or
+streamed to disk, with each row's label and record; raw-pixel features, the baseline. Row-wise
+L2 normalisation: `labels.store.normalize`."""
 
 from __future__ import annotations
 
-import functools
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from mlcd_jax.data import pipeline, transforms
-from mlcd_jax.models import vit
-from mlcd_jax.runtime import mesh as mesh_lib
-
-
-def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
-               skipped: pipeline.Skipped | None = None, l2_normalize: bool = False,
-               native: transforms.Native | None = None):
-    """(embeddings (n, D) float32, batch) of each batch of `source`, in order: the eval transform
-    (`native`: each whole image at its native size, as patches), one jitted forward split over
-    `mesh`'s batch axes (the last batch padded to the same shape), L2-normalised on the device if
-    asked. Unreadable records are left out of the batches and counted in `skipped`. The one
-    embedding loop of evaluation, periodic evals and `labels embed`."""
-    graphdef, params = nnx.split(model)
-    sharding, out_sharding = None, None
-    if mesh is not None:
-        shards = mesh_lib.num_batch_shards(mesh)
-        batch_size = -(-batch_size // shards) * shards
-        sharding = mesh_lib.batch_sharding(mesh)
-        out_sharding = mesh_lib.replicated(mesh)  # every process reads all embeddings
-        params = jax.tree.map(lambda x: mesh_lib.global_array(x, out_sharding), params)
-
-    @functools.partial(jax.jit, out_shardings=out_sharding)
-    def forward(params, images):
-        if isinstance(images, dict):  # native resolution
-            images = vit.Patches(transforms.normalize_patches(
-                images["patches"].astype(jnp.float32)), images["positions"], images["mask"])
-        else:
-            images = transforms.normalize(images.astype(jnp.float32))
-        out = nnx.merge(graphdef, params)(images)
-        e = out.embedding.astype(jnp.float32)
-        if l2_normalize:
-            e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
-        return e
-
-    for batch in pipeline.dataset(source, batch_size=batch_size, image_size=image_size,
-                                  num_labels=1, seed=0, train=False, process_index=0,
-                                  process_count=1, native=native):
-        if skipped is not None:
-            skipped.add(batch)
-        n = len(batch["labels"])
-        images = (batch["image"] if native is None
-                  else {k: batch[k] for k in pipeline.PATCH_FIELDS})
-        # One compiled shape: the last batch padded (native: with rows of padding alone).
-        padded = jax.tree.map(lambda x: np.concatenate(
-            [x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)]), images)
-        if sharding is not None:
-            padded = jax.tree.map(lambda x: mesh_lib.global_array(x, sharding), padded)
-        yield np.asarray(forward(params, padded))[:n], batch
+from mlcd_jax.labels import embed
 
 
 def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
@@ -72,8 +24,9 @@ def extract(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
     resolution."""
     feats, labels, rows, skipped = [], [], [], pipeline.Skipped(source)
     with tqdm(total=len(source), desc=desc, unit="img") as bar:
-        for x, batch in embeddings(model, source, image_size=image_size, batch_size=batch_size,
-                                   mesh=mesh, skipped=skipped, native=native):
+        for x, batch in embed.embeddings(model, source, image_size=image_size,
+                                         batch_size=batch_size, mesh=mesh, skipped=skipped,
+                                         native=native):
             feats.append(x)
             labels.append(batch["labels"][:, 0])
             rows.append(batch["index"])
@@ -96,8 +49,9 @@ def extract_to(model, source, path: pathlib.Path, *, image_size: int, batch_size
     tmp = [p.with_name(p.name + ".tmp") for p in finals]
     out, done, skipped = None, 0, pipeline.Skipped(source)
     with tqdm(total=len(source), desc=desc, unit="img") as bar:
-        for x, batch in embeddings(model, source, image_size=image_size, batch_size=batch_size,
-                                   mesh=mesh, skipped=skipped, native=native):
+        for x, batch in embed.embeddings(model, source, image_size=image_size,
+                                         batch_size=batch_size, mesh=mesh, skipped=skipped,
+                                         native=native):
             x = rows(x) if rows is not None else x
             if write and out is None:
                 out = [np.lib.format.open_memmap(t, "w+", dtype, (len(source),) + shape)

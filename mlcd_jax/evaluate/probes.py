@@ -7,9 +7,8 @@ import warnings
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from mlcd_jax.config.schema import PROBES  # noqa: F401  (re-exported: the evaluators here)
 from mlcd_jax.labels import store
-
-PROBES = ("linear_probe", "knn")  # the evaluators of frozen features, by name
 
 
 def _fit_score(c, train_x, train_y, test_x, test_y, max_iter):

@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 
+from mlcd_jax.config.schema import LABELLED, PROBES, WITH_SPLITS
 from mlcd_jax.data import sources
 from mlcd_jax.evaluate import features, probes
 from mlcd_jax.runtime.errors import UserError
@@ -22,38 +23,38 @@ def split(source, test_fraction: float, seed: int = 0):
             sources.Subset(source, np.sort(order[:n_test])))
 
 
-def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_name: str = "",
+def dataset_splits(source: str, *, path: str = "", test_path: str = "", tfds_name: str = "",
                    train_split: str = "train", test_split: str = "", test_fraction: float = 0.3,
                    flag: str = "--", labelled: bool = True, annotations: str = "",
                    test_annotations: str = ""):
-    """(train, test) sources: the dataset's own test split (`test_split`: tfds, digits_canvas,
+    """(train, test) sources: the source's own test split (`test_split`: tfds, digits_canvas,
     digits_regions), test files (`test_path`, for a folder or ArrayRecord files), else
     `test_fraction` of the train split held out with a fixed seed. `flag` prefixes option names
     in errors ("--" or "config.evals."). `labelled=False` also takes images without classes
     (LiT's captioned data; regions with classes). `annotations` (`test_annotations`, by default
     the same) give a folder's images their regions (`FolderSource(regions=...)`)."""
-    allowed = sources.LABELLED if labelled else ("arrayrecord", *sources.LABELLED)
-    if dataset not in allowed:
-        raise UserError(f"{flag}dataset: must be one of {allowed}"
-                        f"{' (images with classes)' if labelled else ''}, got {dataset!r}")
+    allowed = LABELLED if labelled else ("arrayrecord", *LABELLED)
+    if source not in allowed:
+        raise UserError(f"{flag}source: must be one of {allowed}"
+                        f"{' (images with classes)' if labelled else ''}, got {source!r}")
     with_files = ("folder", "arrayrecord")  # sources whose test images are other files
-    if test_split and dataset not in sources.WITH_SPLITS:
-        raise UserError(f"{flag}test_split: {dataset} has no named splits (only "
-                        f"{', '.join(sources.WITH_SPLITS)} do); "
-                        + (f"give the test images as {flag}test_path" if dataset in with_files
+    if test_split and source not in WITH_SPLITS:
+        raise UserError(f"{flag}test_split: {source} has no named splits (only "
+                        f"{', '.join(WITH_SPLITS)} do); "
+                        + (f"give the test images as {flag}test_path" if source in with_files
                             else f"{flag}test_fraction holds out part of it"))
-    if annotations and dataset != "folder":
+    if annotations and source != "folder":
         raise UserError(f"{flag}annotations: only for a folder; ArrayRecord files keep the "
                         "regions `convert --regions` put in their index")
-    if test_path and dataset not in with_files:
-        raise UserError(f"{flag}test_path: only for a folder or ArrayRecord files; {dataset} "
+    if test_path and source not in with_files:
+        raise UserError(f"{flag}test_path: only for a folder or ArrayRecord files; {source} "
                         f"takes {flag}test_split or {flag}test_fraction")
-    if dataset == "arrayrecord":
+    if source == "arrayrecord":
         train = sources.ArrayRecordSource(path, field=f"{flag}path")
         if test_path:
             return train, sources.ArrayRecordSource(test_path, field=f"{flag}test_path")
         return split(train, test_fraction)
-    if dataset == "folder":
+    if source == "folder":
         train = sources.FolderSource(path, field=f"{flag}path", regions=annotations or None)
         if labelled and not train.class_index:
             raise UserError(f"{flag}path {path}: no class sub-folders; evaluation needs one "
@@ -63,7 +64,7 @@ def dataset_splits(dataset: str, *, path: str = "", test_path: str = "", tfds_na
                                                field=f"{flag}test_path",
                                                regions=test_annotations or annotations or None)
         return split(train, test_fraction)
-    spec = lambda s: types.SimpleNamespace(source=dataset, path=path, tfds_name=tfds_name, split=s)
+    spec = lambda s: types.SimpleNamespace(source=source, path=path, tfds_name=tfds_name, split=s)
     if test_split:
         return sources.make_source(spec(train_split)), sources.make_source(spec(test_split))
     return split(sources.make_source(spec(train_split)), test_fraction)
@@ -82,19 +83,19 @@ def image_classes(source) -> bool:
 def splits_of(section, flag: str, labelled: bool = True):
     """`dataset_splits` of a config section with its fields (`config.evals`, LiT's
     `config.data`); `flag` names the section in errors."""
-    return dataset_splits(section.dataset, path=section.path, test_path=section.test_path,
+    return dataset_splits(section.source, path=section.path, test_path=section.test_path,
                           tfds_name=section.tfds_name, train_split=section.train_split,
                           test_split=section.test_split, test_fraction=section.test_fraction,
                           flag=flag, labelled=labelled)
 
 
-def evaluate(model, train, test, *, image_size: int, mesh=None, which=probes.PROBES,
+def evaluate(model, train, test, *, image_size: int, mesh=None, which=PROBES,
              desc: str = "features", native=None) -> dict:
     """{probe: result} for the probes in `which`, on the encoder's embeddings (`native`, a
     `transforms.Native`: of the images at native resolution)."""
-    unknown = set(which) - set(probes.PROBES)
+    unknown = set(which) - set(PROBES)
     if unknown:
-        raise UserError(f"unknown probes {sorted(unknown)}; known: {probes.PROBES}")
+        raise UserError(f"unknown probes {sorted(unknown)}; known: {PROBES}")
     train_xy = features.extract(model, train, image_size=image_size, mesh=mesh,
                                 desc=f"{desc} (train)", native=native)[:2]
     test_xy = features.extract(model, test, image_size=image_size, mesh=mesh,
@@ -102,7 +103,7 @@ def evaluate(model, train, test, *, image_size: int, mesh=None, which=probes.PRO
     return probe(train_xy, test_xy, which)
 
 
-def probe(train_xy, test_xy, which=probes.PROBES) -> dict:
+def probe(train_xy, test_xy, which=PROBES) -> dict:
     """{probe: result} of the probes in `which` on given (features, labels) pairs."""
     for what, (_, y) in (("train", train_xy), ("test", test_xy)):
         if not len(y) or (y < 0).any():

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mlcd_jax.labels.store import normalize
 from mlcd_jax.runtime.errors import UserError
-
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def class_embeddings(prompt_embeddings: np.ndarray) -> np.ndarray:

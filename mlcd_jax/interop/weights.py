@@ -71,17 +71,20 @@ def load_model_dir(path, **overrides) -> vit.ViT:
 
 
 def _workdir_config(workdir):
+    """A training workdir's resolved config, as this version of the code reads it."""
     import ml_collections
+
+    from mlcd_jax.config import schema
     config_file = pathlib.Path(workdir) / "config.json"
     if not config_file.is_file():
         raise MissingFile(f"{config_file} not found: not a training workdir")
-    return ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    return schema.upgrade(ml_collections.ConfigDict(json.loads(config_file.read_text())))
 
 
 def _restore_workdir(workdir, step: int | None = None):
     """(config, params, step) of a training workdir's checkpoint `step` (default: the latest),
     checksums verified, restored onto this process's first device."""
-    from mlcd_jax.training import checkpoint
+    from mlcd_jax.runtime import checkpoint
     workdir = pathlib.Path(workdir).absolute()
     c = _workdir_config(workdir)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints")
@@ -105,9 +108,8 @@ def _restore_workdir(workdir, step: int | None = None):
 def load_from_workdir(workdir, step: int | None = None) -> tuple[vit.ViT, int]:
     """(encoder, step) of a training workdir: its resolved config.json and checkpoint `step`
     (default: the latest), checksums verified, restored onto this process's first device."""
-    from mlcd_jax.config import schema as config_lib
     c, params, step = _restore_workdir(workdir, step)
-    return vit.with_params(config_lib.vit_config(c), params["encoder"]), step
+    return vit.with_params(vit.from_config(c), params["encoder"]), step
 
 
 # RICE's Region Transformer layers, beside an exported encoder (transformers ignores them).
@@ -140,12 +142,11 @@ def load_region_layers(path, step: int | None = None):
     from mlcd_jax.models import region
     path = pathlib.Path(path)
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
-        from mlcd_jax.config import schema as config_lib
         c, params, _ = _restore_workdir(path, step)
         if "region" not in params:
             return None
         layers = lambda cfg, rngs: region.RegionLayers(cfg, c.model.region_layers, rngs=rngs)
-        return vit.with_params(config_lib.vit_config(c), params["region"], cls=layers)
+        return vit.with_params(vit.from_config(c), params["region"], cls=layers)
     if not (path / REGION_CONFIG).is_file():
         return None
     from safetensors.numpy import load_file
@@ -185,11 +186,10 @@ def native_sizing(path) -> transforms.Native | None:
     """The native sizing the encoder at `path` was trained (or exported) with: a training
     workdir's data.resolution, our model dir's native.json, a transformers dir's preprocessor
     config; None: square images."""
-    from mlcd_jax.config import schema as config_lib
     path = pathlib.Path(path)
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
         c = _workdir_config(path)
-        return config_lib.native(c, config_lib.vit_config(c).patch)
+        return transforms.native_sizing(c.data, vit.from_config(c).patch)
     if (path / "vit_config.json").is_file():
         if not (path / NATIVE_FILE).is_file():
             return None
@@ -235,10 +235,9 @@ def sizing(path, model: vit.ViT, resolution: str = "", max_tokens: int = 0,
 
 def architecture(path) -> vit.ViTConfig:
     """The ViTConfig of the encoder at `path` (any form `load_encoder` takes), weights unread."""
-    from mlcd_jax.config import schema as config_lib
     path = pathlib.Path(path)
     if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
-        return config_lib.vit_config(_workdir_config(path))
+        return vit.from_config(_workdir_config(path))
     if (path / "vit_config.json").is_file():
         return _read_model_dir_config(path)
     if (path / "config.json").is_file():
@@ -259,16 +258,15 @@ def adopt_architecture(c, explicit=frozenset()) -> str:
     projection width where it has one, and for learned positions the image size they were made
     for. A field given on the command line (`explicit`: names like "model.size") that contradicts
     the checkpoint is one line naming both values. Returns what was taken, for the start line."""
-    from mlcd_jax.config import schema as config_lib
     path, m = c.model.init_from, c.model
     arch = architecture(path)
-    shape = {f: getattr(arch, f) for f in config_lib.SHAPE_FIELDS}
+    shape = {f: getattr(arch, f) for f in vit.SHAPE_FIELDS}
     said = " ".join(f"{k} {v}" for k, v in shape.items())
 
     def contradicts(field, mine, theirs):
-        return ValueError(f"config.{field}: {mine} on the command line contradicts "
-                          f"config.model.init_from {path}, which has {theirs}; drop "
-                          f"--config.{field} to take the checkpoint's")
+        return UserError(f"config.{field}: {mine} on the command line contradicts "
+                         f"config.model.init_from {path}, which has {theirs}; drop "
+                         f"--config.{field} to take the checkpoint's")
 
     if "model.size" in explicit and m.size:
         named = {f: vit.SIZES.get(m.size, {}).get(f) for f in shape}

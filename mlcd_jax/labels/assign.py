@@ -29,9 +29,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from mlcd_jax.data import record_keys as keys_lib
+from mlcd_jax.data import record_keys
 from mlcd_jax.labels import kmeans, sharded, store
-from mlcd_jax.runtime import backend as platform, distributed, files as records
+from mlcd_jax.runtime import backend as platform, distributed, files
 from mlcd_jax.runtime.errors import MissingFile, UserError
 
 # K above this uses IVF unless told otherwise. Exact search runs on BLAS: on a 2-core CPU at
@@ -128,15 +128,15 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
         kind = f"exact (jax, {index.searcher.dtype.name})"
     else:
         index, kind = build_index(centers, index_kind, nprobe)
-    made_by = records.digest(records.array_sha256(raw_centers), num_labels, kind,
+    made_by = files.digest(files.array_sha256(raw_centers), num_labels, kind,
                            index.nprobe if kind == "ivf" else None)
-    fingerprints = [records.digest(made_by, shards.shard_fingerprint(i))
+    fingerprints = [files.digest(made_by, shards.shard_fingerprint(i))
                     for i in range(len(shards.files))]
     parts = [out / "parts" / f"part_{i:05d}.npy" for i in range(len(shards.files))]
-    finished = lambda i: records.fresh_piece(parts[i], fingerprints[i]) is not None
+    finished = lambda i: files.fresh_piece(parts[i], fingerprints[i]) is not None
     mine = [i for i in range(len(shards.files)) if i % process_count == process_index]
     todo = [i for i in mine if not finished(i)]
-    stale = [i for i in todo if records.piece_record(parts[i]) is not None]
+    stale = [i for i in todo if files.piece_record(parts[i]) is not None]
     if stale:
         print(f"assign: redoing {len(stale)} parts made from other centers, another "
               f"--num_labels/--index or other embeddings (e.g. {parts[stale[0]].name})")
@@ -162,7 +162,7 @@ def run(embeddings_dir, centers_path, out_dir, *, num_labels: int, index_kind: s
             found.append(index.search(x, num_labels)[1].astype(np.int32))
             bar.update(len(x))
             if shard_ends:
-                records.write_piece(parts[i], np.concatenate(found),
+                files.write_piece(parts[i], np.concatenate(found),
                                   {"fingerprint": fingerprints[i], "shard": shards.files[i].name})
                 found = []
     if backend == "jax":
@@ -198,13 +198,13 @@ def merge(parts, fingerprints, out: pathlib.Path, shards, centers, num_labels, r
     labels = np.lib.format.open_memmap(out / "labels.npy.tmp", mode="w+", dtype=np.int32,
                                        shape=(shards.total, num_labels))
     for i, part in enumerate(parts):
-        array, record = np.load(part), records.piece_record(part) or {}
+        array, record = np.load(part), files.piece_record(part) or {}
         problem = None
         if record.get("fingerprint") != fingerprints[i]:
             problem = "it was made from other inputs"
         elif array.shape != (shards.counts[i], num_labels):
             problem = f"shape {array.shape}, expected {(shards.counts[i], num_labels)}"
-        elif records.array_sha256(array) != record.get("sha256"):
+        elif files.array_sha256(array) != record.get("sha256"):
             problem = "its contents changed since it was written (checksum)"
         elif array.size and (array.min() < 0 or array.max() >= k):
             problem = f"ids outside [0, {k})"
@@ -225,8 +225,8 @@ def merge(parts, fingerprints, out: pathlib.Path, shards, centers, num_labels, r
                 yield shards.key_hashes(i)
                 bar.update(shards.counts[i])
         try:
-            keys_lib.build(out / "keys.npy", hashed(), shards.total, describe=shards.describe,
-                           what=f"the embeddings in {shards.directory}")
+            record_keys.build(out / "keys.npy", hashed(), shards.total, describe=shards.describe,
+                              what=f"the embeddings in {shards.directory}")
         except UserError as e:
             (out / "labels.npy.tmp").unlink()
             raise UserError(f"assign: {e}; the parts are kept, rerun assign once the keys "

@@ -20,19 +20,68 @@ get their text's token ids instead, `labels ocr`). The same shards, records and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from mlcd_jax.data import pipeline, regions as regions_lib, sources
+from mlcd_jax.data import pipeline, regions as regions_lib, sources, transforms
 from mlcd_jax.labels import store
-from mlcd_jax.runtime import distributed, files as records
+from mlcd_jax.models import vit
+from mlcd_jax.runtime import distributed, files, mesh as mesh_lib
 from mlcd_jax.runtime.errors import UserError
+
+
+def embeddings(model, source, *, image_size: int, batch_size: int = 256, mesh=None,
+               skipped: pipeline.Skipped | None = None, l2_normalize: bool = False,
+               native: transforms.Native | None = None):
+    """(embeddings (n, D) float32, batch) of each batch of `source`, in order: the eval transform
+    (`native`: each whole image at its native size, as patches), one jitted forward split over
+    `mesh`'s batch axes (the last batch padded to the same shape), L2-normalised on the device if
+    asked. Unreadable records are left out of the batches and counted in `skipped`. The one
+    embedding loop: `labels embed`, evaluation, periodic evals and LiT run encoders through it."""
+    graphdef, params = nnx.split(model)
+    sharding, out_sharding = None, None
+    if mesh is not None:
+        shards = mesh_lib.num_batch_shards(mesh)
+        batch_size = -(-batch_size // shards) * shards
+        sharding = mesh_lib.batch_sharding(mesh)
+        out_sharding = mesh_lib.replicated(mesh)  # every process reads all embeddings
+        params = jax.tree.map(lambda x: mesh_lib.global_array(x, out_sharding), params)
+
+    @functools.partial(jax.jit, out_shardings=out_sharding)
+    def forward(params, images):
+        if isinstance(images, dict):  # native resolution
+            images = vit.Patches(transforms.normalize_patches(
+                images["patches"].astype(jnp.float32)), images["positions"], images["mask"])
+        else:
+            images = transforms.normalize(images.astype(jnp.float32))
+        out = nnx.merge(graphdef, params)(images)
+        e = out.embedding.astype(jnp.float32)
+        if l2_normalize:
+            e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+        return e
+
+    for batch in pipeline.dataset(source, batch_size=batch_size, image_size=image_size,
+                                  num_labels=1, seed=0, train=False, process_index=0,
+                                  process_count=1, native=native):
+        if skipped is not None:
+            skipped.add(batch)
+        n = len(batch["labels"])
+        images = (batch["image"] if native is None
+                  else {k: batch[k] for k in pipeline.PATCH_FIELDS})
+        # One compiled shape: the last batch padded (native: with rows of padding alone).
+        padded = jax.tree.map(lambda x: np.concatenate(
+            [x, np.zeros((batch_size - n,) + x.shape[1:], x.dtype)]), images)
+        if sharding is not None:
+            padded = jax.tree.map(lambda x: mesh_lib.global_array(x, sharding), padded)
+        yield np.asarray(forward(params, padded))[:n], batch
 
 
 def model_fingerprint(params) -> str:
@@ -47,7 +96,6 @@ def with_dtype(model, dtype: str):
     """`model` computing in `dtype` (the same weights)."""
     if model.cfg.dtype == dtype:
         return model
-    from mlcd_jax.models import vit
     return vit.with_params(dataclasses.replace(model.cfg, dtype=dtype),
                            nnx.to_pure_dict(nnx.state(model)))
 
@@ -76,8 +124,6 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     """Embed this process's share of `source` into `out_dir`, batches split over `mesh` (default:
     this process's devices; processes embed different shards, so the mesh is theirs alone);
     `native` (a `transforms.Native`): each image at native resolution."""
-    from mlcd_jax.evaluate import features
-    from mlcd_jax.runtime import mesh as mesh_lib
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     mesh = mesh or mesh_lib.make_mesh([("data", -1)], jax.local_devices())
@@ -88,12 +134,12 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
     # keep the form they had before the dtype was a choice).
     precision = () if model.cfg.dtype == "float32" else (model.cfg.dtype,)
     sizing = () if native is None else (native.describe(),)  # square: the record it always had
-    made_by = records.digest(source.fingerprint(), model_fingerprint(nnx.state(model)), image_size,
+    made_by = files.digest(source.fingerprint(), model_fingerprint(nnx.state(model)), image_size,
                            *precision, *sizing)
-    fingerprints = [records.digest(made_by, a, b) for a, b in bounds]
+    fingerprints = [files.digest(made_by, a, b) for a, b in bounds]
     _refuse_other_runs(out, names, fingerprints)
     todo = [i for i in range(len(bounds)) if i % process_count == process_index
-            and records.fresh_piece(out / names[i], fingerprints[i]) is None]
+            and files.fresh_piece(out / names[i], fingerprints[i]) is None]
     keyed = source.unkeyed is None
     if not keyed and process_index == 0:
         print(f"embed: the records have no keys ({source.unkeyed}); the embeddings are written "
@@ -105,10 +151,9 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
             shard = sources.Subset(source, range(*bounds[i]))
             skipped = pipeline.Skipped(shard)
             parts, rows = [], []
-            for x, batch in features.embeddings(model, shard, image_size=image_size,
-                                                batch_size=batch_size, mesh=mesh,
-                                                skipped=skipped, l2_normalize=True,
-                                                native=native):
+            for x, batch in embeddings(model, shard, image_size=image_size,
+                                       batch_size=batch_size, mesh=mesh, skipped=skipped,
+                                       l2_normalize=True, native=native):
                 parts.append(x.astype(np.float16))
                 rows.append(batch["index"])
                 bar.update(len(x) + int(batch["skipped"].sum()))
@@ -123,17 +168,17 @@ def run(source, model, out_dir, *, model_name: str, image_size: int, batch_size:
             if keyed:  # the keys first: a shard is done when its .npy and record exist
                 store.write_keys(out / store.keys_name(names[i]),
                                  (shard.key(int(r)) for r in np.concatenate(rows)))
-            records.write_piece(out / names[i], np.concatenate(parts),
-                                {"fingerprint": fingerprints[i], "records": list(bounds[i])})
+            files.write_piece(out / names[i], np.concatenate(parts),
+                              {"fingerprint": fingerprints[i], "records": list(bounds[i])})
     seconds = time.perf_counter() - start
     for line in skipped_total:  # the rest of the shard is embedded; these have no labels
         print(f"embed: left out {line}", flush=True)
     distributed.barrier("embed: shards written")  # in a multi-process job, process 0 then indexes
-    done = all(records.piece_record(out / f) is not None for f in names)
+    done = all(files.piece_record(out / f) is not None for f in names)
     if process_index == 0 and done:
         width = int(np.load(out / names[0], mmap_mode="r").shape[1])
         store.write_embeddings_manifest(
-            out, [{"file": f, "count": int(records.piece_record(out / f)["rows"]),
+            out, [{"file": f, "count": int(files.piece_record(out / f)["rows"]),
                    "fingerprint": fp} | ({"keys": store.keys_name(f)} if keyed else {})
                   for f, fp in zip(names, fingerprints)],
             dim=width, model=model_name, source=source_name)
@@ -149,7 +194,7 @@ def _refuse_other_runs(out: pathlib.Path, names, fingerprints) -> None:
     redone.)"""
     expected = dict(zip(names, fingerprints))
     for path in sorted(out.glob("emb_*.npy")):
-        record = records.piece_record(path)
+        record = files.piece_record(path)
         if record is not None and record.get("fingerprint") != expected.get(path.name):
             raise UserError(
                 f"--out {out} already holds {path.name}, made from other images, another model "

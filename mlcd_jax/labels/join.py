@@ -34,12 +34,12 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from mlcd_jax.data import record_keys as keys_lib, regions as regions_lib
+from mlcd_jax.config.schema import MISSING
+from mlcd_jax.data import record_keys, regions as regions_lib
 from mlcd_jax.labels import store as store_lib
 from mlcd_jax.runtime import distributed, files as records
 from mlcd_jax.runtime.errors import UserError
 
-MISSING = ("error", "skip")
 CHUNK = 1 << 20
 
 
@@ -121,7 +121,7 @@ def _sweep(ours: np.ndarray, theirs: np.ndarray, rows: np.ndarray, bar=None) -> 
     matched = 0
     for start in range(0, len(ours), CHUNK):
         part = np.asarray(ours[start:start + CHUNK])
-        found = keys_lib.lookup(theirs, part)
+        found = record_keys.lookup(theirs, part)
         rows[part["row"]] = found
         matched += int((found >= 0).sum())
         if bar is not None:
@@ -146,8 +146,8 @@ def _build(source, store, cache: pathlib.Path) -> None:
             yield source.key_hashes(np.arange(start, min(n, start + CHUNK)))
             bar.update(min(CHUNK, n - start))
     describe = lambda r: f"record {r} ({source.name(r)}, key {source.key(r)!r})"
-    ours = keys_lib.build(cache / "records.keys.npy", hashed(), n, describe=describe,
-                          what="the records of the dataset")
+    ours = record_keys.build(cache / "records.keys.npy", hashed(), n, describe=describe,
+                             what="the records of the dataset")
     theirs = store.keys()
     rows = np.lib.format.open_memmap(cache / "rows.npy.tmp", "w+", np.int64, (n,))
     matched = _sweep(ours, theirs, rows, bar)
@@ -294,12 +294,12 @@ def _region_hashes(source, offsets: np.ndarray, texted: np.ndarray, bar, rows: i
             texted[offsets[i]:offsets[i] + len(regions)] = regions.texted
             keys_ += regions.keys(source.key(int(i)))
             if len(keys_) >= rows:
-                yield keys_lib.hashes(keys_)
+                yield record_keys.hashes(keys_)
                 done += len(keys_)
                 keys_ = []
         bar.update(len(indices))
     if keys_:
-        yield keys_lib.hashes(keys_)
+        yield record_keys.hashes(keys_)
 
 
 def _build_regions(source, store, cache: pathlib.Path, expect: str) -> None:
@@ -310,9 +310,9 @@ def _build_regions(source, store, cache: pathlib.Path, expect: str) -> None:
     texted = np.lib.format.open_memmap(cache / "texted.npy", "w+", bool, (max(total, 1),))
     bar = tqdm(total=len(source), desc="labels: joining regions by key", unit="record",
                unit_scale=True, disable=len(source) < CHUNK)
-    ours = keys_lib.build(cache / "regions.keys.npy", _region_hashes(source, offsets, texted, bar),
-                          total, describe=lambda r: f"region {r}",
-                          what="the regions of the dataset")
+    hashed = _region_hashes(source, offsets, texted, bar)
+    ours = record_keys.build(cache / "regions.keys.npy", hashed, total,
+                             describe=lambda r: f"region {r}", what="the regions of the dataset")
     bar.close()
     theirs = store.keys()
     rows = np.lib.format.open_memmap(cache / "rows.npy.tmp", "w+", np.int64, (max(total, 1),))

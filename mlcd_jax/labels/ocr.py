@@ -25,9 +25,9 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
-from mlcd_jax.data import record_keys as keys_lib, tokenizer as tokenizer_lib
+from mlcd_jax.data import record_keys, tokenizer as tokenizer_lib
 from mlcd_jax.labels import store
-from mlcd_jax.runtime import files as records
+from mlcd_jax.runtime import files
 from mlcd_jax.runtime.errors import UserError
 
 BATCH = 4096  # texts tokenised at once
@@ -110,7 +110,8 @@ def run(source, out_dir, *, tokenizer=None, num_labels: int = 16, vocab_size: in
                 found, counts = token_labels(tok, [t for _, t in batch], num_labels)
                 keep = counts > 0
                 labels[rows:rows + int(keep.sum())] = found[keep]
-                hashes.write(keys_lib.hashes(k for (k, _), ok in zip(batch, keep) if ok).tobytes())
+                kept = (k for (k, _), ok in zip(batch, keep) if ok)
+                hashes.write(record_keys.hashes(kept).tobytes())
                 rows += int(keep.sum())
                 empty += int((~keep).sum())
                 cut += int((counts > num_labels).sum())
@@ -121,15 +122,15 @@ def run(source, out_dir, *, tokenizer=None, num_labels: int = 16, vocab_size: in
         raise UserError(f"labels ocr: none of the {total:,} region texts has a token of "
                         f"{tokenizer_name}")
     _cut_rows(out / "labels.all.tmp", out / "labels.npy.tmp", rows)
-    hashed = np.memmap(out / "keys.hashes.tmp", keys_lib.HASH, "r")
-    keys_lib.build(out / "keys.npy", (hashed[s:s + (1 << 22)] for s in range(0, rows, 1 << 22)),
-                   rows, describe=lambda r: f"region row {r}", what=f"the text regions of {out}")
+    hashed = np.memmap(out / "keys.hashes.tmp", record_keys.HASH, "r")
+    record_keys.build(out / "keys.npy", (hashed[s:s + (1 << 22)] for s in range(0, rows, 1 << 22)),
+                      rows, describe=lambda r: f"region row {r}", what=f"the text regions of {out}")
     del hashed
     (out / "keys.hashes.tmp").unlink()
     os.replace(out / "labels.npy.tmp", out / "labels.npy")
     store.write_region_label_manifest(
         out, num_examples=rows, num_classes=tok.vocab_size, num_labels=num_labels, kind="ocr",
-        source_fingerprint=records.digest(source.fingerprint(), source.regions_fingerprint()),
+        source_fingerprint=files.digest(source.fingerprint(), source.regions_fingerprint()),
         keys="keys.npy", tokenizer=tokenizer_name, vocab_size=tok.vocab_size)
     return {"regions": rows, "text_regions": total, "without_tokens": empty,
             "cut_to_num_labels": cut, "num_classes": tok.vocab_size, "num_labels": num_labels,

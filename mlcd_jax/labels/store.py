@@ -31,7 +31,7 @@ import re
 
 import numpy as np
 
-from mlcd_jax.data import record_keys as keys_lib
+from mlcd_jax.data import record_keys
 from mlcd_jax.runtime.errors import MissingFile, UserError
 from mlcd_jax.runtime.files import array_sha256, digest, write_json_atomic, write_npy_atomic
 
@@ -78,7 +78,7 @@ class EmbeddingShards:
         return [str(k) for k in column.to_pylist()]
 
     def key_hashes(self, i: int) -> np.ndarray:
-        return keys_lib.hashes(self.keys(i))
+        return record_keys.hashes(self.keys(i))
 
     def shard_fingerprint(self, i: int) -> str:
         """What made shard i: embed's record of it, else its name, size and modification time."""
@@ -165,14 +165,15 @@ def open_embeddings(directory, key_column: str | None = None) -> EmbeddingShards
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    """Rows L2-normalised, float32, in a new array (the input, often memory-mapped, is left)."""
+    """Vectors (the last axis) L2-normalised, float32, in a new array (the input, often
+    memory-mapped, is left)."""
     return normalize_in_place(np.array(x, np.float32))
 
 
 def normalize_in_place(x: np.ndarray) -> np.ndarray:
-    """Rows of the float32 array `x` L2-normalised in place; returns `x`."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # 4× faster than np.linalg.norm here
-    x /= np.maximum(norms, 1e-12)[:, None]
+    """Vectors (the last axis) of the float32 array `x` L2-normalised in place; returns `x`."""
+    norms = np.sqrt(np.einsum("...i,...i->...", x, x))  # 4× faster than np.linalg.norm here
+    x /= np.maximum(norms, 1e-12)[..., None]
     return x
 
 
@@ -235,7 +236,7 @@ class LabelStore:
         return self.path.parent / keys["file"] if keys else None
 
     def keys(self) -> np.ndarray:
-        return keys_lib.open_table(self.keys_path)
+        return record_keys.open_table(self.keys_path)
 
 
 def open_label_store(directory, *, num_examples: int | None = None,
@@ -256,7 +257,7 @@ def open_label_store(directory, *, num_examples: int | None = None,
     if keys:
         table = directory / keys["file"]
         try:
-            whole = keys_lib.open_table(table).shape == (n,)
+            whole = record_keys.open_table(table).shape == (n,)
         except (OSError, ValueError):
             whole = False
         if not whole:
@@ -284,7 +285,7 @@ def write_label_manifest(directory, *, num_examples: int, num_classes: int, num_
         "source_fingerprint": embeddings.fingerprint(), "embedding_model": embeddings.model,
         "embeddings": str(embeddings.directory), "index": index, "recall_at_l": recall_at_l,
         "keys": {"file": keys, "count": num_examples, "column": embeddings.key_column,
-                 "bytes_per_record": keys_lib.BYTES_PER_KEY} if keys else None})
+                 "bytes_per_record": record_keys.BYTES_PER_KEY} if keys else None})
 
 
 def check_label_range(store: LabelStore, chunk: int = 1 << 20, *,
@@ -312,4 +313,4 @@ def write_region_label_manifest(directory, *, num_examples: int, num_classes: in
         "source_fingerprint": source_fingerprint, "embedding_model": None, "embeddings": None,
         "index": kind, "recall_at_l": 1.0, "regions": {"kind": kind} | about,
         "keys": {"file": keys, "count": num_examples, "column": "key",
-                 "bytes_per_record": keys_lib.BYTES_PER_KEY}})
+                 "bytes_per_record": record_keys.BYTES_PER_KEY}})

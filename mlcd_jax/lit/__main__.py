@@ -13,11 +13,12 @@ import sys
 
 from absl import flags
 
+from mlcd_jax.config import presets
 from mlcd_jax.runtime import cli
 
 FLAGS = flags.FlagValues()
-CONFIG = cli.config_flag(FLAGS, "The config: a preset's name (lit, lit_demo, lit:siglip) or a file "
-                         "(configs/lit*.py[:ARG]).")
+CONFIG = presets.config_flag(FLAGS, "The config: a preset's name (lit, lit_demo, lit:siglip) or "
+                             "a file (configs/lit*.py[:ARG]).")
 WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, features, tokenizer.",
                               flag_values=FLAGS)
 MULTIHOST = cli.multihost_flags(FLAGS)

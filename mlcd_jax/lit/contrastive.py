@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from mlcd_jax.config.schema import CONTRASTIVE
 from mlcd_jax.runtime import mesh as mesh_lib
-
-KINDS = ("clip", "siglip")
 
 
 def _normalize(x):
@@ -98,8 +97,8 @@ def loss(images: jax.Array, texts: jax.Array, log_scale: jax.Array, bias: jax.Ar
     float32. `log_scale`: the learned log temperature t (logits are exp(t) · cos); `bias`:
     SigLIP's learned bias. `chunk`: columns scored at a time (None: all); the value and gradients
     do not depend on it. Under `mesh`, the rows are split over its batch axes."""
-    if kind not in KINDS:
-        raise ValueError(f"contrastive loss kind must be one of {KINDS}, got {kind!r}")
+    if kind not in CONTRASTIVE:
+        raise ValueError(f"contrastive loss kind must be one of {CONTRASTIVE}, got {kind!r}")
     if images.shape != texts.shape or images.ndim != 2:
         raise ValueError(f"images and texts must be (B, D) of one shape; got {images.shape} and "
                          f"{texts.shape}")

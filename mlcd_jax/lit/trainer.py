@@ -29,16 +29,17 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from mlcd_jax.config import schema
 from mlcd_jax.data import sources, tokenizer as tokenizer_lib
 from mlcd_jax.evaluate import features, run as eval_run, zero_shot
 from mlcd_jax.interop import weights
 from mlcd_jax.interop.hf import mapping as hf
-from mlcd_jax.labels import embed
+from mlcd_jax.labels import embed, store
 from mlcd_jax.lit import contrastive
 from mlcd_jax.models import text as text_lib
-from mlcd_jax.runtime import distributed, files as records, mesh as mesh_lib
+from mlcd_jax.runtime import checkpoint, distributed, files, mesh as mesh_lib
 from mlcd_jax.runtime.errors import UserError
-from mlcd_jax.training import checkpoint, loop, optim
+from mlcd_jax.training import loop, optim
 
 
 def image_features(c, workdir, encoder, source, name, mesh, native=None):
@@ -49,25 +50,25 @@ def image_features(c, workdir, encoder, source, name, mesh, native=None):
     images and the image size; recomputed if any changed or the file does not read back whole.
     Memory holds a batch, not the split: web data far larger than host memory works."""
     path = workdir / "features" / f"{name}.npy"
-    made_by = records.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
-                             c.image.image_size, *([native.describe()] if native else []))
+    made_by = files.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
+                           c.image.image_size, *([native.describe()] if native else []))
     # Its record, checksum and labels and records beside it must all agree (a damaged file, or
     # one made by other weights, images or size: recomputed below).
-    whole = records.fresh_piece(path, made_by, verify_sha256=True,
-                                companions=(".labels.npy", ".records.npy")) is not None
+    whole = files.fresh_piece(path, made_by, verify_sha256=True,
+                              companions=(".labels.npy", ".records.npy")) is not None
     if not all(distributed.gather_json(whole)):  # every process, or none: extract is collective
         first = jax.process_index() == 0
         if first:
             path.with_suffix(".json").unlink(missing_ok=True)  # no record vouches while it fills
         features.extract_to(encoder, source, path, image_size=c.image.image_size,
                             batch_size=c.image.batch_size, mesh=mesh,
-                            desc=f"image features ({name})", rows=zero_shot.normalize,
+                            desc=f"image features ({name})", rows=store.normalize,
                             write=first, native=native)
         if first:
-            records.record_piece(path, {"fingerprint": made_by})
+            files.record_piece(path, {"fingerprint": made_by})
         distributed.barrier(f"LiT features ({name})")
     return (np.load(path, mmap_mode="r"), np.load(path.with_suffix(".labels.npy"), mmap_mode="r"),
-            sources.Subset(source, records.Mapped(path.with_suffix(".records.npy"))))
+            sources.Subset(source, files.Mapped(path.with_suffix(".records.npy"))))
 
 
 def caption_counts(c, workdir, source, labels, names, fill) -> np.ndarray:
@@ -75,8 +76,8 @@ def caption_counts(c, workdir, source, labels, names, fill) -> np.ndarray:
     split that also checks every image's captions can be made (a mistake names the image now,
     not mid-run), cached in WORKDIR/features with a record of the images, templates and names."""
     path = workdir / "features" / "train.captions.npy"
-    made_by = records.digest(source.fingerprint(), list(c.data.templates), list(names))
-    if records.fresh_piece(path, made_by) is not None:
+    made_by = files.digest(source.fingerprint(), list(c.data.templates), list(names))
+    if files.fresh_piece(path, made_by) is not None:
         counts = np.load(path, mmap_mode="r")
         if len(counts) == len(source):
             return counts
@@ -85,7 +86,7 @@ def caption_counts(c, workdir, source, labels, names, fill) -> np.ndarray:
                   disable=jax.process_index() != 0 or len(source) < 100_000):
         counts[i] = len(fill(i, int(labels[i])))
     if jax.process_index() == 0:
-        records.write_piece(path, counts, {"fingerprint": made_by})
+        files.write_piece(path, counts, {"fingerprint": made_by})
     return counts
 
 
@@ -183,12 +184,15 @@ def run(c, workdir, *, multihost=(None, None, None)) -> None:
     (coordinator, process count, process id) where not auto-detected."""
     loop.join(*multihost)
     workdir = pathlib.Path(workdir).absolute()
+    c = schema.upgrade(c, schema.LIT)
+    schema.check(c, schema.LIT)
+    if not c.data.source:
+        raise UserError("config.data.source: the image-text pairs are not set: one of "
+                        f"{schema.LABELLED + ('arrayrecord',)} (e.g. folder with "
+                        "config.data.path)")
     if not c.image.model:
         raise UserError("config.image.model: the image encoder to lock (a training workdir, a "
                         "model dir or a transformers dir) is not set")
-    if c.loss.kind not in contrastive.KINDS:
-        raise UserError(f"config.loss.kind must be one of {contrastive.KINDS}, got "
-                        f"{c.loss.kind!r}")
     mesh = mesh_lib.make_mesh(c.mesh)
     if c.batch_size % mesh_lib.num_batch_shards(mesh):
         raise UserError(f"config.batch_size {c.batch_size} is not divisible by the "
@@ -200,8 +204,8 @@ def run(c, workdir, *, multihost=(None, None, None)) -> None:
         d = c.data
         train_src, test_src = eval_run.splits_of(d, "config.data.", labelled=False)
         encoder, described = weights.load_encoder(c.image.model)
-        native = weights.sizing(c.image.model, encoder, c.image.get("resolution", ""),
-                                c.image.get("max_tokens", 0), c.image.get("min_tokens", 0),
+        native = weights.sizing(c.image.model, encoder, c.image.resolution,
+                                c.image.max_tokens, c.image.min_tokens,
                                 c.image.image_size, flag="config.image.")  # None: square crops
         if native:
             described += f" ({native})"
@@ -216,7 +220,7 @@ def run(c, workdir, *, multihost=(None, None, None)) -> None:
         labelled = (train_y >= 0).all() and (test_y >= 0).all()
         names = ()
         if labelled:
-            names = zero_shot.class_names(d.dataset, train_src, d.class_names,
+            names = zero_shot.class_names(d.source, train_src, d.class_names,
                                           "config.data.class_names")
             if max(train_y.max(), test_y.max()) >= len(names):
                 raise UserError(f"config.data.class_names: {len(names)} names for labels up to "

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlcd_jax.runtime import backend as platform
+from mlcd_jax.runtime import backend
 from mlcd_jax.runtime.errors import UserError
 
 ACTIVATIONS = {
@@ -175,6 +175,31 @@ class ViTOutput(NamedTuple):
     embedding: jax.Array          # (B, embed_dim): the projection of pooler_output (or it, if none)
 
 
+SHAPE_FIELDS = ("width", "depth", "heads", "mlp_dim", "patch")  # model.size, field by field
+
+
+def from_config(c) -> ViTConfig:
+    """The ViT of a trainer config (its `model` section; `data.image_size` where model.image_size
+    is 0)."""
+    m = c.model
+    overrides = dict(pos=m.pos, embed_dim=m.embed_dim or None, dtype=m.dtype, scan=m.scan,
+                     remat=m.remat, remat_policy=m.remat_policy, attention=m.attention,
+                     attention_pad=m.attention_pad, image_size=m.image_size or c.data.image_size,
+                     rope_theta=m.rope_theta, ln_eps=m.ln_eps)
+    overrides |= {f: m[f] for f in SHAPE_FIELDS if m[f]}
+    if m.act:
+        overrides["act"] = m.act
+    elif m.pos == "learned":
+        overrides["act"] = "quick_gelu"
+    if not m.size:
+        unset = [f"model.{f}" for f in SHAPE_FIELDS if not m[f]]
+        if unset:
+            raise UserError(f"config.model.size is '': set {', '.join(unset)} (or a size name: "
+                            f"{', '.join(SIZES)})")
+        return ViTConfig(**overrides)
+    return vit_config(m.size, **overrides)
+
+
 def _param(rngs, init, shape, axes):
     return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=axes)
 
@@ -256,9 +281,9 @@ def apply_rope(x: jax.Array, rope: Rope) -> jax.Array:
 
 
 def attention_implementation(cfg: ViTConfig) -> tuple[str, int]:
-    """(implementation, token multiple) of `cfg`'s attention; "auto" as `platform.attention`
+    """(implementation, token multiple) of `cfg`'s attention; "auto" as `backend.attention`
     resolves it for this process's devices (`step.build` resolves it for the mesh's first)."""
-    impl = platform.attention(cfg.attention, cfg.dtype)
+    impl = backend.attention(cfg.attention, cfg.dtype)
     multiple = cfg.attention_pad or (CUDNN_TOKEN_MULTIPLE if impl == "cudnn" else 1)
     return impl, multiple
 

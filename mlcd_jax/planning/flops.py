@@ -7,7 +7,7 @@ analysis counts a `lax.scan` body once, so it undercounts scanned ViTs by their 
 
 from __future__ import annotations
 
-from mlcd_jax.config import schema as config_lib
+from mlcd_jax.data import transforms
 from mlcd_jax.models import vit
 from mlcd_jax.runtime.mesh import padded_num_classes
 from mlcd_jax.training.sharded_head import num_sampled
@@ -57,20 +57,20 @@ def head_forward(embed_dim: int, num_classes: int, num_labels: int, sample_ratio
 def per_step(c, cfg: vit.ViTConfig, num_devices: int) -> dict:
     """Model FLOPs of one optimizer step of config `c` (its model `cfg`) on `num_devices`
     devices."""
-    size, native = c.data.image_size, config_lib.native(c, cfg.patch)
+    size, native = c.data.image_size, transforms.native_sizing(c.data, cfg.patch)
     encoder = (encoder_forward(cfg, size, size) if native is None
                else encoder_forward_patches(cfg, native.max_tokens))
     dim = cfg.embed_dim or cfg.width
     head = head_forward(dim, c.head.num_classes, c.data.num_labels, c.head.sample_ratio,
                         num_devices)
     # RICE: the region layers, and each region head scoring every region slot of an image
-    regions, layers = c.data.get("regions_per_image", 0), c.model.get("region_layers", 0)
+    regions, layers = c.data.regions_per_image, c.model.region_layers
     region = 0.0
     if regions and layers:
         patches = native.max_tokens if native else (size // cfg.patch) ** 2
         region = region_forward(cfg, patches, regions, layers) + regions * sum(
             head_forward(dim, h.num_classes, h.num_labels, h.sample_ratio, num_devices)
-            for h in c.get("heads", {}).values())
+            for h in c.heads.values())
     per_image = encoder + head + region
     return {"encoder_forward_per_image": encoder, "head_forward_per_sample": head,
             "region_forward_per_image": region,

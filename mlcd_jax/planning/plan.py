@@ -29,9 +29,10 @@ import re
 import jax
 
 from mlcd_jax.config import schema as config_lib
+from mlcd_jax.data import transforms
 from mlcd_jax.models import vit
 from mlcd_jax.planning import flops, gpu_specs, hlo
-from mlcd_jax.runtime import backend as platform, mesh as mesh_lib
+from mlcd_jax.runtime import backend, mesh as mesh_lib
 from mlcd_jax.runtime.errors import UserError
 from mlcd_jax.training import step as step_lib, validation
 
@@ -105,7 +106,7 @@ def target(name: str) -> Target:
 
 
 def _gpu_devices(name: str, kind: str, hosts: int, per_host: int):
-    if not platform.gpu_plugin_installed():
+    if not backend.gpu_plugin_installed():
         raise UserError(
             "planning for a GPU needs jax's CUDA plugin, which is not installed: run "
             f'`make plan-env` or `pip install "jax-cuda12-plugin=={jax.__version__}"` in this '
@@ -113,7 +114,7 @@ def _gpu_devices(name: str, kind: str, hosts: int, per_host: int):
     from jax.experimental import topologies
 
     try:
-        with platform.quiet_native_logs():
+        with backend.quiet_native_logs():
             return topologies.get_topology_desc(
                 platform="cuda", target_config=gpu_specs.target_config(kind),
                 topology=f"1x{hosts}x{per_host}").devices
@@ -127,7 +128,7 @@ def _tpu_devices(name: str):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
-        with platform.quiet_native_logs():
+        with backend.quiet_native_logs():
             return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
     except Exception as e:  # jax raises RuntimeError/XlaRuntimeError/ValueError by cause
         message = str(e).splitlines()[0][:300]
@@ -170,18 +171,20 @@ def compile_step(built, t: Target):
                 "to plan it: run `make plan-env` (nvidia-cudnn-cu12), or plan "
                 "--config.model.attention=xla") from None
         raise
-    with platform.quiet_native_logs():
+    with backend.quiet_native_logs():
         return hlo.compile_and_read(lowered, options)
 
 
 def plan(c, topology: str, mfu: float = 0.5) -> dict:
     """Compile config `c`'s train step for `topology`; the plan as a dict (also printed)."""
+    c = config_lib.upgrade(c)
     t = target(topology)
     devices = t.devices
     model_cfg, head_cfg = validation.validate(c, len(devices))
     mesh = mesh_lib.make_mesh(c.mesh, devices=devices)
     built = step_lib.build(c, mesh, config_lib.total_steps(c), model_cfg, head_cfg)  # no data
     kind, chip = devices[0].device_kind, t.chip
+    native = transforms.native_sizing(c.data, built.model_cfg.patch)  # None: square crops
     per_device = len(devices) / t.chips  # v4 topologies list TensorCores (2 per chip)
     arguments = sum(_shard_bytes(x) for x in jax.tree.leaves((built.abstract_state,
                                                                built.abstract_batch)))
@@ -211,8 +214,8 @@ def plan(c, topology: str, mfu: float = 0.5) -> dict:
         "devices": len(devices), "mesh": dict(mesh.shape), "global_batch": c.batch_size,
         "grad_accum": c.grad_accum, "num_classes": c.head.num_classes,
         "remat": bool(c.model.remat), "dtype": c.model.dtype,
-        "max_tokens": getattr(config_lib.native(c, built.model_cfg.patch), "max_tokens", None),
-        "resolution": str(config_lib.native(c, built.model_cfg.patch) or "square crops"),
+        "max_tokens": getattr(native, "max_tokens", None),
+        "resolution": str(native or "square crops"),
         "attention": built.model_cfg.attention,
         "compiled": mem is not None,
         "argument_gib": arguments / GiB,
@@ -270,7 +273,7 @@ def attention_scores(program: hlo.Program, c, model_cfg, mesh) -> list[str]:
     the padded tokens: what fused attention never holds."""
     micro = c.batch_size // c.grad_accum // mesh_lib.num_batch_shards(mesh)
     h, w = (s // model_cfg.patch for s in model_cfg.image_hw)
-    native = config_lib.native(c, model_cfg.patch)
+    native = transforms.native_sizing(c.data, model_cfg.patch)
     tokens = 1 + (native.max_tokens if native else h * w)
     _, multiple = vit.attention_implementation(model_cfg)
     found = set()

@@ -7,7 +7,7 @@ never collide), and imports the rest of the package inside its body, which `run`
 backend is chosen:
 
     FLAGS = flags.FlagValues()
-    CONFIG = cli.config_flag(FLAGS)
+    CONFIG = presets.config_flag(FLAGS)
     WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, the resolved config.",
                                   flag_values=FLAGS)
 
@@ -24,9 +24,9 @@ backend is chosen:
 `run` (1) chooses the backend before jax starts (`backend.choose`: importing the package chooses
 nothing), (2) parses the flags: `--help` prints the command's docstring and flags; a mistake (an
 unknown flag, a value of the wrong type, a misspelt config field, a config file or argument that
-does not exist) is one line and exit 2; `--config=NAME[:ARG]` names a preset that ships with the
-package (`config/presets/`) and works from any directory, as does `--config=configs/NAME.py` where
-the checkout's file is not at hand; argparse's `--no-FLAG` still means `--noFLAG`, and (3) calls
+does not exist) is one line and exit 2; argparse's `--no-FLAG` still means `--noFLAG`; a flag may
+rewrite its arguments first (`rewrite_argv`: `--config=NAME` names a preset, config/presets/), and
+(3) calls
 the body: a `UserError` ends in its one line and exit code (2; a diverged run 3), as does a full
 disk or a file the user may not write; anything else is a bug and keeps its traceback.
 """
@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 import re
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 
 from absl import flags
@@ -48,13 +48,15 @@ from mlcd_jax.runtime.errors import UserError  # noqa: F401  (commands raise cli
 MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 
 
-def config_flag(flag_values: flags.FlagValues,
-                help_text: str = "The config: a preset's name (e.g. demo, mlcd_laion400m:B/16, "
-                "test_tiny) or a config file (configs/*.py[:ARG])."):
-    """`--config`: an ml_collections config file's `get_config(ARG)`, overridable field by field
-    with `--config.a.b=value`. A preset's name is resolved to its file by `run`."""
-    from ml_collections import config_flags
-    return config_flags.DEFINE_config_file("config", None, help_text, flag_values=flag_values)
+def rewrite_argv(flag_values: flags.FlagValues,
+                 rewrite: Callable[[list[str]], list[str]]) -> None:
+    """Have `parse` pass the arguments through `rewrite` before absl reads them: how a flag that
+    needs more than absl's parsing takes part (config/presets.py: `--config=NAME` to the preset's
+    file, renamed config fields to their new names)."""
+    _REWRITES.setdefault(flag_values, []).append(rewrite)
+
+
+_REWRITES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +125,7 @@ def run(command: Callable[[list[str]], int | None], flag_values: flags.FlagValue
     if _wants_help(argv):
         print(_help(doc, flag_values))
         return 0
-    _start()
+    start()
     return _call(lambda: command(parse(argv, flag_values, required)))
 
 
@@ -144,7 +146,7 @@ def run_subcommands(commands: dict[str, Subcommand], argv: Sequence[str] | None 
     if _wants_help(rest):
         print(_help(subcommand.help, subcommand.flag_values))
         return 0
-    _start()
+    start()
     return _call(lambda: subcommand.command(parse(rest, subcommand.flag_values,
                                                   subcommand.required)))
 
@@ -178,19 +180,18 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues,
     return positional
 
 
-def check_arg(arg, allowed: tuple, config_file: str) -> None:
-    """A config file's `get_config(arg)` refuses an argument it does not know (a typo such as
-    `:mlcdd` must not train something else)."""
-    if arg not in allowed:
-        shown = ", ".join(f":{a}" for a in allowed if a) or "none"
-        raise UserError(f"--config={config_file}:{arg}: unknown config argument; allowed: {shown}")
+def start() -> None:
+    """What every command does first: the backend chosen before jax starts
+    (`backend.choose`), absl's global flags (the libraries') at their defaults."""
+    from mlcd_jax.runtime import backend
+    backend.choose()
+    # Libraries read absl's global flags (grain's workers do, and fail while they are unparsed):
+    # at their defaults; a command's own flags are its FlagValues'.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 # -- inside -------------------------------------------------------------------------------------
-
-def _start() -> None:
-    from mlcd_jax.runtime import backend
-    backend.choose()
 
 
 def _call(body: Callable[[], int | None]) -> int:
@@ -236,32 +237,19 @@ def _help(doc: str | None, flag_values: flags.FlagValues) -> str:
 
 
 def _normalize(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
-    """argparse's spellings the commands had (`--no-FLAG`, `--flag value`) in absl's, and
-    `--config` resolved to a file."""
+    """argparse's spellings the commands had (`--no-FLAG`, `--flag value` for a flag with a
+    rewrite) in absl's, each argument through the flags' rewrites (`rewrite_argv`)."""
+    rewrites = _REWRITES.get(flag_values, [])
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--no-") and arg[5:].replace("-", "_") in flag_values:
             arg = "--no" + arg[5:].replace("-", "_")
-        if arg == "--config" and i + 1 < len(argv) and "config" in flag_values:
-            arg, i = f"--config={argv[i + 1]}", i + 1
-        if arg.startswith("--config=") and "config" in flag_values:
-            arg = "--config=" + _config_path(arg.split("=", 1)[1])
+        if rewrites and i + 1 < len(argv) and arg.startswith("--") and "=" not in arg \
+                and arg[2:] in flag_values and not flag_values[arg[2:]].boolean:
+            arg, i = f"{arg}={argv[i + 1]}", i + 1  # one argument for the rewrites to see
         out.append(arg)
         i += 1
+    for rewrite in rewrites:
+        out = rewrite(out)
     return out
-
-
-def _config_path(value: str) -> str:
-    """A config file from `--config`: PATH[:ARG] as given where PATH is a file here, else the
-    preset of that name (NAME, or configs/NAME.py from outside the checkout)."""
-    from mlcd_jax.config import presets
-    path, colon, arg = value.partition(":")
-    if os.path.isfile(path):
-        return value
-    name = path.removesuffix(".py").rsplit("/", 1)[-1]
-    if (path == name or path.endswith(f"configs/{name}.py")) and name in presets.names():
-        return f"{presets.path(name)}{colon}{arg}"
-    raise UserError(f"--config={value}: no such config file or preset; the presets: "
-                    f"{', '.join(presets.names())} (e.g. --config=demo or "
-                    "--config=mlcd_laion400m:B/16), or a path to a config file")

@@ -80,8 +80,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise _unreachable(where, process_id, timeout_s, detail) from e
 
 
-def _unreachable(address: str, process_id, timeout_s, detail: str) -> RuntimeError:
-    return RuntimeError(
+def _unreachable(address: str, process_id, timeout_s, detail: str) -> UserError:
+    return UserError(
         f"process {process_id} could not join the job at {address} within {timeout_s} s "
         f"({detail}). Check that every process was started with the same coordinator address "
         "and process count, that the coordinator (process 0) is running and its port is reachable")

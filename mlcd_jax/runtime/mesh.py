@@ -147,36 +147,6 @@ def param_shardings(state, mesh: Mesh, rules=LOGICAL_RULES):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def state_shardings(abstract_state, abstract_encoder, mesh: Mesh, abstract_region=None):
-    """Shardings of the train state {"params": {"encoder", "centers", "region_centers"?},
-    "opt_state", "step"}: encoder parameters by their logical axes (FSDP), every head's centers
-    over every device, every optimizer subtree shaped like the parameters (Adam's moments) as the
-    parameters, the rest (counters) replicated."""
-    from flax import nnx
-
-    from mlcd_jax.training import optim
-    params = {"encoder": nnx.to_pure_dict(param_shardings(abstract_encoder, mesh)),
-              "centers": class_sharding(mesh)}
-    if "region_centers" in abstract_state["params"]:  # RICE's region heads, each its own K,
-        params["region_centers"] = {name: class_sharding(mesh)  # and the region layers, by
-                                    for name in abstract_state["params"]["region_centers"]}
-        params["region"] = nnx.to_pure_dict(param_shardings(abstract_region, mesh))  # their axes
-    structures = {jax.tree.structure(abstract_state["params"]): params,
-                  jax.tree.structure(abstract_state["params"]["encoder"]): params["encoder"]}
-    if "region" in params:
-        structures[jax.tree.structure(abstract_state["params"]["region"])] = params["region"]
-    like = lambda x: jax.tree.structure(x) in structures or isinstance(x, optim.SparseRowsState)
-
-    def shard(x):
-        if isinstance(x, optim.SparseRowsState):  # rows split as the centers, the step whole
-            rows = class_sharding(mesh)
-            return optim.SparseRowsState(rows, rows, rows, replicated(mesh))
-        return structures[jax.tree.structure(x)] if like(x) else replicated(mesh)
-
-    opt_state = jax.tree.map(shard, abstract_state["opt_state"], is_leaf=like)
-    return {"params": params, "opt_state": opt_state, "step": replicated(mesh)}
-
-
 def replicated_parameters(abstract_encoder, mesh: Mesh, min_bytes: int = 1 << 20,
                           rules=LOGICAL_RULES) -> list[str]:
     """One line for each parameter of at least `min_bytes` that a rule would split over a mesh

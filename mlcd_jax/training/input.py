@@ -17,7 +17,7 @@ import numpy as np
 
 from mlcd_jax.data import pipeline, sources, synthetic, transforms
 from mlcd_jax.labels import join, store
-from mlcd_jax.runtime import backend as platform
+from mlcd_jax.runtime import backend
 from mlcd_jax.runtime.errors import UserError
 
 PREFETCH = 2  # batches made ahead, on the devices (≥ 2)
@@ -45,7 +45,7 @@ def num_workers(c) -> int:
     """grain worker processes: config.data.workers, or (-1, automatic) this process's cores when
     the devices are accelerators, none when they are CPUs (they compute the step on those
     cores)."""
-    return platform.data_workers(c.data.workers)
+    return backend.data_workers(c.data.workers)
 
 
 class _Input:
@@ -133,7 +133,7 @@ class SyntheticInput(_Input):
         per = self.shape[1] // jax.process_count()
         rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
         batch = self.source.batch(self.step, self.shape, rows)
-        if self.c.get("heads"):  # the region heads' slots: synthetic boxes and labels
+        if self.c.heads:  # the region heads' slots: synthetic boxes and labels
             boxes, labels = self.source.regions(
                 self.step, self.shape, rows, self.c.data.regions_per_image,
                 {name: (h.num_classes, h.num_labels) for name, h in self.c.heads.items()})
@@ -166,7 +166,7 @@ class GrainInput(_Input):
             source, batch_size=c.batch_size, image_size=c.data.image_size,
             num_labels=c.data.num_labels, seed=c.seed, labels=joined,
             crop_scale=tuple(c.data.crop_scale), flip=c.data.flip, workers=num_workers(c),
-            regions=regions, regions_per_image=c.data.get("regions_per_image", 0), native=native)
+            regions=regions, regions_per_image=c.data.regions_per_image, native=native)
         self.iterator = iter(self.dataset)
 
     def log_values(self) -> dict[str, float]:
@@ -197,7 +197,7 @@ def join_regions(c, joined, source) -> dict:
     """Each region head's regions of the records that train (`labels.join.join_regions`: its
     region label store joined by the regions' keys), {name: JoinedRegions}; {} without region
     heads or for synthetic data."""
-    if source is None or not c.get("heads"):
+    if source is None or not c.heads:
         return {}
     records = source if joined is None else joined.source
     found = {}

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mlcd_jax.runtime import distributed
+from mlcd_jax.runtime import checkpoint, distributed
 from mlcd_jax.runtime.errors import Diverged, UserError
-from mlcd_jax.training import checkpoint, reporting
+from mlcd_jax.training import reporting
 
 
 class WorkdirInUse(UserError):

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-MARGIN_TYPES = ("arcface", "cosface")
-MARGIN_GRADS = ("straight_through", "exact")
+from mlcd_jax.config.schema import MARGIN_GRADS, MARGIN_TYPES
 
 
 def positive_logits(cos: jax.Array, *, scale: float, margin: float, margin_type: str,

@@ -4,7 +4,7 @@ its own class centers sharded over the mesh, its K, loss, sampling and margin, a
 learning-rate multiplier; the step's loss is their weighted sum, each head's metrics under its
 name. A region head scores the region embeddings (the Region Transformer layer's, B × N of them)
 against its centers, its padded and unlabelled regions counting for nothing
-(`HeadConfig.skip_unlabelled`). With no region heads the step is the image head's alone, as it
+(`RegionHead.skip_unlabelled`). With no region heads the step is the image head's alone, as it
 always was (the same key, the same loss).
 
 RICE's heads: object regions with a single-label margin softmax over K ≈ 1M region clusters
@@ -14,37 +14,21 @@ RICE's heads: object regions with a single-label margin softmax over K ≈ 1M re
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 
+from mlcd_jax.config.schema import Head, RegionHead
 from mlcd_jax.training import sharded_head as head_lib
-
-REGIONS = ("objects", "text", "all")  # the regions a head trains on: no text, a text, both
-
-
-@dataclasses.dataclass(frozen=True)
-class RegionHead:
-    """A region head, as `validation.region_heads` makes it from `config.heads.NAME`."""
-    name: str
-    cfg: head_lib.HeadConfig   # skip_unlabelled, num_classes set
-    num_labels: int            # l per region
-    weight: float
-    lr_mult: float
-    labels: str                # its region label store
-    regions: str               # REGIONS
-    missing_labels: str        # a region it expects without a label: "error" or "skip"
 
 
 def loss(embedding, centers, labels, region_embedding, region_centers, region_labels, *, key,
-         image_cfg: head_lib.HeadConfig, image_weight: float, region_heads=(), mesh=None):
-    """The weighted sum of the heads' losses and their metrics (the image head's under their own
-    names, as ever; a region head's under "NAME/..."). `region_embedding` (B, N, D),
-    `region_labels` {name: (B, N, l)}; the region heads draw from `key` folded with their
+         image_cfg: Head, region_heads: tuple[RegionHead, ...] = (), mesh=None):
+    """The weighted sum of the heads' losses (each head's `weight`) and their metrics (the image
+    head's under their own names, as ever; a region head's under "NAME/..."). `region_embedding`
+    (B, N, D), `region_labels` {name: (B, N, l)}; the region heads draw from `key` folded with their
     place (the image head uses `key` itself)."""
     image_loss, metrics = head_lib.loss(embedding, centers, labels, key=key, cfg=image_cfg,
                                         mesh=mesh)
-    total = image_loss if image_weight == 1.0 else image_weight * image_loss
+    total = image_loss if image_cfg.weight == 1.0 else image_cfg.weight * image_loss
     if not region_heads:
         return total, metrics
     metrics = metrics | {"image/loss": image_loss}
@@ -53,7 +37,7 @@ def loss(embedding, centers, labels, region_embedding, region_centers, region_la
         labels_h = region_labels[h.name]
         value, found = head_lib.loss(flat, region_centers[h.name],
                                      labels_h.reshape(-1, labels_h.shape[-1]),
-                                     key=jax.random.fold_in(key, i), cfg=h.cfg, mesh=mesh)
+                                     key=jax.random.fold_in(key, i), cfg=h, mesh=mesh)
         total = total + h.weight * value
         metrics |= {f"{h.name}/loss": value} | {f"{h.name}/{k}": v for k, v in found.items()
                                                 if k != "rows_used"}

@@ -18,7 +18,6 @@ that were used. `mesh=None` runs the same code on one device with no collectives
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -26,18 +25,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from mlcd_jax.config.schema import Head
 from mlcd_jax.runtime import mesh as mesh_lib
-from mlcd_jax.runtime.errors import UserError
 from mlcd_jax.training import losses
 
 Metrics = dict[str, jax.Array]
-# multi-label (MLCD); single-label baseline (UNICOM / Partial FC); the OneVision-Encoder form (a
-# margin-softmax per label column, averaged)
-LOSSES = ("mlcd", "unicom", "multi_softmax")
-# How each shard draws: "uniform" (ceil(r·K_local) classes at random), or "batch" (Partial FC
-# v2's rule: the batch's positives always, the rest at random)
-NEGATIVES = ("uniform", "batch")
-CENTER_UPDATES = ("dense", "sparse")  # every center row each step, or only the rows used
 
 
 def num_sampled(num_local: int, sample_ratio: float) -> int:
@@ -220,55 +212,6 @@ def _negatives_bwd(scale, dtype, threshold, residuals, cotangents):
 _negatives.defvjp(_negatives_fwd, _negatives_bwd)
 
 
-@dataclasses.dataclass(frozen=True)
-class HeadConfig:
-    """How the head scores a batch (config section `head`; the loss in DESIGN.md)."""
-    loss: str = "mlcd"             # "mlcd" (multi-label) or "unicom" (single label, softmax)
-    scale: float = 32.0            # s
-    margin: float = 0.3            # m
-    margin_type: str = "arcface"   # s·cos(θ + m), or "cosface": s·(cos θ − m)
-    margin_grad: str = "straight_through"  # ArcFace's gradient: as s·cos θ (the authors' Partial
-                                   # FC), or "exact" (turns round past θ = π − m)
-    sample_ratio: float = 0.1      # r: each shard draws ceil(r · K_local) negatives; 1 = all, exact
-    num_classes: int | None = None # K when the centers carry padding rows past K
-    chunk: int | None = None       # classes scored at a time per shard (0 or None: automatic)
-    matmul_dtype: str = "float32"  # inputs of the negatives' matmuls ("bfloat16": float32
-                                   # accumulation; the positives stay float32)
-    negatives: str = "uniform"     # NEGATIVES: each shard's draw, uniform or Partial FC v2's
-    center_update: str = "dense"   # CENTER_UPDATES; "sparse": `loss` also returns the rows used
-    label_columns: int = 0         # multi_softmax: label columns per sample and step, drawn from
-                                   # its l (0: all l)
-    negative_filter: float = 1.0   # a negative whose cosine is above this counts as cosine 0, with
-                                   # no gradient (insightface's interclass filtering); ≥ 1: off
-    skip_unlabelled: bool = False  # a sample whose labels are all -1 counts for nothing (a region
-                                   # head's padding, a region its store has no label for); off:
-                                   # every sample counts, the image head's mean as it always was
-
-    def __post_init__(self):
-        """Every option checked here, once: a mistake names the `head.` field (a config's
-        section), e.g. "head.margin_type: must be one of ..."."""
-        def check(ok, field, problem):
-            if not ok:
-                raise UserError(f"head.{field}: {problem}, got {getattr(self, field)!r}")
-
-        check(self.loss in LOSSES, "loss", f"must be one of {LOSSES}")
-        check(self.margin_type in losses.MARGIN_TYPES, "margin_type",
-              f"must be one of {losses.MARGIN_TYPES}")
-        check(self.margin_grad in losses.MARGIN_GRADS, "margin_grad",
-              f"must be one of {losses.MARGIN_GRADS}")
-        check(0.0 < self.sample_ratio <= 1.0, "sample_ratio", "must be in (0, 1]")
-        check(self.matmul_dtype in ("float32", "bfloat16"), "matmul_dtype",
-              "must be 'float32' or 'bfloat16' (in a config also '': the model's dtype)")
-        check(self.chunk is None or self.chunk >= 0, "chunk",
-              "must be ≥ 0 (0 or None = automatic)")
-        check(self.negatives in NEGATIVES, "negatives", f"must be one of {NEGATIVES}")
-        check(self.center_update in CENTER_UPDATES, "center_update",
-              f"must be one of {CENTER_UPDATES}")
-        check(self.label_columns >= 0, "label_columns", "must be ≥ 0 (0 = every label column)")
-        check(-1.0 < self.negative_filter, "negative_filter",
-              "must be a cosine above -1 (≥ 1: off)")
-
-
 def _positive_cosines(emb, centers, labels, offset, psum):
     """cos(e, w_y) of every label, computed by the shard that owns class y (the others add 0);
     with, per label, whether this shard owns it and its local row."""
@@ -317,7 +260,7 @@ def _scored(emb, centers, labels, key, shard, offset, num_valid, cfg, psum):
                  | _owned_rows(labels, offset, num_local))
     idx, valid, num_chunks = _chunk_layout(idx, valid, used, cfg.chunk, labels.shape[0])
     neg_lse, neg_cos_sum, num_neg = _negatives(emb, centers, idx, valid, pos_slot, num_chunks,
-                                               cfg.scale, jnp.dtype(cfg.matmul_dtype),
+                                               cfg.scale, jnp.dtype(cfg.matmul_dtype or "float32"),
                                                float(cfg.negative_filter))
     return pos_cos, neg_lse, neg_cos_sum, num_neg, rows_used
 
@@ -337,7 +280,7 @@ def label_columns(key: jax.Array, labels: jax.Array, columns: int) -> jax.Array:
     return jnp.take_along_axis(labels, keep, axis=1)
 
 
-def _shard_loss(features, centers, labels, key, *, cfg: HeadConfig, num_classes: int,
+def _shard_loss(features, centers, labels, key, *, cfg: Head, num_classes: int,
                 class_axes: tuple[str, ...],
                 batch_axes: tuple[str, ...]) -> tuple[jax.Array, Metrics, jax.Array]:
     """Loss, metrics and the rows used (drawn or positive) on one shard of centers (the body of
@@ -426,7 +369,7 @@ def _check_args(features, centers, labels, *, num_classes, mesh):
 
 
 def loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax.Array,
-         cfg: HeadConfig = HeadConfig(), mesh: Mesh | None = None) -> tuple[jax.Array, Metrics]:
+         cfg: Head, mesh: Mesh | None = None) -> tuple[jax.Array, Metrics]:
     """The head's loss (`cfg.loss`: MLCD, UNICOM or multi_softmax), mean over the global batch.
 
     Args:
@@ -435,8 +378,8 @@ def loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax
       labels: (B, l) int class ids, most similar first; -1 pads a shorter list. UNICOM uses the
         first (and takes (B,) too).
       key: PRNG key of this step (fold the step in before calling); each shard folds its index.
-      cfg: scale, margin, sampling ratio, chunking (`HeadConfig`). The loss and gradients do not
-        depend on `cfg.chunk`; memory and speed do.
+      cfg: scale, margin, sampling ratio, chunking, K (`schema.Head`: the config's `head`
+        section). The loss and gradients do not depend on `cfg.chunk`; memory and speed do.
       mesh: None for one device; else features/labels are split over its batch axes.
 
     Returns:
@@ -451,7 +394,7 @@ def loss(features: jax.Array, centers: jax.Array, labels: jax.Array, *, key: jax
     labels = labels.reshape(labels.shape[0], -1)
     if cfg.loss == "unicom":  # only the first label counts
         labels = labels[:, :1]
-    num_classes = centers.shape[0] if cfg.num_classes is None else int(cfg.num_classes)
+    num_classes = int(cfg.num_classes)
     _check_args(features, centers, labels, num_classes=num_classes, mesh=mesh)
     labels = labels.astype(jnp.int32)
     if mesh is None:
@@ -482,21 +425,30 @@ def _with_rows_used(cfg, metrics, rows_used):
     return metrics
 
 
+def _options(loss_name: str, centers, options: dict) -> Head:
+    """A head of `options` for a loss used alone (K: the centers' rows unless given; None: the
+    field's default)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return Head(loss=loss_name, **{"num_classes": centers.shape[0]} | given)
+
+
 def mlcd_loss(features, centers, labels, *, key, mesh=None, **options) -> tuple[jax.Array, Metrics]:
-    """`loss` with `HeadConfig(loss="mlcd", **options)`: the multi-label loss."""
-    return loss(features, centers, labels, key=key, mesh=mesh, cfg=HeadConfig("mlcd", **options))
+    """`loss` with `Head(loss="mlcd", **options)`: the multi-label loss."""
+    return loss(features, centers, labels, key=key, mesh=mesh,
+                cfg=_options("mlcd", centers, options))
 
 
 def multi_softmax_loss(features, centers, labels, *, key, mesh=None,
                        **options) -> tuple[jax.Array, Metrics]:
-    """`loss` with `HeadConfig(loss="multi_softmax", **options)`: OneVision-Encoder's form, the
-    mean over label columns of a margin-softmax, each column with its own draw."""
+    """`loss` with `Head(loss="multi_softmax", **options)`: OneVision-Encoder's form, the mean
+    over label columns of a margin-softmax, each column with its own draw."""
     return loss(features, centers, labels, key=key, mesh=mesh,
-                cfg=HeadConfig("multi_softmax", **options))
+                cfg=_options("multi_softmax", centers, options))
 
 
 def unicom_loss(features, centers, labels, *, key, mesh=None,
                 **options) -> tuple[jax.Array, Metrics]:
-    """`loss` with `HeadConfig(loss="unicom", **options)`: the single-label baseline (UNICOM /
-    Partial FC), softmax cross-entropy over the margin-adjusted first label and the negatives."""
-    return loss(features, centers, labels, key=key, mesh=mesh, cfg=HeadConfig("unicom", **options))
+    """`loss` with `Head(loss="unicom", **options)`: the single-label baseline (UNICOM / Partial
+    FC), softmax cross-entropy over the margin-adjusted first label and the negatives."""
+    return loss(features, centers, labels, key=key, mesh=mesh,
+                cfg=_options("unicom", centers, options))

@@ -18,16 +18,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from mlcd_jax.config import schema as config_lib
+from mlcd_jax.config import schema
 from mlcd_jax.data import transforms
 from mlcd_jax.models import region as region_lib, vit
-from mlcd_jax.runtime import backend as platform, mesh as mesh_lib
+from mlcd_jax.runtime import backend, checkpoint, mesh as mesh_lib
 from mlcd_jax.training import (
-    checkpoint,
     input as input_lib,
     optim,
     region_heads as heads_lib,
-    sharded_head as head,
     validation,
 )
 
@@ -52,7 +50,7 @@ def init_state(key, *, model_cfg, num_rows, tx, region_layers: int = 0,
 
 
 def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
-               region_graphdef=None, region_heads=(), image_weight: float = 1.0):
+               region_graphdef=None, region_heads=()):
     """One optimizer step over `grad_accum` micro-batches; the key folds in the step. `batch`:
     (images, labels) (grad_accum, micro, H, W, 3), (grad_accum, micro, l), the images at native
     resolution {"patches", "positions", "mask"} (grad_accum, micro, T, ...); with region heads
@@ -68,7 +66,7 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
     batch = (images, *batch[1:])
     accum = batch[1].shape[0]  # micro-batches
     key = jax.random.fold_in(jax.random.key(seed), state["step"])
-    loss_fn = functools.partial(heads_lib.loss, image_cfg=head_cfg, image_weight=image_weight,
+    loss_fn = functools.partial(heads_lib.loss, image_cfg=head_cfg,
                                 region_heads=region_heads, mesh=mesh)
 
     def micro_step(params, batch, key):
@@ -112,12 +110,39 @@ def train_step(state, batch, *, graphdef, tx, lr_schedule, mesh, head_cfg, seed,
     return new_state, metrics
 
 
+def state_shardings(abstract_state, abstract_encoder, mesh, abstract_region=None):
+    """Shardings of the train state {"params": {"encoder", "centers", "region_centers"?},
+    "opt_state", "step"}: encoder parameters by their logical axes (FSDP), every head's centers
+    over every device, every optimizer subtree shaped like the parameters (Adam's moments) as the
+    parameters, the rest (counters) replicated."""
+    params = {"encoder": nnx.to_pure_dict(mesh_lib.param_shardings(abstract_encoder, mesh)),
+              "centers": mesh_lib.class_sharding(mesh)}
+    if "region_centers" in abstract_state["params"]:  # RICE's region heads, each its own K,
+        params["region_centers"] = {name: mesh_lib.class_sharding(mesh)  # and the region
+                                    for name in abstract_state["params"]["region_centers"]}
+        params["region"] = nnx.to_pure_dict(mesh_lib.param_shardings(abstract_region, mesh))
+    structures = {jax.tree.structure(abstract_state["params"]): params,
+                  jax.tree.structure(abstract_state["params"]["encoder"]): params["encoder"]}
+    if "region" in params:
+        structures[jax.tree.structure(abstract_state["params"]["region"])] = params["region"]
+    like = lambda x: jax.tree.structure(x) in structures or isinstance(x, optim.SparseRowsState)
+
+    def shard(x):
+        if isinstance(x, optim.SparseRowsState):  # rows split as the centers, the step whole
+            rows = mesh_lib.class_sharding(mesh)
+            return optim.SparseRowsState(rows, rows, rows, mesh_lib.replicated(mesh))
+        return structures[jax.tree.structure(x)] if like(x) else mesh_lib.replicated(mesh)
+
+    opt_state = jax.tree.map(shard, abstract_state["opt_state"], is_leaf=like)
+    return {"params": params, "opt_state": opt_state, "step": mesh_lib.replicated(mesh)}
+
+
 class Built(NamedTuple):
     """What the trainer (and `mlcd_jax.plan`) needs to compile and run the train step on a mesh."""
     c: Any
     total_steps: int
     model_cfg: vit.ViTConfig
-    head_cfg: head.HeadConfig
+    head_cfg: schema.Head
     graphdef: Any
     init: Callable                # key → state (jit it with out_shardings=shardings)
     shardings: Any
@@ -134,27 +159,27 @@ class Built(NamedTuple):
                 for x in jax.tree.leaves(self.abstract_state["params"]["encoder"]))
         size = self.c.model.size or f"width {self.model_cfg.width} depth {self.model_cfg.depth}"
         width = self.model_cfg.embed_dim or self.model_cfg.width
-        regions = "".join(f", region head {h.name} {h.cfg.num_classes:,} × {width} centers"
+        regions = "".join(f", region head {h.name} {h.num_classes:,} × {width} centers"
                           for h in self.region_heads)
         if self.region_heads:
             r = sum(math.prod(x.shape)
                     for x in jax.tree.leaves(self.abstract_state["params"]["region"]))
             regions = (f", {self.c.model.region_layers} region layers {r / 1e6:.2f}M params, "
                        f"{self.c.data.regions_per_image} regions per image" + regions)
-        native = config_lib.native(self.c, self.model_cfg.patch)
+        native = transforms.native_sizing(self.c.data, self.model_cfg.patch)
         resolution = f", {native}" if native else ""
         return (f"encoder {self.model_cfg.pos} {size} {n / 1e6:.2f}M params{resolution}, head "
                 f"{self.c.head.num_classes:,} × {width} centers{regions}")
 
 
 def build(c, mesh, total_steps: int, model_cfg: vit.ViTConfig,
-          head_cfg: head.HeadConfig) -> Built:
+          head_cfg: schema.Head) -> Built:
     """The model, head, optimizer and jitted train step of config `c` on `mesh`, all abstract,
     for a schedule of `total_steps`; `model_cfg` and `head_cfg` as `validation.validate` made
     them."""
     # "auto" resolves for the platform the step is compiled for (a plan's GPUs, not this CPU).
-    model_cfg = dataclasses.replace(model_cfg, attention=platform.attention(
-        model_cfg.attention, model_cfg.dtype, platform.target(mesh.devices.flat)))
+    model_cfg = dataclasses.replace(model_cfg, attention=backend.attention(
+        model_cfg.attention, model_cfg.dtype, backend.target(mesh.devices.flat)))
     num_rows = mesh_lib.padded_num_classes(c.head.num_classes, mesh.size)
 
     # Data layout: batch `step` is (grad_accum, micro, ...), micro split over the batch axes.
@@ -162,7 +187,7 @@ def build(c, mesh, total_steps: int, model_cfg: vit.ViTConfig,
     batch_sharding = mesh_lib.batch_sharding(mesh, leading=1)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(batch_shape + shape, dtype,
                                                      sharding=batch_sharding)
-    native = config_lib.native(c, model_cfg.patch)
+    native = transforms.native_sizing(c.data, model_cfg.patch)
     if native is None:
         images = spec((c.data.image_size, c.data.image_size, 3), input_lib.image_dtype(c))
     else:  # every image as max_tokens patch rows (`transforms.patchify`)
@@ -190,18 +215,18 @@ def build(c, mesh, total_steps: int, model_cfg: vit.ViTConfig,
                                             rngs=nnx.Rngs(0))))
     init = functools.partial(
         init_state, model_cfg=model_cfg, num_rows=num_rows, tx=tx,
-        region_layers=c.model.get("region_layers", 0),
-        region_rows={h.name: mesh_lib.padded_num_classes(h.cfg.num_classes, mesh.size)
+        region_layers=c.model.region_layers,
+        region_rows={h.name: mesh_lib.padded_num_classes(h.num_classes, mesh.size)
                      for h in region_heads})
     abstract_state = jax.eval_shape(init, jax.random.key(0))
-    shardings = mesh_lib.state_shardings(abstract_state, abstract_encoder, mesh, abstract_region)
+    shardings = state_shardings(abstract_state, abstract_encoder, mesh, abstract_region)
 
     # The train step: explicit shardings, the state donated.
     step_fn = jax.jit(
         functools.partial(train_step, graphdef=graphdef, tx=tx,
                           lr_schedule=optim.schedule(c.optim, total_steps), mesh=mesh,
                           head_cfg=head_cfg, seed=c.seed, region_graphdef=region_graphdef,
-                          region_heads=region_heads, image_weight=float(c.head.get("weight", 1))),
+                          region_heads=region_heads),
         in_shardings=(shardings, jax.tree.map(lambda _: batch_sharding, abstract_batch)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
     replicated = mesh_lib.replicated_parameters(abstract_encoder, mesh)

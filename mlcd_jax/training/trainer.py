@@ -17,6 +17,7 @@ import jax
 from flax import nnx
 
 from mlcd_jax.config import schema as config_lib
+from mlcd_jax.data import transforms
 from mlcd_jax.evaluate import run as eval_run
 from mlcd_jax.interop import weights
 from mlcd_jax.runtime import mesh as mesh_lib
@@ -45,6 +46,7 @@ def run(c, workdir, *, explicit=frozenset(), compile_only: bool = False,
     allocated); `multihost`: (coordinator, process count, process id) where not auto-detected."""
     loop.join(*multihost)
     workdir = pathlib.Path(workdir).absolute()
+    c = config_lib.upgrade(c)
 
     # Mesh (over every process's devices), and every check that can fail before compute. An
     # encoder to continue from sets the architecture (a command-line field may not contradict it).
@@ -70,7 +72,7 @@ def run(c, workdir, *, explicit=frozenset(), compile_only: bool = False,
         # compiles this same step for TPUs).
         built = step_lib.build(c, mesh, total_steps, model_cfg, head_cfg)
         shardings, graphdef = built.shardings, built.graphdef
-        native = config_lib.native(c, model_cfg.patch)  # None: square images
+        native = transforms.native_sizing(c.data, model_cfg.patch)  # None: square images
         inputs = input_lib.make_train_input(c, built.batch_sharding, source, joined, regions,
                                             native)
         if c.evals.every:

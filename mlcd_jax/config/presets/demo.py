@@ -5,13 +5,12 @@
     configs/demo.py:single   single label (l = 1), UNICOM loss, same budget
 """
 
-from mlcd_jax.config import schema as config_lib
-from mlcd_jax.runtime import cli as flag_parsing
+from mlcd_jax.config import presets, schema
 
 
 def get_config(arg="mlcd"):
-    flag_parsing.check_arg(arg, ("mlcd", "single"), "configs/demo.py")
-    c = config_lib.base_config()
+    presets.check_arg(arg, ("mlcd", "single"), "configs/demo.py")
+    c = schema.base_config()
     c.mesh = (("data", -1),)
     c.model.size = "demo"
     c.model.embed_dim = 64
@@ -41,7 +40,7 @@ def get_config(arg="mlcd"):
     c.log_every = 20
     c.checkpoint_every = 400
     c.evals.every = 100             # kNN on the held-out canvases while training
-    c.evals.dataset = "digits_canvas"
+    c.evals.source = "digits_canvas"
     c.evals.test_split = "test"
     c.evals.probes = ("knn",)
     return c

@@ -12,15 +12,14 @@ up to 6 per strip) and steps in both:
 The label store's path is set by the driver (data.labels).
 """
 
-from mlcd_jax.config import schema as config_lib
-from mlcd_jax.runtime import cli as flag_parsing
+from mlcd_jax.config import presets, schema
 
 ARGS = ("square", "squash", "native")
 
 
 def get_config(arg="native"):
-    flag_parsing.check_arg(arg, ARGS, "configs/demo_native.py")
-    c = config_lib.base_config()
+    presets.check_arg(arg, ARGS, "configs/demo_native.py")
+    c = schema.base_config()
     c.mesh = (("data", -1),)
     c.model.size = "demo"           # patch 4
     c.model.embed_dim = 64

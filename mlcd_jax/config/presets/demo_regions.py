@@ -11,15 +11,14 @@ RoPE ViT on `digits_regions` canvases (several digits each, one line of small di
 The label stores' paths are set by the driver (data.labels, heads.*.labels).
 """
 
-from mlcd_jax.config import schema as config_lib
-from mlcd_jax.runtime import cli as flag_parsing
+from mlcd_jax.config import presets, schema
 
 ARGS = ("image", "objects", "ocr")
 
 
 def get_config(arg="image"):
-    flag_parsing.check_arg(arg, ARGS, "configs/demo_regions.py")
-    c = config_lib.base_config()
+    presets.check_arg(arg, ARGS, "configs/demo_regions.py")
+    c = schema.base_config()
     c.mesh = (("data", -1),)
     c.model.size = "demo"
     c.model.embed_dim = 64
@@ -43,9 +42,9 @@ def get_config(arg="image"):
     if arg in ("objects", "ocr"):
         c.model.region_layers = 1
         c.data.regions_per_image = 4  # a canvas holds 2–3 objects and one text line
-        c.heads.objects = config_lib.region_head(num_classes=64, loss="unicom", regions="objects",
-                                                 sample_ratio=1.0)
+        c.heads.objects = schema.region_head(num_classes=64, loss="unicom", regions="objects",
+                                             sample_ratio=1.0)
     if arg == "ocr":
-        c.heads.ocr = config_lib.region_head(num_classes=0, loss="mlcd", regions="text",
-                                             num_labels=4, sample_ratio=1.0)
+        c.heads.ocr = schema.region_head(num_classes=0, loss="mlcd", regions="text",
+                                         num_labels=4, sample_ratio=1.0)
     return c

@@ -5,14 +5,13 @@ tower (CLIP's) against a locked encoder, captions from class names in CLIP-style
     configs/lit.py:siglip   SigLIP's sigmoid loss
 """
 
-from mlcd_jax.config import schema as lit_config
-from mlcd_jax.runtime import cli as flag_parsing
+from mlcd_jax.config import presets, schema
 
 
 def get_config(arg=""):
-    flag_parsing.check_arg(arg, ("", "siglip"), "configs/lit.py")
-    c = lit_config.lit_config()
+    presets.check_arg(arg, ("", "siglip"), "configs/lit.py")
+    c = schema.lit_config()
     c.loss.kind = "siglip" if arg == "siglip" else "clip"
-    c.data.dataset = "folder"
+    c.data.source = "folder"
     c.evals.every = 1000
     return c

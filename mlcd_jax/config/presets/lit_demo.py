@@ -7,19 +7,18 @@ prompts) and retrieval on the held-out canvases.
     configs/lit_demo.py:siglip   SigLIP's sigmoid loss
 """
 
-from mlcd_jax.config import schema as lit_config
-from mlcd_jax.runtime import cli as flag_parsing
+from mlcd_jax.config import presets, schema
 
 
 def get_config(arg=""):
-    flag_parsing.check_arg(arg, ("", "siglip"), "configs/lit_demo.py")
-    c = lit_config.lit_config()
+    presets.check_arg(arg, ("", "siglip"), "configs/lit_demo.py")
+    c = schema.lit_config()
     c.image.image_size = 32
     c.text.size = "tiny"
     c.text.context_length = 16
     c.text.vocab_size = 400
     c.loss.kind = "siglip" if arg == "siglip" else "clip"
-    c.data.dataset = "digits_canvas"
+    c.data.source = "digits_canvas"
     c.data.test_split = "test"
     c.data.templates = ("a {size} {name} in the {place}", "the digit {name}, {size}, {place}",
                         "a photo of a {size} handwritten {name} at the {place} of the canvas",

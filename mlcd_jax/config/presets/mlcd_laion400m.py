@@ -21,11 +21,10 @@ Time: on 80 A100s at 40 % of 312 TFLOP/s. Arithmetic, not measurements: forward 
 topologies (README's planning table).
 """
 
-from mlcd_jax.config import recipes
-from mlcd_jax.runtime import cli as flag_parsing
+from mlcd_jax.config import presets, recipes
 
 
 def get_config(arg="B/16"):
-    flag_parsing.check_arg(arg, tuple(recipes.VARIANTS), "configs/mlcd_laion400m.py")
+    presets.check_arg(arg, tuple(recipes.VARIANTS), "configs/mlcd_laion400m.py")
     lr, embed_dim = recipes.VARIANTS[arg]
     return recipes.laion400m_recipe(arg, lr=lr, embed_dim=embed_dim)

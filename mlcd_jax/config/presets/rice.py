@@ -15,24 +15,23 @@ for OCR regions, ρ = 0.1; N region slots per image.
 A head whose label store is not set stops the run at start, naming the field.
 """
 
-from mlcd_jax.config import recipes, schema as config_lib
-from mlcd_jax.runtime import cli as flag_parsing
+from mlcd_jax.config import presets, recipes, schema
 
 REGIONS_PER_IMAGE = 10  # region slots per image (subsampled, or repeated when fewer)
 
 
 def get_config(arg="B/16"):
-    flag_parsing.check_arg(arg, tuple(recipes.VARIANTS) + tuple(
+    presets.check_arg(arg, tuple(recipes.VARIANTS) + tuple(
         f"{v},objects" for v in recipes.VARIANTS), "configs/rice.py")
     size, _, only = arg.partition(",")
     lr, embed_dim = recipes.VARIANTS[size]
     c = recipes.laion400m_recipe(size, lr=lr, embed_dim=embed_dim)
     c.model.region_layers = 1
     c.data.regions_per_image = REGIONS_PER_IMAGE
-    c.heads.objects = config_lib.region_head(num_classes=1_000_000, loss="unicom",
-                                             regions="objects", sample_ratio=0.1,
-                                             negatives="batch")
+    c.heads.objects = schema.region_head(num_classes=1_000_000, loss="unicom",
+                                         regions="objects", sample_ratio=0.1,
+                                         negatives="batch")
     if only != "objects":
-        c.heads.ocr = config_lib.region_head(num_classes=49_408, loss="mlcd", regions="text",
-                                             num_labels=16, sample_ratio=0.1, negatives="batch")
+        c.heads.ocr = schema.region_head(num_classes=49_408, loss="mlcd", regions="text",
+                                         num_labels=16, sample_ratio=0.1, negatives="batch")
     return c

@@ -8,13 +8,12 @@
 OCR head, multi-label) on 4 synthetic regions per image, one Region Transformer layer.
 """
 
-from mlcd_jax.config import schema as config_lib
-from mlcd_jax.runtime import cli as flag_parsing
+from mlcd_jax.config import presets, schema
 
 
 def get_config(arg=None):
-    flag_parsing.check_arg(arg, (None, "mlcd", "unicom", "regions"), "configs/test_tiny.py")
-    c = config_lib.base_config()
+    presets.check_arg(arg, (None, "mlcd", "unicom", "regions"), "configs/test_tiny.py")
+    c = schema.base_config()
     c.mesh = (("data", -1),)
     c.model.size = "micro"          # width 32, depth 2, patch 4, 16 px
     c.model.embed_dim = 32
@@ -37,8 +36,8 @@ def get_config(arg=None):
     if arg == "regions":
         c.model.region_layers = 1
         c.data.regions_per_image = 4
-        c.heads.objects = config_lib.region_head(num_classes=30, loss="unicom",
-                                                 sample_ratio=0.5)
-        c.heads.ocr = config_lib.region_head(num_classes=20, loss="mlcd", num_labels=3,
-                                             regions="text", sample_ratio=0.5, weight=0.5)
+        c.heads.objects = schema.region_head(num_classes=30, loss="unicom",
+                                             sample_ratio=0.5)
+        c.heads.ocr = schema.region_head(num_classes=20, loss="mlcd", num_labels=3,
+                                         regions="text", sample_ratio=0.5, weight=0.5)
     return c

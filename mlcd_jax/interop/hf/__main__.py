@@ -1,11 +1,11 @@
 """Weights to and from transformers (`mlcd-export`; also `python -m mlcd_jax.interop`):
 
-    python -m mlcd_jax.interop.hf export RUN OUT [--step=N]   # a training workdir (or our model
-                                                              # dir) → MLCDVisionModel /
-                                                              # CLIPVisionModel
-    python -m mlcd_jax.interop.hf import HF_DIR OUT           # a transformers dir → our model dir
+    python -m mlcd_jax.interop.hf export RUN OUT [--step N]   # a training workdir → transformers
+    python -m mlcd_jax.interop.hf export MODEL_DIR OUT        # our model dir → transformers
+    python -m mlcd_jax.interop.hf import HF_DIR MODEL_DIR     # transformers → our model dir
 
-The mapping itself: mlcd_jax/interop/hf/__init__.py.
+The export loads with transformers' MLCDVisionModel (RoPE encoders) or CLIPVisionModel (CLIP-style);
+a round trip is bit-exact. The mapping itself: mapping.py here.
 """
 
 from __future__ import annotations
