@@ -97,8 +97,8 @@ def coco(tmp_path_factory):
 
 def test_coco_annotations_travel_into_the_index_of_a_folder_and_of_tars(coco, tmp_path, capsys,
                                                                          monkeypatch):
-    # Streamed in 7-character chunks with two images a bucket: the same regions as in one go.
-    monkeypatch.setattr(regions._Stream, "CHUNK", 7)
+    # Read in 7-byte chunks with two images a bucket: the same regions as in one go.
+    monkeypatch.setattr(regions, "READ_SIZE", 7)
     monkeypatch.setattr(regions, "IMAGES_PER_BUCKET", 2)
     assert convert.main(["--input", str(coco / "imgs"), "--output", str(tmp_path / "ar" / "f"),
                          "--regions", str(coco / "instances.json"), "--shard_size", "2"]) == 0
@@ -190,7 +190,7 @@ def test_id_keyed_annotations_and_names_two_records_could_claim(coco, tmp_path, 
     (tmp_path / "cut.json").write_text(whole[:len(whole) // 2])
     (tmp_path / "no_image.json").write_text(json.dumps({
         "images": [{"id": 1, "file_name": "n0.png"}], "annotations": [{"bbox": [1, 1, 2, 2]}]}))
-    for name, says in (("cut.json", "malformed JSON near character"),
+    for name, says in (("cut.json", "malformed JSON near byte"),
                        ("no_image.json", "an annotation has no image_id")):
         assert convert.main(["--input", str(coco / "imgs"), "--output", str(tmp_path / "ar" / "y"),
                              "--regions", str(tmp_path / name)]) == 2
@@ -198,6 +198,40 @@ def test_id_keyed_annotations_and_names_two_records_could_claim(coco, tmp_path, 
         assert len(err) == 1 and str(tmp_path / name) in err[0] and says in err[0], err
     assert not list((tmp_path / "ar").iterdir())
 
+
+def test_coco_layouts_numbers_and_malformed_files(tmp_path):
+    """Every top-level array or id-keyed object of images, annotations and categories is read,
+    whatever its name's usual form, in the file's order; numbers are json's (ints, floats: a float
+    category_id or image id still matches); malformed JSON is one line naming the file and where."""
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps({
+        "": [{"images": [{"id": 9, "file_name": "nested.png"}]}],  # not top-level: not an image
+        "anns": [{"image_id": 2.0, "bbox": [0.5, 1.25, 3, 4.75], "category_id": 7.0}],
+        "images": {"2.0": {"file_name": "b.png", "width": W, "height": H}},
+        "imgs": [{"id": 1, "file_name": "a.png"}],
+        "annotations": {"x": {"image_id": 1, "bbox": [1, 2, 3, 4], "category_id": 3},
+                        "y": {"image_id": "2.0", "bbox": [0.1, 0.2, 0.3, 0.4]}},
+        "cats": {"3": {"name": "three"}}, "categories": [{"id": 7, "name": "seven"}]}))
+    meta = {}
+    raws = list(regions._read_coco(path, tmp_path, meta))
+    assert [(r.key, r.boxes.tolist(), r.classes, r.size) for r in raws] == [
+        ("b.png", [[0.5, 1.25, 3.5, 6.0], [0.1, 0.2, 0.1 + 0.3, 0.2 + 0.4]], [1, -1], (W, H)),
+        ("a.png", [[1, 2, 4, 6]], [0], None)]
+    assert meta["classes"] == ["three", "seven"]
+
+    whole = json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                        "annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4]}] * 500})
+    cut, bad = whole[:-100], whole.replace("[1, 2, 3, 4]", "[1, 2, x, 4]", 1)
+    for name, text, says in (
+            ("cut.json", cut, f"malformed JSON near byte {len(cut):,} ("),  # at its end
+            ("bad.json", bad, f"malformed JSON near byte {regions.READ_SIZE:,} ("),  # 1st read
+            ("list.json", f"[{whole}]", "expected '{' at its start (a JSON object)")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError) as e:
+            list(regions._read_coco(tmp_path / name, tmp_path, {}))
+        assert str(e.value).startswith(f"{tmp_path / name}: {says}"), e.value
+        assert str(e.value).endswith("; is it COCO-style annotation JSON?"), e.value
+        assert "\n" not in str(e.value), e.value  # yajl's message is three lines
 
 def sa1b_json(file_name, boxes, size=(W, H), image_id=1):
     """SA-1B's per-image JSON: the image, and masks with their boxes (x, y, w, h)."""

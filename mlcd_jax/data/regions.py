@@ -13,8 +13,8 @@ is an OCR region, one without an object region (the paper's two kinds).
 * a COCO-style annotation JSON (`*.json`): images[] (id, file_name, width?, height?) and
   annotations[] (image_id, bbox [x, y, w, h], a text in "utf8_string", "text" or "caption" for
   COCO-Text-like data); also the id-keyed form of COCO-Text v2 and TextOCR ("imgs", "anns").
-  Read as a stream (`_members`): memory holds one annotation, whatever the file's size; the
-  annotations are grouped by image through bucket files on disk.
+  Read as a stream by ijson (`_members`): memory holds one annotation, whatever the file's size;
+  the annotations are grouped by image through bucket files on disk.
 * a folder of SA-1B-style per-image JSON ({"image": {"file_name", "width", "height", ...},
   "annotations": [{"bbox": [x, y, w, h], ...}]}), every *.json under it; or `beside`: each
   image's own JSON (KEY.json beside KEY.jpg in a folder, the sample's .json in a tar, as SA-1B
@@ -46,15 +46,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import itertools
 import json
 import math
+import operator
 import os
 import pathlib
-import re
 import shutil
 import threading
 from collections.abc import Iterator
 
+import ijson
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -279,98 +281,82 @@ def _read_jsonl(path: pathlib.Path) -> Iterator[Raw]:
 
 # --- COCO-style JSON, streamed ------------------------------------------------------------------
 
-MAX_VALUE = 1 << 26  # chars of one JSON value held at once (an annotation is far smaller)
-_DECODER = json.JSONDecoder()
-_WHITESPACE = re.compile(r"[ \t\r\n]*")
+READ_SIZE = 1 << 12  # bytes ijson reads at a time: a parse error lies in the last read
+IMAGES, ANNOTATIONS = ("images", "imgs"), ("annotations", "anns", "categories", "cats")
 
 
-class _Stream:
-    """A JSON text read a value at a time (json's raw_decode on a buffer refilled in chunks)."""
+class _Counted:
+    """A binary file whose reads advance a tqdm bar of bytes and are counted (to place an
+    error)."""
 
-    CHUNK = 1 << 20  # characters read at a time
+    def __init__(self, f, bar):
+        self.f, self.bar, self.count = f, bar, 0
 
-    def __init__(self, f, where: str, bar=None):
-        self.f, self.where, self.bar = f, where, bar
-        self.buf, self.pos, self.eof, self.read = "", 0, False, 0
-
-    def _fill(self):
-        chunk = self.f.read(self.CHUNK)
-        self.eof = not chunk
-        self.buf, self.pos = self.buf[self.pos:] + chunk, 0
-        if self.bar is not None:
-            self.bar.update(len(chunk))
-        if len(self.buf) > MAX_VALUE:
-            self.fail("a value larger than 64 MiB, or the JSON is malformed")
-
-    def fail(self, what: str):
-        raise UserError(f"{self.where}: {what} near character {self.read + self.pos:,}; is it "
-                        "COCO-style annotation JSON?")
-
-    def peek(self) -> str:
-        """The next character past whitespace ('' at the end)."""
-        while True:
-            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
-            if self.pos < len(self.buf) or self.eof:
-                return self.buf[self.pos:self.pos + 1]
-            self.read += self.pos
-            self._fill()
-
-    def next_member(self) -> str:
-        """Past one comma between members: the next character."""
-        char = self.peek()
-        if char == ",":
-            self.pos += 1
-            char = self.peek()
-        return char
-
-    def take(self, char: str):
-        if self.peek() != char:
-            self.fail(f"expected {char!r}")
-        self.pos += 1
-
-    def value(self, peeked: bool = False):
-        """The next whole JSON value (`peeked`: the whitespace before it is already skipped)."""
-        if not peeked:
-            self.peek()
-        while True:
-            try:
-                value, end = _DECODER.raw_decode(self.buf, self.pos)
-                if end < len(self.buf) or self.eof:  # a number cut by the chunk is not whole
-                    self.pos = end
-                    return value
-            except json.JSONDecodeError:
-                if self.eof:
-                    self.fail("malformed JSON")
-            self.read += self.pos
-            self._fill()
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.count += len(data)
+        self.bar.update(len(data))
+        return data
 
 
-def _members(path: pathlib.Path, wanted: tuple[str, ...], desc: str):
+def _parsed(path: pathlib.Path, bar, parse, *args):
+    """What ijson's `parse` (parse, items or kvitems of the fastest backend installed: yajl2_c
+    where it is) gives for the file read through `bar`, with numbers as json gives them (int, else
+    float); malformed or cut-short JSON as one line naming the file and about where."""
+    with open(path, "rb") as f:
+        counted = _Counted(f, bar)
+        try:
+            yield from parse(counted, *args, buf_size=READ_SIZE, use_float=True)
+        except ijson.JSONError as e:
+            raise UserError(f"{path}: malformed JSON near byte {counted.count:,} ({_why(e)}); "
+                            "is it COCO-style annotation JSON?") from None
+
+
+def _why(e: Exception) -> str:
+    """ijson's message in one line: yajl's first line and the text it quotes around the place."""
+    why = e.args[0] if e.args else ""
+    if isinstance(why, bytes):  # yajl's, where the text it quotes is not UTF-8
+        why = why.decode(errors="replace")
+    lines = str(why).strip().splitlines() or [type(e).__name__]
+    return lines[0] + (f" at {lines[1].strip()!r}" if len(lines) > 2 and lines[1].strip() else "")
+
+
+def _bar(path: pathlib.Path, desc: str, passes: int = 1):
+    return tqdm(total=path.stat().st_size * passes, desc=desc, unit="B", unit_scale=True)
+
+
+def _layout(path: pathlib.Path, names: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """(name, whether it is an id-keyed object) of every top-level array or object named in
+    `names`, in the file's order, from one pass of ijson's events (those of other prefixes
+    dropped in C: the annotations' own events never reach Python)."""
+    found = []
+    with _bar(path, "regions: COCO layout") as bar:
+        events, prefixes = itertools.tee(_parsed(path, bar, ijson.parse))
+        kept = map({"", *names}.__contains__, map(operator.itemgetter(0), prefixes))
+        selected = itertools.compress(events, kept)
+        if next(selected)[1] != "start_map":
+            raise UserError(f"{path}: expected '{{' at its start (a JSON object); is it "
+                            "COCO-style annotation JSON?")
+        for prefix, event, _ in selected:
+            if prefix and event in ("start_array", "start_map"):
+                form = prefix, event == "start_map"
+                if form not in found:
+                    found.append(form)
+    return found
+
+
+def _members(path: pathlib.Path, layout: list[tuple[str, bool]], desc: str):
     """(top-level name, member id or None, value) of every element of the top-level arrays (or
-    id-keyed objects) named in `wanted`; every other value is skipped a member at a time."""
-    with (open(path, encoding="utf-8") as f,
-          tqdm(total=path.stat().st_size, desc=desc, unit="B", unit_scale=True) as bar):
-        s = _Stream(f, str(path), bar)
-        s.take("{")
-        while s.next_member() != "}":
-            name = s.value(peeked=True)
-            s.take(":")
-            opener = s.peek()
-            if opener and opener in "[{":
-                closer = "]" if opener == "[" else "}"
-                s.take(opener)
-                while s.next_member() != closer:
-                    member = None
-                    if opener == "{":
-                        member = s.value(peeked=True)
-                        s.take(":")
-                    value = s.value(peeked=opener == "[")
-                    if name in wanted:
-                        yield name, member, value
-                s.take(closer)
+    id-keyed objects) that `layout` names (`_layout`'s (name, id-keyed)), one pass of ijson's
+    items (kvitems) over the file for each: memory holds one element."""
+    with _bar(path, desc, len(layout)) as bar:
+        for name, keyed in layout:
+            if keyed:
+                for member, value in _parsed(path, bar, ijson.kvitems, name):
+                    yield name, member, value
             else:
-                s.value(peeked=True)
-        s.take("}")
+                for value in _parsed(path, bar, ijson.items, f"{name}.item"):
+                    yield name, None, value
 
 
 BATCH = 1 << 16
@@ -447,8 +433,10 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path, meta: dict) -> Iterator[R
     files by image, each bucket grouped alone. Each box's class is its category_id's place among
     the categories' ids sorted (those of `categories`, else those the annotations use); their
     names go into meta["classes"] before the first image is given."""
+    layout = _layout(path, IMAGES + ANNOTATIONS)
     images, ids = _Lines(work / "images.jsonl"), open(work / "images.ids", "wb")
-    for _, member, image in _members(path, ("images", "imgs"), "regions: COCO images"):
+    for _, member, image in _members(path, [f for f in layout if f[0] in IMAGES],
+                                     "regions: COCO images"):
         if not isinstance(image, dict) or image.get("file_name") is None:
             raise UserError(f"{path}: an entry of images has no file_name ({str(image)[:80]}); "
                             "each image needs id and file_name")
@@ -489,7 +477,7 @@ def _read_coco(path: pathlib.Path, work: pathlib.Path, meta: dict) -> Iterator[R
             buckets[b].write(out[which == b].tobytes())
         batch.clear()
 
-    for name, member, ann in _members(path, ("annotations", "anns", "categories", "cats"),
+    for name, member, ann in _members(path, [f for f in layout if f[0] in ANNOTATIONS],
                                       "regions: COCO annotations"):
         if name in ("categories", "cats"):
             c = _category({"category_id": ann.get("id", member)} if isinstance(ann, dict) else {})
