@@ -436,26 +436,24 @@ RENAMED = (("evals", "dataset", "source"), ("data", "dataset", "source"))
 def upgrade(c: ml_collections.ConfigDict, schema: dict = TRAINER) -> ml_collections.ConfigDict:
     """Config `c` as this version writes it: renamed fields under their new names, fields added
     since it was written at their defaults (a workdir's config.json from before them meant the
-    defaults). Every reader of a config calls this once, so no code asks `c.get(field, default)`.
-    """
-    c = ml_collections.ConfigDict(c.to_dict())  # a copy, unlocked
+    defaults), tuples as tuples (JSON reads them as lists). Every reader of a config calls this
+    once, so no code asks `c.get(field, default)`."""
+    d = c.to_dict()
     for section, old, new in RENAMED:
-        part = c.get(section)
+        part = d.get(section)
         if part is not None and old in part:
-            value = part[old]
-            with part.unlocked():
-                del part[old]
-                part[new] = value
-    fresh = lit_config() if schema is LIT else base_config()
+            part[new] = part.pop(old)
+    fresh = (lit_config() if schema is LIT else base_config()).to_dict()
+
+    def complete(part: dict, kind: type[Section], defaults: dict) -> None:
+        for f in kind.config_fields():
+            part.setdefault(f.name, defaults[f.name])
+            if type(f.default) is tuple:
+                part[f.name] = _as_type(part[f.name], tuple)
+
     for name, section in schema.items():
-        if name and name not in c:
-            c[name] = ml_collections.ConfigDict()
-        part = c[name] if name else c
-        for f in section.config_fields():
-            if f.name not in part:
-                part[f.name] = fresh[name][f.name] if name else fresh[f.name]
-    for h in c.get("heads", {}).values():
-        for f in RegionHead.config_fields():
-            if f.name not in h:
-                h[f.name] = f.default
-    return c
+        complete(d.setdefault(name, {}) if name else d, section,
+                 fresh[name] if name else fresh)
+    for h in d.get("heads", {}).values():
+        complete(h, RegionHead, {f.name: f.default for f in RegionHead.config_fields()})
+    return ml_collections.ConfigDict(d)

@@ -1,0 +1,2 @@
+"""The demos on bundled data (MLCD, regions, native resolution), their runs, and the ablation
+sweeps."""

@@ -1,0 +1,2 @@
+"""LiT: a text tower trained against a locked encoder, for zero-shot and retrieval. `python -m
+mlcd_jax.lit`."""
