@@ -33,7 +33,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import probe  # noqa: E402  (bench/probe.py)
 
-from mlcd_jax.labels import assign, kmeans, sharded, store  # noqa: E402
+from mlcd_jax.labels import assign, jax_backend, kmeans, store  # noqa: E402
 
 
 def numpy_gflops(n=2048, reps=5):
@@ -71,7 +71,7 @@ def main(argv=None):
         a.points, a.dim, a.shard, a.rounds, a.niter = 2_000, 16, 1_000, 1, 1
         a.centers = ",".join(str(max(int(k) // 10_000, 8)) for k in a.centers.split(","))
     backends = a.backends.split(",")
-    dtype = sharded.compute_dtype()
+    dtype = jax_backend.compute_dtype()
     size = 256 if a.smoke else 2048 if jax.default_backend() == "cpu" else 8192
     xla_gflops = lambda: probe.xla_matmul_flops(dtype, n=size) / 1e9
     probes = {"numpy float32": [numpy_gflops(size)], f"XLA {dtype.name}": [xla_gflops()]}

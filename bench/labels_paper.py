@@ -5,8 +5,8 @@ ViT-L/14 embeddings) sharded over 8 simulated CPU devices, against a streamed sa
     .venv/bin/python bench/labels_paper.py --centers 100000 --blocks 2
     .venv/bin/python bench/labels_paper.py --smoke --out /tmp/lp.json   # toy size (the tests)
 
-For the jax backend's two programs (exact top-8 of a block of rows, `sharded.top_l`; one Lloyd
-accumulation step, `sharded._accumulate`), compiled for the mesh: each device's memory from the
+For the jax backend's two programs (exact top-8 of a block of rows, `jax_backend.top_l`; one Lloyd
+accumulation step, `jax_backend._accumulate`), compiled for the mesh: each device's memory from the
 compiled program (arguments, outputs, temporaries: XLA's own figures, not a guess), then the time
 of a few blocks (rows_per_device rows per device, the default 4,096 unless --rows says otherwise)
 fed from float16 rows as `labels assign` / `kmeans` feed them. Prints a table and writes JSON;
@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import probe  # noqa: E402  (bench/probe.py)
 
-from mlcd_jax.labels import sharded  # noqa: E402
+from mlcd_jax.labels import jax_backend  # noqa: E402
 
 
 def memory(compiled) -> dict:
@@ -63,20 +63,20 @@ def main(argv=None) -> int:
     if a.smoke:
         a.centers, a.dim, a.rows, a.blocks = 1_000, 16, 8, 1
     probe_n = 256 if a.smoke else 2048
-    mesh = sharded.label_mesh()
-    dtype = sharded.compute_dtype(a.dtype)
+    mesh = jax_backend.label_mesh()
+    dtype = jax_backend.compute_dtype(a.dtype)
     rng = np.random.default_rng(0)
     t = time.perf_counter()
     raw = rng.standard_normal((a.centers, a.dim), dtype=np.float32)
-    centers = sharded.shard_centers(raw, mesh, dtype)
+    centers = jax_backend.shard_centers(raw, mesh, dtype)
     del raw
     made = time.perf_counter() - t
-    blocks = sharded.Blocks(mesh, a.rows)
+    blocks = jax_backend.Blocks(mesh, a.rows)
     x = rng.standard_normal((blocks.per_process * (a.blocks + 1), a.dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     block, weight, _ = blocks.block(x, 0, dtype)
     k_pad, d = centers.shape
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharded.AXIS))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(jax_backend.AXIS))
     totals = (jax.device_put(np.zeros((k_pad, d), np.float32), split),
               jax.device_put(np.zeros((k_pad,), np.float32), split), np.float32(0))
 
@@ -85,9 +85,9 @@ def main(argv=None) -> int:
               "centers_per_device_mib": centers.addressable_shards[0].data.nbytes / 2**20}
     probe_before = probe.xla_matmul_flops(n=probe_n) / 1e9
     for name, fn, args, kw in (
-            ("assign top-l", sharded.top_l, (block, centers),
+            ("assign top-l", jax_backend.top_l, (block, centers),
              dict(mesh=mesh, num_classes=a.centers, l=a.labels)),
-            ("kmeans step", sharded._accumulate, (totals, block, weight, centers),
+            ("kmeans step", jax_backend._accumulate, (totals, block, weight, centers),
              dict(mesh=mesh, num_classes=a.centers))):
         t = time.perf_counter()
         compiled = fn.lower(*args, **kw).compile()

@@ -1,19 +1,19 @@
 """Every test process sees 8 simulated CPU devices, compiles with LLVM at -O0, and shares one
 compilation cache per run: all must be set before jax is imported.
 
--O0 (tests/cli.py's FAST_COMPILE; the commands tests start compile at -O1, its COMMAND_COMPILE):
-the suite compiles hundreds of small programs (a float64 reference's sharded head on 1, 2, 4 and 8
-devices, each option), where XLA's backend compile is most of the time and the machine code's speed
-does not matter at test shapes; at -O0 they compile ~30 % faster (tests/test_head.py's
-sharded-vs-reference tests: 91 → 66 s). Only LLVM's code generation changes: XLA's HLO passes
-(fusion, SPMD partitioning, the collectives) are the same.
+-O0 (tests/helpers/commands.py's FAST_COMPILE; the commands tests start compile at -O1, its
+COMMAND_COMPILE): the suite compiles hundreds of small programs (a float64 reference's sharded head
+on 1, 2, 4 and 8 devices, each option), where XLA's backend compile is most of the time and the
+machine code's speed does not matter at test shapes; at -O0 they compile ~30 % faster
+(tests/training/test_sharded_head.py's sharded-vs-reference tests: 91 → 66 s). Only LLVM's code
+generation changes: XLA's HLO passes (fusion, SPMD partitioning, the collectives) are the same.
 
 The cache: jax's persistent compilation cache in a directory made fresh by the run's first process
 (pytest's, or xdist's controller) and inherited through the environment by its workers and every
-command they start (`tests/cli.py`), so a program the suite compiles once (a tiny train step, a
-LiT step, an evaluation forward) is read back by the next test instead of compiled again. A fresh
-directory per run: nothing compiled by another version of the code is ever reused. It is removed
-when the run ends.
+command they start (`tests/helpers/commands.py`), so a program the suite compiles once (a tiny
+train step, a LiT step, an evaluation forward) is read back by the next test instead of compiled
+again. A fresh directory per run: nothing compiled by another version of the code is ever reused.
+It is removed when the run ends.
 """
 
 import compileall
@@ -22,7 +22,7 @@ import pathlib
 import shutil
 import tempfile
 
-from cli import FAST_COMPILE, xla_flags  # noqa: E402  (the standard library only)
+from helpers.commands import FAST_COMPILE, xla_flags  # noqa: E402  (the standard library only)
 
 os.environ["XLA_FLAGS"] = " ".join(
     f for f in (os.environ.get("XLA_FLAGS", ""), xla_flags(8, FAST_COMPILE)) if f)

@@ -10,7 +10,7 @@ import tomllib
 
 import pytest
 
-from cli import REPO
+from helpers.commands import REPO
 
 LINT_IMPORTS = [str(pathlib.Path(sys.executable).with_name("lint-imports")), "--no-cache"]
 

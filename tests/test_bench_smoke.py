@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from helpers.commands import REPO
+
 # Toy programs compile twice as fast without XLA:CPU's expensive optimizations and its MLIR fusion
 # emitters (bench/gpu.sh's dry run does the same).
 FAST = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import cli
+from helpers import commands
 
 # Forks before jax's backend starts, as the command server does; the parent's events before the
 # fork (recorded by hand) are not the child's.
@@ -33,15 +33,15 @@ def test_each_process_counts_its_own_compiles_and_the_report_sums_them(tmp_path,
     script = tmp_path / "two_programs.py"
     script.write_text(SCRIPT)
     subprocess.run([sys.executable, script.name], check=True, cwd=tmp_path, timeout=300,
-                   env=cli.env(1) | {"MLCD_PROFILE": str(log),
-                                     "PYTHONPATH": str(cli.REPO / "tests" / "profile")})
+                   env=commands.env(1) | {"MLCD_PROFILE": str(log),
+                                          "PYTHONPATH": str(commands.REPO / "tests" / "profile")})
     lines = {line["argv"][0]: line for line in map(json.loads, log.read_text().splitlines())}
     assert sorted(lines) == sorted([script.name, "mlcd_jax.child"])
     compiles = lambda line: line["events"]["/jax/core/compile/backend_compile_duration"][1]
     assert compiles(lines[script.name]) == 5 + 2 and compiles(lines["mlcd_jax.child"]) == 1
     assert all(line["cpu"] > 0 for line in lines.values())
 
-    sys.path.insert(0, str(cli.REPO / "tests" / "profile"))
+    sys.path.insert(0, str(commands.REPO / "tests" / "profile"))
     try:
         import report
     finally:

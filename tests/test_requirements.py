@@ -5,11 +5,10 @@ source: every import statement, module-level or inside a function, `__main__` bl
 
 import ast
 import importlib.metadata
-import pathlib
 import re
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers.commands import REPO
 
 
 def canonical(name: str) -> str:
@@ -18,7 +17,7 @@ def canonical(name: str) -> str:
 
 def required() -> set[str]:
     names = set()
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    for line in (REPO / "requirements.txt").read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.add(canonical(re.split(r"[\s<>=!~\[;]", line, maxsplit=1)[0]))
@@ -28,7 +27,7 @@ def required() -> set[str]:
 def imported_top_level() -> dict[str, str]:
     """{top-level package: a file that imports it} for third-party imports under mlcd_jax/."""
     found = {}
-    for path in sorted((ROOT / "mlcd_jax").rglob("*.py")):
+    for path in sorted((REPO / "mlcd_jax").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
@@ -39,7 +38,7 @@ def imported_top_level() -> dict[str, str]:
             for name in names:
                 top = name.split(".")[0]
                 if top not in sys.stdlib_module_names and top not in ("mlcd_jax", "__future__"):
-                    found.setdefault(top, str(path.relative_to(ROOT)))
+                    found.setdefault(top, str(path.relative_to(REPO)))
     return found
 
 

@@ -163,7 +163,7 @@ def budget_size(height: int, width: int, patch: int, tokens: int,
     The same float operations as transformers' SigLIP 2 image processor
     (`siglip2.image_processing_pil_siglip2.get_image_size_for_max_num_patches`: a binary search
     for the scale), so an exported model's users can size images with that function
-    (tests/test_native.py compares them)."""
+    (tests/models/test_native_vit.py compares them)."""
     def scaled(scale: float, size: int) -> int:
         return int(max(patch, math.ceil(size * scale / patch) * patch))
 

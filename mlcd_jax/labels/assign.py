@@ -12,8 +12,8 @@ its row, `mlcd_jax/data/record_keys.py`; a key twice is an error naming both row
 Embeddings without keys make a store without them: joined to records by position, and said.
 Backends: `faiss` (CPU): exact search (IndexFlatIP) for small K, an IVF index for large K, its
 recall@l against exact search measured on a sample and recorded; `jax`: exact search on the device
-mesh (`labels/sharded.py`: the centers split over every device of every process); `auto`: jax where
-an accelerator is present, else faiss.
+mesh (`labels/jax_backend.py`: the centers split over every device of every process); `auto`: jax
+where an accelerator is present, else faiss.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mlcd_jax.data import record_keys
-from mlcd_jax.labels import kmeans, sharded, store
+from mlcd_jax.labels import jax_backend, kmeans, store
 from mlcd_jax.runtime import backend as platform, distributed, files
 from mlcd_jax.runtime.errors import MissingFile, UserError
 
@@ -78,7 +78,7 @@ class _JaxIndex:
     empty ones (`finish`)."""
 
     def __init__(self, centers, num_labels, dtype, mesh=None):
-        self.searcher = sharded.Searcher(centers, num_labels, dtype=dtype, mesh=mesh)
+        self.searcher = jax_backend.Searcher(centers, num_labels, dtype=dtype, mesh=mesh)
         self.calls = self.most = 0
 
     def _calls(self, rows: int) -> int:

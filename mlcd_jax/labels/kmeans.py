@@ -1,5 +1,5 @@
 """Spherical k-means on a sample of the embeddings, read shard by shard: faiss on the CPU, or Lloyd
-iterations on the device mesh (`labels/sharded.py`, backend "jax").
+iterations on the device mesh (`labels/jax_backend.py`, backend "jax").
 
 The sample is `points_per_center × K` rows drawn uniformly over all shards (only those rows are
 read; each process of a job reads its own share). `two_level=P` clusters P disjoint parts of the
@@ -65,9 +65,9 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
     if init not in INITS:
         raise UserError(f"kmeans --init must be one of {list(INITS)}, got {init!r}")
     if backend == "jax":
-        from mlcd_jax.labels import sharded  # the jax backend: jax only where it is used
-        runs = [sharded.spherical_kmeans(x, k, niter=niter, seed=seed + r, init=init,
-                                         dtype=jax_dtype, verbose=verbose)
+        from mlcd_jax.labels import jax_backend  # the jax backend: jax only where it is used
+        runs = [jax_backend.spherical_kmeans(x, k, niter=niter, seed=seed + r, init=init,
+                                             dtype=jax_dtype, verbose=verbose)
                 for r in range(nredo)]
         return max(runs, key=lambda run: run[1][-1] if run[1] else 0.0)[0]
     if len(x) < k:

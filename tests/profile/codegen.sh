@@ -1,7 +1,7 @@
 #!/bin/bash
 # CPU-seconds (user + system) of three commands the suite runs, each cold (a fresh compilation
 # cache) and then warm (the same cache), under the XLA code-generation flags given: how a choice
-# in tests/cli.py (FAST_COMPILE, COMMAND_COMPILE, TRAIN_COMPILE) trades compiling for running.
+# in tests/helpers/commands.py (FAST_COMPILE, COMMAND_COMPILE, TRAIN_COMPILE) trades compiling for running.
 #
 #   bash tests/profile/codegen.sh "--xla_backend_optimization_level=1"
 #   bash tests/profile/codegen.sh "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"

@@ -22,7 +22,7 @@ def get_config(arg="mlcd"):
     c.head.sample_ratio = 1.0
     # The paper's ArcFace with the authors' straight-through gradient (the default). With the
     # exact gradient the single-label run collapses here (every embedding opposite every center,
-    # pos_cos -1.0 at step 400); tests/test_margin.py repeats that at a smaller size.
+    # pos_cos -1.0 at step 400); tests/training/test_margin.py repeats that at a smaller size.
     c.head.margin_type = "arcface"
     c.head.margin_grad = "straight_through"
     c.data.source = "digits_canvas"
