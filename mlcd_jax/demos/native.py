@@ -123,20 +123,6 @@ NAMES = {"square": "square: 32 × 32 crops (64 patches)",
          "native": "native: own aspect ratio, ≤ 64 patches (NaFlex)"}
 
 
-def table(summary: dict, seeds: int) -> str:
-    lines = [f"| run ({seeds} seeds, mean ± std) | " + " | ".join(c for _, c in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
-    for kind in KINDS:
-        cells = []
-        for key, _ in COLUMNS:
-            values = summary[kind][key]
-            spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
-            digits = 0 if key == "images_per_s" else 3
-            cells.append(f"{np.mean(values):.{digits}f} ± {spread:.{digits}f}")
-        lines.append(f"| {NAMES[kind]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def plot(summary: dict, train, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -181,7 +167,7 @@ def run(workdir, *, seeds: int, overrides=()) -> None:
     summary = demo_runs.sweep(KINDS, seeds,
                               lambda kind, seed: pretrain(workdir, kind, seed, labels, overrides),
                               lambda run: probe(run, train, test))
-    text = table(summary, seeds)
+    text = demo_runs.table(summary, seeds, COLUMNS, NAMES, whole=("images_per_s",))
     (workdir / "native.md").write_text(text + "\n")
     (workdir / "results.json").write_text(json.dumps(
         {"runs": summary, "seeds": seeds, "wall_s": time.time() - start}, indent=2))

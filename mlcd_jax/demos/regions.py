@@ -126,19 +126,6 @@ NAMES = {"image": "MLCD, whole images", "objects": "+ object regions",
          "ocr": "+ object and OCR regions"}
 
 
-def table(summary: dict, seeds: int) -> str:
-    lines = [f"| run ({seeds} seeds, mean ± std) | " + " | ".join(c for _, c in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
-    for kind in KINDS:
-        cells = []
-        for key, _ in COLUMNS:
-            values = summary[kind].get(key)
-            spread = np.std(values, ddof=1) if values and len(values) > 1 else 0.0
-            cells.append("" if values is None else f"{np.mean(values):.3f} ± {spread:.3f}")
-        lines.append(f"| {NAMES[kind]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def plot(summary: dict, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -172,7 +159,7 @@ def run(workdir, *, seeds: int, overrides=(), max_patches: int = 5000) -> None:
     summary = demo_runs.sweep(KINDS, seeds,
                               lambda kind, seed: pretrain(workdir, kind, seed, stores, overrides),
                               lambda run: probe(run, train, test, max_patches))
-    text = table(summary, seeds)
+    text = demo_runs.table(summary, seeds, COLUMNS, NAMES, whole=())
     (workdir / "regions.md").write_text(text + "\n")
     (workdir / "results.json").write_text(json.dumps(
         {"runs": summary, "seeds": seeds, "wall_s": time.time() - start}, indent=2))

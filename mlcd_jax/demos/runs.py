@@ -39,3 +39,23 @@ def sweep(kinds, seeds: int, pretrain, probe) -> dict:
             for key, value in probe(run).items():
                 summary[kind].setdefault(key, []).append(value)
     return summary
+
+
+def table(summary: dict, seeds: int, columns, names: dict, whole=()) -> str:
+    """The sweep's markdown table: a row per kind (`names`), for each (key, heading) of `columns`
+    the mean ± std over the seeds (blank where a kind has no such value; keys in `whole` without
+    decimals)."""
+    import numpy as np
+    lines = [f"| run ({seeds} seeds, mean ± std) | " + " | ".join(c for _, c in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for kind, name in names.items():
+        cells = []
+        for key, _ in columns:
+            values = summary[kind].get(key)
+            spread = np.std(values, ddof=1) if values and len(values) > 1 else 0.0
+            digits = 0 if key in whole else 3
+            cells.append("" if values is None else
+                         f"{np.mean(values):.{digits}f} ± {spread:.{digits}f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+

@@ -12,34 +12,17 @@ up to 6 per strip) and steps in both:
 The label store's path is set by the driver (data.labels).
 """
 
-from mlcd_jax.config import presets, schema
+from mlcd_jax.config import presets
+from mlcd_jax.config.presets import demo
 
 ARGS = ("square", "squash", "native")
 
 
 def get_config(arg="native"):
     presets.check_arg(arg, ARGS, "configs/demo_native.py")
-    c = schema.base_config()
-    c.mesh = (("data", -1),)
-    c.model.size = "demo"           # patch 4
-    c.model.embed_dim = 64
-    c.model.dtype = "float32"
-    c.head.loss = "mlcd"
-    c.head.num_classes = 64
-    c.head.sample_ratio = 1.0       # K is small: every class, exactly (as the demo)
-    c.data.source = "digits_strips"
-    c.data.split = "train"
-    c.data.image_size = 32          # square and squash: 8 × 8 = 64 patches
-    c.data.resolution = arg
+    c = demo.digits("digits_strips")
+    c.data.resolution = arg         # square and squash: 32 × 32 = 8 × 8 = 64 patches of 4 px
     c.data.max_tokens = 64 if arg == "native" else 0  # the same budget
     c.data.num_labels = 6           # a strip's digits' clusters, each once (−1 after)
     c.data.crop_scale = (0.8, 1.0)  # a crop loses little of a strip
-    c.data.flip = False             # a mirrored digit is another glyph
-    c.batch_size = 128
-    c.total_steps = 400
-    c.optim.lr = 5e-3
-    c.optim.warmup_steps = 50
-    c.optim.weight_decay = 0.05
-    c.log_every = 20
-    c.checkpoint_every = 400
     return c

@@ -12,32 +12,17 @@ The label stores' paths are set by the driver (data.labels, heads.*.labels).
 """
 
 from mlcd_jax.config import presets, schema
+from mlcd_jax.config.presets import demo
 
 ARGS = ("image", "objects", "ocr")
 
 
 def get_config(arg="image"):
     presets.check_arg(arg, ARGS, "configs/demo_regions.py")
-    c = schema.base_config()
-    c.mesh = (("data", -1),)
-    c.model.size = "demo"
-    c.model.embed_dim = 64
-    c.model.dtype = "float32"
-    c.head.loss = "mlcd"
-    c.head.num_classes = 64
-    c.head.sample_ratio = 1.0       # K is small: every class, exactly (as the demo)
-    c.data.source = "digits_regions"
-    c.data.split = "train"
-    c.data.image_size = 32
+    c = demo.digits("digits_regions")
     c.data.num_labels = 4
     c.data.crop_scale = (0.6, 1.0)
-    c.data.flip = False             # a mirrored digit is another glyph
-    c.batch_size = 128
     c.total_steps = 300
-    c.optim.lr = 5e-3
-    c.optim.warmup_steps = 50
-    c.optim.weight_decay = 0.05
-    c.log_every = 20
     c.checkpoint_every = 300
     if arg in ("objects", "ocr"):
         c.model.region_layers = 1
