@@ -37,7 +37,9 @@ REGIONS = ("objects", "text", "all")             # the regions a head trains on:
 MISSING = ("error", "skip")                      # a record (region) its store lacks
 SOURCES = ("synthetic", "digits", "digits_canvas", "digits_regions", "digits_strips", "folder",
            "arrayrecord", "tfds")                # data/sources.py
-LABELLED = ("digits", "digits_canvas", "digits_regions", "digits_strips", "folder", "tfds")
+# sources whose images have classes (ArrayRecord: converted from a folder's class sub-folders)
+LABELLED = ("digits", "digits_canvas", "digits_regions", "digits_strips", "folder", "arrayrecord",
+            "tfds")
 WITH_SPLITS = ("digits_canvas", "digits_regions", "digits_strips", "tfds")  # `split` selects
 RESOLUTIONS = ("square", "native", "squash")
 PROBES = ("linear_probe", "knn")                 # the evaluators of frozen features
@@ -331,7 +333,7 @@ def total_steps(c: ml_collections.ConfigDict, num_examples: int | None = None) -
 @dataclasses.dataclass(frozen=True)
 class LitImage(Section):
     model: str = ""                         # a training workdir, our model dir or transformers dir
-    image_size: int = field(224, check=at_least(1))
+    image_size: int = field(0, check=at_least(0))  # 0 = the encoder's own
     resolution: str = field("", choices=("", *RESOLUTIONS))  # "" = as the encoder was trained or
                                             # exported; "square" (image_size² crops), "squash"
                                             # (whole images to image_size²) or "native"

@@ -7,7 +7,8 @@ images.
 Writes OUTPUT-00000-of-00010.array_record, ... (one record = one encoded image, bytes as stored,
 no re-encoding) and OUTPUT.index.jsonl (record → its key, original path or tar member, in record
 order, and the image's caption where it has one: the .txt that img2dataset writes beside each
-image, in a tar shard or a folder), with its offsets table, key hashes and manifest
+image, in a tar shard or a folder), with its offsets table, key hashes, each record's class (a
+folder's class sub-folders, as evaluation reads them) and manifest
 (`mlcd_jax/data/index.py`: any record's key, name and caption in O(1)). The key is what labels
 are joined by: in img2dataset's tars the `key` of each sample's .json (else webdataset's key of the
 member), in a folder the file's relative path; two records with one key are an error naming
@@ -126,6 +127,13 @@ def iter_images(inputs: str, sidecars: bool = False):
                         break  # one image per sample
 
 
+def folder_class(inputs: str, name: str) -> str | None:
+    """The class of a folder's image: the first sub-folder it sits in (as `FolderSource` reads
+    classes); None for an image at the top, and for tar shards."""
+    folder, sep, _ = name.partition("/")
+    return folder if sep and pathlib.Path(inputs).is_dir() else None
+
+
 def existing_shards(output: str) -> list[pathlib.Path]:
     """Shards a convert with this output prefix wrote before (PREFIX-00000-of-00003...)."""
     out = pathlib.Path(output)
@@ -182,7 +190,7 @@ def convert(inputs: str, output: str, shard_size: int, *, overwrite: bool = Fals
                 index.new_shard()
             writer.write(data)
             index.add(key, name, caption, annotations.of(key, name, image.size, sidecar)
-                      if annotations else None)
+                      if annotations else None, image_class=folder_class(inputs, name))
         if writer:
             writer.close()
     except BaseException:  # nothing half-made left under the output's names

@@ -8,6 +8,9 @@ A convert output PREFIX has, beside its shards PREFIX-0000k-of-N.array_record:
                          int64 (memory-mapped, so record i's line is one seek away)
 * PREFIX.index.hashes    every record's key hashed (`mlcd_jax/data/record_keys.py`): N × 16 bytes
 in record                          order, memory-mapped (a join reads it without parsing a line)
+* PREFIX.index.classes   for a folder whose images sit in class sub-folders: each record's class
+                         (int32 in record order, -1 for an image outside them; the names are the
+                         manifest's "classes"), memory-mapped
 * PREFIX.index.regions   with `convert --regions` only: where each record's regions start, all
                          of them and those with a text: (N + 1) × 2 little-endian int64, cumulative
                          (memory-mapped: a record's counts, or any range's, without a line read)
@@ -59,6 +62,10 @@ def hashes_path(prefix) -> pathlib.Path:
     return pathlib.Path(f"{prefix}.index.hashes")
 
 
+def classes_path(prefix) -> pathlib.Path:
+    return pathlib.Path(f"{prefix}.index.classes")
+
+
 def regions_path(prefix) -> pathlib.Path:
     return pathlib.Path(f"{prefix}.index.regions")
 
@@ -96,6 +103,8 @@ class Writer:
         self._lines = open(f"{self.lines_path}.tmp", "wb")
         self._offsets = open(f"{self.offsets_path}.tmp", "wb")
         self._hashes = open(f"{self.hashes_path}.tmp", "wb")
+        self._classes = open(f"{classes_path(prefix)}.tmp", "wb")
+        self.class_names: dict[str, int] = {}  # a class sub-folder's name → its id, as met
         self.regions = regions
         self._regions = (_RegionTable(pathlib.Path(f"{regions_path(prefix)}.tmp"))
                          if regions is not None else None)
@@ -106,7 +115,12 @@ class Writer:
         self.shard_records.append(0)
 
     def add(self, key: str, name: str, caption: str | None,
-            regions: regions_lib.Regions | None = None) -> None:
+            regions: regions_lib.Regions | None = None, image_class: str | None = None) -> None:
+        """Record `key` (its `name`, `caption`, `regions`, and `image_class`: the name of the
+        class sub-folder it sits in; ids are given in the order classes are met)."""
+        label = -1 if image_class is None else self.class_names.setdefault(
+            image_class, len(self.class_names))
+        self._classes.write(np.int32(label).astype("<i4").tobytes())
         self._offsets.write(np.int64(self._lines.tell()).astype("<i8").tobytes())
         line = {"record": self.records, "key": key, "name": name} | (
             {"caption": caption} if caption is not None else {})
@@ -130,11 +144,18 @@ class Writer:
         for f, path in self._files():
             f.close()
             os.replace(f"{path}.tmp", path)
+        self._classes.close()
+        if self.class_names:
+            os.replace(f"{classes_path(self.prefix)}.tmp", classes_path(self.prefix))
+        else:  # no class sub-folders: no table (and an --overwrite's old one goes)
+            pathlib.Path(f"{classes_path(self.prefix)}.tmp").unlink()
+            classes_path(self.prefix).unlink(missing_ok=True)
         if self._regions is None:
             regions_path(self.prefix).unlink(missing_ok=True)  # an --overwrite's old table
         write_manifest(self.prefix, shards, self.shard_records, self.captioned, size,
                        regions=None if self._regions is None
-                       else self.regions | self._regions.info())
+                       else self.regions | self._regions.info(),
+                       classes=list(self.class_names) or None)
         check_unique(self.prefix)
 
     def _files(self):
@@ -147,16 +168,20 @@ class Writer:
         for f, path in self._files():
             f.close()
             pathlib.Path(f"{path}.tmp").unlink(missing_ok=True)
+        self._classes.close()
+        pathlib.Path(f"{classes_path(self.prefix)}.tmp").unlink(missing_ok=True)
 
 
 def write_manifest(prefix, shards: list[str], counts: list[int], captioned: int,
-                   lines_bytes: int, regions: dict | None = None) -> None:
+                   lines_bytes: int, regions: dict | None = None,
+                   classes: list[str] | None = None) -> None:
     write_json_atomic(paths(prefix)[2], {
         "format": FORMAT, "records": int(sum(counts)), "captioned": int(captioned),
         "lines_bytes": int(lines_bytes), "keys": True,
         "shards": [{"file": pathlib.Path(s).name, "records": int(n),
                     "bytes": pathlib.Path(s).stat().st_size} for s, n in zip(shards, counts)]}
-        | ({"regions": regions} if regions is not None else {}))
+        | ({"regions": regions} if regions is not None else {})
+        | ({"classes": classes} if classes else {}))
 
 
 def check_unique(prefix) -> None:
@@ -183,8 +208,10 @@ def reindex(prefix, shards: list[str], counts: list[int], key_of) -> dict:
     keys_path, table_path = hashes_path(prefix), regions_path(prefix)
     if not lines_path.is_file():
         raise MissingFile(f"{lines_path} not found: --reindex needs convert's index")
-    # Regions convert kept stay, their table remade from the lines (what made them is kept).
-    old = json.loads(manifest_path.read_text()).get("regions") if manifest_path.is_file() else None
+    # Regions convert kept stay, their table remade from the lines (what made them is kept);
+    # classes stay as they are (their table is not in the lines).
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    old = manifest.get("regions")
     table = _RegionTable(pathlib.Path(f"{table_path}.tmp"))
     records = captioned = 0
     with (open(lines_path, "rb") as lines, open(f"{lines_path}.tmp", "wb") as out,
@@ -214,7 +241,8 @@ def reindex(prefix, shards: list[str], counts: list[int], key_of) -> dict:
     for path in written:
         os.replace(f"{path}.tmp", path)
     pathlib.Path(f"{table_path}.tmp").unlink(missing_ok=True)
-    write_manifest(prefix, shards, counts, captioned, size, regions=regions)
+    write_manifest(prefix, shards, counts, captioned, size, regions=regions,
+                   classes=manifest.get("classes"))
     check_unique(prefix)
     return {"records": records, "captioned": captioned}
 
@@ -235,6 +263,7 @@ class Index:
         self.records, self.captioned = int(m["records"]), int(m["captioned"])
         self.keyed = bool(m.get("keys"))
         self.regions = m.get("regions")  # what made the records' regions (None: no regions)
+        self.classes = m.get("classes")  # the class sub-folders' names (None: no classes)
         if (not self.lines_path.is_file() or self.lines_path.stat().st_size != m["lines_bytes"]
                 or not self.offsets_path.is_file()
                 or self.offsets_path.stat().st_size != 8 * (self.records + 1)):
@@ -270,6 +299,14 @@ class Index:
             raise StaleIndex(f"{path} is missing or does not match {self.lines_path}; "
                              f"`python -m mlcd_jax.data.convert --reindex {self.prefix}`")
         return np.memmap(path, dtype=record_keys.HASH, mode="r", shape=(self.records,))
+
+    def labels(self) -> np.ndarray:
+        """Every record's class (int32, -1: none), memory-mapped, in record order."""
+        path = classes_path(self.prefix)
+        if not path.is_file() or path.stat().st_size != 4 * self.records:
+            raise StaleIndex(f"{path} is missing or does not match {self.lines_path}; convert "
+                             "again with --overwrite")
+        return np.memmap(path, dtype="<i4", mode="r", shape=(self.records,))
 
     def region_counts(self, records) -> np.ndarray:
         """(n, 2) int64: the regions of `records`, all and those with a text (from the table, no

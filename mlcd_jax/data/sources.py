@@ -106,8 +106,8 @@ class Subset(_Keyed):
             return lambda i: getattr(source, name)(int(self.indices[i]))
         if name == "region_counts" and hasattr(source, name):
             return lambda indices: source.region_counts(self._picked(indices))
-        if name in ("regions_fingerprint", "no_regions", "region_classes") and hasattr(source,
-                                                                                     name):
+        if name in ("regions_fingerprint", "no_regions", "region_classes",
+                    "class_index") and hasattr(source, name):
             return getattr(source, name)
         raise AttributeError(name)
 
@@ -521,9 +521,11 @@ class ArrayRecordSource:
     also matches convert's index). A file that convert's index (`data/index.py`) lists with its
     size is counted from the index; any other is opened once up front, so a damaged or foreign
     file is named before training. The index names records and gives their captions, by record,
-    in O(1): start-up and memory do not grow with the data."""
+    in O(1): start-up and memory do not grow with the data. Records converted from a folder's
+    class sub-folders have their class (`class_index`: name → id, sorted by name as a
+    `FolderSource`'s; `classes`: another source's, so test files use the train files' ids)."""
 
-    def __init__(self, pattern, *, field="config.data.path"):
+    def __init__(self, pattern, *, field="config.data.path", classes: dict[str, int] | None = None):
         from array_record.python.array_record_module import ArrayRecordReader
         if not str(pattern):
             raise MissingFile(f"{field} is empty: set it to the ArrayRecord files, e.g. "
@@ -553,7 +555,36 @@ class ArrayRecordSource:
                                 f"({_first_line(e)}); "
                                 "remake it with `python -m mlcd_jax.data.convert`") from None
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self.class_index = self._classes(classes, field)
+        self._labels: dict[str, tuple] = {}  # per index: (its ids here, its records' table)
         self._open()
+
+    def _classes(self, classes: dict[str, int] | None, field: str) -> dict[str, int]:
+        """The class sub-folders' names of the files' indexes, as ids ({}: no classes)."""
+        found = sorted({name for f in self.files if isinstance(index := self._index(f),
+                                                                index_lib.Index)
+                        for name in index.classes or ()})
+        if classes is None:
+            return {name: i for i, name in enumerate(found)}
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise UserError(f"{field}: its records have classes {unknown[:5]} that the train "
+                            "images do not; test images need the train images' classes")
+        return dict(classes)
+
+    def label(self, i) -> int:
+        """Record i's class id in `class_index` (-1: none)."""
+        f, local = self._locate(i)
+        if not self.class_index or self.first[f] is None:
+            return -1
+        index = self._index(self.files[f])
+        if not index.classes:
+            return -1
+        if index.prefix not in self._labels:  # its ids in this numbering; its table, mapped
+            ids = np.array([self.class_index[name] for name in index.classes] + [-1], np.int32)
+            self._labels[index.prefix] = ids, index.labels()
+        ids, table = self._labels[index.prefix]
+        return int(ids[table[self.first[f] + local]])  # -1 (no class) picks the appended -1
 
     def _index(self, shard: str):
         """Convert's index of `shard`'s output (None: not convert's name, or no index; a
@@ -593,7 +624,7 @@ class ArrayRecordSource:
 
     def __getitem__(self, i):
         try:
-            return {"image_bytes": self.source[i], "label": -1, "path": self.name(i)}
+            return {"image_bytes": self.source[i], "label": self.label(i), "path": self.name(i)}
         except Exception as e:  # a damaged region of a file: the record is skipped, and named
             return {"image_bytes": b"", "label": -1, "path": self.name(i),
                     "error": _first_line(e)}
@@ -741,8 +772,8 @@ class ArrayRecordSource:
         return digest("arrayrecord", [[pathlib.Path(f).name, n, pathlib.Path(f).stat().st_size]
                                        for f, n in zip(self.files, self.counts)])
 
-    def __getstate__(self):  # reopened in grain worker processes
-        return {k: v for k, v in self.__dict__.items() if k != "source"}
+    def __getstate__(self):  # reopened in grain worker processes (the class ids made again)
+        return {k: v for k, v in self.__dict__.items() if k != "source"} | {"_labels": {}}
 
     def __setstate__(self, state):
         self.__dict__.update(state)

@@ -29,6 +29,7 @@ from mlcd_jax.demos import runs as demo_runs
 from mlcd_jax.evaluate import features, run as eval_run
 from mlcd_jax.interop import weights
 from mlcd_jax.labels import assign, kmeans, store
+from mlcd_jax.runtime import cli
 from mlcd_jax.training import reporting
 
 K, L = 64, 4
@@ -75,7 +76,7 @@ def lit(workdir: pathlib.Path, name: str, model: pathlib.Path, overrides=()) -> 
     run = workdir / f"lit_{name}"
     subprocess.run([sys.executable, "-m", "mlcd_jax.lit", f"--config={LIT_CONFIG}",
                     f"--workdir={run}", f"--config.image.model={model}", *overrides],
-                   check=True, env=demo_runs.env())
+                   check=True, env=cli.command_env())
     return reporting.read_jsonl(run / "evals.jsonl")[-1]
 
 

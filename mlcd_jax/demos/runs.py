@@ -3,28 +3,16 @@ demos' sweep (`demo --regions`, `demo --native`) of every kind of run over seeds
 
 from __future__ import annotations
 
-import os
-import pathlib
 import subprocess
 import sys
 
-# Where this package is imported from: the runs find it there too, from a checkout that was never
-# installed as well as from a wheel.
-PACKAGE_PARENT = str(pathlib.Path(__file__).resolve().parents[2])
-
-
-def env() -> dict:
-    """This process's environment with 8 simulated CPU devices added to its XLA_FLAGS (a user's
-    own XLA flags are kept) and this package importable."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    path = os.environ.get("PYTHONPATH", "")
-    return os.environ | {"XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=8".strip(),
-                         "PYTHONPATH": os.pathsep.join(filter(None, (path, PACKAGE_PARENT)))}
+from mlcd_jax.runtime import cli
 
 
 def train(flags: list[str]) -> None:
     """`python -m mlcd_jax.train` with `flags`, on 8 simulated devices."""
-    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True, env=env())
+    subprocess.run([sys.executable, "-m", "mlcd_jax.train", *flags], check=True,
+                   env=cli.command_env())
 
 
 def sweep(kinds, seeds: int, pretrain, probe) -> dict:

@@ -72,9 +72,10 @@ MODEL = flags.DEFINE_string("model", None, "A training workdir, our model dir, o
 flags.DEFINE_alias("checkpoint", "model", flag_values=FLAGS)
 flags.DEFINE_alias("workdir", "model", flag_values=FLAGS)
 STEP = flags.DEFINE_integer("step", None, "With a training workdir: which step.", flag_values=FLAGS)
-SOURCE = flags.DEFINE_enum("source", None, [*LABELLED, "arrayrecord"],
-                            "The images (arrayrecord: only with --regions: its images have no "
-                            "classes).", flag_values=FLAGS)
+SOURCE = flags.DEFINE_enum("source", None, list(LABELLED),
+                           "The images (arrayrecord: converted from a folder's class "
+                           "sub-folders, or with --regions, their region classes).",
+                           flag_values=FLAGS)
 flags.DEFINE_alias("dataset", "source", flag_values=FLAGS)  # its former name, kept
 PATH = flags.DEFINE_string("path", "", "folder: the (train) images, one sub-folder per class; "
                            "tfds: the data_dir.", flag_values=FLAGS)
@@ -124,9 +125,9 @@ def command(args) -> int | None:
     if a.source == "folder" and not a.path:
         raise UserError("--source folder needs --path (the image folder, one sub-folder per "
                         "class)")
-    if not a.regions and (a.source == "arrayrecord" or a.annotations or a.test_annotations):
-        raise UserError("--source arrayrecord and --annotations are for --regions (ArrayRecord "
-                        "images have no classes; give a folder with one sub-folder per class)")
+    if not a.regions and (a.annotations or a.test_annotations):
+        raise UserError("--annotations is for --regions (a folder's boxes for the region "
+                        "probes)")
     if a.max_regions < 2 or a.max_patches < 2:
         raise UserError("--max_regions and --max_patches must be ≥ 2")
     import jax
@@ -141,9 +142,9 @@ def command(args) -> int | None:
                                      test_split=a.test_split, test_fraction=a.test_fraction,
                                      labelled=not a.regions, annotations=a.annotations,
                                      test_annotations=a.test_annotations)
-    size = a.image_size or model.cfg.image_hw[0]
     native = weights.sizing(a.model, model, a.resolution, a.max_tokens, a.min_tokens,
-                            size)
+                            a.image_size)
+    size = weights.image_side(a.model, model, a.image_size, native)
     mesh = mesh_lib.make_mesh([("data", -1)])  # batches split over every device
     if a.regions:
         region_probes.class_names(train, test)  # no regions, no classes: said before work

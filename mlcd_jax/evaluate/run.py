@@ -33,7 +33,7 @@ def dataset_splits(source: str, *, path: str = "", test_path: str = "", tfds_nam
     in errors ("--" or "config.evals."). `labelled=False` also takes images without classes
     (LiT's captioned data; regions with classes). `annotations` (`test_annotations`, by default
     the same) give a folder's images their regions (`FolderSource(regions=...)`)."""
-    allowed = LABELLED if labelled else ("arrayrecord", *LABELLED)
+    allowed = LABELLED
     if source not in allowed:
         raise UserError(f"{flag}source: must be one of {allowed}"
                         f"{' (images with classes)' if labelled else ''}, got {source!r}")
@@ -51,8 +51,13 @@ def dataset_splits(source: str, *, path: str = "", test_path: str = "", tfds_nam
                         f"takes {flag}test_split or {flag}test_fraction")
     if source == "arrayrecord":
         train = sources.ArrayRecordSource(path, field=f"{flag}path")
+        if labelled and not train.class_index:
+            raise UserError(f"{flag}path {path}: its images have no classes (convert keeps a "
+                            "folder's class sub-folders as classes; tar shards have none): "
+                            "evaluation needs images with classes")
         if test_path:
-            return train, sources.ArrayRecordSource(test_path, field=f"{flag}test_path")
+            return train, sources.ArrayRecordSource(test_path, field=f"{flag}test_path",
+                                                    classes=train.class_index or None)
         return split(train, test_fraction)
     if source == "folder":
         train = sources.FolderSource(path, field=f"{flag}path", regions=annotations or None)
@@ -75,9 +80,9 @@ def image_classes(source) -> bool:
     sub-folders have none)."""
     if isinstance(source, sources.Subset):
         source = source.source
-    if isinstance(source, sources.ArrayRecordSource):
-        return False
-    return bool(source.class_index) if isinstance(source, sources.FolderSource) else True
+    if isinstance(source, (sources.ArrayRecordSource, sources.FolderSource)):
+        return bool(source.class_index)
+    return True
 
 
 def splits_of(section, flag: str, labelled: bool = True):

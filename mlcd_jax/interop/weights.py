@@ -200,6 +200,22 @@ def native_sizing(path) -> transforms.Native | None:
     return hf.read_native(path)
 
 
+def image_side(path, model: vit.ViT, image_size: int = 0,
+               native: transforms.Native | None = None, flag: str = "--") -> int:
+    """The side of the images a command feeds `model` (loaded from `path`): `image_size`, or 0
+    for the model's own. Square crops of a model with a learned position table (CLIP-style) are
+    its own size only (`native` sizing resizes the table per image, any size goes)."""
+    own = model.cfg.image_hw
+    if not image_size:
+        return own[0]
+    if native is None and model.cfg.pos == "learned" and (image_size, image_size) != own:
+        raise UserError(f"{flag}image_size {image_size}: {path} takes {own[0]}×{own[1]} images "
+                        f"(its position embedding is a learned {own[0] // model.cfg.patch}×"
+                        f"{own[1] // model.cfg.patch} table); leave {flag}image_size out to use "
+                        "its size")
+    return image_size
+
+
 def sizing(path, model: vit.ViT, resolution: str = "", max_tokens: int = 0,
            min_tokens: int = 0, image_size: int = 0,
            flag: str = "--") -> transforms.Native | None:

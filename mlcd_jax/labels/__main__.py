@@ -1,7 +1,6 @@
 """Cluster labels: python -m mlcd_jax.labels {embed,kmeans,assign,stats,all,ocr} ...
 
-    python -m mlcd_jax.labels embed --model MODEL --source folder --path IMAGES --out EMB \\
-        --image_size 224
+    python -m mlcd_jax.labels embed --model MODEL --source folder --path IMAGES --out EMB
     python -m mlcd_jax.labels kmeans --embeddings EMB --out LAB --num_centers 10000
     python -m mlcd_jax.labels assign --embeddings EMB --centers LAB/centers.npy --out LAB \\
         --num_labels 8
@@ -13,7 +12,7 @@ Regions (docs/regions.md): `embed --regions` embeds each object region's crop (k
 `ocr` writes the OCR regions' store (their texts' token ids, K = the vocabulary):
 
     python -m mlcd_jax.labels embed --regions --model MODEL --source arrayrecord \\
-        --path 'data/train-*.array_record' --out REG_EMB --image_size 224
+        --path 'data/train-*.array_record' --out REG_EMB
     python -m mlcd_jax.labels all --embeddings REG_EMB --out OBJ_LAB --num_centers 10000 \\
         --num_labels 1
     python -m mlcd_jax.labels ocr --source arrayrecord --path 'data/train-*.array_record' \\
@@ -72,9 +71,9 @@ def run_embed(a):
               "records", flush=True)
     native = weights.sizing(a.model, model, a.resolution, a.max_tokens, a.min_tokens,
                             a.image_size)
-    if native is not None:
-        print(f"embed: {native}", flush=True)
-    result = embed.run(source, model, a.out, model_name=str(a.model), image_size=a.image_size,
+    size = weights.image_side(a.model, model, a.image_size, native)
+    print(f"embed: {native or f'{size}² crops'}", flush=True)
+    result = embed.run(source, model, a.out, model_name=str(a.model), image_size=size,
                        batch_size=a.batch_size, shard_size=a.shard_size,
                        process_index=a.process_index, process_count=a.process_count,
                        source_name=f"{a.source}:{a.path or a.tfds_name}", native=native)
@@ -216,7 +215,8 @@ def _embed(fv):
                         "checkpoint dir.", flag_values=fv)
     flags.DEFINE_integer("step", None, "With a training workdir: which step.", flag_values=fv)
     flags.DEFINE_string("out", None, "The embedding shards' folder.", flag_values=fv)
-    flags.DEFINE_integer("image_size", 224, "The side of the images fed to the model.",
+    flags.DEFINE_integer("image_size", 0, "The side of the images fed to the model (default: "
+                         "the model's own, as it was trained or exported).",
                          flag_values=fv)
     cli.sizing_flags(fv)
     flags.DEFINE_integer("batch_size", 256, "Images embedded at a time.", flag_values=fv)

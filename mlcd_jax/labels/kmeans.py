@@ -21,6 +21,9 @@ from mlcd_jax.runtime.errors import UserError
 # faiss ClusteringParameters.init_method: random (faiss's default, O(k·d)), k-means++ (O(n·k·d),
 # better seeds, small K only), AFK-MC² (an O(n·d + m·k²·d) approximation of k-means++)
 INITS = {"random": 0, "kmeans++": 1, "afkmc2": 2}
+# faiss warns, for every clustering, when it has fewer points per center than this; `fit` says it
+# once instead (a small dataset, or the parts of --two_level).
+FAISS_MIN_POINTS_PER_CENTER = 39
 
 
 def sample_rows(total: int, size: int, seed: int, part: tuple[int, int] = (0, 1)) -> np.ndarray:
@@ -74,7 +77,8 @@ def spherical_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, init: str 
         raise UserError(f"kmeans: {len(x)} points cannot make K = {k} centers; lower "
                         "--num_centers or raise --points_per_center")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, spherical=True, seed=seed, verbose=verbose,
-                      nredo=nredo, max_points_per_centroid=max(1, -(-len(x) // k)))
+                      nredo=nredo, max_points_per_centroid=max(1, -(-len(x) // k)),
+                      min_points_per_centroid=1)  # its warning: said once, by `fit`
     km.cp.init_method = INITS[init]
     km.train(x)
     return store.normalize(km.centroids)
@@ -95,6 +99,13 @@ def fit(shards: store.EmbeddingShards, num_centers: int, *, points_per_center: i
         import jax
         share = (jax.process_index(), jax.process_count())
     rows = sample_rows(shards.total, size, seed, part=share)
+    fewest = size // max(two_level, 1) // num_centers  # points per center in a clustering
+    if backend == "faiss" and fewest < FAISS_MIN_POINTS_PER_CENTER:
+        print(f"kmeans: about {fewest} point{'s' * (fewest != 1)} per center"
+              + (f" in each of the {two_level} parts" if two_level > 1 else "")
+              + f" (faiss asks for {FAISS_MIN_POINTS_PER_CENTER}): the centers are noisier; fewer "
+              "--num_centers" + (" or --two_level" if two_level > 1 else "") + " gives each more",
+              flush=True)
     cluster = lambda x, seed: spherical_kmeans(x, num_centers, niter=niter, seed=seed, init=init,
                                                nredo=nredo, verbose=verbose, backend=backend,
                                                jax_dtype=jax_dtype)

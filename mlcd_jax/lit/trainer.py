@@ -42,7 +42,7 @@ from mlcd_jax.runtime.errors import UserError
 from mlcd_jax.training import loop, optim
 
 
-def image_features(c, workdir, encoder, source, name, mesh, native=None):
+def image_features(c, workdir, encoder, source, name, mesh, size: int, native=None):
     """(normalised features, labels, the records they are) of `source`'s readable images, the
     records as a Subset of `source` (row i of the features is its record i: captions are read
     from it, so an unreadable image left out moves no caption onto another), memory-mapped from
@@ -51,7 +51,7 @@ def image_features(c, workdir, encoder, source, name, mesh, native=None):
     Memory holds a batch, not the split: web data far larger than host memory works."""
     path = workdir / "features" / f"{name}.npy"
     made_by = files.digest(embed.model_fingerprint(nnx.state(encoder)), source.fingerprint(),
-                           c.image.image_size, *([native.describe()] if native else []))
+                           size, *([native.describe()] if native else []))
     # Its record, checksum and labels and records beside it must all agree (a damaged file, or
     # one made by other weights, images or size: recomputed below).
     whole = files.fresh_piece(path, made_by, verify_sha256=True,
@@ -60,7 +60,7 @@ def image_features(c, workdir, encoder, source, name, mesh, native=None):
         first = jax.process_index() == 0
         if first:
             path.with_suffix(".json").unlink(missing_ok=True)  # no record vouches while it fills
-        features.extract_to(encoder, source, path, image_size=c.image.image_size,
+        features.extract_to(encoder, source, path, image_size=size,
                             batch_size=c.image.batch_size, mesh=mesh,
                             desc=f"image features ({name})", rows=store.normalize,
                             write=first, native=native)
@@ -188,7 +188,7 @@ def run(c, workdir, *, multihost=(None, None, None)) -> None:
     schema.check(c, schema.LIT)
     if not c.data.source:
         raise UserError("config.data.source: the image-text pairs are not set: one of "
-                        f"{schema.LABELLED + ('arrayrecord',)} (e.g. folder with "
+                        f"{schema.LABELLED} (e.g. folder with "
                         "config.data.path)")
     if not c.image.model:
         raise UserError("config.image.model: the image encoder to lock (a training workdir, a "
@@ -207,13 +207,14 @@ def run(c, workdir, *, multihost=(None, None, None)) -> None:
         native = weights.sizing(c.image.model, encoder, c.image.resolution,
                                 c.image.max_tokens, c.image.min_tokens,
                                 c.image.image_size, flag="config.image.")  # None: square crops
-        if native:
-            described += f" ({native})"
+        size = weights.image_side(c.image.model, encoder, c.image.image_size, native,
+                                  flag="config.image.")
+        described += f" ({native or f'{size}² crops'})"
         # Row i of the features is record i of train_rows / test_rows: captions follow it.
         train_x, train_y, train_rows = image_features(c, workdir, encoder, train_src, "train",
-                                                      mesh, native)
+                                                      mesh, size, native)
         test_x, test_y, test_rows = image_features(c, workdir, encoder, test_src, "test", mesh,
-                                                   native)
+                                                   size, native)
         del encoder
 
         # Captions and the tokenizer. Unlabelled data (captioned web images): retrieval only.

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
+import pathlib
 import re
 import sys
 import weakref
@@ -178,6 +180,23 @@ def parse(argv: Sequence[str], flag_values: flags.FlagValues,
         if flag_values[name].value is None:
             raise UserError(f"--{name} is required: {flag_values[name].help}")
     return positional
+
+
+# Where this package is imported from: the commands a command starts find it there too, from a
+# checkout that was never installed as well as from a wheel.
+PACKAGE_PARENT = str(pathlib.Path(__file__).resolve().parents[2])
+
+
+def command_env(devices: int = 8) -> dict:
+    """The environment of a command this one starts (`python -m mlcd_jax.…`): this process's,
+    with `devices` simulated CPU devices added to its XLA_FLAGS (a user's own XLA flags kept; a
+    GPU or TPU is used as it is) and this package importable."""
+    xla = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in xla:
+        xla = f"{xla} --xla_force_host_platform_device_count={devices}".strip()
+    path = os.environ.get("PYTHONPATH", "")
+    return os.environ | {"XLA_FLAGS": xla,
+                         "PYTHONPATH": os.pathsep.join(filter(None, (path, PACKAGE_PARENT)))}
 
 
 def start() -> None:

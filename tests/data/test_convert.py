@@ -163,3 +163,50 @@ def test_index_lines_read_by_many_threads_at_first_use(tmp_path):
             assert got == [f"key{i}" for i in range(64)]
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_class_sub_folders_are_kept_as_classes_and_evaluation_reads_them(tmp_path):
+    """A folder's class sub-folders become each record's class in the index (an image at the top
+    has none); ArrayRecord files give the same ids as the folder, test files the train files'."""
+    from mlcd_jax.evaluate import run as evaluation
+    from mlcd_jax.runtime.errors import UserError
+    train, test = tmp_path / "train", tmp_path / "test"
+    for folder, names in ((train, ("zebra", "ant", "ant", "moth")), (test, ("moth", "zebra"))):
+        for i, name in enumerate(names):
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            (folder / name / f"{i}.png").write_bytes(jpeg(i * 30, size=(20, 20), fmt="PNG"))
+    (train / "loose.png").write_bytes(jpeg(200, size=(20, 20), fmt="PNG"))
+    for folder in (train, test):
+        convert.convert(str(folder), str(tmp_path / "ar" / folder.name), shard_size=2)
+    index = index_lib.Index(tmp_path / "ar" / "train")
+    names = [index.line(i)["name"] for i in range(index.records)]
+    met = {}  # the writer numbers classes as it meets them
+    for name in names:
+        if "/" in name:
+            met.setdefault(name.split("/")[0], len(met))
+    assert sorted(index.classes) == ["ant", "moth", "zebra"]
+    assert list(index.labels()) == [met[n.split("/")[0]] if "/" in n else -1 for n in names]
+
+    ar = sources.ArrayRecordSource(str(tmp_path / "ar" / "train-*.array_record"))
+    folder = sources.FolderSource(train)
+    assert ar.class_index == folder.class_index == {"ant": 0, "moth": 1, "zebra": 2}
+    name = lambda source, i: source.name(i).split(" (")[0]  # without where the record lies
+    by_name = {name(ar, i): ar[i]["label"] for i in range(len(ar))}
+    in_folder = lambda i: str(pathlib.Path(folder.name(i)).relative_to(train))
+    assert by_name == {in_folder(i): folder[i]["label"] for i in range(len(folder))} | {
+        "loose.png": -1}
+    got_train, got_test = evaluation.dataset_splits(
+        "arrayrecord", path=str(tmp_path / "ar" / "train-*.array_record"),
+        test_path=str(tmp_path / "ar" / "test-*.array_record"))
+    assert {name(got_test, i): got_test[i]["label"] for i in range(len(got_test))} == {
+        "moth/0.png": 1, "zebra/1.png": 2}  # the train files' ids, not the test folder's own
+
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:  # tars have no classes
+        data = jpeg(9)
+        info = tarfile.TarInfo("000.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    convert.convert(str(tmp_path / "shard.tar"), str(tmp_path / "ar" / "web"), shard_size=2)
+    assert index_lib.Index(tmp_path / "ar" / "web").classes is None
+    with pytest.raises(UserError, match="its images have no classes"):
+        evaluation.dataset_splits("arrayrecord", path=str(tmp_path / "ar" / "web-*.array_record"))

@@ -37,3 +37,29 @@ def unreadable_files(folder):
     (folder / "cls" / "cut.jpg").write_bytes(jpeg(9, size=(40, 40))[:100])
     (folder / "cls" / "notes.png").write_text("not an image")
     (folder / "cls" / "tiny.png").write_bytes(jpeg(5, size=(5, 5), fmt="PNG"))
+
+
+def digit_folders(root, images: int = 400, start: int = 0):
+    """scikit-learn's real digits as a user's folder: ROOT/CLASS/NNNN.png, 28 × 28 RGB PNGs (the
+    first `images` digits from `start`)."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for i in range(start, start + images):
+        folder = root / str(digits.target[i])
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (digits.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(pixels).resize((28, 28)).convert("RGB").save(folder / f"{i:04d}.png")
+    return root
+
+
+def clip_teacher(path, seed: int = 0):
+    """A randomly initialised transformers CLIP vision model with its projection (32 px, patch
+    8, 16-d embeddings) saved at `path`: a user's CLIP checkpoint dir, small."""
+    import torch
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32,
+                                           intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, projection_dim=16)
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(path)
+    return path

@@ -260,3 +260,17 @@ def test_label_cli_mistakes_say_what_to_do(embedded, capsys):
     assert not (tmp / "lab" / "labels.npy").exists()
     assert ("removed labels.npy and manifest.json of the previous clustering"
             in capsys.readouterr().out)
+
+
+def test_few_points_per_center_is_said_once_not_by_faiss_for_every_clustering(tmp_path, capfd):
+    """400 embeddings, K = 20, two levels of 8 parts: faiss would warn (from C++, on stderr) for
+    each of the 9 clusterings that it has fewer than 39 points per center; `fit` says it once."""
+    x = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
+    shards = store.write_embeddings(tmp_path / "emb", [x], model="noise")
+    centers, _ = kmeans.fit(shards, 20, two_level=8, niter=5, verbose=False)
+    out, err = capfd.readouterr()
+    assert centers.shape == (20, 16)
+    assert "WARNING" not in err + out, err  # faiss's own
+    said = [line for line in out.splitlines() if line.startswith("kmeans: about")]
+    assert said == ["kmeans: about 2 points per center in each of the 8 parts (faiss asks for 39): "
+                    "the centers are noisier; fewer --num_centers or --two_level gives each more"]

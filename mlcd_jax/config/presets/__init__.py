@@ -80,3 +80,15 @@ def _file(value: str) -> str:
     raise UserError(f"--config={value}: no such config file or preset; the presets: "
                     f"{', '.join(names())} (e.g. --config=demo or --config=mlcd_laion400m:B/16), "
                     "or a path to a config file")
+
+
+def load(value: str, overrides=()):
+    """The config `--config=value` with `overrides` (["--config.a.b=v", …]) gives a command, every
+    field checked: a mistake is one line naming the field."""
+    from mlcd_jax.config import schema
+    flag_values = flags.FlagValues()
+    holder = config_flag(flag_values)
+    cli.parse(["load", f"--config={value}", *overrides], flag_values)
+    config = schema.upgrade(holder.value)
+    schema.check(config)
+    return config
