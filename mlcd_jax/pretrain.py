@@ -74,6 +74,9 @@ def command(args, overrides=()) -> int:
         print(f"error: pretrain stopped at its {e.stage} stage (the line above says why); "
               f"fix that and rerun the same command: finished stages are kept", file=sys.stderr)
         return e.code
+    except KeyboardInterrupt:  # the stage's command got the interrupt too, and kept its work
+        print("pretrain: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -93,7 +93,8 @@ def test_the_installed_demo_runs_from_anywhere_to_its_first_result(installed, tm
 def test_every_console_script_is_a_command():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert set(scripts) == {"mlcd-train", "mlcd-lit", "mlcd-plan", "mlcd-demo", "mlcd-ablate",
-                            "mlcd-labels", "mlcd-evaluate", "mlcd-convert", "mlcd-export"}
+                            "mlcd-labels", "mlcd-evaluate", "mlcd-convert", "mlcd-export",
+                            "mlcd-pretrain"}
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         done = subprocess.run([sys.executable, "-c", f"import sys; from {module} import "

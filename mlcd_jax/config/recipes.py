@@ -34,7 +34,7 @@ def laion400m_recipe(size: str, *, lr: float, embed_dim: int) -> ml_collections.
     c.head.scale = 32.0
     c.head.margin_type = "arcface"
     c.head.margin_grad = "straight_through" # as the authors' code applies the margin
-    c.data.source = "arrayrecord"           # LAION-400M with cluster labels (issue 5's pipeline)
+    c.data.source = "arrayrecord"           # LAION-400M with cluster labels (convert, then labels)
     c.data.image_size = 224
     c.data.num_labels = 8
     c.data.num_examples = 400_000_000

@@ -334,7 +334,7 @@ class DigitsRegionsSource(_Keyed):
 
 
 class DigitsStripsSource(_Keyed):
-    """Native resolution's demo task (issue 34; no download): each image a strip of 1–6 of
+    """Native resolution's demo task (no download): each image a strip of 1–6 of
     scikit-learn's 8 × 8 digits side by side, wide (a row) or tall (a column), so the images range
     from square to 1:6 and 6:1 and a task about the whole strip needs all of it: how many digits
     (the class: `labels[i]` = count − 1) and which (`digits[i]`, in reading order).

@@ -290,8 +290,10 @@ class Pipeline:
         else:
             steps, _, _ = self.schedule()
             chosen["optim.warmup_steps"] = sizing.warmup(config.optim.warmup_steps, steps)
-            if not self._budget_given():  # else the user's total_steps or epochs, as given
+            if not self._budget_given():
                 chosen |= {"total_steps": steps, "epochs": 0}
+            else:  # the user's total_steps or epochs, as given; the config's other one off
+                chosen["epochs" if "total_steps" in self.explicit else "total_steps"] = 0
             chosen = {k: v for k, v in chosen.items() if k not in self.explicit}
             own = list(self.request.overrides)
         return [f"--config={self.config_name}", f"--workdir={workdir}",

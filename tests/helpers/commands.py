@@ -177,3 +177,19 @@ def sigterm_after(module: str, *args, workdir, lines: int = 20, timeout: int = 3
     assert proc.returncode == 0, err[-3000:]
     assert "SIGTERM: saved step" in out
     return out
+
+
+def user_env() -> dict:
+    """A user's shell in the project's environment: its bin first on PATH (`python` is this
+    interpreter), the package importable from this checkout, 8 simulated CPU devices (as the
+    suite's commands have)."""
+    shell = env()
+    return shell | {"PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{shell['PATH']}",
+                    "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO),
+                                                                shell.get("PYTHONPATH"))))}
+
+
+def bash(script: str, cwd, environ: dict) -> subprocess.CompletedProcess:
+    """`script` run by bash (-euo pipefail) in `cwd`, as a user's shell would."""
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=1500)

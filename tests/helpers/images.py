@@ -63,3 +63,32 @@ def clip_teacher(path, seed: int = 0):
                                            num_attention_heads=2, projection_dim=16)
     transformers.CLIPVisionModelWithProjection(config).save_pretrained(path)
     return path
+
+
+def digit_boxes(root, images: int = 60):
+    """Images with boxes as COCO writes them: ROOT/images/NNNN.png (40 × 40 RGB, two real digits
+    side by side) and ROOT/instances.json ("images", "annotations" with [x, y, w, h] boxes and
+    category ids, "categories": the digits' names). Returns the JSON's path."""
+    import json
+
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    entries, annotations = [], []
+    for i in range(images):
+        canvas = np.zeros((40, 40), np.uint8)
+        for j in range(2):
+            k = int(rng.integers(len(digits.images)))
+            glyph = Image.fromarray((digits.images[k] * 255 / 16).astype(np.uint8)).resize((14, 14))
+            x, y = 2 + 20 * j + int(rng.integers(0, 4)), int(rng.integers(2, 26))
+            canvas[y:y + 14, x:x + 14] = np.asarray(glyph)
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1,
+                                "bbox": [x, y, 14, 14], "category_id": int(digits.target[k]) + 1,
+                                "area": 196, "iscrowd": 0})
+        Image.fromarray(canvas).convert("RGB").save(root / "images" / f"{i:04d}.png")
+        entries.append({"id": i + 1, "file_name": f"{i:04d}.png", "width": 40, "height": 40})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": entries, "annotations": annotations,
+                                "categories": [{"id": c + 1, "name": str(c)} for c in range(10)]}))
+    return path

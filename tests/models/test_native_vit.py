@@ -1,4 +1,4 @@
-"""Native resolution (issue 34): the sizing rule, patches on the host, and the ViT on patches with
+"""Native resolution: the sizing rule, patches on the host, and the ViT on patches with
 their positions and a mask. The model is checked against a float64 numpy ViT written here, which
 runs each image alone on its real patches only (so padding changing nothing is checked at the
 same time), on 1, 2, 4 and 8 devices; the square path against the same path on a full grid."""
