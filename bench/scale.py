@@ -309,7 +309,8 @@ def run_stage(stage: str, n: int, work: pathlib.Path) -> dict:
         src = sources.ArrayRecordSource(str(base / "ar" / "data-*.array_record"))
         model, _ = weights.load_encoder(micro_model_dir(work))
         t = time.perf_counter()
-        x, y, rows = lit.image_features(c, workdir, model, src, "train", mesh)
+        x, y, rows = lit.image_features(c, workdir, model, src, "train", mesh,
+                                        size=c.image.image_size)
         featured = time.perf_counter() - t
         fill = lambda i, label: zero_shot.row_captions(rows, i, label, templates=c.data.templates,
                                                        names=())

@@ -124,18 +124,21 @@ _server = None
 def run(module: str, *args, devices: int = 8, expect: int | None = 0, timeout: int = 600,
         cwd=REPO, compile: str | None = None) -> subprocess.CompletedProcess:
     """Run `python -m module args`; with `expect`, assert its exit status (stderr on failure).
-    Forked from the command server when the environment allows (see _CommandServer).
+    Forked from the command server (see _CommandServer), started again where this process's
+    environment changed.
     `compile`: XLA's code generation flags ("": XLA's defaults; None: compile_for(module))."""
     global _server
-    if _server is None:
-        _server = _CommandServer()
-        atexit.register(_server.close)
     environ = env(devices, compile_for(module) if compile is None else compile)
-    if _server.serves(environ):
-        result = _server.run(module, [str(a) for a in args], environ, cwd, timeout)
-    else:
-        result = subprocess.run(command(module, *args), cwd=cwd, env=environ,
-                                capture_output=True, text=True, timeout=timeout)
+    if _server is None or not _server.serves(environ):
+        # First use, or this process's environment changed since the server started (a library
+        # an earlier test imported set a variable): a server forked with the old one would not
+        # be the command started afresh.
+        if _server is None:
+            atexit.register(lambda: _server.close())
+        else:
+            _server.close()
+        _server = _CommandServer()
+    result = _server.run(module, [str(a) for a in args], environ, cwd, timeout)
     if expect is not None:
         assert result.returncode == expect, (result.returncode, result.stderr[-3000:])
     return result

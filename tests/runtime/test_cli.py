@@ -92,7 +92,8 @@ def test_flags_and_config_mistakes_are_one_line(tmp_path):
              "--config.head.lossy: config has no field 'lossy'"),
             (["--config=test_tiny:nope", f"--workdir={tmp_path}"], "unknown config argument"),
             (["--config=no_such_preset", f"--workdir={tmp_path}"],
-             "--config=no_such_preset: no such config file or preset; the presets: cpu_small, demo"),
+             "--config=no_such_preset: no such config file or preset; the presets: cpu_small, "
+             "demo"),
             (["--config=test_tiny"], "--workdir is required"),
             (["--config=test_tiny", f"--workdir={tmp_path}", "--bogus=1"],
              "Unknown command line flag 'bogus'")):

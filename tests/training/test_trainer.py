@@ -265,7 +265,7 @@ def test_trainer_mistakes_are_one_line_naming_the_field(tmp_path):
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr, (message, result.stderr)
     for config, message in (("configs/nope.py", "--config=configs/nope.py: no such config file or "
-                                               "preset; the presets: demo"),
+                                               "preset; the presets: cpu_small, demo"),
                             ("configs/demo.py:mlcdd", "configs/demo.py:mlcdd: unknown config "
                                                       "argument; allowed: :mlcd, :single")):
         result = train(tmp_path / "w", config=config, expect=2)
